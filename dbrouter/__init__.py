@@ -1,0 +1,61 @@
+"""dbrouter: pools, routing, retries, breakers and failover for PostgreSQL and MySQL/MariaDB."""
+
+from __future__ import annotations
+
+from .adapters import preload_mysql_extension
+
+# Before anything imports ssl: see preload_mysql_extension.
+preload_mysql_extension()
+
+from .config import ConnectOptions, PoolConfig  # noqa: E402
+from .errors import (  # noqa: E402
+    ClusterError,
+    ConfigurationError,
+    ConnectError,
+    DbRouterError,
+    NoPrimaryAvailable,
+    NodeUnavailable,
+    NoReplicaAvailable,
+    PoolClosed,
+    PoolError,
+    PoolTimeout,
+    RoutingError,
+    SplitBrain,
+    WriteOutcomeUnknown,
+)
+from .pool import Pool  # noqa: E402
+from .url import NodeAddress, parse_address  # noqa: E402
+
+__all__ = [
+    "ClusterError",
+    "ConfigurationError",
+    "ConnectError",
+    "ConnectOptions",
+    "DbRouterError",
+    "NoPrimaryAvailable",
+    "NoReplicaAvailable",
+    "NodeAddress",
+    "NodeUnavailable",
+    "Pool",
+    "PoolClosed",
+    "PoolConfig",
+    "PoolError",
+    "PoolTimeout",
+    "RoutingError",
+    "SplitBrain",
+    "WriteOutcomeUnknown",
+    "connect_pool",
+    "parse_address",
+]
+
+__version__ = "0.1.0"
+
+
+def connect_pool(url: str, *, pool: PoolConfig | None = None, connect: ConnectOptions | None = None, name: str | None = None) -> Pool:
+    """A pool for the node at ``url`` (``postgresql://``, ``mysql://``, ``mariadb://`` or libpq keywords).
+
+    Raises `ConfigurationError` for a bad URL or option, before any connection is made.
+    """
+    from .adapters import make_adapter
+
+    return Pool(make_adapter(parse_address(url), connect), pool, name=name)

@@ -1,0 +1,140 @@
+"""The small interface every driver adapter implements.
+
+The pool and the router are driver-agnostic; an adapter knows how to open a
+connection, how to ask a node about itself, how to tidy a connection on return
+and what an exception means. Driver imports stay inside the adapter modules.
+"""
+
+from __future__ import annotations
+
+import enum
+from abc import ABC, abstractmethod
+from typing import Any, Sequence
+
+from ..config import ConnectOptions
+from ..url import NodeAddress
+
+__all__ = ["Adapter", "ErrorKind", "ReturnState"]
+
+
+class ErrorKind(enum.Enum):
+    """What an exception means for routing and retries."""
+
+    UNREACHABLE = "unreachable"
+    """Connect refused or timed out, connection lost, server shutting down: a node failure."""
+    CONFLICT = "conflict"
+    """Serialization failure or deadlock: the transaction may be retried as a whole."""
+    READ_ONLY = "read_only"
+    """The node refused a write because it is read-only (a replica, or a demoted primary)."""
+    TIMEOUT = "timeout"
+    """The server cancelled the statement at its statement timeout."""
+    CALLER = "caller"
+    """Syntax, constraint, permission, bad data: the caller's error, never retried."""
+
+
+class ReturnState(enum.Enum):
+    """What a connection needs when it comes back to the pool."""
+
+    CLEAN = "clean"
+    """Nothing open: reuse as is, no round trip."""
+    DIRTY = "dirty"
+    """A transaction or a changed autocommit mode: reset before reuse."""
+    BROKEN = "broken"
+    """Closed or unusable: discard."""
+
+
+class Adapter(ABC):
+    """One node's driver: connects and answers questions about connections.
+
+    Implementations are thread-safe and hold no connection of their own.
+    """
+
+    engine: str = ""
+    """``"postgres"`` or ``"mysql"``."""
+
+    def __init__(self, address: NodeAddress, options: ConnectOptions | None = None) -> None:
+        self.address = address
+        self.options = options or ConnectOptions()
+
+    @property
+    def node(self) -> str:
+        """The node's name for messages (``host:port``)."""
+        return self.address.name
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.address.redacted}>"
+
+    @abstractmethod
+    def connect(self) -> Any:
+        """Open a connection in autocommit mode.
+
+        Raises `ConnectError` (naming the node and the reason) within
+        ``connect_timeout``; never shows the password.
+        """
+
+    @abstractmethod
+    def ping(self, conn: Any) -> None:
+        """One cheap round trip; raises the driver's error when the connection is dead."""
+
+    @abstractmethod
+    def return_state(self, conn: Any) -> ReturnState:
+        """Classify a returned connection without talking to the server."""
+
+    @abstractmethod
+    def reset(self, conn: Any) -> None:
+        """Roll back anything open and restore autocommit (for `ReturnState.DIRTY`)."""
+
+    @abstractmethod
+    def close(self, conn: Any) -> None:
+        """Close quietly: errors on close are not interesting."""
+
+    @abstractmethod
+    def execute(self, conn: Any, sql: str, params: Any = None) -> tuple[list[tuple[Any, ...]] | None, int]:
+        """Run one statement on a pooled connection: ``(rows or None, rowcount)``.
+
+        Uses a cursor cached per connection so that no extra round trip is made.
+        """
+
+    @abstractmethod
+    def begin(self, conn: Any) -> None:
+        """Start an explicit transaction on an autocommit connection."""
+
+    def commit(self, conn: Any) -> None:
+        conn.commit()
+
+    def rollback(self, conn: Any) -> None:
+        conn.rollback()
+
+    @abstractmethod
+    def is_writable(self, conn: Any) -> bool:
+        """True when the node accepts writes (not in recovery / not read-only)."""
+
+    @abstractmethod
+    def server_port(self, conn: Any) -> int:
+        """The port the server says it listens on: proves which node answered."""
+
+    @abstractmethod
+    def replication_position(self, conn: Any) -> str:
+        """This node's position: WAL LSN (PostgreSQL) or GTID position / set (MySQL family).
+
+        On a primary, what it has written; on a replica, what it has replayed.
+        """
+
+    @abstractmethod
+    def has_replayed(self, conn: Any, position: str, timeout: float = 0.0) -> bool:
+        """True when this node has replayed ``position``, waiting up to ``timeout`` seconds."""
+
+    @abstractmethod
+    def replica_lag(self, conn: Any, primary_position: str | None = None) -> float | None:
+        """Replay lag in seconds on a replica (None when unknown, 0.0 on a primary)."""
+
+    @abstractmethod
+    def classify(self, exc: BaseException) -> ErrorKind:
+        """Classify a driver exception by SQLSTATE or error number, never by message."""
+
+    def is_connection_error(self, exc: BaseException) -> bool:
+        return self.classify(exc) is ErrorKind.UNREACHABLE
+
+    @staticmethod
+    def _first_column(rows: Sequence[Sequence[Any]] | None) -> Any:
+        return rows[0][0] if rows else None

@@ -1,0 +1,278 @@
+"""MySQL and MariaDB through mysql-connector-python (C extension when available)."""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Callable
+
+from . import preload_mysql_extension
+
+HAVE_C_EXTENSION = preload_mysql_extension()
+
+import mysql.connector  # noqa: E402 - must come after the C extension is loaded
+from mysql.connector import errors as myerrors  # noqa: E402
+
+from ..config import ConnectOptions  # noqa: E402
+from ..errors import ConfigurationError, ConnectError  # noqa: E402
+from ..url import NodeAddress  # noqa: E402
+from ._text import first_line, scrub  # noqa: E402
+from .base import Adapter, ErrorKind, ReturnState  # noqa: E402
+
+__all__ = ["HAVE_C_EXTENSION", "MySQLAdapter"]
+
+log = logging.getLogger("dbrouter.adapters.mysql")
+
+# Client (2xxx) and server error numbers, by what they mean for routing.
+_UNREACHABLE_ERRNOS = frozenset(
+    {
+        1040,  # too many connections
+        1053,  # server shutdown in progress
+        1152, 1153, 1154, 1155, 1156, 1157, 1158, 1159, 1160, 1161,  # aborted / network read-write
+        1927,  # MariaDB: connection was killed
+        2002, 2003, 2005, 2006, 2013, 2026, 2047, 2048, 2055,
+        4031,  # MySQL: disconnected by the server for inactivity
+    }
+)
+_CONFLICT_ERRNOS = frozenset({1205, 1213})  # lock wait timeout, deadlock
+_READ_ONLY_ERRNOS = frozenset({1290, 1792, 1836})
+_TIMEOUT_ERRNOS = frozenset({1969, 3024})  # MariaDB max_statement_time, MySQL max_execution_time
+
+# The connector's server-status flags (also mysql.connector.constants.ServerFlag).
+_STATUS_IN_TRANS = 1
+_STATUS_AUTOCOMMIT = 2
+
+# MySQL 8's default collation (utf8mb4_0900_ai_ci) is unknown to MariaDB.
+DEFAULT_COLLATION = "utf8mb4_general_ci"
+
+
+def _bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in {"1", "true", "yes", "on"}:
+        return True
+    if value in {"0", "false", "no", "off"}:
+        return False
+    raise ValueError(f"expected true or false, got {text!r}")
+
+
+def _int(text: str) -> int:
+    return int(text)
+
+
+def _list(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+# URL query options passed through to mysql.connector.connect, with their types.
+URL_OPTIONS: dict[str, Callable[[str], Any]] = {
+    "ssl_ca": str,
+    "ssl_cert": str,
+    "ssl_key": str,
+    "ssl_disabled": _bool,
+    "ssl_verify_cert": _bool,
+    "ssl_verify_identity": _bool,
+    "tls_versions": _list,
+    "tls_ciphersuites": _list,
+    "charset": str,
+    "collation": str,
+    "use_pure": _bool,
+    "read_timeout": _int,
+    "write_timeout": _int,
+    "auth_plugin": str,
+    "compress": _bool,
+    "unix_socket": str,
+    "time_zone": str,
+    "sql_mode": str,
+}
+
+
+class MySQLAdapter(Adapter):
+    """mysql-connector connections in autocommit mode with one cached cursor each.
+
+    ``cursor()`` on the connector pings the server first, so each connection
+    keeps the one cursor it was opened with and a read stays one round trip.
+    """
+
+    engine = "mysql"
+
+    def __init__(self, address: NodeAddress, options: ConnectOptions | None = None) -> None:
+        super().__init__(address, options)
+        self._params = self._connect_params()
+        self.is_mariadb: bool | None = None
+
+    def _connect_params(self) -> dict[str, Any]:
+        params: dict[str, Any] = {
+            "host": self.address.host,
+            "port": self.address.port,
+            "connection_timeout": max(1, math.ceil(self.options.connect_timeout)),
+            "autocommit": True,
+            "charset": "utf8mb4",
+            "collation": DEFAULT_COLLATION,
+            "use_pure": not HAVE_C_EXTENSION,
+            "get_warnings": False,
+            "conn_attrs": {"program_name": self.options.application_name},
+        }
+        if self.address.user:
+            params["user"] = self.address.user
+        if self.address.database:
+            params["database"] = self.address.database
+        for key, text in self.address.options.items():
+            convert = URL_OPTIONS.get(key)
+            if convert is None:
+                raise ConfigurationError(
+                    f"invalid option {key!r} for mysql node {self.node}; "
+                    f"known: {', '.join(sorted(URL_OPTIONS))}"
+                )
+            try:
+                params[key] = convert(text)
+            except ValueError as exc:
+                raise ConfigurationError(
+                    f"invalid value for option {key!r} of mysql node {self.node}: {exc}"
+                ) from None
+        if self.address.password is not None:
+            params["password"] = self.address.password
+        return params
+
+    def connect(self) -> Any:
+        try:
+            conn = mysql.connector.connect(**self._params)
+        except (myerrors.Error, OSError) as exc:
+            reason = first_line(scrub(str(exc), self.address.password))
+            raise ConnectError(
+                f"cannot connect to mysql node {self.node}: {reason}", node=self.node
+            ) from None
+        try:
+            conn._dbrouter_cursor = conn.cursor()
+            if self.is_mariadb is None:
+                self.is_mariadb = "mariadb" in conn.get_server_info().lower()
+            timeout = self.options.statement_timeout
+            if timeout is not None:
+                if self.is_mariadb:
+                    self.execute(conn, f"SET SESSION max_statement_time = {float(timeout):.3f}")
+                else:
+                    self.execute(conn, f"SET SESSION max_execution_time = {max(1, round(timeout * 1000))}")
+        except myerrors.Error as exc:
+            self.close(conn)
+            reason = first_line(scrub(str(exc), self.address.password))
+            raise ConnectError(
+                f"cannot set up connection to mysql node {self.node}: {reason}", node=self.node
+            ) from None
+        return conn
+
+    def ping(self, conn: Any) -> None:
+        conn.ping(reconnect=False)
+
+    def return_state(self, conn: Any) -> ReturnState:
+        if conn.is_closed():
+            return ReturnState.BROKEN
+        # The server reports both flags in every reply; reading them costs nothing,
+        # whereas conn.autocommit would ask the server.
+        status = conn._server_status
+        if status & _STATUS_IN_TRANS or not status & _STATUS_AUTOCOMMIT or conn.unread_result:
+            return ReturnState.DIRTY
+        return ReturnState.CLEAN
+
+    def reset(self, conn: Any) -> None:
+        if conn.unread_result:
+            conn.consume_results()
+        status = conn._server_status
+        if status & _STATUS_IN_TRANS:
+            conn.rollback()
+        if not conn._server_status & _STATUS_AUTOCOMMIT:
+            conn.autocommit = True
+
+    def close(self, conn: Any) -> None:
+        try:
+            conn.close()
+        except Exception:  # noqa: BLE001 - closing a broken connection may fail; nothing to do
+            pass
+
+    def execute(self, conn: Any, sql: str, params: Any = None) -> tuple[list[tuple[Any, ...]] | None, int]:
+        cur = conn._dbrouter_cursor
+        cur.execute(sql, params)
+        if cur.description is not None:
+            rows = cur.fetchall()
+            return rows, cur.rowcount
+        return None, cur.rowcount
+
+    def begin(self, conn: Any) -> None:
+        conn.start_transaction()
+
+    def is_writable(self, conn: Any) -> bool:
+        rows, _ = self.execute(conn, "SELECT @@global.read_only, @@global.innodb_read_only")
+        read_only, innodb_read_only = rows[0] if rows else (1, 1)
+        return not int(read_only) and not int(innodb_read_only)
+
+    def server_port(self, conn: Any) -> int:
+        rows, _ = self.execute(conn, "SELECT @@port")
+        return int(self._first_column(rows))
+
+    def replication_position(self, conn: Any) -> str:
+        sql = "SELECT @@global.gtid_current_pos" if self.is_mariadb else "SELECT @@global.gtid_executed"
+        rows, _ = self.execute(conn, sql)
+        return str(self._first_column(rows) or "")
+
+    def has_replayed(self, conn: Any, position: str, timeout: float = 0.0) -> bool:
+        if not position:
+            return True
+        if not self.is_mariadb:
+            if timeout <= 0:
+                rows, _ = self.execute(conn, "SELECT GTID_SUBSET(%s, @@global.gtid_executed)", (position,))
+                return bool(self._first_column(rows))
+            rows, _ = self.execute(
+                conn, "SELECT WAIT_FOR_EXECUTED_GTID_SET(%s, %s)", (position, float(timeout))
+            )
+            return self._first_column(rows) == 0
+        if self.is_writable(conn):
+            # MASTER_GTID_WAIT watches the replication position, which a primary
+            # does not advance: compare against what it has binlogged instead.
+            rows, _ = self.execute(conn, "SELECT @@global.gtid_binlog_pos")
+            return gtid_covers(str(self._first_column(rows) or ""), position)
+        rows, _ = self.execute(conn, "SELECT MASTER_GTID_WAIT(%s, %s)", (position, float(timeout)))
+        return self._first_column(rows) == 0
+
+    def replica_lag(self, conn: Any, primary_position: str | None = None) -> float | None:
+        rows, _ = self.execute(conn, "SHOW SLAVE STATUS" if self.is_mariadb else "SHOW REPLICA STATUS")
+        if not rows:
+            return 0.0  # not a replica
+        if primary_position and self.has_replayed(conn, primary_position):
+            return 0.0
+        cur = conn._dbrouter_cursor
+        names = [d[0] for d in cur.description] if cur.description else []
+        row = dict(zip(names, rows[0]))
+        seconds = row.get("Seconds_Behind_Master", row.get("Seconds_Behind_Source"))
+        return None if seconds is None else float(seconds)
+
+    def classify(self, exc: BaseException) -> ErrorKind:
+        if isinstance(exc, ConnectError):
+            return ErrorKind.UNREACHABLE
+        if isinstance(exc, (myerrors.ConnectionTimeoutError, myerrors.ReadTimeoutError, myerrors.WriteTimeoutError)):
+            return ErrorKind.UNREACHABLE
+        if not isinstance(exc, myerrors.Error):
+            return ErrorKind.CALLER
+        errno = exc.errno
+        if errno in _CONFLICT_ERRNOS:
+            return ErrorKind.CONFLICT
+        if errno in _READ_ONLY_ERRNOS:
+            return ErrorKind.READ_ONLY
+        if errno in _TIMEOUT_ERRNOS:
+            return ErrorKind.TIMEOUT
+        if errno in _UNREACHABLE_ERRNOS:
+            return ErrorKind.UNREACHABLE
+        if (errno is None or errno < 0) and isinstance(exc, (myerrors.InterfaceError, myerrors.OperationalError)):
+            # "MySQL Connection not available": the client already knows it is gone.
+            return ErrorKind.UNREACHABLE
+        return ErrorKind.CALLER
+
+
+def gtid_covers(current: str, wanted: str) -> bool:
+    """True when MariaDB GTID position ``current`` includes ``wanted``, domain by domain."""
+    have: dict[str, int] = {}
+    for part in filter(None, (p.strip() for p in current.split(","))):
+        domain, _server, seq = part.split("-")
+        have[domain] = int(seq)
+    for part in filter(None, (p.strip() for p in wanted.split(","))):
+        domain, _server, seq = part.split("-")
+        if have.get(domain, -1) < int(seq):
+            return False
+    return True

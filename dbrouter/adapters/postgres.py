@@ -1,0 +1,199 @@
+"""PostgreSQL through psycopg2."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import psycopg2
+import psycopg2.extensions as ext
+
+from ..config import ConnectOptions
+from ..errors import ConfigurationError, ConnectError
+from ..url import NodeAddress
+from .base import Adapter, ErrorKind, ReturnState
+from ._text import first_line, scrub
+
+__all__ = ["PostgresAdapter"]
+
+# SQLSTATEs, by what they mean for routing (Appendix A of the PostgreSQL manual).
+_UNREACHABLE_CODES = frozenset({"57P01", "57P02", "57P03", "53300", "08000", "08003", "08006", "08001", "08004"})
+_CONFLICT_CODES = frozenset({"40001", "40P01", "55P03"})
+_READ_ONLY_CODES = frozenset({"25006"})
+_TIMEOUT_CODES = frozenset({"57014"})
+
+_STATUS_IDLE = ext.TRANSACTION_STATUS_IDLE
+_STATUS_UNKNOWN = ext.TRANSACTION_STATUS_UNKNOWN
+_STATUS_ACTIVE = ext.TRANSACTION_STATUS_ACTIVE
+
+# Wait for replay by polling: PostgreSQL 15 has no server-side wait for an LSN.
+_REPLAY_POLL = 0.005
+
+
+class PostgresAdapter(Adapter):
+    """psycopg2 connections in autocommit mode, so a plain read is one round trip."""
+
+    engine = "postgres"
+
+    def __init__(self, address: NodeAddress, options: ConnectOptions | None = None) -> None:
+        super().__init__(address, options)
+        self._params = self._connect_params()
+
+    def _connect_params(self) -> dict[str, Any]:
+        opts = self.options
+        params: dict[str, Any] = {
+            "host": self.address.host,
+            "port": self.address.port,
+            # libpq takes whole seconds and treats anything under 2 as 2.
+            "connect_timeout": max(2, math.ceil(opts.connect_timeout)),
+            "keepalives": 1,
+            "keepalives_idle": max(1, round(opts.keepalive_idle)),
+            "keepalives_interval": max(1, round(opts.keepalive_interval)),
+            "keepalives_count": opts.keepalive_count,
+            "application_name": opts.application_name,
+        }
+        if self.address.user:
+            params["user"] = self.address.user
+        if self.address.database:
+            params["dbname"] = self.address.database
+        params.update(self.address.options)
+        if opts.statement_timeout is not None:
+            ms = max(1, round(opts.statement_timeout * 1000))
+            params["options"] = f"{params.get('options', '')} -c statement_timeout={ms}".strip()
+        try:
+            # libpq validates the keywords here, with no network traffic.
+            ext.parse_dsn(ext.make_dsn(**params))
+        except psycopg2.ProgrammingError as exc:
+            raise ConfigurationError(
+                f"invalid option for postgres node {self.node}: {first_line(str(exc))}"
+            ) from None
+        if self.address.password is not None:
+            params["password"] = self.address.password
+        return params
+
+    def connect(self) -> Any:
+        try:
+            conn = psycopg2.connect(**self._params)
+        except psycopg2.Error as exc:
+            reason = first_line(scrub(str(exc), self.address.password))
+            raise ConnectError(
+                f"cannot connect to postgres node {self.node}: {reason}", node=self.node
+            ) from None
+        conn.autocommit = True
+        return conn
+
+    def ping(self, conn: Any) -> None:
+        with conn.cursor() as cur:
+            cur.execute("SELECT 1")
+
+    def return_state(self, conn: Any) -> ReturnState:
+        if conn.closed:
+            return ReturnState.BROKEN
+        status = conn.get_transaction_status()
+        if status == _STATUS_IDLE:
+            return ReturnState.CLEAN if conn.autocommit else ReturnState.DIRTY
+        if status == _STATUS_UNKNOWN or status == _STATUS_ACTIVE:
+            return ReturnState.BROKEN
+        return ReturnState.DIRTY
+
+    def reset(self, conn: Any) -> None:
+        if conn.get_transaction_status() != _STATUS_IDLE:
+            if conn.autocommit:
+                # A transaction opened by an explicit BEGIN: psycopg2 does not know of it.
+                with conn.cursor() as cur:
+                    cur.execute("ROLLBACK")
+            else:
+                conn.rollback()
+        if not conn.autocommit:
+            conn.autocommit = True
+
+    def close(self, conn: Any) -> None:
+        try:
+            conn.close()
+        except Exception:  # noqa: BLE001 - closing a broken connection may fail; nothing to do
+            pass
+
+    def execute(self, conn: Any, sql: str, params: Any = None) -> tuple[list[tuple[Any, ...]] | None, int]:
+        with conn.cursor() as cur:
+            cur.execute(sql, params)
+            rows = cur.fetchall() if cur.description is not None else None
+            return rows, cur.rowcount
+
+    def begin(self, conn: Any) -> None:
+        with conn.cursor() as cur:
+            cur.execute("BEGIN")
+
+    # On an autocommit connection psycopg2's commit()/rollback() do nothing:
+    # the transaction was opened by our BEGIN, so close it the same way.
+    def commit(self, conn: Any) -> None:
+        with conn.cursor() as cur:
+            cur.execute("COMMIT")
+
+    def rollback(self, conn: Any) -> None:
+        with conn.cursor() as cur:
+            cur.execute("ROLLBACK")
+
+    def is_writable(self, conn: Any) -> bool:
+        rows, _ = self.execute(conn, "SELECT pg_is_in_recovery()")
+        return not self._first_column(rows)
+
+    def server_port(self, conn: Any) -> int:
+        rows, _ = self.execute(conn, "SELECT inet_server_port()")
+        return int(self._first_column(rows))
+
+    def replication_position(self, conn: Any) -> str:
+        rows, _ = self.execute(
+            conn,
+            "SELECT (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()"
+            " ELSE pg_current_wal_lsn() END)::text",
+        )
+        return str(self._first_column(rows))
+
+    def has_replayed(self, conn: Any, position: str, timeout: float = 0.0) -> bool:
+        deadline = time.monotonic() + timeout
+        sql = (
+            "SELECT (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()"
+            " ELSE pg_current_wal_lsn() END) >= %s::pg_lsn"
+        )
+        while True:
+            rows, _ = self.execute(conn, sql, (position,))
+            if self._first_column(rows):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(min(_REPLAY_POLL, max(0.0, deadline - time.monotonic())))
+
+    def replica_lag(self, conn: Any, primary_position: str | None = None) -> float | None:
+        rows, _ = self.execute(
+            conn,
+            "SELECT pg_is_in_recovery(),"
+            " pg_last_wal_replay_lsn() >= COALESCE(%s::pg_lsn, pg_last_wal_receive_lsn()),"
+            " EXTRACT(EPOCH FROM now() - pg_last_xact_replay_timestamp())::float8",
+            (primary_position,),
+        )
+        in_recovery, caught_up, since_replay = rows[0] if rows else (False, True, None)
+        if not in_recovery or caught_up:
+            return 0.0
+        return None if since_replay is None else max(0.0, float(since_replay))
+
+    def classify(self, exc: BaseException) -> ErrorKind:
+        if isinstance(exc, ConnectError):
+            return ErrorKind.UNREACHABLE
+        if not isinstance(exc, psycopg2.Error):
+            return ErrorKind.CALLER
+        code = exc.pgcode
+        if code is None:
+            # libpq reports lost and failed connections without a SQLSTATE.
+            if isinstance(exc, (psycopg2.OperationalError, psycopg2.InterfaceError)):
+                return ErrorKind.UNREACHABLE
+            return ErrorKind.CALLER
+        if code in _CONFLICT_CODES:
+            return ErrorKind.CONFLICT
+        if code in _READ_ONLY_CODES:
+            return ErrorKind.READ_ONLY
+        if code in _TIMEOUT_CODES:
+            return ErrorKind.TIMEOUT
+        if code in _UNREACHABLE_CODES or code.startswith("08"):
+            return ErrorKind.UNREACHABLE
+        return ErrorKind.CALLER

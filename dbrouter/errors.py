@@ -1,0 +1,89 @@
+"""The dbrouter error tree.
+
+Every error dbrouter raises is a `DbRouterError`. Errors name the node they
+concern (by its redacted address, never with a password) and keep the
+driver's exception as ``__cause__``.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ClusterError",
+    "ConfigurationError",
+    "ConnectError",
+    "DbRouterError",
+    "NoPrimaryAvailable",
+    "NoReplicaAvailable",
+    "NodeUnavailable",
+    "PoolClosed",
+    "PoolError",
+    "PoolTimeout",
+    "RoutingError",
+    "SplitBrain",
+    "WriteOutcomeUnknown",
+]
+
+
+class DbRouterError(Exception):
+    """Root of every error raised by dbrouter."""
+
+
+class ConfigurationError(DbRouterError, ValueError):
+    """An option, URL or config file is invalid; raised at construction."""
+
+
+class ClusterError(DbRouterError):
+    """A local replication cluster could not be started or changed."""
+
+
+class NodeUnavailable(DbRouterError):
+    """A node cannot serve right now (unreachable, or its breaker is open)."""
+
+    def __init__(self, message: str, node: str | None = None) -> None:
+        super().__init__(message)
+        self.node = node
+
+
+class ConnectError(NodeUnavailable):
+    """Opening a connection to a node failed (refused, timed out, auth refused)."""
+
+
+class PoolError(DbRouterError):
+    """Base of pool errors."""
+
+
+class PoolClosed(PoolError):
+    """The pool was closed; no connection can be acquired from it."""
+
+
+class PoolTimeout(PoolError):
+    """No connection became free within the acquire timeout."""
+
+    def __init__(self, message: str, node: str | None = None) -> None:
+        super().__init__(message)
+        self.node = node
+
+
+class RoutingError(DbRouterError):
+    """Base of errors about where a statement can go."""
+
+
+class NoPrimaryAvailable(RoutingError):
+    """No writable node is known or reachable."""
+
+
+class NoReplicaAvailable(RoutingError):
+    """No replica can serve a read and falling back to the primary is off."""
+
+
+class SplitBrain(RoutingError):
+    """More than one node reports itself writable; writes stop rather than guess."""
+
+
+class WriteOutcomeUnknown(DbRouterError):
+    """The connection broke after a write was sent: it may or may not have been applied."""
+
+
+for _name in __all__:
+    globals()[_name].__module__ = "dbrouter"
+del _name

@@ -1,0 +1,490 @@
+"""A thread-safe connection pool for one node.
+
+Design (see STYLE.md): one lock guards bookkeeping only; connect, ping, reset
+and close happen outside it. Waiters queue in FIFO order, each on its own
+condition variable over the pool lock, and a returned connection is handed
+straight to the oldest waiter: no thread can jump the queue, and a waiter that
+timed out has already left the queue, so it can never swallow a connection.
+New connections are opened one at a time by a short-lived connector thread;
+housekeeping (retire, prune, refill, leak check) runs on a daemon thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import linecache
+import logging
+import random
+import sys
+import threading
+import time
+import weakref
+from collections import deque
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+from .adapters.base import Adapter, ErrorKind, ReturnState
+from .config import PoolConfig
+from .errors import ConnectError, PoolClosed, PoolError, PoolTimeout
+
+__all__ = ["Pool", "PoolStats"]
+
+log = logging.getLogger("dbrouter.pool")
+
+# Keys of Pool.stats(): stable names that dashboards and tests rely on.
+SIZE = "size"
+IDLE = "idle"
+IN_USE = "in_use"
+WAITING = "waiting"
+ACQUIRED = "acquired"
+TIMEOUTS = "timeouts"
+CONNECT_ERRORS = "connect_errors"
+OPENED = "opened"
+CLOSED = "closed"
+DISCARDED = "discarded"
+LEAKS = "leaks"
+WAIT_P50 = "acquire_wait_p50"
+WAIT_P99 = "acquire_wait_p99"
+MAX_SIZE = "max_size"
+
+PoolStats = dict  # the mapping returned by Pool.stats(); keys are the constants above
+
+_WAIT_SAMPLES = 1024  # ring of recent acquire waits for the percentiles
+_LIFETIME_JITTER = 0.05  # retire up to 5% early so connections do not all expire at once
+_STACK_LIMIT = 32
+_INTERNAL_FILES = frozenset({__file__, contextlib.__file__})
+
+
+class _Entry:
+    """One pooled connection and its timestamps."""
+
+    __slots__ = ("conn", "created", "expires", "last_used", "borrowed_at", "borrower", "leak_reported")
+
+    def __init__(self, conn: Any, now: float, lifetime: float | None) -> None:
+        self.conn = conn
+        self.created = now
+        self.expires = (
+            now + lifetime * (1.0 - random.random() * _LIFETIME_JITTER) if lifetime else float("inf")
+        )
+        self.last_used = now
+        self.borrowed_at = 0.0
+        self.borrower: list[tuple[Any, int]] | None = None
+        self.leak_reported = False
+
+
+class _Waiter:
+    """A thread waiting for a connection; served under the pool lock."""
+
+    __slots__ = ("cond", "entry", "error")
+
+    def __init__(self, lock: threading.Lock) -> None:
+        self.cond = threading.Condition(lock)
+        self.entry: _Entry | None = None
+        self.error: BaseException | None = None
+
+
+class Pool:
+    """Connections to one node, shared by many threads.
+
+    ``acquire()`` waits at most ``acquire_timeout`` and raises `PoolTimeout`
+    naming the node, its size and the waiters; it raises `ConnectError`
+    at once when the node cannot be reached and the pool holds no connection.
+    """
+
+    def __init__(
+        self,
+        adapter: Adapter,
+        config: PoolConfig | None = None,
+        *,
+        name: str | None = None,
+    ) -> None:
+        self.adapter = adapter
+        self.config = config or PoolConfig()
+        self.name = name or adapter.node
+        self._lock = threading.Lock()
+        self._idle: deque[_Entry] = deque()
+        self._in_use: dict[int, _Entry] = {}
+        self._waiters: deque[_Waiter] = deque()
+        self._open = 0  # connections that exist: idle + in use
+        self._connecting = 0
+        self._growing = False
+        self._closed = False
+        self._last_connect_error: BaseException | None = None
+        self._failing = False  # log the first connect failure of a streak as a warning, the rest quietly
+        self._drained = threading.Condition(self._lock)
+        self._counts = {ACQUIRED: 0, TIMEOUTS: 0, CONNECT_ERRORS: 0, OPENED: 0, CLOSED: 0, DISCARDED: 0, LEAKS: 0}
+        self._waits = [0.0] * _WAIT_SAMPLES
+        self._wait_n = 0
+        self._stop = threading.Event()
+        self._maint = threading.Thread(
+            target=_maintain, args=(weakref.ref(self), self._stop, self.config.maintenance_interval),
+            name=f"dbrouter-{self.name}-maint", daemon=True,
+        )
+        self._maint.start()
+        if self.config.min_size:
+            with self._lock:
+                self._grow_locked()
+
+    def __repr__(self) -> str:
+        return f"<Pool {self.name} open={self._open} idle={len(self._idle)} max={self.config.max_size}>"
+
+    # -- checkout and return -------------------------------------------------
+
+    def acquire(self, timeout: float | None = None) -> Any:
+        """Borrow a connection; give it back with `release`.
+
+        Waits up to ``timeout`` (default ``acquire_timeout``) seconds.
+        """
+        return self._checkout(timeout).conn
+
+    def release(self, conn: Any, *, broken: bool = False) -> None:
+        """Return a borrowed connection; ``broken=True`` discards it."""
+        entry = self._in_use.get(id(conn))
+        if entry is None or entry.conn is not conn:
+            raise PoolError(f"connection returned to pool {self.name} does not belong to it or was returned twice")
+        self._checkin(entry, broken=broken)
+
+    @contextmanager
+    def connection(self, timeout: float | None = None) -> Iterator[Any]:
+        """Borrow a connection for a ``with`` block.
+
+        On the way out an open transaction is rolled back; a connection that
+        failed with a connection error is discarded, never handed out again.
+        """
+        entry = self._checkout(timeout)
+        try:
+            yield entry.conn
+        except BaseException as exc:
+            self._checkin(entry, broken=self.adapter.classify(exc) is ErrorKind.UNREACHABLE)
+            raise
+        self._checkin(entry)
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Block until ``min_size`` connections are open; raise `PoolTimeout` otherwise."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                if self._open >= self.config.min_size:
+                    return
+                error = self._last_connect_error
+                if not self._growing:
+                    self._grow_locked()
+            if time.monotonic() >= deadline:
+                raise PoolTimeout(
+                    f"pool {self.name}: {self._open} of min_size {self.config.min_size} connections "
+                    f"open after {timeout:.1f}s", node=self.name,
+                ) from error
+            time.sleep(0.01)
+
+    def _checkout(self, timeout: float | None) -> _Entry:
+        start = time.monotonic()
+        if timeout is None:
+            timeout = self.config.acquire_timeout
+        deadline = start + timeout
+        bypass = self.config.validation_bypass
+        while True:
+            with self._lock:
+                if self._closed:
+                    raise PoolClosed(f"pool {self.name} is closed")
+                if self._idle:
+                    entry = self._idle.pop()  # most recently used: warm, least likely to need a ping
+                    self._in_use[id(entry.conn)] = entry
+                else:
+                    entry = self._wait_locked(deadline, timeout)
+                now = time.monotonic()
+                self._counts[ACQUIRED] += 1
+                self._waits[self._wait_n % _WAIT_SAMPLES] = now - start
+                self._wait_n += 1
+            if now >= entry.expires:
+                self._discard(entry, "reached max_lifetime", not_acquired=True)
+                continue
+            if now - entry.last_used > bypass:
+                try:
+                    self.adapter.ping(entry.conn)
+                except Exception as exc:  # noqa: BLE001 - any failure means the connection is unusable
+                    self._discard(
+                        entry, f"failed liveness check: {exc.__class__.__name__}", not_acquired=True
+                    )
+                    continue
+            entry.borrowed_at = now
+            if self.config.leak_threshold is not None:
+                entry.borrower = _capture_stack()
+                entry.leak_reported = False
+            return entry
+
+    def _wait_locked(self, deadline: float, timeout: float) -> _Entry:
+        """Queue behind earlier waiters until served, failed or timed out. Holds the lock."""
+        waiter = _Waiter(self._lock)
+        self._waiters.append(waiter)
+        self._grow_locked()
+        while waiter.entry is None and waiter.error is None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            waiter.cond.wait(remaining)
+        if waiter.entry is not None:
+            return waiter.entry
+        if waiter.error is not None:
+            raise waiter.error
+        self._waiters.remove(waiter)
+        self._counts[TIMEOUTS] += 1
+        message = (
+            f"pool {self.name}: no connection free after {timeout:.3g}s "
+            f"(size {self._open}/{self.config.max_size}, in use {len(self._in_use)}, "
+            f"{len(self._waiters) + 1} waiting)"
+        )
+        if self._last_connect_error is not None and self._open < self.config.max_size:
+            message += f"; last connect error: {self._last_connect_error}"
+        raise PoolTimeout(message, node=self.name) from self._last_connect_error
+
+    def _checkin(self, entry: _Entry, *, broken: bool = False) -> None:
+        conn = entry.conn
+        state = ReturnState.BROKEN if broken else self.adapter.return_state(conn)
+        if state is ReturnState.DIRTY:
+            try:
+                self.adapter.reset(conn)
+            except Exception as exc:  # noqa: BLE001 - a connection that cannot be reset is discarded
+                log.debug("pool %s: reset failed, discarding connection: %s", self.name, exc)
+                state = ReturnState.BROKEN
+        now = time.monotonic()
+        if state is ReturnState.BROKEN or now >= entry.expires:
+            self._discard(entry, "broken" if state is ReturnState.BROKEN else "reached max_lifetime")
+            return
+        entry.last_used = now
+        entry.borrower = None
+        with self._lock:
+            del self._in_use[id(conn)]
+            if not self._closed:
+                self._give_locked(entry)
+                return
+            self._open -= 1
+            self._counts[CLOSED] += 1
+            self._drained.notify_all()
+        self.adapter.close(conn)
+
+    def _give_locked(self, entry: _Entry) -> None:
+        """Hand a free connection to the oldest waiter, or park it as idle."""
+        if self._waiters:
+            waiter = self._waiters.popleft()
+            waiter.entry = entry
+            self._in_use[id(entry.conn)] = entry
+            waiter.cond.notify()
+        else:
+            self._idle.append(entry)
+
+    def _discard(self, entry: _Entry, why: str, *, not_acquired: bool = False) -> None:
+        """Close a borrowed connection that must not be reused, and replace it if needed."""
+        log.debug("pool %s: discarding connection (%s)", self.name, why)
+        self.adapter.close(entry.conn)
+        with self._lock:
+            if not_acquired:  # found unusable during checkout: the caller never had it
+                self._counts[ACQUIRED] -= 1
+            self._in_use.pop(id(entry.conn), None)
+            self._open -= 1
+            self._counts[DISCARDED] += 1
+            self._counts[CLOSED] += 1
+            if self._closed:
+                self._drained.notify_all()
+            else:
+                self._grow_locked()
+
+    # -- growth --------------------------------------------------------------
+
+    def _grow_locked(self) -> None:
+        """Start the connector thread when there is demand and room. Holds the lock."""
+        if self._growing or self._closed or not self._needs_connection_locked():
+            return
+        self._growing = True
+        threading.Thread(
+            target=self._connector, name=f"dbrouter-{self.name}-connect", daemon=True
+        ).start()
+
+    def _needs_connection_locked(self) -> bool:
+        total = self._open + self._connecting
+        if total >= self.config.max_size:
+            return False
+        return len(self._waiters) > 0 or total < self.config.min_size
+
+    def _connector(self) -> None:
+        """Open connections one at a time while someone needs one."""
+        while True:
+            with self._lock:
+                if self._closed or not self._needs_connection_locked():
+                    self._growing = False
+                    return
+                self._connecting += 1
+            try:
+                conn = self.adapter.connect()
+            except Exception as exc:  # noqa: BLE001 - reported to waiters and in stats
+                error = exc if isinstance(exc, ConnectError) else ConnectError(
+                    f"cannot connect to node {self.name}: {exc}", node=self.name
+                )
+                with self._lock:
+                    self._connecting -= 1
+                    self._counts[CONNECT_ERRORS] += 1
+                    self._last_connect_error = error
+                    self._growing = False
+                    if self._open == 0:
+                        # Nobody holds a connection that could come back: fail fast.
+                        while self._waiters:
+                            waiter = self._waiters.popleft()
+                            waiter.error = error
+                            waiter.cond.notify()
+                    first_failure, self._failing = not self._failing, True
+                log.log(logging.WARNING if first_failure else logging.DEBUG, "pool %s: %s", self.name, error)
+                return
+            entry = _Entry(conn, time.monotonic(), self.config.max_lifetime)
+            with self._lock:
+                self._connecting -= 1
+                self._counts[OPENED] += 1
+                self._last_connect_error = None
+                if self._failing:
+                    self._failing = False
+                    log.info("pool %s: connected again", self.name)
+                if not self._closed:
+                    self._open += 1
+                    self._give_locked(entry)
+                    continue
+                self._growing = False
+            self.adapter.close(conn)
+            return
+
+    # -- housekeeping --------------------------------------------------------
+
+    def _housekeep(self) -> None:
+        """Retire expired and long-idle connections, refill, report leaks. Never raises."""
+        now = time.monotonic()
+        retire: list[_Entry] = []
+        cfg = self.config
+        with self._lock:
+            if self._closed:
+                return
+            keep: deque[_Entry] = deque()
+            for entry in self._idle:  # oldest-used first
+                idle_for = now - entry.last_used
+                too_idle = cfg.max_idle is not None and idle_for > cfg.max_idle
+                if now >= entry.expires or (too_idle and self._open - len(retire) > cfg.min_size):
+                    retire.append(entry)
+                else:
+                    keep.append(entry)
+            self._idle = keep
+            self._open -= len(retire)
+            self._counts[CLOSED] += len(retire)
+            self._grow_locked()
+            leaks = []
+            if cfg.leak_threshold is not None:
+                for entry in self._in_use.values():
+                    if not entry.leak_reported and now - entry.borrowed_at > cfg.leak_threshold:
+                        entry.leak_reported = True
+                        leaks.append((now - entry.borrowed_at, entry.borrower))
+                self._counts[LEAKS] += len(leaks)
+        for entry in retire:
+            self.adapter.close(entry.conn)
+        for held, stack in leaks:
+            log.warning(
+                "pool %s: connection held for %.1fs (leak_threshold %.1fs); borrowed at:\n%s",
+                self.name, held, cfg.leak_threshold, _format_stack(stack),
+            )
+
+    # -- observation and shutdown ------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """A snapshot of sizes, counters and acquire-wait percentiles (seconds)."""
+        with self._lock:
+            n = min(self._wait_n, _WAIT_SAMPLES)
+            waits = sorted(self._waits[:n])
+            snapshot: dict[str, Any] = {
+                SIZE: self._open,
+                MAX_SIZE: self.config.max_size,
+                IDLE: len(self._idle),
+                IN_USE: len(self._in_use),
+                WAITING: len(self._waiters),
+                **self._counts,
+            }
+        snapshot[WAIT_P50] = waits[int(0.50 * (n - 1))] if n else 0.0
+        snapshot[WAIT_P99] = waits[int(0.99 * (n - 1))] if n else 0.0
+        return snapshot
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Close idle connections now and borrowed ones as they come back.
+
+        Waits up to ``timeout`` seconds for borrowers; connections still out
+        after that are logged and closed when they are returned.
+        """
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            idle = list(self._idle)
+            self._idle.clear()
+            self._open -= len(idle)
+            self._counts[CLOSED] += len(idle)
+            while self._waiters:
+                waiter = self._waiters.popleft()
+                waiter.error = PoolClosed(f"pool {self.name} was closed while waiting")
+                waiter.cond.notify()
+        self._stop.set()
+        for entry in idle:
+            self.adapter.close(entry.conn)
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while self._in_use:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._drained.wait(remaining)
+            stragglers = list(self._in_use.values())
+        if stragglers:
+            log.warning(
+                "pool %s: closed with %d connection(s) still borrowed; they close when returned",
+                self.name, len(stragglers),
+            )
+        if self._maint is not threading.current_thread():
+            self._maint.join(timeout=max(0.0, deadline - time.monotonic()) + 1.0)
+
+    def __enter__(self) -> Pool:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+
+def _maintain(pool_ref: weakref.ref[Pool], stop: threading.Event, interval: float) -> None:
+    """Housekeeping loop; holds only a weak reference so an abandoned pool can be collected."""
+    while not stop.wait(interval):
+        pool = pool_ref()
+        if pool is None:
+            return
+        try:
+            pool._housekeep()
+        except Exception:  # noqa: BLE001 - housekeeping must never kill its thread
+            log.exception("pool %s: housekeeping failed", pool.name)
+        del pool
+
+
+def _capture_stack() -> list[tuple[Any, int]]:
+    """The borrower's frames as (code, line) pairs: cheap now, formatted only on a leak."""
+    frames: list[tuple[Any, int]] = []
+    frame: Any = sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename in _INTERNAL_FILES:
+        frame = frame.f_back
+    while frame is not None and len(frames) < _STACK_LIMIT:
+        frames.append((frame.f_code, frame.f_lineno))
+        frame = frame.f_back
+    return frames
+
+
+def _format_stack(stack: list[tuple[Any, int]] | None) -> str:
+    if not stack:
+        return "  (stack not recorded)"
+    lines = []
+    for code, lineno in reversed(stack):
+        lines.append(f'  File "{code.co_filename}", line {lineno}, in {code.co_name}')
+        source = linecache.getline(code.co_filename, lineno).strip()
+        if source:
+            lines.append(f"    {source}")
+    return "\n".join(lines)

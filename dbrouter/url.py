@@ -67,6 +67,9 @@ class NodeAddress:
     def __str__(self) -> str:
         return self.redacted
 
+    def __repr__(self) -> str:
+        return f"NodeAddress({self.redacted!r})"
+
 
 def _is_secret(key: str) -> bool:
     return "pass" in key.lower() or key.lower() in {"sslkey", "ssl_key", "sslpassword"}
@@ -84,9 +87,10 @@ def parse_address(text: str, *, engine: str | None = None) -> NodeAddress:
     if "://" not in text:
         if _KEYWORD.match(text):
             return _parse_keywords(text)
+        # Not echoed: with no structure to go by, any part of it could be a password.
         raise ConfigurationError(
-            f"malformed database URL {_mask(text)!r}: expected scheme://user@host:port/db "
-            "with scheme postgresql, postgres, mysql or mariadb"
+            "malformed database URL: expected scheme://user@host:port/db with scheme "
+            "postgresql, postgres, mysql or mariadb, or a libpq 'key=value ...' string"
         )
     scheme = text.split("://", 1)[0].lower()
     if scheme not in SCHEMES:
@@ -136,7 +140,7 @@ def _parse_keywords(text: str) -> NodeAddress:
         if not match:
             if text[pos:].strip():
                 raise ConfigurationError(
-                    f"malformed connection string near {text[pos:pos + 20]!r} "
+                    f"malformed connection string near {_mask(text[pos:pos + 20])!r} "
                     "(expected key=value pairs)"
                 )
             break

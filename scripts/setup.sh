@@ -33,4 +33,11 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]'
+
+# mysql-connector's C extension bundles its own OpenSSL and fails to load once the
+# system libcrypto is in the process (pytest imports hashlib before any test code).
+# This .pth loads it first in every interpreter of the venv; without it the
+# connector silently falls back to pure Python.
+site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+printf '%s\n' 'import sys; exec("try:\n import _mysql_connector\nexcept Exception:\n pass")' > "$site/dbrouter-mysql-first.pth"
 echo "setup: ready (.venv/bin/dbrouter, .venv/bin/python -m pytest)"

@@ -7,6 +7,7 @@ so an application that uses only PostgreSQL never imports mysql-connector.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import logging
 import sys
 from typing import TYPE_CHECKING
@@ -39,19 +40,21 @@ def preload_mysql_extension() -> bool:
     """Load mysql-connector's C extension before anything imports ``ssl``.
 
     The extension bundles its own OpenSSL under the system library's name; once
-    Python's ``ssl`` has loaded the system one, the extension fails to import and
-    the connector silently falls back to pure Python (about 50 us slower per
-    query). Returns True when the extension is usable.
+    Python's ``ssl`` or ``hashlib`` has loaded the system one, the extension fails
+    to import and the connector silently falls back to pure Python (about 50 us
+    slower per query). Returns True when the extension is usable.
     """
     if "_mysql_connector" in sys.modules:
         return True
+    if importlib.util.find_spec("_mysql_connector") is None:
+        return False  # not installed: the connector runs in pure Python
     try:
         importlib.import_module("_mysql_connector")
     except ImportError as exc:
-        if exc.name != "_mysql_connector" and "ssl" in sys.modules:
-            log.warning(
-                "mysql-connector C extension unavailable because the ssl module was imported "
-                "first (%s); import dbrouter before other modules to use it", exc
-            )
+        log.warning(
+            "mysql-connector's C extension did not load (%s): it must load before anything "
+            "loads OpenSSL (the ssl or hashlib modules). Import dbrouter first, or add a .pth "
+            "file as scripts/setup.sh does. Falling back to pure Python.", exc,
+        )
         return False
     return True

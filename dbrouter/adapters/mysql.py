@@ -144,7 +144,7 @@ class MySQLAdapter(Adapter):
         try:
             conn._dbrouter_cursor = conn.cursor()
             if self.is_mariadb is None:
-                self.is_mariadb = "mariadb" in conn.get_server_info().lower()
+                self.is_mariadb = "mariadb" in (conn.server_info or "").lower()
             timeout = self.options.statement_timeout
             if timeout is not None:
                 if self.is_mariadb:
@@ -163,7 +163,7 @@ class MySQLAdapter(Adapter):
         conn.ping(reconnect=False)
 
     def return_state(self, conn: Any) -> ReturnState:
-        if conn.is_closed():
+        if _is_closed(conn):
             return ReturnState.BROKEN
         # The server reports both flags in every reply; reading them costs nothing,
         # whereas conn.autocommit would ask the server.
@@ -263,6 +263,15 @@ class MySQLAdapter(Adapter):
             # "MySQL Connection not available": the client already knows it is gone.
             return ErrorKind.UNREACHABLE
         return ErrorKind.CALLER
+
+
+def _is_closed(conn: Any) -> bool:
+    """Whether the client already knows the connection is gone (no round trip)."""
+    is_closed = getattr(conn, "is_closed", None)  # the C extension's connection
+    if is_closed is not None:
+        return bool(is_closed())
+    sock = getattr(conn, "_socket", None)  # the pure-Python connection
+    return sock is None or getattr(sock, "sock", None) is None
 
 
 def gtid_covers(current: str, wanted: str) -> bool:

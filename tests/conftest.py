@@ -1,0 +1,113 @@
+"""Session fixtures: one PostgreSQL and one MariaDB replication cluster for the whole run.
+
+The clusters are real servers started from the installed binaries (primary +
+2 replicas each). Tests reset what they change (tables they create, paused
+replication) instead of rebuilding clusters. A missing binary fails the run.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import pytest
+
+import dbrouter  # noqa: F401 - loads the mysql C extension before anything imports ssl
+from dbrouter.cluster import LocalCluster, LocalNode, MariaDBCluster, PostgresCluster
+from dbrouter.url import parse_address
+
+ENGINES = [
+    pytest.param("postgres", marks=pytest.mark.postgres, id="postgres"),
+    pytest.param("mysql", marks=pytest.mark.mysql, id="mariadb"),
+]
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[LocalCluster]:
+    cluster = PostgresCluster(replicas=2).start()
+    try:
+        yield cluster
+    finally:
+        cluster.destroy()
+
+
+@pytest.fixture(scope="session")
+def maria_cluster() -> Iterator[LocalCluster]:
+    cluster = MariaDBCluster(replicas=2).start()
+    try:
+        yield cluster
+    finally:
+        cluster.destroy()
+
+
+@pytest.fixture(params=ENGINES)
+def cluster(request: pytest.FixtureRequest) -> LocalCluster:
+    """The running cluster of each engine in turn, with replication running."""
+    name = "pg_cluster" if request.param == "postgres" else "maria_cluster"
+    found: LocalCluster = request.getfixturevalue(name)
+    for replica in found.replicas:
+        found.resume_replication(replica)
+    return found
+
+
+@dataclass
+class Tagged:
+    """A URL whose server sessions can be counted: PostgreSQL by application_name,
+    MariaDB by the session's current database (MariaDB does not show connection
+    attributes in its process list)."""
+
+    url: str
+    tag: str
+    node: LocalNode
+    engine: str
+
+    @property
+    def connect_options(self) -> dbrouter.ConnectOptions:
+        return dbrouter.ConnectOptions(application_name=self.tag, connect_timeout=3)
+
+    def sessions(self) -> int:
+        if self.engine == "postgres":
+            rows = self.node.query(
+                f"SELECT count(*) FROM pg_stat_activity WHERE application_name = '{self.tag}'"
+            )
+        else:
+            rows = self.node.query(
+                f"SELECT count(*) FROM information_schema.PROCESSLIST WHERE DB = '{self.tag}'"
+            )
+        return int(rows[0][0])
+
+
+@pytest.fixture
+def tagged(cluster: LocalCluster) -> Iterator[Tagged]:
+    """The primary's URL, marked so that the test can count its server sessions."""
+    tag = "t" + uuid.uuid4().hex[:12]
+    node = cluster.primary
+    url = node.url
+    if cluster.engine == "mariadb":
+        node.query(f"CREATE DATABASE {tag}")
+        address = parse_address(url)
+        url = url.rsplit("/", 1)[0] + f"/{tag}"
+        assert parse_address(url).port == address.port
+    yield Tagged(url=url, tag=tag, node=node, engine="postgres" if cluster.engine == "postgres" else "mysql")
+    if cluster.engine == "mariadb":
+        node.query(f"DROP DATABASE IF EXISTS {tag}")
+
+
+def engine_of(cluster: LocalCluster) -> str:
+    return "postgres" if cluster.engine == "postgres" else "mysql"
+
+
+def backend_id(adapter: Any, conn: Any) -> int:
+    """The server's id for this session: pg_backend_pid() or CONNECTION_ID()."""
+    sql = "SELECT pg_backend_pid()" if adapter.engine == "postgres" else "SELECT CONNECTION_ID()"
+    rows, _ = adapter.execute(conn, sql)
+    return int(rows[0][0])
+
+
+def kill_session(cluster: LocalCluster, session_id: int) -> None:
+    """Terminate a server session from the outside, as an operator or a failover would."""
+    if cluster.engine == "postgres":
+        cluster.primary.query(f"SELECT pg_terminate_backend({session_id})")
+    else:
+        cluster.primary.query(f"KILL {session_id}")

@@ -1,0 +1,261 @@
+"""One adapter suite, run against both engines' real replication clusters."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+import uuid
+from typing import Any
+
+import pytest
+
+from dbrouter import ConnectError, ConnectOptions
+from dbrouter.adapters import Adapter, ErrorKind, ReturnState, make_adapter
+from dbrouter.url import parse_address
+
+from .conftest import backend_id, kill_session
+from .test_bad_input import free_port
+
+
+def adapter_for(node: Any, **options: Any) -> Adapter:
+    return make_adapter(parse_address(node.url), ConnectOptions(**options) if options else None)
+
+
+class Opened:
+    """An adapter and one open connection, closed at the end of the test."""
+
+    def __init__(self, node: Any, **options: Any) -> None:
+        self.adapter = adapter_for(node, **options)
+        self.conn = self.adapter.connect()
+
+    def run(self, sql: str, params: Any = None) -> list[tuple[Any, ...]] | None:
+        rows, _ = self.adapter.execute(self.conn, sql, params)
+        return rows
+
+    def close(self) -> None:
+        self.adapter.close(self.conn)
+
+
+@pytest.fixture
+def table(cluster):
+    """A fresh table on the primary, replicated to every replica; dropped afterwards."""
+    name = "t" + uuid.uuid4().hex[:10]
+    cluster.primary.query(f"CREATE TABLE {name} (id int primary key, v int)")
+    cluster.wait_replicated(timeout=10)
+    yield name
+    for replica in cluster.replicas:
+        cluster.resume_replication(replica)
+    cluster.primary.query(f"DROP TABLE IF EXISTS {name}")
+
+
+def test_each_node_says_who_it_is_and_its_role(cluster) -> None:
+    """Replication works: node 0 is writable, the replicas are in recovery / read-only."""
+    for node in cluster.nodes:
+        opened = Opened(node)
+        try:
+            assert opened.adapter.server_port(opened.conn) == node.port
+            assert opened.adapter.is_writable(opened.conn) is (node is cluster.primary)
+        finally:
+            opened.close()
+
+
+def test_rows_replicate_and_positions_advance(cluster, table: str) -> None:
+    primary = Opened(cluster.primary)
+    replicas = [Opened(node) for node in cluster.replicas]
+    try:
+        before = primary.adapter.replication_position(primary.conn)
+        primary.run(f"INSERT INTO {table} VALUES (1, 10)")
+        after = primary.adapter.replication_position(primary.conn)
+        assert after != before
+        assert primary.adapter.has_replayed(primary.conn, after)
+        for replica in replicas:
+            assert replica.adapter.has_replayed(replica.conn, after, timeout=10)
+            assert replica.run(f"SELECT v FROM {table} WHERE id = 1") == [(10,)]
+            assert replica.adapter.replica_lag(replica.conn, after) == 0.0
+        assert primary.adapter.replica_lag(primary.conn) == 0.0
+    finally:
+        for opened in [primary, *replicas]:
+            opened.close()
+
+
+def test_paused_replica_has_not_replayed_and_lags(cluster, table: str) -> None:
+    paused = cluster.replicas[0]
+    cluster.pause_replication(paused)
+    primary = Opened(cluster.primary)
+    replica = Opened(paused)
+    try:
+        primary.run(f"INSERT INTO {table} VALUES (2, 20)")
+        position = primary.adapter.replication_position(primary.conn)
+        start = time.monotonic()
+        assert not replica.adapter.has_replayed(replica.conn, position, timeout=0.3)
+        assert time.monotonic() - start >= 0.25
+        assert replica.run(f"SELECT v FROM {table} WHERE id = 2") == []
+        time.sleep(1.1)
+        lag = replica.adapter.replica_lag(replica.conn, position)
+        assert lag is None or lag > 0.0
+        cluster.resume_replication(paused)
+        assert replica.adapter.has_replayed(replica.conn, position, timeout=10)
+        assert replica.run(f"SELECT v FROM {table} WHERE id = 2") == [(20,)]
+    finally:
+        cluster.resume_replication(paused)
+        primary.close()
+        replica.close()
+
+
+def test_write_on_replica_is_classified_read_only(cluster, table: str) -> None:
+    replica = Opened(cluster.replicas[0])
+    try:
+        with pytest.raises(Exception) as info:
+            replica.run(f"INSERT INTO {table} VALUES (3, 30)")
+        assert replica.adapter.classify(info.value) is ErrorKind.READ_ONLY
+    finally:
+        replica.close()
+
+
+def test_caller_errors_are_never_node_failures(cluster, table: str) -> None:
+    primary = Opened(cluster.primary)
+    try:
+        primary.run(f"INSERT INTO {table} VALUES (4, 40)")
+        for bad in (f"INSERT INTO {table} VALUES (4, 41)", "SELEC 1", "SELECT * FROM no_such_table_x"):
+            with pytest.raises(Exception) as info:
+                primary.run(bad)
+            assert primary.adapter.classify(info.value) is ErrorKind.CALLER, bad
+            assert primary.adapter.return_state(primary.conn) is ReturnState.CLEAN
+        assert primary.adapter.classify(ValueError("not a driver error")) is ErrorKind.CALLER
+    finally:
+        primary.close()
+
+
+def test_killed_session_is_classified_unreachable(cluster) -> None:
+    opened = Opened(cluster.primary)
+    try:
+        kill_session(cluster, backend_id(opened.adapter, opened.conn))
+        time.sleep(0.1)
+        with pytest.raises(Exception) as info:
+            opened.run("SELECT 1")
+        assert opened.adapter.classify(info.value) is ErrorKind.UNREACHABLE
+    finally:
+        opened.close()
+
+
+def test_statement_timeout_is_classified(cluster) -> None:
+    opened = Opened(cluster.primary, statement_timeout=0.2)
+    try:
+        sql = "SELECT pg_sleep(2)" if cluster.engine == "postgres" else "SELECT SLEEP(2) FROM dual WHERE 1 = 1"
+        start = time.monotonic()
+        try:
+            rows = opened.run(sql)
+        except Exception as exc:  # noqa: BLE001 - the kind is what is tested
+            assert opened.adapter.classify(exc) is ErrorKind.TIMEOUT
+        else:
+            # MariaDB interrupts SLEEP() itself and returns 1 instead of raising.
+            assert cluster.engine != "postgres" and rows == [(1,)]
+        assert time.monotonic() - start < 1.5
+    finally:
+        opened.close()
+
+
+def test_deadlock_is_classified_conflict(cluster, table: str) -> None:
+    cluster.primary.query(f"INSERT INTO {table} VALUES (10, 0), (11, 0)")
+    a, b = Opened(cluster.primary), Opened(cluster.primary)
+    errors: list[BaseException] = []
+    try:
+        a.adapter.begin(a.conn)
+        b.adapter.begin(b.conn)
+        a.run(f"UPDATE {table} SET v = 1 WHERE id = 10")
+        b.run(f"UPDATE {table} SET v = 1 WHERE id = 11")
+
+        def cross(opened: Opened, row: int) -> None:
+            try:
+                opened.run(f"UPDATE {table} SET v = 2 WHERE id = {row}")
+            except Exception as exc:  # noqa: BLE001
+                errors.append(exc)
+                opened.adapter.rollback(opened.conn)
+
+        t = threading.Thread(target=cross, args=(a, 11))
+        t.start()
+        time.sleep(0.2)
+        cross(b, 10)
+        t.join(timeout=10)
+        assert len(errors) == 1
+        assert a.adapter.classify(errors[0]) is ErrorKind.CONFLICT
+    finally:
+        for opened in (a, b):
+            opened.adapter.reset(opened.conn)
+            opened.close()
+
+
+def test_return_state_and_reset(cluster, table: str) -> None:
+    opened = Opened(cluster.primary)
+    try:
+        assert opened.adapter.return_state(opened.conn) is ReturnState.CLEAN
+        opened.adapter.begin(opened.conn)
+        opened.run(f"INSERT INTO {table} VALUES (5, 50)")
+        assert opened.adapter.return_state(opened.conn) is ReturnState.DIRTY
+        opened.adapter.reset(opened.conn)
+        assert opened.adapter.return_state(opened.conn) is ReturnState.CLEAN
+        assert opened.run(f"SELECT count(*) FROM {table} WHERE id = 5") == [(0,)]
+        opened.adapter.begin(opened.conn)
+        opened.run(f"INSERT INTO {table} VALUES (6, 60)")
+        opened.adapter.commit(opened.conn)
+        assert opened.adapter.return_state(opened.conn) is ReturnState.CLEAN
+        opened.adapter.close(opened.conn)
+        assert opened.adapter.return_state(opened.conn) is ReturnState.BROKEN
+    finally:
+        opened.close()
+    assert cluster.primary.query(f"SELECT v FROM {table} WHERE id = 6") == [(60,)]
+
+
+def test_ping(cluster) -> None:
+    opened = Opened(cluster.primary)
+    try:
+        opened.adapter.ping(opened.conn)
+        kill_session(cluster, backend_id(opened.adapter, opened.conn))
+        time.sleep(0.1)
+        with pytest.raises(Exception) as info:
+            opened.adapter.ping(opened.conn)
+        assert opened.adapter.classify(info.value) is ErrorKind.UNREACHABLE
+    finally:
+        opened.close()
+
+
+def test_refused_connect(cluster) -> None:
+    node = cluster.primary
+    url = node.url.replace(f":{node.port}/", f":{free_port()}/")
+    adapter = make_adapter(parse_address(url), ConnectOptions(connect_timeout=2))
+    with pytest.raises(ConnectError) as info:
+        adapter.connect()
+    assert adapter.classify(info.value) is ErrorKind.UNREACHABLE
+
+
+@pytest.mark.mysql
+def test_mysql_uses_c_extension_and_a_mariadb_collation(maria_cluster) -> None:
+    opened = Opened(maria_cluster.primary)
+    try:
+        assert type(opened.conn).__name__ == "CMySQLConnection"
+        assert opened.run("SELECT @@collation_connection") == [("utf8mb4_general_ci",)]
+        assert opened.adapter.is_mariadb is True
+    finally:
+        opened.close()
+
+
+@pytest.mark.postgres
+def test_postgres_connection_settings(pg_cluster) -> None:
+    opened = Opened(pg_cluster.primary, statement_timeout=1.5, application_name="dbr-test")
+    try:
+        assert opened.conn.autocommit is True
+        assert opened.run("SHOW statement_timeout") == [("1500ms",)]
+        assert opened.run("SELECT current_setting('application_name')") == [("dbr-test",)]
+        # Keepalives are the client socket's options: read them off the socket itself.
+        sock = socket.socket(fileno=os.dup(opened.conn.fileno()))
+        try:
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 30
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL) == 10
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == 3
+        finally:
+            sock.close()
+    finally:
+        opened.close()

@@ -1,0 +1,138 @@
+"""Bad input: each mistake gives a dbrouter error naming the problem and the node, never a password."""
+
+from __future__ import annotations
+
+import logging
+import socket
+
+import pytest
+
+import dbrouter
+from dbrouter import ConfigurationError, ConnectError, PoolConfig, connect_pool
+from dbrouter.url import parse_address
+
+SECRET = "s3cr3t-Pa55"
+
+
+def free_port() -> int:
+    """A loopback port below the ephemeral range that nothing listens on."""
+    for port in range(29000, 29500):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port")
+
+
+def scheme(cluster) -> str:
+    return "postgresql" if cluster.engine == "postgres" else "mariadb"
+
+
+def assert_no_secret(*texts: str) -> None:
+    for text in texts:
+        assert SECRET not in text, text
+
+
+def test_unknown_scheme() -> None:
+    with pytest.raises(ConfigurationError, match="unknown URL scheme 'oracle'") as info:
+        parse_address(f"oracle://app:{SECRET}@db1:1521/x")
+    assert_no_secret(str(info.value))
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"postgresql://app:{SECRET}@db1:notaport/x",
+        f"mysql://app:{SECRET}@:3306/x",
+        f"just-a-host-with-{SECRET}",
+        "",
+    ],
+)
+def test_malformed_url(url: str) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        connect_pool(url)
+    assert_no_secret(str(info.value))
+
+
+def test_wrong_password(cluster, caplog: pytest.LogCaptureFixture) -> None:
+    node = cluster.primary
+    url = f"{scheme(cluster)}://{cluster.user}:{SECRET}@127.0.0.1:{node.port}/{cluster.database}"
+    with caplog.at_level(logging.DEBUG, logger="dbrouter"):
+        pool = connect_pool(url, pool=PoolConfig(min_size=0))
+        with pytest.raises(ConnectError) as info:
+            pool.acquire()
+        pool.close()
+    message = str(info.value)
+    assert f"127.0.0.1:{node.port}" in message
+    assert ("password" in message.lower()) or ("access denied" in message.lower())
+    assert info.value.node == f"127.0.0.1:{node.port}"
+    assert_no_secret(message, repr(pool), repr(pool.adapter), repr(pool.adapter.address), str(pool.adapter.address))
+    assert_no_secret(*(r.getMessage() for r in caplog.records))
+    assert info.value.__cause__ is None and info.value.__context__ is None or SECRET not in str(info.value.__context__)
+
+
+def test_unreachable_port(cluster) -> None:
+    port = free_port()
+    pool = connect_pool(f"{scheme(cluster)}://app:{SECRET}@127.0.0.1:{port}/x", pool=PoolConfig(min_size=0))
+    with pytest.raises(ConnectError) as info:
+        pool.acquire()
+    pool.close()
+    assert f"127.0.0.1:{port}" in str(info.value)
+    assert "refused" in str(info.value).lower() or "can't connect" in str(info.value).lower()
+    assert_no_secret(str(info.value))
+
+
+@pytest.mark.parametrize(
+    ("url", "option"),
+    [
+        (f"postgresql://app:{SECRET}@127.0.0.1:5432/x?sslmod=require", "sslmod"),
+        (f"mariadb://app:{SECRET}@127.0.0.1:3306/x?ssl_ca_path=/x", "ssl_ca_path"),
+        (f"mariadb://app:{SECRET}@127.0.0.1:3306/x?ssl_disabled=maybe", "ssl_disabled"),
+    ],
+)
+def test_invalid_option(url: str, option: str) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        connect_pool(url)
+    assert option in str(info.value)
+    assert "127.0.0.1" in str(info.value)
+    assert_no_secret(str(info.value))
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"min_size": -1},
+        {"max_size": 0},
+        {"min_size": 5, "max_size": 2},
+        {"acquire_timeout": -1.0},
+        {"max_lifetime": 0},
+        {"leak_threshold": "soon"},
+    ],
+)
+def test_invalid_pool_config_names_the_field(config: dict) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        PoolConfig(**config)
+    assert next(iter(config)) in str(info.value)
+
+
+def test_unknown_pool_option_is_rejected() -> None:
+    with pytest.raises(TypeError, match="max_sise"):
+        PoolConfig(max_sise=3)  # type: ignore[call-arg]
+
+
+def test_redaction_everywhere() -> None:
+    address = parse_address(f"postgresql://app:{SECRET}@db1:5433/shop?sslmode=require&sslpassword={SECRET}")
+    assert_no_secret(repr(address), str(address), address.redacted)
+    assert address.redacted == "postgresql://app:***@db1:5433/shop?sslmode=require"
+    keywords = parse_address(f"host=db1 port=5433 user=app password='{SECRET}' dbname=shop")
+    assert keywords.password == SECRET
+    assert_no_secret(repr(keywords), keywords.redacted)
+
+
+def test_errors_belong_to_dbrouter() -> None:
+    for name in ("ConfigurationError", "ConnectError", "PoolTimeout", "PoolClosed", "WriteOutcomeUnknown"):
+        cls = getattr(dbrouter, name)
+        assert cls.__module__ == "dbrouter"
+        assert issubclass(cls, dbrouter.DbRouterError)

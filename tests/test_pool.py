@@ -1,0 +1,274 @@
+"""The per-node pool against real servers, both engines."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import pytest
+
+import dbrouter
+from dbrouter import ConnectError, Pool, PoolConfig, PoolTimeout, connect_pool
+from dbrouter.adapters import make_adapter
+from dbrouter.url import parse_address
+
+from .conftest import Tagged, backend_id, kill_session
+
+
+def make_pool(tagged: Tagged, **config: object) -> Pool:
+    return connect_pool(tagged.url, pool=PoolConfig(**config), connect=tagged.connect_options)
+
+
+def wait_for(predicate, timeout: float = 5.0, interval: float = 0.02) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+def test_exhaustion_64_threads_on_4(tagged: Tagged) -> None:
+    """Every caller gets a connection or a PoolTimeout after the timeout; sessions stay <= max_size."""
+    timeout = 0.4
+    pool = make_pool(tagged, min_size=0, max_size=4, acquire_timeout=timeout)
+    outcomes: list[tuple[str, float]] = []
+    lock = threading.Lock()
+    peak = [0]
+    stop_sampling = threading.Event()
+
+    def sample() -> None:
+        while not stop_sampling.is_set():
+            peak[0] = max(peak[0], tagged.sessions())
+            time.sleep(0.01)
+
+    def worker() -> None:
+        start = time.monotonic()
+        try:
+            with pool.connection() as conn:
+                pool.adapter.execute(conn, "SELECT 1")
+                time.sleep(0.1)
+            kind = "ok"
+        except PoolTimeout as exc:
+            assert tagged.node.name in str(exc) or str(tagged.node.port) in str(exc)
+            assert "waiting" in str(exc) and "4" in str(exc)
+            kind = "timeout"
+        with lock:
+            outcomes.append((kind, time.monotonic() - start))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(64)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=10)
+    stop_sampling.set()
+    sampler.join(timeout=5)
+    assert not any(t.is_alive() for t in threads), "a thread is stuck: deadlock"
+    assert len(outcomes) == 64
+    oks = [d for k, d in outcomes if k == "ok"]
+    timeouts = [d for k, d in outcomes if k == "timeout"]
+    assert oks and timeouts, outcomes
+    for waited in timeouts:
+        assert timeout - 0.01 <= waited < timeout + 0.3, waited
+    stats = pool.stats()
+    assert stats["timeouts"] == len(timeouts)
+    assert stats["acquired"] == len(oks)
+    assert stats["size"] <= 4
+    assert 0 < peak[0] <= 4
+    pool.close()
+    assert wait_for(lambda: tagged.sessions() == 0)
+
+
+def test_fifo_no_starvation(tagged: Tagged) -> None:
+    """Waiters are served in arrival order: with one connection, threads finish in the order they queued."""
+    pool = make_pool(tagged, min_size=1, max_size=1, acquire_timeout=5)
+    pool.wait_ready(5)
+    order: list[int] = []
+    holder = pool.acquire()
+    threads = []
+    for i in range(8):
+        def worker(i: int = i) -> None:
+            with pool.connection():
+                order.append(i)
+        t = threading.Thread(target=worker, daemon=True)
+        t.start()
+        threads.append(t)
+        assert wait_for(lambda: pool.stats()["waiting"] == i + 1, timeout=2)
+    pool.release(holder)
+    for t in threads:
+        t.join(timeout=5)
+    assert order == list(range(8))
+    pool.close()
+
+
+def test_killed_connection_is_discarded_on_checkout(cluster, tagged: Tagged) -> None:
+    """A session killed server-side fails the liveness check and is replaced."""
+    pool = make_pool(tagged, min_size=1, max_size=1, validation_bypass=0.0)
+    with pool.connection() as conn:
+        first = backend_id(pool.adapter, conn)
+    kill_session(cluster, first)
+    time.sleep(0.1)
+    with pool.connection() as conn:
+        second = backend_id(pool.adapter, conn)
+    assert second != first
+    assert pool.stats()["discarded"] == 1
+    pool.close()
+
+
+def test_killed_connection_failing_a_query_is_never_reused(cluster, tagged: Tagged) -> None:
+    """Inside the bypass window there is no ping: the query fails, and the connection is dropped."""
+    pool = make_pool(tagged, min_size=1, max_size=1, validation_bypass=60.0)
+    with pool.connection() as conn:
+        first = backend_id(pool.adapter, conn)
+    kill_session(cluster, first)
+    time.sleep(0.1)
+    with pytest.raises(Exception) as info:
+        with pool.connection() as conn:
+            backend_id(pool.adapter, conn)
+    assert pool.adapter.classify(info.value) is dbrouter.adapters.ErrorKind.UNREACHABLE
+    with pool.connection() as conn:
+        assert backend_id(pool.adapter, conn) != first
+    assert pool.stats()["discarded"] == 1
+    pool.close()
+
+
+def test_max_lifetime_retires_connections(tagged: Tagged) -> None:
+    pool = make_pool(tagged, min_size=1, max_size=2, max_lifetime=0.5, maintenance_interval=0.05)
+    with pool.connection() as conn:
+        first = backend_id(pool.adapter, conn)
+    time.sleep(0.8)
+    with pool.connection() as conn:
+        second = backend_id(pool.adapter, conn)
+    assert second != first
+    assert pool.stats()["closed"] >= 1
+    pool.close()
+
+
+def test_idle_connections_above_min_are_pruned(tagged: Tagged) -> None:
+    pool = make_pool(tagged, min_size=1, max_size=4, max_idle=0.3, maintenance_interval=0.05)
+    held = [pool.acquire() for _ in range(4)]
+    for conn in held:
+        pool.release(conn)
+    assert pool.stats()["size"] == 4
+    assert wait_for(lambda: pool.stats()["size"] == 1, timeout=3)
+    assert wait_for(lambda: tagged.sessions() == 1)
+    pool.close()
+
+
+def test_leak_is_reported_with_borrower_stack(tagged: Tagged, caplog: pytest.LogCaptureFixture) -> None:
+    pool = make_pool(tagged, min_size=0, max_size=2, leak_threshold=0.2, maintenance_interval=0.05)
+
+    def leaky_borrower() -> object:
+        return pool.acquire()
+
+    with caplog.at_level(logging.WARNING, logger="dbrouter.pool"):
+        conn = leaky_borrower()
+        assert wait_for(lambda: pool.stats()["leaks"] == 1, timeout=3)
+    messages = [r.getMessage() for r in caplog.records if "held for" in r.getMessage()]
+    assert len(messages) == 1
+    assert "leaky_borrower" in messages[0] and "test_pool.py" in messages[0]
+    pool.release(conn)
+    pool.close()
+
+
+def test_open_transaction_is_rolled_back_on_return(cluster, tagged: Tagged) -> None:
+    table = f"{tagged.tag}_tx"
+    pool = make_pool(tagged, min_size=1, max_size=1)
+    adapter = pool.adapter
+    with pool.connection() as conn:
+        adapter.execute(conn, f"CREATE TABLE {table} (id int primary key)")
+    try:
+        with pool.connection() as conn:
+            adapter.begin(conn)
+            adapter.execute(conn, f"INSERT INTO {table} VALUES (1)")
+        with pool.connection() as conn:
+            assert adapter.return_state(conn) is dbrouter.adapters.ReturnState.CLEAN
+            rows, _ = adapter.execute(conn, f"SELECT count(*) FROM {table}")
+            assert rows[0][0] == 0
+            # autocommit is back on: this insert is visible from another session.
+            adapter.execute(conn, f"INSERT INTO {table} VALUES (2)")
+        other = make_adapter(parse_address(tagged.url), tagged.connect_options)
+        conn2 = other.connect()
+        try:
+            rows, _ = other.execute(conn2, f"SELECT id FROM {table}")
+            assert rows == [(2,)]
+        finally:
+            other.close(conn2)
+    finally:
+        with pool.connection() as conn:
+            adapter.execute(conn, f"DROP TABLE {table}")
+        pool.close()
+
+
+def test_close_leaves_no_server_session(tagged: Tagged) -> None:
+    pool = make_pool(tagged, min_size=3, max_size=6)
+    pool.wait_ready(10)
+    held = [pool.acquire() for _ in range(5)]
+    assert tagged.sessions() == 5
+    closer = threading.Thread(target=pool.close, kwargs={"timeout": 5})
+    closer.start()
+    time.sleep(0.1)
+    for conn in held:
+        pool.release(conn)
+    closer.join(timeout=10)
+    assert not closer.is_alive()
+    assert wait_for(lambda: tagged.sessions() == 0)
+    with pytest.raises(dbrouter.PoolClosed):
+        pool.acquire()
+
+
+def test_stress_32_threads_500_checkouts_pool_of_8(tagged: Tagged) -> None:
+    pool = make_pool(tagged, min_size=2, max_size=8, acquire_timeout=30)
+    errors: list[BaseException] = []
+    peak = [0]
+
+    def worker() -> None:
+        try:
+            for _ in range(500):
+                with pool.connection() as conn:
+                    rows, _ = pool.adapter.execute(conn, "SELECT 1")
+                    assert rows == [(1,)]
+        except BaseException as exc:  # noqa: BLE001 - collected and asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(32)]
+    for t in threads:
+        t.start()
+    while any(t.is_alive() for t in threads):
+        peak[0] = max(peak[0], pool.stats()["size"])
+        time.sleep(0.05)
+    assert errors == []
+    stats = pool.stats()
+    assert stats["acquired"] == 32 * 500
+    assert stats["timeouts"] == 0 and stats["discarded"] == 0
+    assert peak[0] <= 8 and stats["size"] <= 8
+    assert stats["acquire_wait_p99"] >= stats["acquire_wait_p50"] >= 0
+    assert tagged.sessions() <= 8
+    pool.close()
+    assert wait_for(lambda: tagged.sessions() == 0)
+
+
+def test_release_twice_is_an_error(tagged: Tagged) -> None:
+    pool = make_pool(tagged, min_size=0, max_size=1)
+    conn = pool.acquire()
+    pool.release(conn)
+    with pytest.raises(dbrouter.PoolError, match="returned twice"):
+        pool.release(conn)
+    pool.close()
+
+
+def test_unreachable_node_fails_fast_not_after_acquire_timeout(cluster) -> None:
+    """With no connection to wait for, a refused connect is reported at once."""
+    from .test_bad_input import free_port
+
+    url = f"{'postgresql' if cluster.engine == 'postgres' else 'mariadb'}://u:pw@127.0.0.1:{free_port()}/db"
+    pool = connect_pool(url, pool=PoolConfig(min_size=0, acquire_timeout=20))
+    start = time.monotonic()
+    with pytest.raises(ConnectError):
+        pool.acquire()
+    assert time.monotonic() - start < 5
+    assert pool.stats()["connect_errors"] == 1
+    pool.close()

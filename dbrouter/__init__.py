@@ -7,8 +7,16 @@ from .adapters import preload_mysql_extension
 # Before anything imports ssl: see preload_mysql_extension.
 preload_mysql_extension()
 
-from .config import ConnectOptions, PoolConfig  # noqa: E402
+from .config import (  # noqa: E402
+    ConnectOptions,
+    MonitorConfig,
+    PoolConfig,
+    ReplicaSpec,
+    RouterConfig,
+    RoutingConfig,
+)
 from .errors import (  # noqa: E402
+    BulkWriteError,
     ClusterError,
     ConfigurationError,
     ConnectError,
@@ -23,15 +31,20 @@ from .errors import (  # noqa: E402
     SplitBrain,
     WriteOutcomeUnknown,
 )
+from .events import Event  # noqa: E402
 from .pool import Pool  # noqa: E402
+from .router import Router, Session, Transaction  # noqa: E402
 from .url import NodeAddress, parse_address  # noqa: E402
 
 __all__ = [
+    "BulkWriteError",
     "ClusterError",
     "ConfigurationError",
     "ConnectError",
     "ConnectOptions",
     "DbRouterError",
+    "Event",
+    "MonitorConfig",
     "NoPrimaryAvailable",
     "NoReplicaAvailable",
     "NodeAddress",
@@ -41,8 +54,14 @@ __all__ = [
     "PoolConfig",
     "PoolError",
     "PoolTimeout",
+    "ReplicaSpec",
+    "Router",
+    "RouterConfig",
+    "RoutingConfig",
     "RoutingError",
+    "Session",
     "SplitBrain",
+    "Transaction",
     "WriteOutcomeUnknown",
     "connect_pool",
     "parse_address",

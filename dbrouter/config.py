@@ -7,12 +7,32 @@ construction, never halfway through a request.
 
 from __future__ import annotations
 
+import os
+import sys
 from dataclasses import dataclass, fields
+from difflib import get_close_matches
+from pathlib import Path
 from typing import Any, Mapping
 
-from .errors import ConfigurationError
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
 
-__all__ = ["ConnectOptions", "PoolConfig", "check_range"]
+from .errors import ConfigurationError
+from .url import mask_password
+
+__all__ = [
+    "ConnectOptions",
+    "MonitorConfig",
+    "PoolConfig",
+    "ReplicaSpec",
+    "RouterConfig",
+    "RoutingConfig",
+    "build_router_config",
+    "check_range",
+    "load_router_config",
+]
 
 
 def check_range(
@@ -119,3 +139,221 @@ class PoolConfig:
         check_range(owner, "validation_bypass", self.validation_bypass, low=0)
         check_range(owner, "leak_threshold", self.leak_threshold, low=0, low_open=True, optional=True)
         check_range(owner, "maintenance_interval", self.maintenance_interval, low=0.01, high=3600)
+
+
+POLICIES = ("round_robin", "random", "least_outstanding", "latency")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RoutingConfig:
+    """Where reads go."""
+
+    policy: str = "round_robin"
+    """Replica choice: ``round_robin``, ``random``, ``least_outstanding`` or ``latency``
+    (moving average of response time, power of two choices)."""
+    fallback_to_primary: bool = True
+    """When no replica can serve, read from the primary (logged) instead of raising
+    `NoReplicaAvailable`."""
+    max_replica_lag: float | None = None
+    """Seconds of replay lag above which a replica gets no reads. None: lag is ignored."""
+    causal_wait: float = 0.05
+    """In a session, seconds a read waits for a replica to replay the session's last
+    write before going to the primary instead."""
+    sticky_seconds: float | None = None
+    """If set, sessions use the simpler sticky mode: reads go to the primary for this
+    many seconds after the session's last write (no position tracking)."""
+
+    def __post_init__(self) -> None:
+        owner = "RoutingConfig"
+        if self.policy not in POLICIES:
+            raise ConfigurationError(
+                f"{owner}.policy must be one of {', '.join(POLICIES)}, got {self.policy!r}"
+            )
+        if not isinstance(self.fallback_to_primary, bool):
+            raise ConfigurationError(f"{owner}.fallback_to_primary must be true or false")
+        check_range(owner, "max_replica_lag", self.max_replica_lag, low=0, optional=True)
+        check_range(owner, "causal_wait", self.causal_wait, low=0, high=60)
+        check_range(owner, "sticky_seconds", self.sticky_seconds, low=0, low_open=True, optional=True)
+
+
+@dataclass(frozen=True, kw_only=True)
+class MonitorConfig:
+    """The background monitor that probes each node."""
+
+    health_interval: float = 1.0
+    """Seconds between probes of every node's role and replica lag."""
+
+    def __post_init__(self) -> None:
+        check_range("MonitorConfig", "health_interval", self.health_interval, low=0.01, high=3600)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReplicaSpec:
+    """One replica: its URL, its share of reads relative to the others, an optional name."""
+
+    url: str
+    weight: float = 1.0
+    name: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.url, str) or not self.url.strip():
+            raise ConfigurationError("replica URL is empty")
+
+    def __repr__(self) -> str:
+        return f"ReplicaSpec(url={mask_password(self.url)!r}, weight={self.weight!r}, name={self.name!r})"
+        check_range("replica", "weight", self.weight, low=0, low_open=True)
+
+
+SECTIONS: dict[str, type] = {
+    "pool": PoolConfig,
+    "connect": ConnectOptions,
+    "routing": RoutingConfig,
+    "monitor": MonitorConfig,
+}
+# Flat option name -> section. Field names are unique across sections, so
+# Router(max_size=20) and [pool] max_size = 20 mean the same thing.
+FLAT_OPTIONS: dict[str, str] = {f.name: section for section, cls in SECTIONS.items() for f in fields(cls)}
+
+
+@dataclass(frozen=True, kw_only=True)
+class RouterConfig:
+    """Everything a `Router` needs, validated; immutable once the router starts."""
+
+    primary: str
+    replicas: tuple[ReplicaSpec, ...] = ()
+    pool: PoolConfig = PoolConfig()
+    connect: ConnectOptions = ConnectOptions()
+    routing: RoutingConfig = RoutingConfig()
+    monitor: MonitorConfig = MonitorConfig()
+
+    def __repr__(self) -> str:
+        parts = [f"primary={mask_password(self.primary)!r}", f"replicas={self.replicas!r}"]
+        parts += [f"{name}={getattr(self, name)!r}" for name in SECTIONS]
+        return f"RouterConfig({', '.join(parts)})"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.primary, str) or not self.primary.strip():
+            raise ConfigurationError("primary URL is empty: give the primary's URL, e.g. postgresql://app@db1/app")
+
+
+def build_router_config(
+    primary: str | None,
+    replicas: Any = (),
+    options: Mapping[str, Any] | None = None,
+    sections: Mapping[str, Mapping[str, Any]] | None = None,
+) -> RouterConfig:
+    """Build a `RouterConfig` from flat options and/or per-section mappings.
+
+    Unknown names fail with the list of known ones.
+    """
+    grouped: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+    for section, values in (sections or {}).items():
+        if section not in SECTIONS:
+            raise ConfigurationError(
+                f"unknown config section [{section}]; known: {', '.join(sorted(SECTIONS))}"
+            )
+        if not isinstance(values, Mapping):
+            raise ConfigurationError(f"config section [{section}] must be a table of options")
+        grouped[section].update(values)
+    for name, value in (options or {}).items():
+        section = FLAT_OPTIONS.get(name)
+        if section is None:
+            close = get_close_matches(name, FLAT_OPTIONS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigurationError(f"unknown option {name!r}{hint}; known: {', '.join(sorted(FLAT_OPTIONS))}")
+        grouped[section][name] = value
+    built = {name: from_mapping(SECTIONS[name], f"[{name}]", values) for name, values in grouped.items()}
+    return RouterConfig(primary=primary or "", replicas=_replica_specs(replicas), **built)
+
+
+def _replica_specs(replicas: Any) -> tuple[ReplicaSpec, ...]:
+    if replicas is None:
+        return ()
+    if isinstance(replicas, str):
+        replicas = [part for part in (p.strip() for p in replicas.split(",")) if part]
+    specs = []
+    for item in replicas:
+        if isinstance(item, ReplicaSpec):
+            specs.append(item)
+        elif isinstance(item, str):
+            specs.append(ReplicaSpec(url=item))
+        elif isinstance(item, Mapping):
+            specs.append(from_mapping(ReplicaSpec, "replica", item))
+        else:
+            raise ConfigurationError(f"a replica must be a URL or a table with url/weight/name, got {type(item).__name__}")
+    return tuple(specs)
+
+
+def load_router_config(source: Any, env: Mapping[str, str] | None = None) -> RouterConfig:
+    """A `RouterConfig` from a mapping, a TOML file path, or the environment (``source=None``).
+
+    Mapping / TOML layout: ``primary``, ``replicas`` (URLs or tables with
+    ``url``, ``weight``, ``name``), flat options at the top level, or sections
+    ``[pool]``, ``[connect]``, ``[routing]``, ``[monitor]``. Environment:
+    ``DBROUTER_PRIMARY``, ``DBROUTER_REPLICAS`` (comma-separated) and
+    ``DBROUTER_<OPTION>`` for every flat option, e.g. ``DBROUTER_MAX_SIZE=20``.
+    """
+    if source is None:
+        return _from_env(os.environ if env is None else env)
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        try:
+            with path.open("rb") as fh:
+                data = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigurationError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigurationError(f"config file {path} is not valid TOML: {exc}") from None
+        return _from_mapping(data)
+    if isinstance(source, Mapping):
+        return _from_mapping(source)
+    raise ConfigurationError(f"config source must be a mapping, a TOML path or None, got {type(source).__name__}")
+
+
+def _from_mapping(data: Mapping[str, Any]) -> RouterConfig:
+    data = dict(data)
+    primary = data.pop("primary", None)
+    replicas = data.pop("replicas", ())
+    sections = {k: data.pop(k) for k in list(data) if k in SECTIONS}
+    unknown_tables = [k for k, v in data.items() if isinstance(v, Mapping)]
+    if unknown_tables:
+        raise ConfigurationError(
+            f"unknown config section [{unknown_tables[0]}]; known: {', '.join(sorted(SECTIONS))}"
+        )
+    return build_router_config(primary, replicas, data, sections)
+
+
+def _from_env(env: Mapping[str, str]) -> RouterConfig:
+    options: dict[str, Any] = {}
+    for key, text in env.items():
+        if not key.startswith("DBROUTER_") or key in ("DBROUTER_PRIMARY", "DBROUTER_REPLICAS", "DBROUTER_HOME"):
+            continue
+        name = key[len("DBROUTER_"):].lower()
+        section = FLAT_OPTIONS.get(name)
+        if section is None:
+            raise ConfigurationError(f"unknown option in environment variable {key}")
+        field_type = next(f.type for f in fields(SECTIONS[section]) if f.name == name)
+        options[name] = _convert(key, text, str(field_type))
+    return build_router_config(env.get("DBROUTER_PRIMARY"), env.get("DBROUTER_REPLICAS", ""), options)
+
+
+def _convert(key: str, text: str, type_name: str) -> Any:
+    """Environment text to the field's type, by its annotation."""
+    text = text.strip()
+    if "None" in type_name and text.lower() in ("", "none", "null"):
+        return None
+    try:
+        if type_name.startswith("bool"):
+            lowered = text.lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError("expected true or false")
+        if type_name.startswith("int"):
+            return int(text)
+        if type_name.startswith("float"):
+            return float(text)
+    except ValueError as exc:
+        raise ConfigurationError(f"{key}={text!r}: {exc}") from None
+    return text

@@ -8,6 +8,7 @@ driver's exception as ``__cause__``.
 from __future__ import annotations
 
 __all__ = [
+    "BulkWriteError",
     "ClusterError",
     "ConfigurationError",
     "ConnectError",
@@ -82,6 +83,20 @@ class SplitBrain(RoutingError):
 
 class WriteOutcomeUnknown(DbRouterError):
     """The connection broke after a write was sent: it may or may not have been applied."""
+
+
+class BulkWriteError(DbRouterError):
+    """Some batches of a `Router.write_many` failed; the others committed.
+
+    ``failures`` maps batch index to its error, ``committed`` lists the batch
+    indexes that committed and ``rowcount`` is their total.
+    """
+
+    def __init__(self, message: str, *, failures: dict[int, BaseException], rowcount: int, committed: list[int]) -> None:
+        super().__init__(message)
+        self.failures = failures
+        self.rowcount = rowcount
+        self.committed = committed
 
 
 for _name in __all__:

@@ -409,6 +409,11 @@ class Pool:
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def outstanding(self) -> int:
+        """Connections borrowed plus callers waiting: a lock-free load figure for balancers."""
+        return len(self._in_use) + len(self._waiters)
+
     def close(self, timeout: float = 5.0) -> None:
         """Close idle connections now and borrowed ones as they come back.
 

@@ -14,7 +14,7 @@ from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 from .errors import ConfigurationError
 
-__all__ = ["NodeAddress", "parse_address"]
+__all__ = ["NodeAddress", "mask_password", "parse_address"]
 
 # URL scheme -> engine. MariaDB speaks the MySQL protocol, so one adapter serves both.
 SCHEMES: Mapping[str, str] = MappingProxyType(
@@ -95,7 +95,7 @@ def parse_address(text: str, *, engine: str | None = None) -> NodeAddress:
     scheme = text.split("://", 1)[0].lower()
     if scheme not in SCHEMES:
         raise ConfigurationError(
-            f"unknown URL scheme {scheme!r} in {_mask(text)!r}: "
+            f"unknown URL scheme {scheme!r} in {mask_password(text)!r}: "
             f"use one of {', '.join(sorted(SCHEMES))}"
         )
     try:
@@ -103,18 +103,18 @@ def parse_address(text: str, *, engine: str | None = None) -> NodeAddress:
         port = parts.port
         host = parts.hostname
     except ValueError as exc:
-        raise ConfigurationError(f"malformed database URL {_mask(text)!r}: {exc}") from None
+        raise ConfigurationError(f"malformed database URL {mask_password(text)!r}: {exc}") from None
     kind = SCHEMES[scheme]
     if engine is not None and engine != kind:
-        raise ConfigurationError(f"{_mask(text)!r} is a {kind} URL, expected {engine}")
+        raise ConfigurationError(f"{mask_password(text)!r} is a {kind} URL, expected {engine}")
     if not host:
-        raise ConfigurationError(f"malformed database URL {_mask(text)!r}: no host")
+        raise ConfigurationError(f"malformed database URL {mask_password(text)!r}: no host")
     options: dict[str, str] = {}
     try:
         pairs = parse_qsl(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
     except ValueError:
         raise ConfigurationError(
-            f"malformed query string in database URL {_mask(text)!r}"
+            f"malformed query string in database URL {mask_password(text)!r}"
         ) from None
     for key, value in pairs:
         options[key] = value
@@ -140,7 +140,7 @@ def _parse_keywords(text: str) -> NodeAddress:
         if not match:
             if text[pos:].strip():
                 raise ConfigurationError(
-                    f"malformed connection string near {_mask(text[pos:pos + 20])!r} "
+                    f"malformed connection string near {mask_password(text[pos:pos + 20])!r} "
                     "(expected key=value pairs)"
                 )
             break
@@ -183,6 +183,6 @@ _URL_PASSWORD = re.compile(r"(://[^:/@]*:)[^@]*@")
 _KW_PASSWORD = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
 
 
-def _mask(text: str) -> str:
+def mask_password(text: str) -> str:
     """Hide a password in text that could not be parsed."""
     return _KW_PASSWORD.sub(r"\1***", _URL_PASSWORD.sub(r"\1***@", text))

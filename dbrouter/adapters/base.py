@@ -96,6 +96,11 @@ class Adapter(ABC):
         """
 
     @abstractmethod
+    def execute_many(self, conn: Any, sql: str, rows: Sequence[Any]) -> int:
+        """Run one statement for many parameter rows in as few round trips as the
+        driver allows; returns the total rowcount."""
+
+    @abstractmethod
     def begin(self, conn: Any) -> None:
         """Start an explicit transaction on an autocommit connection."""
 

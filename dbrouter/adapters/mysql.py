@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Callable
+from itertools import chain
+from typing import Any, Callable, Mapping, Sequence
 
 from . import preload_mysql_extension
 
@@ -16,7 +17,7 @@ from mysql.connector import errors as myerrors  # noqa: E402
 from ..config import ConnectOptions  # noqa: E402
 from ..errors import ConfigurationError, ConnectError  # noqa: E402
 from ..url import NodeAddress  # noqa: E402
-from ._text import first_line, scrub  # noqa: E402
+from ._text import first_line, scrub, split_insert_values  # noqa: E402
 from .base import Adapter, ErrorKind, ReturnState  # noqa: E402
 
 __all__ = ["HAVE_C_EXTENSION", "MySQLAdapter"]
@@ -195,6 +196,22 @@ class MySQLAdapter(Adapter):
             return rows, cur.rowcount
         return None, cur.rowcount
 
+    def execute_many(self, conn: Any, sql: str, rows: Sequence[Any]) -> int:
+        cur = conn._dbrouter_cursor
+        insert = split_insert_values(sql)
+        width = insert[1] if insert else 0
+        if insert and rows and all(not isinstance(row, Mapping) and len(row) == width for row in rows):
+            # Escape every value in one call (C code with the extension) and build the
+            # multi-row INSERT directly: the connector's executemany does the same
+            # rewrite with Python work per row, which serialises bulk writers on the GIL.
+            head, _, tail = insert
+            escaped = conn.prepare_for_mysql(list(chain.from_iterable(rows)))
+            values = b",".join(b"(" + b",".join(escaped[i:i + width]) + b")" for i in range(0, len(escaped), width))
+            cur.execute(head.encode() + values + tail.encode())
+            return cur.rowcount
+        cur.executemany(sql, rows)
+        return cur.rowcount
+
     def begin(self, conn: Any) -> None:
         conn.start_transaction()
 
@@ -223,11 +240,13 @@ class MySQLAdapter(Adapter):
                 conn, "SELECT WAIT_FOR_EXECUTED_GTID_SET(%s, %s)", (position, float(timeout))
             )
             return self._first_column(rows) == 0
-        if self.is_writable(conn):
-            # MASTER_GTID_WAIT watches the replication position, which a primary
-            # does not advance: compare against what it has binlogged instead.
-            rows, _ = self.execute(conn, "SELECT @@global.gtid_binlog_pos")
-            return gtid_covers(str(self._first_column(rows) or ""), position)
+        # gtid_current_pos holds what this node applied, by replication or by its own
+        # writes: one round trip answers for a caught-up replica and for a primary.
+        rows, _ = self.execute(conn, "SELECT @@global.gtid_current_pos")
+        if gtid_covers(str(self._first_column(rows) or ""), position):
+            return True
+        if timeout <= 0:
+            return False
         rows, _ = self.execute(conn, "SELECT MASTER_GTID_WAIT(%s, %s)", (position, float(timeout)))
         return self._first_column(rows) == 0
 

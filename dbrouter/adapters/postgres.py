@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any
+from itertools import chain
+from typing import Any, Mapping, Sequence
 
 import psycopg2
 import psycopg2.extensions as ext
@@ -13,7 +14,7 @@ from ..config import ConnectOptions
 from ..errors import ConfigurationError, ConnectError
 from ..url import NodeAddress
 from .base import Adapter, ErrorKind, ReturnState
-from ._text import first_line, scrub
+from ._text import first_line, scrub, split_insert_values
 
 __all__ = ["PostgresAdapter"]
 
@@ -119,6 +120,19 @@ class PostgresAdapter(Adapter):
             cur.execute(sql, params)
             rows = cur.fetchall() if cur.description is not None else None
             return rows, cur.rowcount
+
+    def execute_many(self, conn: Any, sql: str, rows: Sequence[Any]) -> int:
+        insert = split_insert_values(sql)
+        with conn.cursor() as cur:
+            if insert and rows and not isinstance(rows[0], Mapping):
+                # One multi-row INSERT: one round trip, and the parameters are
+                # adapted in one C-level pass instead of a Python call per row.
+                head, width, tail = insert
+                template = "(" + ",".join(["%s"] * width) + ")"
+                cur.execute(f"{head}{','.join([template] * len(rows))}{tail}", list(chain.from_iterable(rows)))
+                return cur.rowcount
+            cur.executemany(sql, rows)
+            return cur.rowcount
 
     def begin(self, conn: Any) -> None:
         with conn.cursor() as cur:

@@ -1,0 +1,73 @@
+"""Router events: listeners by name, and a log line for each event.
+
+Listeners are plain callables registered with `Events.on`; they run on the
+thread that noticed the event (often the monitor), so they must be quick. A
+listener that raises is logged and does not stop the others.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+__all__ = ["EVENT_NAMES", "Event", "Events"]
+
+log = logging.getLogger("dbrouter.events")
+
+EVENT_NAMES = frozenset(
+    {
+        "node_down",  # a node stopped answering probes
+        "node_up",  # a node answers probes again
+        "lag_excluded",  # a replica lags more than max_replica_lag and gets no reads
+        "lag_restored",  # it caught up and gets reads again
+        "fallback_to_primary",  # no replica can serve; reads go to the primary
+        "replicas_restored",  # a replica can serve again after a fallback period
+    }
+)
+
+
+@dataclass(frozen=True)
+class Event:
+    """Something that happened to a node or to routing."""
+
+    name: str
+    node: str | None = None
+    message: str = ""
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+class Events:
+    """Registry of listeners, keyed by event name (``"*"`` for every event)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._listeners: dict[str, list[Callable[[Event], None]]] = {}
+
+    def on(self, name: str, listener: Callable[[Event], None]) -> Callable[[], None]:
+        """Call ``listener(event)`` for each event ``name``; returns a function that unsubscribes."""
+        if name != "*" and name not in EVENT_NAMES:
+            from .errors import ConfigurationError
+
+            raise ConfigurationError(f"unknown event {name!r}; known: {', '.join(sorted(EVENT_NAMES))}")
+        with self._lock:
+            self._listeners.setdefault(name, []).append(listener)
+
+        def unsubscribe() -> None:
+            with self._lock:
+                if listener in self._listeners.get(name, []):
+                    self._listeners[name].remove(listener)
+
+        return unsubscribe
+
+    def emit(self, name: str, node: str | None = None, message: str = "", *, level: int = logging.INFO, **data: Any) -> None:
+        event = Event(name=name, node=node, message=message, data=data)
+        log.log(level, "%s%s: %s", name, f" [{node}]" if node else "", message)
+        with self._lock:
+            listeners = [*self._listeners.get(name, ()), *self._listeners.get("*", ())]
+        for listener in listeners:
+            try:
+                listener(event)
+            except Exception:  # noqa: BLE001 - one bad listener must not break routing
+                log.exception("listener for %s failed", name)

@@ -1,5 +1,5 @@
 """FaultProxy against real servers: a threaded echo server for byte-level behaviour, and
-the default PostgreSQL (127.0.0.1:5432) and MariaDB (127.0.0.1:3306) for what the
+the primaries of the PostgreSQL and MariaDB clusters the suite starts, for what the
 drivers see. Every test is bounded in time and checks that no proxy thread is left.
 """
 
@@ -35,8 +35,7 @@ import psycopg2  # noqa: E402
 
 pytestmark = [pytest.mark.proxy, pytest.mark.timeout(20)]
 
-PG = ("127.0.0.1", 5432)
-MARIA = ("127.0.0.1", 3306)
+PG = ("127.0.0.1", 5432)  # only for configuration checks; nothing connects to it
 
 
 def proxy_threads() -> list[str]:
@@ -363,9 +362,10 @@ def test_upstream_down_resets_client() -> None:
     with socket.create_server(("127.0.0.1", 0)) as placeholder:
         dead_port = placeholder.getsockname()[1]
     with FaultProxy(upstream=("127.0.0.1", dead_port)) as p:
-        with connect(p) as s:
-            s.settimeout(2)
-            with pytest.raises(ConnectionResetError):
+        # The reset can arrive while connect() is still returning, or on the first read.
+        with pytest.raises(ConnectionResetError):
+            with connect(p) as s:
+                s.settimeout(2)
                 s.recv(10)
         assert wait_for(lambda: p.stats()[UPSTREAM_ERRORS] == 1)
     assert proxy_threads() == []
@@ -387,15 +387,19 @@ def test_bad_configuration_is_rejected() -> None:
 
 
 @pytest.fixture
-def pg_proxy() -> Iterator[FaultProxy]:
-    with FaultProxy(upstream=PG) as p:
+def pg_proxy(pg_cluster) -> Iterator[FaultProxy]:  # type: ignore[no-untyped-def]
+    with FaultProxy(upstream=("127.0.0.1", pg_cluster.primary.port)) as p:
+        p.cluster = pg_cluster  # type: ignore[attr-defined]
         yield p
     assert proxy_threads() == []
 
 
-def pg_connect(p: FaultProxy, timeout: int = 2) -> psycopg2.extensions.connection:
+def pg_connect(p: FaultProxy, timeout: int = 2, *, direct: bool = False) -> psycopg2.extensions.connection:
+    cluster = p.cluster  # type: ignore[attr-defined]
+    port = cluster.primary.port if direct else p.port
     return psycopg2.connect(
-        host=p.host, port=p.port, user="postgres", dbname="postgres", connect_timeout=timeout
+        host="127.0.0.1", port=port, user=cluster.user, password=cluster.password,
+        dbname=cluster.database, connect_timeout=timeout,
     )
 
 
@@ -405,7 +409,7 @@ def test_pg_pass_through(pg_proxy: FaultProxy) -> None:
     try:
         with conn.cursor() as cur:
             cur.execute("SELECT inet_server_port()")
-            assert cur.fetchone() == (5432,)
+            assert cur.fetchone() == (pg_proxy.cluster.primary.port,)  # type: ignore[attr-defined]
     finally:
         conn.close()
 
@@ -452,7 +456,7 @@ def test_pg_reset_breaks_open_connection(pg_proxy: FaultProxy) -> None:
 @pytest.mark.postgres
 def test_pg_cut_write_reaches_server_answer_lost(pg_proxy: FaultProxy) -> None:
     table = "faultproxy_" + uuid.uuid4().hex[:10]
-    direct = psycopg2.connect(host=PG[0], port=PG[1], user="postgres", dbname="postgres", connect_timeout=2)
+    direct = pg_connect(pg_proxy, direct=True)
     direct.autocommit = True
     conn = pg_connect(pg_proxy)
     conn.autocommit = True
@@ -481,15 +485,17 @@ def test_pg_cut_write_reaches_server_answer_lost(pg_proxy: FaultProxy) -> None:
 
 
 @pytest.fixture
-def maria_proxy() -> Iterator[FaultProxy]:
-    with FaultProxy(upstream=MARIA) as p:
+def maria_proxy(maria_cluster) -> Iterator[FaultProxy]:  # type: ignore[no-untyped-def]
+    with FaultProxy(upstream=("127.0.0.1", maria_cluster.primary.port)) as p:
+        p.cluster = maria_cluster  # type: ignore[attr-defined]
         yield p
     assert proxy_threads() == []
 
 
 def maria_connect(p: FaultProxy, timeout: int = 2) -> object:
+    cluster = p.cluster  # type: ignore[attr-defined]
     return mysql.connector.connect(
-        host=p.host, port=p.port, user="root", password="",
+        host=p.host, port=p.port, user=cluster.user, password=cluster.password,
         collation="utf8mb4_general_ci", connection_timeout=timeout,
     )
 
@@ -500,7 +506,7 @@ def test_maria_pass_through(maria_proxy: FaultProxy) -> None:
     try:
         cur = conn.cursor()  # type: ignore[attr-defined]
         cur.execute("SELECT @@port")
-        assert cur.fetchone() == (3306,)
+        assert cur.fetchone() == (maria_proxy.cluster.primary.port,)  # type: ignore[attr-defined]
     finally:
         conn.close()  # type: ignore[attr-defined]
 

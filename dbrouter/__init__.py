@@ -33,7 +33,8 @@ from .errors import (  # noqa: E402
 )
 from .events import Event  # noqa: E402
 from .pool import Pool  # noqa: E402
-from .router import Router, Session, Transaction  # noqa: E402
+from .router import Router  # noqa: E402
+from .session import Session, Transaction  # noqa: E402
 from .url import NodeAddress, parse_address  # noqa: E402
 
 __all__ = [

@@ -23,10 +23,12 @@ from .errors import ConfigurationError
 from .url import mask_password
 
 __all__ = [
+    "BreakerPolicy",
     "ConnectOptions",
     "MonitorConfig",
     "PoolConfig",
     "ReplicaSpec",
+    "RetryPolicy",
     "RouterConfig",
     "RoutingConfig",
     "build_router_config",
@@ -162,6 +164,9 @@ class RoutingConfig:
     sticky_seconds: float | None = None
     """If set, sessions use the simpler sticky mode: reads go to the primary for this
     many seconds after the session's last write (no position tracking)."""
+    failover_wait: float = 0.0
+    """Seconds a write waits for a new primary when none is available (a planned
+    switchover, a promotion). 0: fail at once with `NoPrimaryAvailable`."""
 
     def __post_init__(self) -> None:
         owner = "RoutingConfig"
@@ -174,6 +179,7 @@ class RoutingConfig:
         check_range(owner, "max_replica_lag", self.max_replica_lag, low=0, optional=True)
         check_range(owner, "causal_wait", self.causal_wait, low=0, high=60)
         check_range(owner, "sticky_seconds", self.sticky_seconds, low=0, low_open=True, optional=True)
+        check_range(owner, "failover_wait", self.failover_wait, low=0, high=3600)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -182,9 +188,53 @@ class MonitorConfig:
 
     health_interval: float = 1.0
     """Seconds between probes of every node's role and replica lag."""
+    primary_discovery: str = "auto"
+    """``auto``: after a failover, the node that reports itself writable becomes the
+    primary and a recovered read-only node joins the replicas. ``static``: roles
+    never change; only health is tracked."""
 
     def __post_init__(self) -> None:
         check_range("MonitorConfig", "health_interval", self.health_interval, low=0.01, high=3600)
+        if self.primary_discovery not in ("auto", "static"):
+            raise ConfigurationError(
+                f"MonitorConfig.primary_discovery must be 'auto' or 'static', got {self.primary_discovery!r}"
+            )
+
+
+@dataclass(frozen=True, kw_only=True)
+class RetryPolicy:
+    """Retries of transient failures: exponential backoff with jitter, bounded twice."""
+
+    retry_attempts: int = 3
+    """Attempts per call, the first included (1: no retry)."""
+    retry_deadline: float = 10.0
+    """Seconds after which no new attempt starts, whatever the attempt count."""
+    retry_backoff: float = 0.02
+    """Seconds before the first retry; doubles each time, plus up to as much again in jitter."""
+    retry_backoff_max: float = 1.0
+    """Upper bound of one backoff sleep."""
+
+    def __post_init__(self) -> None:
+        owner = "RetryPolicy"
+        check_range(owner, "retry_attempts", self.retry_attempts, low=1, high=100, integer=True)
+        check_range(owner, "retry_deadline", self.retry_deadline, low=0, low_open=True)
+        check_range(owner, "retry_backoff", self.retry_backoff, low=0)
+        check_range(owner, "retry_backoff_max", self.retry_backoff_max, low=0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class BreakerPolicy:
+    """One circuit breaker per node, counting node failures only."""
+
+    fail_max: int = 5
+    """Consecutive node failures (connect refused or timed out, connection lost,
+    hung statement) that open the breaker and take the node out of rotation."""
+    reset_timeout: float = 10.0
+    """Seconds an open breaker waits before letting one trial call through."""
+
+    def __post_init__(self) -> None:
+        check_range("BreakerPolicy", "fail_max", self.fail_max, low=1, integer=True)
+        check_range("BreakerPolicy", "reset_timeout", self.reset_timeout, low=0, low_open=True)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -209,6 +259,8 @@ SECTIONS: dict[str, type] = {
     "connect": ConnectOptions,
     "routing": RoutingConfig,
     "monitor": MonitorConfig,
+    "retry": RetryPolicy,
+    "breaker": BreakerPolicy,
 }
 # Flat option name -> section. Field names are unique across sections, so
 # Router(max_size=20) and [pool] max_size = 20 mean the same thing.
@@ -225,6 +277,8 @@ class RouterConfig:
     connect: ConnectOptions = ConnectOptions()
     routing: RoutingConfig = RoutingConfig()
     monitor: MonitorConfig = MonitorConfig()
+    retry: RetryPolicy = RetryPolicy()
+    breaker: BreakerPolicy = BreakerPolicy()
 
     def __repr__(self) -> str:
         parts = [f"primary={mask_password(self.primary)!r}", f"replicas={self.replicas!r}"]
@@ -289,7 +343,7 @@ def load_router_config(source: Any, env: Mapping[str, str] | None = None) -> Rou
 
     Mapping / TOML layout: ``primary``, ``replicas`` (URLs or tables with
     ``url``, ``weight``, ``name``), flat options at the top level, or sections
-    ``[pool]``, ``[connect]``, ``[routing]``, ``[monitor]``. Environment:
+    ``[pool]``, ``[connect]``, ``[routing]``, ``[monitor]``, ``[retry]``, ``[breaker]``. Environment:
     ``DBROUTER_PRIMARY``, ``DBROUTER_REPLICAS`` (comma-separated) and
     ``DBROUTER_<OPTION>`` for every flat option, e.g. ``DBROUTER_MAX_SIZE=20``.
     """

@@ -24,6 +24,14 @@ EVENT_NAMES = frozenset(
         "lag_restored",  # it caught up and gets reads again
         "fallback_to_primary",  # no replica can serve; reads go to the primary
         "replicas_restored",  # a replica can serve again after a fallback period
+        "breaker_open",  # a node failed fail_max times in a row: out of rotation
+        "breaker_half_open",  # reset_timeout passed: one trial call may go through
+        "breaker_closed",  # the trial (or a recovery) succeeded: back in rotation
+        "failover",  # another node now reports itself writable and is the primary
+        "split_brain",  # more than one node accepts writes: writes stop
+        "split_brain_resolved",  # one writable node again
+        "pool_exhausted",  # a caller timed out waiting for a connection
+        "leak",  # a connection was held longer than leak_threshold
     }
 )
 

@@ -21,11 +21,14 @@ import time
 import weakref
 from collections import deque
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from .adapters.base import Adapter, ErrorKind, ReturnState
 from .config import PoolConfig
 from .errors import ConnectError, PoolClosed, PoolError, PoolTimeout
+
+if TYPE_CHECKING:
+    from .resilience import Watchdog
 
 __all__ = ["Pool", "PoolStats"]
 
@@ -58,10 +61,11 @@ _INTERNAL_FILES = frozenset({__file__, contextlib.__file__})
 class _Entry:
     """One pooled connection and its timestamps."""
 
-    __slots__ = ("conn", "created", "expires", "last_used", "borrowed_at", "borrower", "leak_reported")
+    __slots__ = ("conn", "generation", "created", "expires", "last_used", "borrowed_at", "borrower", "leak_reported")
 
-    def __init__(self, conn: Any, now: float, lifetime: float | None) -> None:
+    def __init__(self, conn: Any, now: float, lifetime: float | None, generation: int) -> None:
         self.conn = conn
+        self.generation = generation
         self.created = now
         self.expires = (
             now + lifetime * (1.0 - random.random() * _LIFETIME_JITTER) if lifetime else float("inf")
@@ -97,8 +101,13 @@ class Pool:
         config: PoolConfig | None = None,
         *,
         name: str | None = None,
+        watchdog: Watchdog | None = None,
     ) -> None:
         self.adapter = adapter
+        # Liveness pings on a node that hangs are cut short by the watchdog
+        # (drivers without a read timeout only).
+        self._watchdog = watchdog if adapter.needs_watchdog else None
+        self._generation = 0  # bumped by invalidate(): older connections are not reused
         self.config = config or PoolConfig()
         self.name = name or adapter.node
         self._lock = threading.Lock()
@@ -200,7 +209,7 @@ class Pool:
                 continue
             if now - entry.last_used > bypass:
                 try:
-                    self.adapter.ping(entry.conn)
+                    self._ping(entry.conn)
                 except Exception as exc:  # noqa: BLE001 - any failure means the connection is unusable
                     self._discard(
                         entry, f"failed liveness check: {exc.__class__.__name__}", not_acquired=True
@@ -211,6 +220,18 @@ class Pool:
                 entry.borrower = _capture_stack()
                 entry.leak_reported = False
             return entry
+
+    def _ping(self, conn: Any) -> None:
+        if self._watchdog is None:
+            self.adapter.ping(conn)
+            return
+        limit = self.adapter.options.connect_timeout
+        token = self._watchdog.arm(time.monotonic() + limit, lambda: self.adapter.abort(conn))
+        try:
+            self.adapter.ping(conn)
+        finally:
+            if not self._watchdog.disarm(token):
+                raise PoolError(f"pool {self.name}: liveness check got no answer within {limit:.3g}s")
 
     def _wait_locked(self, deadline: float, timeout: float) -> _Entry:
         """Queue behind earlier waiters until served, failed or timed out. Holds the lock."""
@@ -247,8 +268,8 @@ class Pool:
                 log.debug("pool %s: reset failed, discarding connection: %s", self.name, exc)
                 state = ReturnState.BROKEN
         now = time.monotonic()
-        if state is ReturnState.BROKEN or now >= entry.expires:
-            self._discard(entry, "broken" if state is ReturnState.BROKEN else "reached max_lifetime")
+        if state is ReturnState.BROKEN or now >= entry.expires or entry.generation != self._generation:
+            self._discard(entry, "broken" if state is ReturnState.BROKEN else "retired")
             return
         entry.last_used = now
         entry.borrower = None
@@ -333,7 +354,7 @@ class Pool:
                     first_failure, self._failing = not self._failing, True
                 log.log(logging.WARNING if first_failure else logging.DEBUG, "pool %s: %s", self.name, error)
                 return
-            entry = _Entry(conn, time.monotonic(), self.config.max_lifetime)
+            entry = _Entry(conn, time.monotonic(), self.config.max_lifetime, self._generation)
             with self._lock:
                 self._connecting -= 1
                 self._counts[OPENED] += 1
@@ -348,6 +369,26 @@ class Pool:
                 self._growing = False
             self.adapter.close(conn)
             return
+
+    def invalidate(self, why: str) -> int:
+        """Retire every current connection: idle ones now, borrowed ones when returned.
+
+        Called when the node failed or changed role, so that no connection opened
+        before that is used again. Returns how many idle connections were closed.
+        """
+        with self._lock:
+            self._generation += 1
+            idle = list(self._idle)
+            self._idle.clear()
+            self._open -= len(idle)
+            self._counts[CLOSED] += len(idle)
+            self._counts[DISCARDED] += len(idle)
+            self._grow_locked()
+        for entry in idle:
+            self.adapter.close(entry.conn)
+        if idle:
+            log.info("pool %s: closed %d idle connection(s): %s", self.name, len(idle), why)
+        return len(idle)
 
     # -- housekeeping --------------------------------------------------------
 

@@ -1,42 +1,64 @@
-"""The router: writes to the primary, reads to replicas, consistency you choose.
+"""The router: writes to the primary, reads to replicas, and what to do when a node fails.
 
-One `Router` per database cluster. Its hot path (`read`, `write`) is a pool
-checkout, one statement and a return: no lock is held across I/O, and no
-extra round trip is made when the connection is warm and clean.
+One `Router` per database cluster. Its hot path (`Router.read`,
+`Router.write`) is a breaker check, a pool checkout, one statement and a
+return: no lock is held across I/O, no extra round trip is made when the
+connection is warm and clean, and retries cost nothing until something fails.
 
-Consistency: outside a session, replica reads are eventually consistent (a
-read right after a write may not see it). Inside `Router.session`, reads see
-the session's own writes: the session remembers the primary's replication
-position after each write, and a replica serves a later read only once it has
-replayed that position (waiting up to ``causal_wait``); otherwise the primary
-serves it. With ``sticky_seconds`` set, sessions instead read from the primary
-for that long after their last write.
+Failure rules:
+
+- A read that fails because its node failed (connection refused or lost, no
+  answer within the statement timeout, breaker open) is retried on another
+  node, with backoff, bounded by ``retry_attempts`` and ``retry_deadline``.
+- A write is retried only when it provably never reached the server (it
+  failed while getting a connection, or the node refused it as read-only), or
+  when the caller marks it ``idempotent=True``. A write whose connection broke
+  after it was sent raises `WriteOutcomeUnknown`: it may or may not have been
+  applied, and it is never replayed silently.
+- Without a usable primary a write fails at once with `NoPrimaryAvailable`,
+  or waits up to ``failover_wait`` seconds for the monitor to find a new one.
+
+Consistency: outside a session, replica reads are eventually consistent. See
+`dbrouter.session` for read-your-writes.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from functools import partial
+from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
 
 from ._counter import Counter
 from .adapters import ErrorKind, make_adapter
 from .balancing import make_balancer
-from .config import RouterConfig, build_router_config, load_router_config
-from .errors import BulkWriteError, ConfigurationError, DbRouterError, NoReplicaAvailable
+from .config import SECTIONS, RouterConfig, build_router_config, load_router_config
+from .errors import (
+    BulkWriteError,
+    ConfigurationError,
+    ConnectError,
+    NodeUnavailable,
+    NoPrimaryAvailable,
+    NoReplicaAvailable,
+    PoolTimeout,
+    SplitBrain,
+    WriteOutcomeUnknown,
+)
 from .events import Event, Events
 from .pool import Pool
-from .topology import PRIMARY, REPLICA, Monitor, Node
+from .resilience import CLOSED, HALF_OPEN, OPEN, NodeBreaker, Watchdog, build_retrying
+from .session import Session, Transaction
+from .topology import PRIMARY, REPLICA, Monitor, Node, Topology
 from .url import parse_address
 
-__all__ = ["Router", "Session", "Transaction"]
+__all__ = ["Router", "is_read_statement"]
 
 log = logging.getLogger("dbrouter.router")
 
+T = TypeVar("T")
 Rows = list  # list of row tuples
 
 # Statements that only read, by their first keyword. Anything else (including
@@ -44,6 +66,8 @@ Rows = list  # list of row tuples
 _READ_KEYWORDS = frozenset({"select", "show", "explain", "describe", "desc", "values", "table"})
 _LEADING_COMMENTS = re.compile(r"^(?:\s+|--[^\n]*\n|/\*.*?\*/)*", re.S)
 _LOCKING_OR_INTO = re.compile(r"\bfor\s+(?:update|share|no\s+key\s+update|key\s+share)\b|\binto\b", re.I)
+
+_BREAKER_EVENTS = {OPEN: "breaker_open", HALF_OPEN: "breaker_half_open", CLOSED: "breaker_closed"}
 
 
 def is_read_statement(sql: str) -> bool:
@@ -53,13 +77,27 @@ def is_read_statement(sql: str) -> bool:
     return first in _READ_KEYWORDS and not _LOCKING_OR_INTO.search(text)
 
 
+class _BreakerOpen(NodeUnavailable):
+    """The node's breaker refused the call: nothing was sent."""
+
+
+class _NotSent(Exception):
+    """Internal: a write failed before reaching the server, so retrying it is safe."""
+
+    def __init__(self, node: Node, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.node = node
+        self.cause = cause
+
+
 class Router:
     """Routes statements for one primary and its replicas.
 
     ``Router(primary, replicas, **options)`` takes flat options (for example
-    ``max_size``, ``policy``, ``max_replica_lag``, ``causal_wait``); see
-    `RouterConfig` and the README's configuration reference. Raises
-    `ConfigurationError` at construction for any invalid value.
+    ``max_size``, ``policy``, ``max_replica_lag``, ``statement_timeout``,
+    ``fail_max``, ``failover_wait``); see `RouterConfig` and the README's
+    configuration reference. Raises `ConfigurationError` at construction for
+    any invalid value.
     """
 
     def __init__(
@@ -77,19 +115,22 @@ class Router:
         self.config = config
         self.events = Events()
         self._closed = False
-        self._nodes = self._build_nodes(config)
-        self._primary = self._nodes[0]
-        self._replicas = self._nodes[1:]
+        self._watchdog = Watchdog()
+        nodes = self._build_nodes(config)
+        self.topology = Topology(nodes, config.routing, config.monitor, self.events)
         self._balancer = make_balancer(config.routing.policy)
-        self._readable: tuple[Node, ...] = tuple(self._replicas)
-        self._falling_back = False
-        self._state_lock = threading.Lock()
         self._reads = Counter()
         self._writes = Counter()
+        self._retries = Counter()
         self._fallbacks = Counter()
         self._causal_primary_reads = Counter()
+        self._write_outcome_unknown = Counter()
         self._monitor = Monitor(
-            lambda: self._nodes, config.monitor, config.routing, self.events, self._refresh_readable
+            lambda: self.topology.nodes,
+            config.monitor,
+            self._after_probe,
+            probe_timeout=max(1.0, config.connect.connect_timeout),
+            watchdog=self._watchdog,
         )
         self._monitor.start()
 
@@ -99,7 +140,7 @@ class Router:
         ``source`` is None. ``overrides`` are flat options applied on top."""
         config = load_router_config(source)
         if overrides:
-            sections = {name: _fields(getattr(config, name)) for name in ("pool", "connect", "routing", "monitor")}
+            sections = {name: _fields(getattr(config, name)) for name in SECTIONS}
             config = build_router_config(config.primary, config.replicas, overrides, sections)
         return cls(config=config)
 
@@ -118,126 +159,341 @@ class Router:
             if any(node.name == node_name for node in nodes):
                 raise ConfigurationError(f"node {node_name} is listed twice; give each node a distinct name")
             adapter = make_adapter(address, config.connect)
-            nodes.append(Node(node_name, address, adapter, None, role, weight))  # type: ignore[arg-type]
-        for node in nodes:
-            node.pool = Pool(node.adapter, config.pool, name=node.name)
+            pool = Pool(adapter, config.pool, name=node_name, watchdog=self._watchdog)
+            breaker = NodeBreaker(node_name, config.breaker, on_change=partial(self._breaker_changed, node_name))
+            nodes.append(Node(node_name, address, adapter, pool, breaker, role, weight))
         return nodes
 
     def __repr__(self) -> str:
-        return f"<Router primary={self._primary.name} replicas={[n.name for n in self._replicas]}>"
+        return f"<Router primary={self.primary.name} replicas={[n.name for n in self.replicas]}>"
 
     # -- who serves -----------------------------------------------------------
 
     @property
     def primary(self) -> Node:
-        return self._primary
+        """The node writes go to now (changes after a failover)."""
+        return self.topology.primary
 
     @property
     def replicas(self) -> list[Node]:
-        return list(self._replicas)
+        """Every node that is not the primary, serving reads or not."""
+        return list(self.topology.replicas)
 
     @property
     def nodes(self) -> list[Node]:
-        return list(self._nodes)
+        return list(self.topology.nodes)
 
     def on(self, event: str, listener: Callable[[Event], None]) -> Callable[[], None]:
-        """Subscribe to an event (see `dbrouter.events.EVENT_NAMES`, or ``"*"``)."""
+        """Subscribe to an event (see `dbrouter.events.EVENT_NAMES`, or ``"*"``); returns an unsubscribe function."""
         return self.events.on(event, listener)
 
-    def _refresh_readable(self) -> None:
-        """Recompute the replicas that may serve reads (called by the monitor on a change)."""
-        with self._state_lock:
-            self._readable = tuple(n for n in self._replicas if n.why_not_serving(self.config.routing.max_replica_lag) is None)
-            if self._readable and self._falling_back:
-                self._falling_back = False
-                self.events.emit("replicas_restored", None, f"replicas serving reads again: {', '.join(n.name for n in self._readable)}")
+    def _after_probe(self, results: list[Any]) -> None:
+        self.topology.apply(results)
 
-    def _reader(self) -> Node:
-        readable = self._readable
+    def _breaker_changed(self, node_name: str, old: str, new: str) -> None:
+        node = next((n for n in self.topology.nodes if n.name == node_name), None)
+        level = logging.WARNING if new == OPEN else logging.INFO
+        failures = node.breaker.failures if node is not None else 0
+        self.events.emit(_BREAKER_EVENTS[new], node_name, f"circuit breaker {old} -> {new}", level=level,
+                         old=old, new=new, failures=failures)
+        if hasattr(self, "topology"):
+            self.topology.refresh_readable()
+
+    def _reader(self, exclude: Sequence[Node] = ()) -> Node:
+        """A replica chosen by the policy, or the primary when none can serve (if allowed)."""
+        topology = self.topology
+        readable = topology.readable
+        if exclude:
+            readable = tuple(n for n in readable if n not in exclude)
         if readable:
-            return self._balancer.choose(readable)  # type: ignore[return-value]
-        if not self._replicas:
-            return self._primary
-        reasons = "; ".join(
-            f"{n.name}: {n.why_not_serving(self.config.routing.max_replica_lag) or 'not serving'}" for n in self._replicas
-        )
+            node: Node = self._balancer.choose(readable)  # type: ignore[assignment]
+            return node
+        if not topology.replicas:
+            return topology.primary
         if not self.config.routing.fallback_to_primary:
-            raise NoReplicaAvailable(f"no replica can serve reads ({reasons}) and fallback_to_primary is off")
+            raise NoReplicaAvailable(
+                f"no replica can serve reads ({topology.reasons(topology.replicas)}) and fallback_to_primary is off"
+            )
         self._fallbacks.inc()
-        if not self._falling_back:
-            self._falling_back = True
-            self.events.emit("fallback_to_primary", self._primary.name,
-                             f"no replica can serve reads ({reasons}): reading from the primary", level=logging.WARNING)
-        return self._primary
+        if topology.note_fallback():
+            self.events.emit("fallback_to_primary", topology.primary.name,
+                             f"no replica can serve reads ({topology.reasons(topology.replicas)}): reading from the primary",
+                             level=logging.WARNING)
+        return topology.primary
 
-    # -- statements -------------------------------------------------------------
+    # -- one attempt on one node --------------------------------------------------
+
+    def _attempt(self, node: Node, sql: str, params: Any, op: Callable[[Any, Any], T] | None = None, extra: float = 0.0) -> Any:
+        """Run one statement (or ``op(adapter, conn)``) on ``node``, feeding its breaker.
+
+        Raises `NodeUnavailable` when the breaker is open or the node did not answer
+        within the statement timeout; `ConnectError` when no connection could be made.
+        """
+        breaker = node.breaker
+        if not breaker.allow():
+            raise _BreakerOpen(
+                f"node {node.name}: circuit breaker {breaker.state} after {breaker.failures} failures", node=node.name
+            )
+        pool = node.pool
+        try:
+            entry = pool._checkout(None)
+        except ConnectError as exc:
+            breaker.failure(exc)
+            raise
+        adapter = node.adapter
+        guard = adapter.guard_timeout if adapter.needs_watchdog else None
+        token = None
+        if guard is not None:
+            token = self._watchdog.arm(time.monotonic() + guard + extra, partial(adapter.abort, entry.conn))
+        started = time.monotonic()
+        try:
+            result = adapter.execute(entry.conn, sql, params) if op is None else op(adapter, entry.conn)
+        except BaseException as exc:
+            aborted = token is not None and not self._watchdog.disarm(token)
+            kind = adapter.classify(exc) if isinstance(exc, Exception) else None
+            lost = aborted or kind is None or kind is ErrorKind.UNREACHABLE
+            pool._checkin(entry, broken=lost)
+            if lost and kind is not None:
+                breaker.failure(exc)
+                pool.invalidate(f"connection to {node.name} lost")
+                if aborted:
+                    raise NodeUnavailable(
+                        f"node {node.name} did not answer within {guard + extra:.3g}s "
+                        "(statement timeout plus grace): hung or unreachable", node=node.name,
+                    ) from exc
+            elif kind is not None:
+                breaker.success()  # the node answered, even if with an error
+            raise
+        if token is not None and not self._watchdog.disarm(token):
+            pool._checkin(entry, broken=True)  # aborted just as it finished: the socket is gone
+        else:
+            pool._checkin(entry)
+        node.observe_latency(time.monotonic() - started)
+        breaker.success()
+        return result
+
+    # -- reads -----------------------------------------------------------------
 
     def read(self, sql: str, params: Any = None) -> Rows:
         """Run a read on a replica chosen by the policy; returns the rows (a list of tuples).
 
-        Falls back to the primary when no replica can serve (if enabled), else raises
-        `NoReplicaAvailable`. Waits up to ``acquire_timeout`` for a connection.
+        Retried on another node when a node fails. Falls back to the primary when
+        no replica can serve (if ``fallback_to_primary``), else raises `NoReplicaAvailable`.
         """
         self._reads.inc()
-        rows, _ = self._run(self._reader(), sql, params)
+        node = self._reader()
+        try:
+            rows, _ = self._attempt(node, sql, params)
+            return rows or []
+        except Exception as exc:
+            if not self._read_retryable(exc):
+                raise
+            first_failure = exc
+        rows, _ = self._retry_read(node, first_failure, lambda n: self._attempt(n, sql, params))
         return rows or []
 
-    def write(self, sql: str, params: Any = None) -> int:
-        """Run one statement on the primary in its own committed transaction; returns the rowcount."""
+    def _read_retryable(self, exc: BaseException) -> bool:
+        if isinstance(exc, (NodeUnavailable, PoolTimeout)):
+            return True
+        if isinstance(exc, (NoReplicaAvailable, NoPrimaryAvailable)) or not isinstance(exc, Exception):
+            return False
+        kind = self.topology.primary.adapter.classify(exc)
+        return kind is ErrorKind.UNREACHABLE or kind is ErrorKind.CONFLICT
+
+    def _retry_read(self, failed: Node, first: BaseException, run: Callable[[Node], T]) -> T:
+        tried = [failed]
+        errors = {failed.name: first}
+        result: Any = None
+        retrying = build_retrying(
+            _fewer_attempts(self.config.retry), self._read_retryable, before_sleep=lambda _state: self._retries.inc()
+        )
+        self._retries.inc()
+        try:
+            for attempt in retrying:
+                with attempt:
+                    node = self._reader(exclude=tried)
+                    try:
+                        result = run(node)
+                    except Exception as exc:
+                        tried.append(node)
+                        errors[node.name] = exc
+                        raise
+        except Exception as exc:
+            if not self._read_retryable(exc):
+                raise
+            summary = "; ".join(f"{name}: {_short(err)}" for name, err in errors.items())
+            raise NoReplicaAvailable(f"read failed on every node tried ({summary})") from exc
+        return result  # type: ignore[no-any-return]
+
+    # -- writes ----------------------------------------------------------------------
+
+    def write(self, sql: str, params: Any = None, *, idempotent: bool = False) -> int:
+        """Run one statement on the primary in its own committed transaction; returns the rowcount.
+
+        Raises `NoPrimaryAvailable` when no primary can take it (after waiting up to
+        ``failover_wait``), `SplitBrain` when two nodes accept writes, and
+        `WriteOutcomeUnknown` when the connection broke after the statement was sent
+        (unless ``idempotent=True``, which allows a retry).
+        """
         self._writes.inc()
-        _, count = self._run(self._primary, sql, params)
+        _, count = self._on_primary(lambda node: self._attempt(node, sql, params), idempotent)
         return count
 
-    def _run(self, node: Node, sql: str, params: Any) -> tuple[Rows | None, int]:
-        pool = node.pool
-        entry = pool._checkout(None)
-        started = time.monotonic()
+    def _on_primary(self, run: Callable[[Node], T], idempotent: bool = False) -> T:
+        """Run a write on the primary, with the retry rules of the module docstring."""
+        routing, retry = self.config.routing, self.config.retry
+        start = time.monotonic()
+        failover_deadline = start + routing.failover_wait
+        deadline = max(start + retry.retry_deadline, failover_deadline)
+        attempts = 0
+        while True:
+            node, version = self._writer(failover_deadline)
+            attempts += 1
+            try:
+                return self._write_once(node, run, idempotent)
+            except _NotSent as failure:
+                last = failure
+            now = time.monotonic()
+            cause = last.cause
+            if now >= failover_deadline and (attempts >= retry.retry_attempts or now >= deadline or _is_node_failure(cause)):
+                raise NoPrimaryAvailable(f"write not sent: primary {last.node.name}: {_short(cause)}") from cause
+            self._retries.inc()
+            if routing.failover_wait > 0 and _is_node_failure(cause):
+                self._monitor.wake()
+                self.topology.wait_for_change(version, min(failover_deadline, now + max(0.05, self.config.monitor.health_interval)))
+            else:
+                time.sleep(min(retry.retry_backoff_max, retry.retry_backoff * 2 ** (attempts - 1)))
+
+    def _write_once(self, node: Node, run: Callable[[Node], T], idempotent: bool) -> T:
         try:
-            result = node.adapter.execute(entry.conn, sql, params)
+            return run(node)
+        except (ConnectError, PoolTimeout, _BreakerOpen) as exc:
+            raise _NotSent(node, exc) from exc
+        except NodeUnavailable as exc:
+            lost: BaseException = exc  # hung after the statement was sent
         except Exception as exc:
-            pool._checkin(entry, broken=node.adapter.classify(exc) is ErrorKind.UNREACHABLE)
-            raise
-        except BaseException:
-            pool._checkin(entry, broken=True)  # interrupted mid-statement: state unknown
-            raise
-        node.observe_latency(time.monotonic() - started)
-        pool._checkin(entry)
-        return result
+            kind = node.adapter.classify(exc)
+            if kind is ErrorKind.READ_ONLY:
+                # The node refused the write: it is no longer the primary. Safe to retry.
+                node.breaker.force_open()
+                self._monitor.wake()
+                raise _NotSent(node, exc) from exc
+            if kind is ErrorKind.CONFLICT:
+                raise _NotSent(node, exc) from exc  # rolled back by the server: safe to retry
+            if kind is not ErrorKind.UNREACHABLE:
+                raise
+            lost = exc
+        if idempotent:
+            raise _NotSent(node, lost) from lost
+        self._write_outcome_unknown.inc()
+        raise WriteOutcomeUnknown(
+            f"connection to primary {node.name} broke after the write was sent: it may or may not "
+            f"have been applied ({_short(lost)}); not retried"
+        ) from lost
+
+    def _writer(self, failover_deadline: float) -> tuple[Node, int]:
+        """The primary and the topology version, waiting up to the deadline for one that can take writes."""
+        topology = self.topology
+        while True:
+            version = topology.version
+            problem = topology.primary_problem()
+            if problem is None:
+                return topology.primary, version
+            if topology.split_brain and time.monotonic() >= failover_deadline:
+                raise SplitBrain(f"writes stopped: {problem}; make all but one node read-only")
+            if time.monotonic() >= failover_deadline:
+                raise NoPrimaryAvailable(f"no primary can take writes: {problem}")
+            self._monitor.wake()
+            topology.wait_for_change(version, min(failover_deadline, time.monotonic() + self.config.monitor.health_interval))
+
+    def run_transaction(self, fn: Callable[[Transaction], T]) -> T:
+        """Run ``fn(tx)`` in a transaction on the primary and return its result, retrying the
+        whole function on serialization failures and deadlocks, and when the connection
+        was lost before the commit (the server rolled it back). A failure during the
+        commit itself raises `WriteOutcomeUnknown`.
+        """
+        def retryable(exc: BaseException) -> bool:
+            if isinstance(exc, (WriteOutcomeUnknown, NoPrimaryAvailable, SplitBrain)) or not isinstance(exc, Exception):
+                return False
+            if isinstance(exc, NodeUnavailable):
+                return True
+            kind = self.topology.primary.adapter.classify(exc)
+            return kind is ErrorKind.CONFLICT or kind is ErrorKind.UNREACHABLE
+
+        result: Any = None
+        for attempt in build_retrying(self.config.retry, retryable, before_sleep=lambda _state: self._retries.inc()):
+            with attempt:
+                with self.transaction() as tx:
+                    result = fn(tx)
+        return result  # type: ignore[no-any-return]
 
     @contextmanager
     def transaction(self) -> Iterator[Transaction]:
         """A transaction on the primary: reads inside it go to the primary too.
 
-        Commits when the block ends, rolls back if it raises.
+        Commits when the block ends, rolls back if it raises. If the connection is
+        lost during the commit, raises `WriteOutcomeUnknown`.
         """
         with self._transaction(None) as tx:
             yield tx
 
     @contextmanager
     def _transaction(self, after_commit: Callable[[Node, Any], None] | None) -> Iterator[Transaction]:
-        node = self._primary
-        entry = node.pool._checkout(None)
+        node, entry = self._on_primary(self._begin)
         adapter = node.adapter
+        tx = Transaction(node, entry.conn, self._watchdog)
         broken = False
+        committing = False
         try:
-            adapter.begin(entry.conn)
-            tx = Transaction(node, entry.conn)
             yield tx
             tx._closed = True
-            adapter.commit(entry.conn)
+            committing = True
+            tx._guarded(lambda a, c: a.commit(c))
             self._writes.inc()
             if after_commit is not None:
                 after_commit(node, entry.conn)
         except BaseException as exc:
-            broken = not isinstance(exc, Exception) or adapter.classify(exc) is ErrorKind.UNREACHABLE
-            if not broken:
+            tx._closed = True
+            kind = adapter.classify(exc) if isinstance(exc, Exception) else None
+            broken = kind is None or kind is ErrorKind.UNREACHABLE or isinstance(exc, NodeUnavailable)
+            if broken and kind is not None:
+                node.breaker.failure(exc)
+                node.pool.invalidate(f"connection to {node.name} lost")
+            if not broken and not committing:
                 try:
                     adapter.rollback(entry.conn)
                 except Exception:  # noqa: BLE001 - the connection is discarded instead
                     broken = True
+            if committing and broken and kind is not None:
+                self._write_outcome_unknown.inc()
+                raise WriteOutcomeUnknown(
+                    f"connection to primary {node.name} broke during COMMIT: the transaction may or "
+                    f"may not have been applied ({_short(exc)}); not retried"
+                ) from exc
             raise
         finally:
             node.pool._checkin(entry, broken=broken)
+
+    def _begin(self, node: Node) -> tuple[Node, Any]:
+        """Check out a primary connection and open a transaction on it (nothing written yet)."""
+        if not node.breaker.allow():
+            raise _BreakerOpen(f"node {node.name}: circuit breaker {node.breaker.state}", node=node.name)
+        try:
+            entry = node.pool._checkout(None)
+        except ConnectError as exc:
+            node.breaker.failure(exc)
+            raise
+        try:
+            node.adapter.begin(entry.conn)
+        except Exception as exc:
+            lost = node.adapter.classify(exc) is ErrorKind.UNREACHABLE
+            node.pool._checkin(entry, broken=lost)
+            if lost:
+                node.breaker.failure(exc)
+                node.pool.invalidate(f"connection to {node.name} lost")
+                raise ConnectError(f"cannot begin a transaction on {node.name}: {_short(exc)}", node=node.name) from exc
+            raise
+        return node, entry
 
     @contextmanager
     def connection(self, intent: str = "read") -> Iterator[Any]:
@@ -247,7 +503,7 @@ class Router:
         """
         if intent not in ("read", "write"):
             raise ConfigurationError(f"connection intent must be 'read' or 'write', got {intent!r}")
-        node = self._reader() if intent == "read" else self._primary
+        node = self._reader() if intent == "read" else self._writer(time.monotonic() + self.config.routing.failover_wait)[0]
         with node.pool.connection() as conn:
             yield conn
 
@@ -267,8 +523,8 @@ class Router:
             return 0
 
         def run(batch: list[Any]) -> int:
-            with self._transaction(None) as tx:
-                return tx._node.adapter.execute_many(tx._conn, sql, batch)
+            with self.transaction() as tx:
+                return tx._guarded(lambda adapter, conn: adapter.execute_many(conn, sql, batch))
 
         results: dict[int, int] = {}
         failures: dict[int, BaseException] = {}
@@ -284,7 +540,7 @@ class Router:
             first = min(failures)
             raise BulkWriteError(
                 f"{len(failures)} of {len(batches)} batches failed (first: batch {first}, rows "
-                f"{first * batch_size}-{min(len(rows), (first + 1) * batch_size) - 1}: {failures[first]}); "
+                f"{first * batch_size}-{min(len(rows), (first + 1) * batch_size) - 1}: {_short(failures[first])}); "
                 f"{len(results)} batches committed {total} rows",
                 failures=failures, rowcount=total, committed=sorted(results),
             ) from failures[first]
@@ -292,30 +548,38 @@ class Router:
 
     @contextmanager
     def session(self) -> Iterator[Session]:
-        """A unit of work whose reads see its own writes (see the module docstring)."""
+        """A unit of work whose reads see its own writes (see `dbrouter.session`)."""
         yield Session(self)
 
     # -- observation and shutdown ---------------------------------------------------
 
     def stats(self) -> dict[str, Any]:
-        """A snapshot: per node role, health, lag, latency and pool numbers; router totals."""
+        """A snapshot: per node role, health, breaker, lag, latency and pool numbers; router totals."""
         nodes = {}
-        for node in self._nodes:
+        for node in self.topology.nodes:
             nodes[node.name] = {
                 "role": node.role,
                 "healthy": node.healthy,
+                "breaker": node.breaker.state,
+                "breaker_failures": node.breaker.failures,
                 "lag": node.lag,
                 "lag_excluded": node.lag_excluded,
                 "latency": node.latency,
                 "weight": node.weight,
+                "last_error": node.last_error,
                 "pool": node.pool.stats(),
             }
         return {
             "nodes": nodes,
+            "primary": self.topology.primary.name,
+            "split_brain": list(self.topology.split_brain),
             "reads": self._reads.value,
             "writes": self._writes.value,
+            "retries": self._retries.value,
             "fallbacks": self._fallbacks.value,
+            "failovers": self.topology.failovers.value,
             "causal_primary_reads": self._causal_primary_reads.value,
+            "write_outcome_unknown": self._write_outcome_unknown.value,
         }
 
     def close(self, timeout: float = 5.0) -> None:
@@ -324,8 +588,9 @@ class Router:
             return
         self._closed = True
         self._monitor.stop()
-        for node in self._nodes:
+        for node in self.topology.nodes:
             node.pool.close(timeout)
+        self._watchdog.stop()
 
     def __enter__(self) -> Router:
         return self
@@ -334,137 +599,20 @@ class Router:
         self.close()
 
 
-class _Results:
-    """The rows of the last statement, handed out by fetchone / fetchall like a cursor."""
-
-    _rows: Rows | None = None
-    _cursor = 0
-
-    def _keep(self, rows: Rows | None) -> None:
-        self._rows, self._cursor = rows, 0
-
-    def fetchone(self) -> tuple[Any, ...] | None:
-        """The next row of the last statement, or None."""
-        if not self._rows or self._cursor >= len(self._rows):
-            return None
-        row = self._rows[self._cursor]
-        self._cursor += 1
-        return row
-
-    def fetchall(self) -> Rows:
-        """The remaining rows of the last statement."""
-        rows = (self._rows or [])[self._cursor:]
-        self._cursor = len(self._rows or [])
-        return rows
+def _is_node_failure(exc: BaseException) -> bool:
+    return isinstance(exc, (ConnectError, NodeUnavailable))
 
 
-class Transaction(_Results):
-    """Statements inside `Router.transaction`: all on the primary, on one connection."""
+def _fewer_attempts(policy: Any) -> Any:
+    """The retry policy minus the attempt the caller already made."""
+    from dataclasses import replace
 
-    def __init__(self, node: Node, conn: Any) -> None:
-        self._node = node
-        self._conn = conn
-        self._closed = False
-
-    @property
-    def connection(self) -> Any:
-        """The underlying DB-API connection (for libraries that need one)."""
-        return self._conn
-
-    def execute(self, sql: str, params: Any = None) -> int:
-        """Run a statement; its rows, if any, are available through fetchone / fetchall. Returns the rowcount."""
-        if self._closed:
-            raise DbRouterError("the transaction has ended; start a new one")
-        rows, count = self._node.adapter.execute(self._conn, sql, params)
-        self._keep(rows)
-        return count
+    return replace(policy, retry_attempts=max(1, policy.retry_attempts - 1))
 
 
-    def read(self, sql: str, params: Any = None) -> Rows:
-        self.execute(sql, params)
-        return self.fetchall()
-
-    def write(self, sql: str, params: Any = None) -> int:
-        return self.execute(sql, params)
-
-
-class Session(_Results):
-    """Reads that see this session's writes; see `Router.session`."""
-
-    def __init__(self, router: Router) -> None:
-        self._router = router
-        self._position: str | None = None
-        self._confirmed: set[str] = set()  # replicas known to have replayed _position
-        self._sticky_until = 0.0
-
-    @property
-    def position(self) -> str | None:
-        """The primary's replication position after this session's last write."""
-        return self._position
-
-    def _wrote(self, node: Node, conn: Any) -> None:
-        routing = self._router.config.routing
-        if routing.sticky_seconds is not None:
-            self._sticky_until = time.monotonic() + routing.sticky_seconds
-        else:
-            self._position = node.adapter.replication_position(conn)
-            self._confirmed.clear()
-
-    def write(self, sql: str, params: Any = None) -> int:
-        """Run a write on the primary (committed at once) and remember where it landed."""
-        router = self._router
-        node = router._primary
-        router._writes.inc()
-        with node.pool.connection() as conn:
-            _, count = node.adapter.execute(conn, sql, params)
-            self._wrote(node, conn)
-        return count
-
-    def read(self, sql: str, params: Any = None) -> Rows:
-        """Run a read that sees this session's writes: on a replica that has them, else on the primary."""
-        router = self._router
-        router._reads.inc()
-        routing = router.config.routing
-        if routing.sticky_seconds is not None:
-            node = router._primary if time.monotonic() < self._sticky_until else router._reader()
-            rows, _ = router._run(node, sql, params)
-            return rows or []
-        node = router._reader()
-        if self._position is None or node is router._primary or node.name in self._confirmed:
-            rows, _ = router._run(node, sql, params)
-            return rows or []
-        entry = node.pool._checkout(None)
-        try:
-            caught_up = node.adapter.has_replayed(entry.conn, self._position, routing.causal_wait)
-            if caught_up:
-                self._confirmed.add(node.name)
-                rows, _ = node.adapter.execute(entry.conn, sql, params)
-        except Exception as exc:
-            node.pool._checkin(entry, broken=node.adapter.classify(exc) is ErrorKind.UNREACHABLE)
-            raise
-        node.pool._checkin(entry)
-        if caught_up:
-            return rows or []
-        router._causal_primary_reads.inc()
-        rows, _ = router._run(router._primary, sql, params)
-        return rows or []
-
-    @contextmanager
-    def transaction(self) -> Iterator[Transaction]:
-        """A transaction on the primary; later reads in the session see what it committed."""
-        with self._router._transaction(self._wrote) as tx:
-            yield tx
-
-    def execute(self, sql: str, params: Any = None) -> int:
-        """A read (SELECT, SHOW, EXPLAIN: rows via fetchone / fetchall, returns their count)
-        or a write (anything else, on the primary: returns the rowcount)."""
-        if is_read_statement(sql):
-            rows = self.read(sql, params)
-            self._keep(rows)
-            return len(rows)
-        self._keep(None)
-        return self.write(sql, params)
-
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
 
 
 def _fields(section: Any) -> dict[str, Any]:

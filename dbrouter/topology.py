@@ -2,8 +2,8 @@
 
 The monitor probes every node on its own connection (not a pooled one, so
 probes neither take connections from the application nor skew pool
-statistics) once per ``health_interval``, and tells the router when the set of
-replicas that may serve reads changes.
+statistics) once per ``health_interval`` and hands the results to the router,
+which decides health, lag exclusion and failover.
 """
 
 from __future__ import annotations
@@ -11,15 +11,22 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
+from ._counter import Counter
 from .adapters.base import Adapter
 from .config import MonitorConfig, RoutingConfig
 from .events import Events
 from .pool import Pool
 from .url import NodeAddress
 
-__all__ = ["Monitor", "Node"]
+if TYPE_CHECKING:
+    from .resilience import NodeBreaker, Watchdog
+
+__all__ = ["Monitor", "Node", "ProbeResult", "Topology"]
 
 log = logging.getLogger("dbrouter.topology")
 
@@ -32,8 +39,12 @@ _LATENCY_ALPHA = 0.2  # weight of the newest sample in the moving average
 class Node:
     """One server: where it is, its pool, and what the monitor last learned of it."""
 
-    def __init__(self, name: str, address: NodeAddress, adapter: Adapter, pool: Pool, role: str, weight: float = 1.0) -> None:
+    def __init__(
+        self, name: str, address: NodeAddress, adapter: Adapter, pool: Pool, breaker: NodeBreaker,
+        role: str, weight: float = 1.0,
+    ) -> None:
         self.name = name
+        self.breaker = breaker
         self.address = address
         self.adapter = adapter
         self.pool = pool
@@ -58,50 +69,84 @@ class Node:
         self.latency = seconds if current == 0.0 else current + _LATENCY_ALPHA * (seconds - current)
 
     def why_not_serving(self, max_lag: float | None) -> str | None:
-        """Why this replica gets no reads now, or None when it may serve."""
+        """Why this node gets no reads now, or None when it may serve."""
         if not self.healthy:
             return f"down ({self.last_error or 'probe failed'})"
+        if not self.breaker.available():
+            return f"circuit breaker {self.breaker.state} after {self.breaker.failures} failures"
         if self.lag_excluded:
             lag = "unknown" if self.lag is None else f"{self.lag:.2f}s"
             return f"lag {lag} over max_replica_lag {max_lag}s"
         return None
 
 
+@dataclass
+class ProbeResult:
+    """What one probe round learned about one node."""
+
+    node: Node
+    ok: bool = False
+    writable: bool | None = None
+    position: str | None = None
+    lag: float | None = None
+    error: str | None = None
+
+
 class Monitor:
-    """Background prober: node health and replica lag, every ``health_interval``."""
+    """Background prober: every node's role, position and lag, every ``health_interval``.
+
+    Probes run in parallel, each bounded by ``probe_timeout``: a node that hangs
+    is reported down after that long and never stalls the others. What to do
+    with the results (health, lag exclusion, failover) is the router's call,
+    through ``on_results``.
+    """
 
     def __init__(
         self,
         nodes: Callable[[], Sequence[Node]],
-        monitor: MonitorConfig,
-        routing: RoutingConfig,
-        events: Events,
-        on_change: Callable[[], None],
+        config: MonitorConfig,
+        on_results: Callable[[list[ProbeResult]], None],
+        *,
+        probe_timeout: float,
+        watchdog: Watchdog | None = None,
         name: str = "dbrouter-monitor",
     ) -> None:
         self._nodes = nodes
-        self._config = monitor
-        self._routing = routing
-        self._events = events
-        self._on_change = on_change
+        self._config = config
+        self._on_results = on_results
+        self._probe_timeout = probe_timeout
+        self._watchdog = watchdog
         self._probes: dict[str, Any] = {}
+        self._probes_lock = threading.Lock()
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._probed = threading.Condition()
         self.rounds = 0
+        self._executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix=f"{name}-probe")
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
+    def wake(self) -> None:
+        """Probe now instead of at the next interval (a write found no primary)."""
+        self._wake.set()
+
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
+        self._wake.set()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        with self._probes_lock:
+            probes, self._probes = self._probes, {}
         for node in self._nodes():
-            self._drop_probe(node)
+            conn = probes.get(node.name)
+            if conn is not None:
+                node.adapter.close(conn)
 
     def wait_rounds(self, count: int = 1, timeout: float = 10.0) -> bool:
-        """Block until ``count`` more probe rounds have finished (for tests and start-up)."""
+        """Block until ``count`` more probe rounds have finished (tests, start-up)."""
         with self._probed:
             target = self.rounds + count
             return self._probed.wait_for(lambda: self.rounds >= target, timeout)
@@ -110,74 +155,220 @@ class Monitor:
         while not self._stop.is_set():
             started = time.monotonic()
             try:
-                self.probe_once()
-            except Exception:  # noqa: BLE001 - the monitor must outlive any probe bug
+                self._on_results(self.probe_once())
+            except Exception:  # noqa: BLE001 - the monitor must outlive any bug in a round
                 log.exception("monitor round failed")
             with self._probed:
                 self.rounds += 1
                 self._probed.notify_all()
             elapsed = time.monotonic() - started
-            self._stop.wait(max(0.0, self._config.health_interval - elapsed))
+            self._wake.wait(max(0.0, self._config.health_interval - elapsed))
+            self._wake.clear()
 
-    def probe_once(self) -> None:
-        """Probe every node once; report a change in who may serve reads."""
-        nodes = list(self._nodes())
-        changed = False
-        primary_position: str | None = None
-        for node in nodes:
-            if node.role != PRIMARY:
-                continue
-            position = self._probe(node, lambda a, c: a.replication_position(c))
-            changed |= self._set_health(node, position is not None)
-            primary_position = position
-        max_lag = self._routing.max_replica_lag
-        for node in nodes:
-            if node.role != REPLICA:
-                continue
-            lag_holder: list[float | None] = []
-            ok = self._probe(node, lambda a, c: lag_holder.append(a.replica_lag(c, primary_position)) or True)
-            changed |= self._set_health(node, ok is not None)
-            if ok is None:
-                continue
-            node.lag = lag_holder[0]
-            excluded = max_lag is not None and (node.lag is None or node.lag > max_lag)
-            if excluded != node.lag_excluded:
-                node.lag_excluded = excluded
-                changed = True
-                lag_text = "unknown" if node.lag is None else f"{node.lag:.2f}s"
-                if excluded:
-                    self._events.emit("lag_excluded", node.name, f"replica lag {lag_text} over max_replica_lag {max_lag}s: no reads",
-                                      level=logging.WARNING, lag=node.lag)
+    def probe_once(self) -> list[ProbeResult]:
+        """One round: roles and positions of all nodes, then lag of the read-only ones."""
+        results = {node.name: ProbeResult(node) for node in self._nodes()}
+        self._parallel(results.values(), self._probe_role)
+        writable = [r for r in results.values() if r.ok and r.writable]
+        primary_position = writable[0].position if len(writable) == 1 else None
+        followers = [r for r in results.values() if r.ok and r.writable is False]
+        self._parallel(followers, lambda r: self._probe_lag(r, primary_position))
+        return list(results.values())
+
+    def _parallel(self, results: Any, probe: Callable[[ProbeResult], None]) -> None:
+        futures = {self._executor.submit(probe, r): r for r in results}
+        if not futures:
+            return
+        done, late = wait(futures, timeout=self._probe_timeout)
+        for future in late:
+            result = futures[future]
+            result.ok = False
+            result.error = f"no answer within {self._probe_timeout:.3g}s"
+            self._abandon(result.node)
+
+    def _probe_role(self, result: ProbeResult) -> None:
+        def ask(adapter: Adapter, conn: Any) -> None:
+            result.writable = adapter.is_writable(conn)
+            if result.writable:
+                result.position = adapter.replication_position(conn)
+
+        self._ask(result, ask)
+
+    def _probe_lag(self, result: ProbeResult, primary_position: str | None) -> None:
+        def ask(adapter: Adapter, conn: Any) -> None:
+            result.lag = adapter.replica_lag(conn, primary_position)
+
+        self._ask(result, ask)
+
+    def _ask(self, result: ProbeResult, ask: Callable[[Adapter, Any], None]) -> None:
+        node = result.node
+        with self._probes_lock:
+            conn = self._probes.pop(node.name, None)  # held by this probe only
+        token = None
+        try:
+            if conn is None:
+                conn = node.adapter.connect(read_timeout=self._probe_timeout)
+            if self._watchdog is not None and node.adapter.needs_watchdog:
+                token = self._watchdog.arm(time.monotonic() + self._probe_timeout, partial(node.adapter.abort, conn))
+            ask(node.adapter, conn)
+            result.ok = True
+        except Exception as exc:  # noqa: BLE001 - any probe failure marks the node down
+            result.ok = False
+            result.error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            if conn is not None:
+                node.adapter.close(conn)
+            conn = None
+        finally:
+            if token is not None and not self._watchdog.disarm(token) and conn is not None:  # type: ignore[union-attr]
+                node.adapter.close(conn)
+                conn = None
+        if conn is not None:
+            with self._probes_lock:
+                if self._stop.is_set() or node.name in self._probes:
+                    node.adapter.close(conn)
                 else:
-                    self._events.emit("lag_restored", node.name, f"replica lag {lag_text}: reads resume", lag=node.lag)
-        if changed:
-            self._on_change()
+                    self._probes[node.name] = conn
 
-    def _set_health(self, node: Node, healthy: bool) -> bool:
-        if healthy == node.healthy:
-            return False
-        node.healthy = healthy
-        if healthy:
+    def _abandon(self, node: Node) -> None:
+        """A probe that timed out still owns its connection; the watchdog or read
+        timeout will break it, and the probe closes it when it returns."""
+        log.debug("probe of %s timed out", node.name)
+
+
+class Topology:
+    """Who is the primary and who may serve reads, kept current from probe results.
+
+    Roles change only here: with ``primary_discovery = "auto"`` the one node
+    that reports itself writable is the primary, and a reachable read-only
+    node is a replica. Two writable nodes at once is a split brain: writes stop
+    (`SplitBrain`) until one of them is read-only again.
+    """
+
+    def __init__(self, nodes: list[Node], routing: RoutingConfig, monitor: MonitorConfig, events: Events) -> None:
+        self.nodes = nodes
+        self._routing = routing
+        self._auto = monitor.primary_discovery == "auto"
+        self._events = events
+        self._lock = threading.Lock()
+        self.changed = threading.Condition(self._lock)
+        self.primary: Node = nodes[0]
+        self.replicas: tuple[Node, ...] = tuple(nodes[1:])
+        self.readable: tuple[Node, ...] = self.replicas
+        self.split_brain: tuple[str, ...] = ()
+        self.failovers = Counter()
+        self.version = 0  # bumped on every change of roles
+        self._falling_back = False
+
+    # -- reads ---------------------------------------------------------------
+
+    def refresh_readable(self) -> None:
+        """Recompute the replicas that may serve reads."""
+        with self._lock:
+            self._refresh_locked()
+
+    def _refresh_locked(self) -> None:
+        max_lag = self._routing.max_replica_lag
+        self.readable = tuple(n for n in self.replicas if n.why_not_serving(max_lag) is None)
+        if self.readable and self._falling_back:
+            self._falling_back = False
+            self._events.emit("replicas_restored", None,
+                              f"replicas serving reads again: {', '.join(n.name for n in self.readable)}")
+
+    def reasons(self, nodes: Sequence[Node]) -> str:
+        max_lag = self._routing.max_replica_lag
+        return "; ".join(f"{n.name}: {n.why_not_serving(max_lag) or 'failed this call'}" for n in nodes)
+
+    def note_fallback(self) -> bool:
+        """Record that reads fell back to the primary; True the first time in a row."""
+        first, self._falling_back = not self._falling_back, True
+        return first
+
+    # -- writes --------------------------------------------------------------
+
+    def primary_problem(self) -> str | None:
+        """Why writes cannot go to the primary now, or None."""
+        if self.split_brain:
+            return f"split brain: {', '.join(self.split_brain)} all accept writes"
+        node = self.primary
+        if not node.healthy:
+            return f"primary {node.name} is down ({node.last_error or 'probe failed'})"
+        if not node.breaker.available():
+            return f"primary {node.name}: circuit breaker {node.breaker.state} after {node.breaker.failures} failures"
+        return None
+
+    def wait_for_change(self, version: int, deadline: float) -> bool:
+        """Wait until roles change (a failover) or the deadline passes."""
+        with self._lock:
+            return self.changed.wait_for(lambda: self.version != version, max(0.0, deadline - time.monotonic()))
+
+    # -- probe results -------------------------------------------------------------
+
+    def apply(self, results: list[ProbeResult]) -> None:
+        """Fold one probe round into health, lag exclusion and roles."""
+        with self._lock:
+            for result in results:
+                self._set_health(result)
+                node = result.node
+                if result.ok and result.writable is False:
+                    node.lag = result.lag
+                    self._set_lag_exclusion(node)
+            if self._auto:
+                self._discover_roles(results)
+            self._refresh_locked()
+            self.changed.notify_all()
+
+    def _set_health(self, result: ProbeResult) -> None:
+        node = result.node
+        if not result.ok:
+            node.last_error = result.error
+        if result.ok == node.healthy:
+            return
+        node.healthy = result.ok
+        if result.ok:
             node.last_error = None
             self._events.emit("node_up", node.name, f"{node.role} answers probes again")
         else:
-            self._events.emit("node_down", node.name, f"{node.role} failed its probe: {node.last_error}", level=logging.WARNING)
-        return True
+            self._events.emit("node_down", node.name, f"{node.role} failed its probe: {result.error}",
+                              level=logging.WARNING)
 
-    def _probe(self, node: Node, ask: Callable[[Adapter, Any], Any]) -> Any:
-        """Run ``ask`` on the node's probe connection; None (and last_error set) on failure."""
-        conn = self._probes.get(node.name)
-        try:
-            if conn is None:
-                conn = node.adapter.connect()
-                self._probes[node.name] = conn
-            return ask(node.adapter, conn)
-        except Exception as exc:  # noqa: BLE001 - any probe failure marks the node down
-            node.last_error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            self._drop_probe(node)
-            return None
+    def _set_lag_exclusion(self, node: Node) -> None:
+        max_lag = self._routing.max_replica_lag
+        excluded = max_lag is not None and (node.lag is None or node.lag > max_lag)
+        if excluded == node.lag_excluded:
+            return
+        node.lag_excluded = excluded
+        lag = "unknown" if node.lag is None else f"{node.lag:.2f}s"
+        if excluded:
+            self._events.emit("lag_excluded", node.name, f"replica lag {lag} over max_replica_lag {max_lag}s: no reads",
+                              level=logging.WARNING, lag=node.lag)
+        else:
+            self._events.emit("lag_restored", node.name, f"replica lag {lag}: reads resume", lag=node.lag)
 
-    def _drop_probe(self, node: Node) -> None:
-        conn = self._probes.pop(node.name, None)
-        if conn is not None:
-            node.adapter.close(conn)
+    def _discover_roles(self, results: list[ProbeResult]) -> None:
+        writable = [r.node for r in results if r.ok and r.writable]
+        if len(writable) > 1:
+            names = tuple(sorted(n.name for n in writable))
+            if names != self.split_brain:
+                self.split_brain = names
+                self._events.emit("split_brain", None, f"{', '.join(names)} all accept writes: writes stop until one is read-only",
+                                  level=logging.ERROR, nodes=list(names))
+            return
+        if self.split_brain:
+            self._events.emit("split_brain_resolved", None, f"one writable node again ({', '.join(n.name for n in writable) or 'none'})")
+            self.split_brain = ()
+        if len(writable) == 1 and writable[0] is not self.primary:
+            self._failover(writable[0])
+            self.replicas = tuple(n for n in self.nodes if n is not self.primary)
+
+    def _failover(self, new: Node) -> None:
+        old = self.primary
+        old.role = REPLICA
+        new.role = PRIMARY
+        self.primary = new
+        self.version += 1
+        self.failovers.inc()
+        new.lag, new.lag_excluded = 0.0, False
+        new.breaker.reset()
+        old.pool.invalidate(f"{old.name} is no longer the primary")
+        self._events.emit("failover", new.name, f"primary is now {new.name} (was {old.name})",
+                          level=logging.WARNING, old=old.name, new=new.name)

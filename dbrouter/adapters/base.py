@@ -51,10 +51,26 @@ class Adapter(ABC):
 
     engine: str = ""
     """``"postgres"`` or ``"mysql"``."""
+    needs_watchdog: bool = False
+    """True when the driver has no client-side read timeout, so a statement on a hung
+    node must be aborted from outside (see `abort` and `resilience.Watchdog`)."""
 
     def __init__(self, address: NodeAddress, options: ConnectOptions | None = None) -> None:
         self.address = address
         self.options = options or ConnectOptions()
+
+    @property
+    def guard_timeout(self) -> float | None:
+        """Client-side limit for one statement: the server's statement timeout plus a
+        grace period, so that a live server always answers first and only a hung one
+        hits it. None when no statement timeout is configured."""
+        timeout = self.options.statement_timeout
+        if timeout is None:
+            return None
+        return timeout + min(1.0, max(0.1, 0.25 * timeout))
+
+    def abort(self, conn: Any) -> None:
+        """Break a connection from another thread so that a blocked call returns now."""
 
     @property
     def node(self) -> str:
@@ -65,11 +81,12 @@ class Adapter(ABC):
         return f"<{type(self).__name__} {self.address.redacted}>"
 
     @abstractmethod
-    def connect(self) -> Any:
+    def connect(self, *, read_timeout: float | None = None) -> Any:
         """Open a connection in autocommit mode.
 
         Raises `ConnectError` (naming the node and the reason) within
-        ``connect_timeout``; never shows the password.
+        ``connect_timeout``; never shows the password. ``read_timeout`` bounds
+        every later read on drivers that support one (others use `abort`).
         """
 
     @abstractmethod

@@ -130,13 +130,21 @@ class MySQLAdapter(Adapter):
                 raise ConfigurationError(
                     f"invalid value for option {key!r} of mysql node {self.node}: {exc}"
                 ) from None
+        guard = self.guard_timeout
+        if guard is not None and "read_timeout" not in params:
+            # The client gives up a little after the server would have cancelled the
+            # statement: only a hung server gets this far.
+            params["read_timeout"] = max(1, math.ceil(guard))
         if self.address.password is not None:
             params["password"] = self.address.password
         return params
 
-    def connect(self) -> Any:
+    def connect(self, *, read_timeout: float | None = None) -> Any:
+        params = self._params
+        if read_timeout is not None:
+            params = {**params, "read_timeout": max(1, math.ceil(read_timeout))}
         try:
-            conn = mysql.connector.connect(**self._params)
+            conn = mysql.connector.connect(**params)
         except (myerrors.Error, OSError) as exc:
             reason = first_line(scrub(str(exc), self.address.password))
             raise ConnectError(

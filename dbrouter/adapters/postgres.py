@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import socket
 import time
 from itertools import chain
 from typing import Any, Mapping, Sequence
@@ -36,6 +38,7 @@ class PostgresAdapter(Adapter):
     """psycopg2 connections in autocommit mode, so a plain read is one round trip."""
 
     engine = "postgres"
+    needs_watchdog = True  # libpq has no read timeout
 
     def __init__(self, address: NodeAddress, options: ConnectOptions | None = None) -> None:
         super().__init__(address, options)
@@ -73,7 +76,7 @@ class PostgresAdapter(Adapter):
             params["password"] = self.address.password
         return params
 
-    def connect(self) -> Any:
+    def connect(self, *, read_timeout: float | None = None) -> Any:
         try:
             conn = psycopg2.connect(**self._params)
         except psycopg2.Error as exc:
@@ -83,6 +86,20 @@ class PostgresAdapter(Adapter):
             ) from None
         conn.autocommit = True
         return conn
+
+    def abort(self, conn: Any) -> None:
+        # Shutting the socket down wakes libpq from its blocking read at once; the
+        # connection then reports itself lost and the pool discards it.
+        try:
+            sock = socket.socket(fileno=os.dup(conn.fileno()))
+        except (OSError, psycopg2.Error):
+            return
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        finally:
+            sock.close()
 
     def ping(self, conn: Any) -> None:
         with conn.cursor() as cur:

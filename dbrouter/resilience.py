@@ -1,0 +1,246 @@
+"""Circuit breakers, retries and the hung-statement watchdog, in one place.
+
+- `NodeBreaker` wraps a pybreaker `CircuitBreaker` thinly. pybreaker's
+  ``call()`` holds the breaker's lock while the guarded function runs, which
+  would run every query through a node one at a time; so queries are never run
+  inside it. The router asks `NodeBreaker.allow` before using a node and feeds
+  outcomes back; pybreaker keeps the state, the failure count, the listeners
+  and (for fleets) the shared storage. The lock is only taken for the
+  trivial functions that record an outcome, and the fast path (closed, no
+  failures) takes no lock at all.
+- `build_retrying` composes a tenacity policy: exponential backoff with
+  jitter, bounded by attempts *and* a deadline, with an explicit predicate.
+- `Watchdog` aborts statements that outlive their deadline on the client
+  side: a node that accepts connections but never answers cannot keep a
+  thread longer than the configured timeout.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any, Callable
+
+import pybreaker
+from tenacity import Retrying, retry_if_exception, stop_after_attempt, stop_after_delay, wait_exponential_jitter
+
+from .config import BreakerPolicy, RetryPolicy
+
+__all__ = ["NodeBreaker", "Watchdog", "build_retrying"]
+
+log = logging.getLogger("dbrouter.resilience")
+
+CLOSED = pybreaker.STATE_CLOSED
+OPEN = pybreaker.STATE_OPEN
+HALF_OPEN = pybreaker.STATE_HALF_OPEN
+
+# Numeric breaker states, as exported to metrics (0 closed, 1 open, 2 half-open).
+STATE_CODES = {CLOSED: 0, OPEN: 1, HALF_OPEN: 2}
+
+
+def _succeed() -> None:
+    return None
+
+
+def _fail(exc: BaseException) -> None:
+    raise exc
+
+
+class NodeBreaker:
+    """One node's circuit breaker, driven by outcomes rather than wrapping calls.
+
+    ``on_change(old, new)`` is called on every state change (from the thread that
+    caused it). ``clock`` is injectable so unit tests never sleep.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        policy: BreakerPolicy,
+        *,
+        on_change: Callable[[str, str], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        storage: pybreaker.CircuitBreakerStorage | None = None,
+    ) -> None:
+        self.name = name
+        self.policy = policy
+        self._on_change = on_change
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._opened_at: float | None = None
+        self._trial_started: float | None = None
+        self.trips = 0
+        self._cb = pybreaker.CircuitBreaker(
+            fail_max=policy.fail_max,
+            reset_timeout=policy.reset_timeout,
+            name=name,
+            listeners=[_Listener(self)],
+            state_storage=storage,
+            throw_new_error_on_trip=False,
+        )
+
+    def __repr__(self) -> str:
+        return f"<NodeBreaker {self.name} {self.state} failures={self.failures}>"
+
+    @property
+    def state(self) -> str:
+        """``closed``, ``open`` or ``half-open``."""
+        return self._cb.current_state
+
+    @property
+    def failures(self) -> int:
+        """Consecutive node failures counted so far."""
+        return self._cb.fail_counter
+
+    def _elapsed_open(self, now: float) -> bool:
+        if self._opened_at is None:  # opened by another process sharing the storage
+            self._opened_at = now
+        return now - self._opened_at >= self.policy.reset_timeout
+
+    def available(self) -> bool:
+        """Whether the node may be offered work now (no side effects, no lock)."""
+        state = self._cb.current_state
+        if state == CLOSED:
+            return True
+        now = self._clock()
+        if state == OPEN:
+            return self._opened_at is None or now - self._opened_at >= self.policy.reset_timeout
+        return self._trial_started is None
+
+    def allow(self) -> bool:
+        """May a call go to this node now? Closed: yes. Open: no, until
+        ``reset_timeout`` has passed; then the breaker goes half-open and exactly
+        one trial call is let through until its outcome is recorded."""
+        if self._cb.current_state == CLOSED:
+            return True
+        with self._lock:
+            now = self._clock()
+            state = self._cb.current_state
+            if state == CLOSED:
+                return True
+            if state == OPEN:
+                if not self._elapsed_open(now):
+                    return False
+                self._cb.half_open()
+            trial = self._trial_started
+            # A trial that never reported back (its thread died) must not block the node forever.
+            if trial is not None and now - trial < self.policy.reset_timeout:
+                return False
+            self._trial_started = now
+            return True
+
+    def success(self) -> None:
+        """Record a call that reached the node and got an answer."""
+        cb = self._cb
+        if cb.current_state == CLOSED and cb.fail_counter == 0:
+            return  # the hot path: nothing to reset, no lock, no storage write
+        with self._lock:
+            self._trial_started = None
+            try:
+                cb.call(_succeed)
+            except pybreaker.CircuitBreakerError:
+                pass  # still open: a late success from before it opened changes nothing
+
+    def failure(self, exc: BaseException) -> None:
+        """Record a node failure (never a caller's SQL error)."""
+        with self._lock:
+            self._trial_started = None
+            try:
+                self._cb.call(_fail, exc)
+            except BaseException:  # noqa: BLE001 - the error is the caller's to raise
+                pass
+
+    def force_open(self) -> None:
+        """Take the node out of rotation now (for example, it was found demoted)."""
+        with self._lock:
+            if self._cb.current_state != OPEN:
+                self._cb.open()
+
+    def reset(self) -> None:
+        """Close the breaker (the node proved healthy out of band, e.g. after a promotion)."""
+        with self._lock:
+            self._trial_started = None
+            if self._cb.current_state != CLOSED:
+                self._cb.close()
+
+    def _changed(self, old: str, new: str) -> None:
+        if new == OPEN:
+            self._opened_at = self._clock()
+            self.trips += 1
+        if self._on_change is not None and old != new:
+            self._on_change(old, new)
+
+
+class _Listener(pybreaker.CircuitBreakerListener):
+    def __init__(self, owner: NodeBreaker) -> None:
+        self._owner = owner
+
+    def state_change(self, cb: pybreaker.CircuitBreaker, old_state: Any, new_state: Any) -> None:
+        old = old_state.name if old_state is not None else CLOSED
+        self._owner._changed(old, new_state.name)
+
+
+def build_retrying(
+    policy: RetryPolicy,
+    should_retry: Callable[[BaseException], bool],
+    *,
+    deadline: float | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+    before_sleep: Callable[[Any], None] | None = None,
+) -> Retrying:
+    """A tenacity controller: backoff with jitter, stopped by attempts or the deadline,
+    retrying only what ``should_retry`` accepts, re-raising the last error."""
+    budget = policy.retry_deadline if deadline is None else deadline
+    return Retrying(
+        stop=stop_after_attempt(policy.retry_attempts) | stop_after_delay(max(0.0, budget)),
+        wait=wait_exponential_jitter(
+            initial=policy.retry_backoff, max=policy.retry_backoff_max, jitter=policy.retry_backoff
+        ),
+        retry=retry_if_exception(should_retry),
+        reraise=True,
+        sleep=sleep,
+        before_sleep=before_sleep,
+    )
+
+
+class Watchdog:
+    """Aborts statements that run past their deadline, from one background thread.
+
+    ``arm(deadline, abort)`` returns a token; ``disarm(token)`` returns False if
+    the watchdog fired first, in which case the connection was aborted and must
+    be discarded. Arming is a dict insert: cheap enough for the hot path.
+    """
+
+    def __init__(self, name: str = "dbrouter-watchdog", interval: float = 0.05) -> None:
+        self._armed: dict[object, tuple[float, Callable[[], None]]] = {}
+        self._interval = interval
+        self._stop = threading.Event()
+        self.fired = 0
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def arm(self, deadline: float, abort: Callable[[], None]) -> object:
+        token = object()
+        self._armed[token] = (deadline, abort)
+        return token
+
+    def disarm(self, token: object) -> bool:
+        """True when the statement finished before the watchdog fired."""
+        return self._armed.pop(token, None) is not None
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            now = time.monotonic()
+            for token, (deadline, abort) in list(self._armed.items()):
+                if deadline <= now and self._armed.pop(token, None) is not None:
+                    self.fired += 1
+                    try:
+                        abort()
+                    except Exception:  # noqa: BLE001 - the watchdog must keep running
+                        log.exception("aborting a hung statement failed")
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=2)

@@ -23,7 +23,7 @@ import time
 from typing import Any, Callable
 
 import pybreaker
-from tenacity import Retrying, retry_if_exception, stop_after_attempt, stop_after_delay, wait_exponential_jitter
+from tenacity import Retrying, retry_if_exception, stop_after_attempt, stop_after_delay, wait_exponential, wait_random
 
 from .config import BreakerPolicy, RetryPolicy
 
@@ -194,9 +194,9 @@ def build_retrying(
     budget = policy.retry_deadline if deadline is None else deadline
     return Retrying(
         stop=stop_after_attempt(policy.retry_attempts) | stop_after_delay(max(0.0, budget)),
-        wait=wait_exponential_jitter(
-            initial=policy.retry_backoff, max=policy.retry_backoff_max, jitter=policy.retry_backoff
-        ),
+        # backoff, 2 x backoff, 4 x backoff ... plus up to one backoff of jitter, never above the max
+        wait=wait_exponential(multiplier=policy.retry_backoff, max=max(0.0, policy.retry_backoff_max - policy.retry_backoff))
+        + wait_random(0, min(policy.retry_backoff, policy.retry_backoff_max)),
         retry=retry_if_exception(should_retry),
         reraise=True,
         sleep=sleep,
@@ -235,6 +235,7 @@ class Watchdog:
             for token, (deadline, abort) in list(self._armed.items()):
                 if deadline <= now and self._armed.pop(token, None) is not None:
                     self.fired += 1
+                    log.warning("aborting a statement %.2fs past its deadline: %s", now - deadline, abort)
                     try:
                         abort()
                     except Exception:  # noqa: BLE001 - the watchdog must keep running

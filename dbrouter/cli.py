@@ -39,10 +39,26 @@ def _cluster_up(args: argparse.Namespace) -> int:
     cluster.start()
     state.parent.mkdir(parents=True, exist_ok=True)
     cluster.save_state(state)
+    config = state.with_suffix(".toml")
+    write_router_config(cluster, config)
     cluster.detach()
     print(f"{args.engine} cluster up in {time.monotonic() - start:.1f}s (state: {state})")
     _print_status(cluster, as_json=False)
+    print(f"router config: {config}  (dbrouter status --config {config})")
     return 0
+
+
+def write_router_config(cluster, path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A dbrouter TOML config for a local cluster (mode 0600: it holds the password)."""
+    replicas = ", ".join(f'"{node.url}"' for node in cluster.replicas)
+    text = (
+        "# written by dbrouter cluster up\n"
+        f'primary = "{cluster.primary.url}"\n'
+        f"replicas = [{replicas}]\n\n"
+        "[monitor]\nhealth_interval = 1.0\n"
+    )
+    path.write_text(text)
+    path.chmod(0o600)
 
 
 def _load(args: argparse.Namespace):  # type: ignore[no-untyped-def]
@@ -58,6 +74,7 @@ def _cluster_down(args: argparse.Namespace) -> int:
     cluster, state = _load(args)
     cluster.destroy()
     state.unlink()
+    state.with_suffix(".toml").unlink(missing_ok=True)
     print(f"{args.engine} cluster stopped and removed")
     return 0
 
@@ -77,6 +94,33 @@ def _print_status(cluster, *, as_json: bool) -> None:  # type: ignore[no-untyped
     print(f"{'node':<10} {'role':<8} {'port':>6} {'pid':>8}  url")
     for row, node in zip(rows, cluster.nodes):
         print(f"{row['name']:<10} {row['role']:<8} {row['port']:>6} {row['pid'] or '-':>8}  {node.url}")
+
+
+def _status(args: argparse.Namespace) -> int:
+    """Probe every node of a configured cluster and print the table (or JSON)."""
+    from .router import Router
+    from .status import node_rows, render_table
+
+    # Pools stay empty (min_size 0): the status probes nodes, it does not load them.
+    router = Router.from_config(args.config, min_size=0)
+    try:
+        timeout = router.config.connect.connect_timeout + 5
+        for refresh in range(args.count if args.watch else 1):
+            if refresh:
+                time.sleep(args.watch)
+            router._monitor.wait_rounds(1, timeout=timeout)
+            rows = node_rows(router)
+            split = router.stats()["split_brain"]
+            if args.json:
+                print(json.dumps({"nodes": rows, "primary": router.primary.name, "split_brain": split}), flush=True)
+            else:
+                if args.watch:
+                    print(f"\n{time.strftime('%H:%M:%S')}", flush=True)
+                print(render_table(rows, split_brain=split), flush=True)
+        unreachable = [row for row in node_rows(router) if not row["reachable"]]
+        return 3 if unreachable else 0
+    finally:
+        router.close()
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -126,6 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--dir", help="base directory for the data (default: a new temporary one)")
         if action == "status":
             p.add_argument("--json", action="store_true")
+    status = sub.add_parser("status", help="probe each node of a cluster: role, reachability, lag, breaker, pool")
+    status.add_argument("--config", required=True, help="a dbrouter TOML config file")
+    status.add_argument("--json", action="store_true", help="one JSON document per refresh")
+    status.add_argument("--watch", type=float, nargs="?", const=2.0, default=0.0, metavar="SECONDS",
+                        help="refresh every SECONDS (default 2) until interrupted or --count refreshes")
+    status.add_argument("--count", type=int, default=1_000_000, help="with --watch: stop after this many refreshes")
     sub.add_parser("demo", help="a local cluster, a write on the primary and a read from a replica")
     return parser
 
@@ -138,6 +188,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.action == "up" and args.replicas < 0:
                 raise DbRouterError("--replicas must be >= 0")
             return handlers[args.action](args)
+        if args.command == "status":
+            return _status(args)
         return _demo(args)
     except DbRouterError as exc:
         print(f"dbrouter: {exc}", file=sys.stderr)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import linecache
+from bisect import bisect_left
 import logging
 import random
 import sys
@@ -21,7 +22,7 @@ import time
 import weakref
 from collections import deque
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from .adapters.base import Adapter, ErrorKind, ReturnState
 from .config import PoolConfig
@@ -53,6 +54,9 @@ MAX_SIZE = "max_size"
 PoolStats = dict  # the mapping returned by Pool.stats(); keys are the constants above
 
 _WAIT_SAMPLES = 1024  # ring of recent acquire waits for the percentiles
+# Upper bounds (seconds) of the acquire-wait histogram exported to metrics.
+WAIT_BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0)
+_EVENT_INTERVAL = 1.0  # at most one pool_exhausted event per second per pool
 _LIFETIME_JITTER = 0.05  # retire up to 5% early so connections do not all expire at once
 _STACK_LIMIT = 32
 _INTERNAL_FILES = frozenset({__file__, contextlib.__file__})
@@ -102,6 +106,7 @@ class Pool:
         *,
         name: str | None = None,
         watchdog: Watchdog | None = None,
+        on_event: Callable[..., None] | None = None,
     ) -> None:
         self.adapter = adapter
         # Liveness pings on a node that hangs are cut short by the watchdog
@@ -124,6 +129,10 @@ class Pool:
         self._counts = {ACQUIRED: 0, TIMEOUTS: 0, CONNECT_ERRORS: 0, OPENED: 0, CLOSED: 0, DISCARDED: 0, LEAKS: 0}
         self._waits = [0.0] * _WAIT_SAMPLES
         self._wait_n = 0
+        self._wait_buckets = [0] * (len(WAIT_BUCKETS) + 1)  # the last one is +Inf
+        self._wait_sum = 0.0
+        self._on_event = on_event  # (name, message, **data): pool_exhausted and leak events
+        self._last_exhausted_event = 0.0
         self._stop = threading.Event()
         self._maint = threading.Thread(
             target=_maintain, args=(weakref.ref(self), self._stop, self.config.maintenance_interval),
@@ -192,18 +201,26 @@ class Pool:
         deadline = start + timeout
         bypass = self.config.validation_bypass
         while True:
-            with self._lock:
-                if self._closed:
-                    raise PoolClosed(f"pool {self.name} is closed")
-                if self._idle:
-                    entry = self._idle.pop()  # most recently used: warm, least likely to need a ping
-                    self._in_use[id(entry.conn)] = entry
-                else:
-                    entry = self._wait_locked(deadline, timeout)
-                now = time.monotonic()
-                self._counts[ACQUIRED] += 1
-                self._waits[self._wait_n % _WAIT_SAMPLES] = now - start
-                self._wait_n += 1
+            try:
+                with self._lock:
+                    if self._closed:
+                        raise PoolClosed(f"pool {self.name} is closed")
+                    if self._idle:
+                        entry = self._idle.pop()  # most recently used: warm, least likely to need a ping
+                        self._in_use[id(entry.conn)] = entry
+                    else:
+                        entry = self._wait_locked(deadline, timeout)
+                    now = time.monotonic()
+                    waited = now - start
+                    self._counts[ACQUIRED] += 1
+                    self._waits[self._wait_n % _WAIT_SAMPLES] = waited
+                    self._wait_n += 1
+                    self._wait_buckets[bisect_left(WAIT_BUCKETS, waited)] += 1
+                    self._wait_sum += waited
+            except PoolTimeout as exc:
+                if exc.__dict__.pop("notify", False) and self._on_event is not None:
+                    self._on_event("pool_exhausted", str(exc), waiting=self.stats()[WAITING])
+                raise
             if now >= entry.expires:
                 self._discard(entry, "reached max_lifetime", not_acquired=True)
                 continue
@@ -256,7 +273,12 @@ class Pool:
         )
         if self._last_connect_error is not None and self._open < self.config.max_size:
             message += f"; last connect error: {self._last_connect_error}"
-        raise PoolTimeout(message, node=self.name) from self._last_connect_error
+        error = PoolTimeout(message, node=self.name)
+        now = time.monotonic()
+        if self._on_event is not None and now - self._last_exhausted_event >= _EVENT_INTERVAL:
+            self._last_exhausted_event = now
+            error.notify = True  # type: ignore[attr-defined]  # reported by _checkout, outside the lock
+        raise error from self._last_connect_error
 
     def _checkin(self, entry: _Entry, *, broken: bool = False) -> None:
         conn = entry.conn
@@ -422,12 +444,26 @@ class Pool:
         for entry in retire:
             self.adapter.close(entry.conn)
         for held, stack in leaks:
-            log.warning(
-                "pool %s: connection held for %.1fs (leak_threshold %.1fs); borrowed at:\n%s",
-                self.name, held, cfg.leak_threshold, _format_stack(stack),
+            message = (
+                f"connection held for {held:.1f}s (leak_threshold {cfg.leak_threshold:.1f}s); borrowed at:\n"
+                f"{_format_stack(stack)}"
             )
+            log.warning("pool %s: %s", self.name, message)
+            if self._on_event is not None:
+                self._on_event("leak", message, held=held)
 
     # -- observation and shutdown ------------------------------------------------
+
+    def wait_histogram(self) -> tuple[list[int], float, int]:
+        """Acquire waits as (cumulative counts per `WAIT_BUCKETS` bound then +Inf, sum, count)."""
+        with self._lock:
+            counts = list(self._wait_buckets)
+            total = self._wait_sum
+        cumulative, running = [], 0
+        for count in counts:
+            running += count
+            cumulative.append(running)
+        return cumulative, total, running
 
     def stats(self) -> dict[str, Any]:
         """A snapshot of sizes, counters and acquire-wait percentiles (seconds)."""

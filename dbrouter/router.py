@@ -159,7 +159,8 @@ class Router:
             if any(node.name == node_name for node in nodes):
                 raise ConfigurationError(f"node {node_name} is listed twice; give each node a distinct name")
             adapter = make_adapter(address, config.connect)
-            pool = Pool(adapter, config.pool, name=node_name, watchdog=self._watchdog)
+            pool = Pool(adapter, config.pool, name=node_name, watchdog=self._watchdog,
+                        on_event=partial(self._pool_event, node_name))
             breaker = NodeBreaker(node_name, config.breaker, on_change=partial(self._breaker_changed, node_name))
             nodes.append(Node(node_name, address, adapter, pool, breaker, role, weight))
         return nodes
@@ -189,6 +190,9 @@ class Router:
 
     def _after_probe(self, results: list[Any]) -> None:
         self.topology.apply(results)
+
+    def _pool_event(self, node_name: str, name: str, message: str, **data: Any) -> None:
+        self.events.emit(name, node_name, message, level=logging.WARNING, **data)
 
     def _breaker_changed(self, node_name: str, old: str, new: str) -> None:
         node = next((n for n in self.topology.nodes if n.name == node_name), None)
@@ -367,7 +371,9 @@ class Router:
     def _write_once(self, node: Node, run: Callable[[Node], T], idempotent: bool) -> T:
         try:
             return run(node)
-        except (ConnectError, PoolTimeout, _BreakerOpen) as exc:
+        except PoolTimeout:
+            raise  # the primary is up but busy: acquire_timeout was the caller's whole budget
+        except (ConnectError, _BreakerOpen) as exc:
             raise _NotSent(node, exc) from exc
         except NodeUnavailable as exc:
             lost: BaseException = exc  # hung after the statement was sent
@@ -562,6 +568,8 @@ class Router:
                 "healthy": node.healthy,
                 "breaker": node.breaker.state,
                 "breaker_failures": node.breaker.failures,
+                "breaker_trips": node.breaker.trips,
+                "probe_latency": node.probe_latency,
                 "lag": node.lag,
                 "lag_excluded": node.lag_excluded,
                 "latency": node.latency,

@@ -54,6 +54,7 @@ class Node:
         self.lag: float | None = 0.0
         self.lag_excluded = False
         self.latency = 0.0
+        self.probe_latency: float | None = None
         self.last_error: str | None = None
 
     def __repr__(self) -> str:
@@ -90,6 +91,11 @@ class ProbeResult:
     position: str | None = None
     lag: float | None = None
     error: str | None = None
+    latency: float | None = None  # seconds the role probe took
+
+
+class _ProbeFailed(Exception):
+    """A failed probe, as fed to the node's breaker."""
 
 
 class Monitor:
@@ -188,7 +194,9 @@ class Monitor:
 
     def _probe_role(self, result: ProbeResult) -> None:
         def ask(adapter: Adapter, conn: Any) -> None:
+            started = time.monotonic()
             result.writable = adapter.is_writable(conn)
+            result.latency = time.monotonic() - started
             if result.writable:
                 result.position = adapter.replication_position(conn)
 
@@ -249,7 +257,8 @@ class Topology:
         self._routing = routing
         self._auto = monitor.primary_discovery == "auto"
         self._events = events
-        self._lock = threading.Lock()
+        # Re-entrant: a probe failure fed to a breaker calls back into refresh_readable.
+        self._lock = threading.RLock()
         self.changed = threading.Condition(self._lock)
         self.primary: Node = nodes[0]
         self.replicas: tuple[Node, ...] = tuple(nodes[1:])
@@ -319,8 +328,12 @@ class Topology:
 
     def _set_health(self, result: ProbeResult) -> None:
         node = result.node
-        if not result.ok:
+        if result.ok:
+            node.probe_latency = result.latency
+        else:
             node.last_error = result.error
+            # A failed probe is a node failure like any other: it counts toward the breaker.
+            node.breaker.failure(_ProbeFailed(result.error or "probe failed"))
         if result.ok == node.healthy:
             return
         node.healthy = result.ok

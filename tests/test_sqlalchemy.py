@@ -115,6 +115,16 @@ def test_core_writes_on_the_primary_reads_on_replicas(cluster: Any, make: Make, 
         assert conn.execute(select(row.c.id).order_by(row.c.id)).scalars().all() == list(range(5))
 
 
+def test_a_partly_read_result_does_not_block_the_next_statement(cluster: Any, make: Make) -> None:
+    """mysql-connector refuses a statement while an unbuffered cursor has unread rows;
+    SQLAlchemy 2.0 relies on buffered cursors (2.1 asks for them per cursor)."""
+    engines = make()
+    for engine in (engines.writer, engines.reader):
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT 1 UNION ALL SELECT 2 UNION ALL SELECT 3")).first() == (1,)
+            assert conn.execute(text("SELECT 5")).scalar() == 5
+
+
 def test_orm_flushes_go_to_the_primary_and_queries_to_replicas(cluster: Any, make: Make, table: str) -> None:
     Row = model_for(table)
     Session = routing_sessionmaker(make())
@@ -194,6 +204,30 @@ def test_reads_after_a_flush_stay_on_the_primary_until_the_transaction_ends(
         assert session.scalar(select(port_of(cluster))) == cluster.primary.port
         session.rollback()
     assert cluster.primary.query(f"SELECT id FROM {table}") == []
+
+
+def test_a_savepoint_release_is_not_a_commit(cluster: Any, make: Make, table: str) -> None:
+    Row = model_for(table)
+    Session = routing_sessionmaker(make())
+    with Session() as session:
+        with session.begin_nested():
+            session.add(Row(id=1, port=0))
+        assert session.scalar(select(port_of(cluster))) == cluster.primary.port  # still in the transaction
+        session.rollback()
+        assert session.position is None
+    assert cluster.primary.query(f"SELECT id FROM {table}") == []
+
+
+def test_a_failing_replay_check_falls_back_to_the_primary(cluster: Any, make: Make, table: str) -> None:
+    engines = make()
+    Row = model_for(table)
+    Session = routing_sessionmaker(engines)
+    for node in engines.router.replicas:
+        node.pool.close()  # the monitor still finds them healthy; checkouts fail with PoolClosed
+    with Session() as session:
+        session.add(Row(id=1, port=0))
+        session.commit()
+        assert session.execute(select(Row.id, port_of(cluster))).one() == (1, cluster.primary.port)
 
 
 def test_locking_reads_text_writes_and_explicit_binds(cluster: Any, make: Make, table: str) -> None:
@@ -339,6 +373,8 @@ def test_session_settings_do_not_leak_into_the_pool(cluster: Any, make: Make) ->
             assert (raw.autocommit, raw.isolation_level, raw.readonly, raw.deferrable) == (True, None, None, None)
         else:
             assert raw.autocommit is True
+            with raw.cursor() as cur:  # as dbrouter opened it: unbuffered
+                assert "Buffered" not in type(cur).__name__
     with engines.router.transaction() as tx:
         assert tx.read(level_sql) == [(default_level,)]
         if cluster.engine == "postgres":

@@ -44,14 +44,19 @@ node until it is closed.
 4. Read-your-writes, as in `Router.session`: when a transaction that wrote commits,
    the session reads the primary's replication position. A later read goes to a
    replica only if it has replayed that position (waiting up to ``causal_wait``),
-   otherwise to the primary; a replica found caught up is remembered until the next
-   commit. With ``sticky_seconds`` set, reads instead go to the primary for that long
-   after the commit. A rolled-back or failed transaction records nothing.
+   otherwise to the primary (also when the check itself fails on an unreachable
+   replica); a replica found caught up is remembered until the next commit. With
+   ``sticky_seconds`` set, reads instead go to the primary for that long after the
+   commit. A rolled-back or failed transaction records nothing, and a savepoint
+   release is not a commit.
 5. An explicit bind wins: ``session.execute(stmt, bind_arguments={"bind":
    engines.writer})`` runs on the primary and counts as a write, for a SELECT that
    calls a function with side effects (``nextval``, advisory locks).
 
-Reading the position after a commit costs one round trip on the primary.
+Costs: reading the position after a commit is one round trip on the primary. A
+SQLAlchemy read is BEGIN, the query and ROLLBACK (PostgreSQL; MySQL adds the two
+autocommit switches and the connector's ping in ``cursor()``), where `Router.read`
+is one round trip: use the router directly on hot read paths.
 """
 
 from __future__ import annotations
@@ -69,7 +74,7 @@ from sqlalchemy.sql.elements import TextClause
 from sqlalchemy.sql.selectable import CTE, Join, TextualSelect
 
 from ..adapters.base import ErrorKind
-from ..errors import ConfigurationError
+from ..errors import ConfigurationError, DbRouterError
 from ..router import is_read_statement
 
 if TYPE_CHECKING:
@@ -347,8 +352,13 @@ class RoutingSession(Session):
         if node is router.primary:
             return engines.writer
         if node.name not in self._confirmed:
-            with node.pool.connection() as conn:
-                caught_up = node.adapter.has_replayed(conn, self._position, routing.causal_wait)
+            try:
+                with node.pool.connection() as conn:
+                    caught_up = node.adapter.has_replayed(conn, self._position, routing.causal_wait)
+            except Exception as exc:
+                if not isinstance(exc, DbRouterError) and not _lost(node, exc):
+                    raise
+                caught_up = False  # that replica failed: the primary is certain to have the write
             if not caught_up:
                 return engines.writer
             self._confirmed.add(node.name)

@@ -8,7 +8,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import dbrouter  # noqa: F401 - loads the mysql C extension before anything imports ssl
 
@@ -123,34 +123,84 @@ def _status(args: argparse.Namespace) -> int:
         router.close()
 
 
-def _demo(args: argparse.Namespace) -> int:
-    """Start a local PostgreSQL cluster, write on the primary, read it back from a replica."""
-    from .adapters import make_adapter
-    from .cluster import make_cluster
-    from .url import parse_address
+def _seconds(text: str) -> float:
+    """'5', '5s', '500ms', '2m' -> seconds."""
+    value = text.strip().lower()
+    for suffix, scale in (("ms", 0.001), ("s", 1.0), ("m", 60.0)):
+        if value.endswith(suffix):
+            return float(value[: -len(suffix)]) * scale
+    return float(value)
 
-    print("starting a local PostgreSQL cluster: primary + 2 streaming replicas ...")
-    start = time.monotonic()
-    with make_cluster("postgres", replicas=2) as cluster:
-        print(f"  up in {time.monotonic() - start:.1f}s")
-        _print_status(cluster, as_json=False)
-        primary = make_adapter(parse_address(cluster.primary.url))
-        conn = primary.connect()
-        primary.execute(conn, "CREATE TABLE demo (id serial primary key, note text)")
-        _, count = primary.execute(conn, "INSERT INTO demo (note) VALUES ('written on the primary')")
-        position = primary.replication_position(conn)
-        print(f"wrote {count} row on {cluster.primary.name} (port {primary.server_port(conn)}), WAL position {position}")
-        primary.close(conn)
-        replica_node = cluster.replicas[0]
-        replica = make_adapter(parse_address(replica_node.url))
-        conn = replica.connect()
-        replica.has_replayed(conn, position, timeout=10)
-        rows, _ = replica.execute(conn, "SELECT id, note FROM demo")
-        print(f"read {rows} from {replica_node.name} (port {replica.server_port(conn)}, "
-              f"writable={replica.is_writable(conn)})")
-        replica.close(conn)
-    print("cluster stopped and removed")
-    return 0
+
+def _percent(text: str) -> float:
+    return float(text.strip().rstrip("%"))
+
+
+def _drill_options(args: argparse.Namespace) -> Any:
+    from .drill import DrillOptions, Limit
+
+    limits = []
+    for name, parse in (("max_write_downtime", _seconds), ("min_read_availability", _percent),
+                        ("min_write_availability", _percent), ("max_lost_writes", float), ("max_latency", _seconds)):
+        text = getattr(args, name)
+        if text is not None:
+            try:
+                limits.append(Limit(name.replace("_", "-"), parse(text)))
+            except ValueError:
+                raise DbRouterError(f"--{name.replace('_', '-')}: cannot read {text!r} as a number") from None
+    try:
+        return DrillOptions(
+            scenario=args.scenario, local=args.local, config=args.config, replicas=args.replicas, sync=args.sync,
+            threads=args.threads, write_ratio=args.write_ratio, duration=_seconds(args.duration),
+            rate=args.rate, fault_at=_seconds(args.fault_at),
+            recover_after=None if args.no_recover else _seconds(args.recover_after),
+            promote_after=_seconds(args.promote_after), latency=_seconds(args.latency), inject=args.inject,
+            recover=args.recover, failover_wait=_seconds(args.failover_wait), out=Path(args.out),
+            live=not args.quiet, limits=limits,
+        )
+    except ValueError as exc:
+        raise DbRouterError(f"cannot read a duration: {exc}") from None
+
+
+def _drill(args: argparse.Namespace) -> int:
+    from .drill import run_drill
+
+    report = run_drill(_drill_options(args))
+    for limit in report.violated:
+        print(f"dbrouter: limit violated: {limit.describe()}", file=sys.stderr)
+    return 2 if report.violated else 0
+
+
+def _add_drill_arguments(p: argparse.ArgumentParser, *, demo: bool) -> None:
+    from .drill import scenario_names
+
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--local", choices=("postgres", "mariadb"), default="postgres" if demo else None,
+                       help="start a local replication cluster for the drill")
+    where.add_argument("--config", help="a dbrouter TOML config for a real cluster (use with --scenario shell)")
+    p.add_argument("--scenario", default="kill-primary-promote", metavar="NAME",
+                   help=f"one of: {', '.join(scenario_names())} (default kill-primary-promote)")
+    p.add_argument("--replicas", type=int, default=2)
+    p.add_argument("--sync", action="store_true", help="synchronous (PostgreSQL) / semi-synchronous (MariaDB) replication")
+    p.add_argument("--threads", type=int, default=8)
+    p.add_argument("--write-ratio", type=float, default=0.3, help="share of writes, 0 to 1")
+    p.add_argument("--duration", default="15s" if demo else "20s")
+    p.add_argument("--rate", type=float, help="target operations per second over all threads (default: flat out)")
+    p.add_argument("--fault-at", default="5s")
+    p.add_argument("--recover-after", default="5s", help="time from the fault to the recovery")
+    p.add_argument("--no-recover", action="store_true", help="leave the fault in place")
+    p.add_argument("--promote-after", default="2s", help="kill-primary-promote: time from the kill to the promotion")
+    p.add_argument("--latency", default="50ms", help="latency scenario: delay added each way")
+    p.add_argument("--inject", help="shell scenario: command that injects the fault")
+    p.add_argument("--recover", help="shell scenario: command that recovers")
+    p.add_argument("--failover-wait", default="0", help="router failover_wait: writes wait this long for a new primary")
+    p.add_argument("--max-write-downtime", help="limit, e.g. 5s: exit non-zero when exceeded")
+    p.add_argument("--min-read-availability", help="limit in percent, e.g. 99.9")
+    p.add_argument("--min-write-availability", help="limit in percent")
+    p.add_argument("--max-lost-writes", help="limit: acknowledged writes missing afterwards")
+    p.add_argument("--max-latency", help="limit on the worst latency, e.g. 2s")
+    p.add_argument("--out", default=".", help="directory for the report and the chart (default: here)")
+    p.add_argument("--quiet", action="store_true", help="no live view")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -176,7 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--watch", type=float, nargs="?", const=2.0, default=0.0, metavar="SECONDS",
                         help="refresh every SECONDS (default 2) until interrupted or --count refreshes")
     status.add_argument("--count", type=int, default=1_000_000, help="with --watch: stop after this many refreshes")
-    sub.add_parser("demo", help="a local cluster, a write on the primary and a read from a replica")
+    drill = sub.add_parser("drill", help="run a workload, inject a fault, report what the application saw")
+    _add_drill_arguments(drill, demo=False)
+    demo = sub.add_parser("demo", help="a drill with sensible defaults on a local PostgreSQL cluster")
+    _add_drill_arguments(demo, demo=True)
     return parser
 
 
@@ -190,7 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return handlers[args.action](args)
         if args.command == "status":
             return _status(args)
-        return _demo(args)
+        return _drill(args)
     except DbRouterError as exc:
         print(f"dbrouter: {exc}", file=sys.stderr)
         return 1

@@ -273,6 +273,7 @@ class RouterConfig:
 
     primary: str
     replicas: tuple[ReplicaSpec, ...] = ()
+    primary_name: str | None = None
     pool: PoolConfig = PoolConfig()
     connect: ConnectOptions = ConnectOptions()
     routing: RoutingConfig = RoutingConfig()
@@ -291,7 +292,7 @@ class RouterConfig:
 
 
 def build_router_config(
-    primary: str | None,
+    primary: str | Mapping[str, Any] | None,
     replicas: Any = (),
     options: Mapping[str, Any] | None = None,
     sections: Mapping[str, Mapping[str, Any]] | None = None,
@@ -317,7 +318,13 @@ def build_router_config(
             raise ConfigurationError(f"unknown option {name!r}{hint}; known: {', '.join(sorted(FLAT_OPTIONS))}")
         grouped[section][name] = value
     built = {name: from_mapping(SECTIONS[name], f"[{name}]", values) for name, values in grouped.items()}
-    return RouterConfig(primary=primary or "", replicas=_replica_specs(replicas), **built)
+    primary_name = None
+    if isinstance(primary, Mapping):  # {url = "...", name = "db1"}
+        unknown = sorted(set(primary) - {"url", "name"})
+        if unknown:
+            raise ConfigurationError(f"unknown key(s) {', '.join(unknown)} for primary; use url and name")
+        primary, primary_name = primary.get("url"), primary.get("name")
+    return RouterConfig(primary=primary or "", replicas=_replica_specs(replicas), primary_name=primary_name, **built)
 
 
 def _replica_specs(replicas: Any) -> tuple[ReplicaSpec, ...]:

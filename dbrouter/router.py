@@ -102,7 +102,7 @@ class Router:
 
     def __init__(
         self,
-        primary: str | None = None,
+        primary: str | Mapping[str, Any] | None = None,
         replicas: Sequence[Any] | str = (),
         *,
         config: RouterConfig | None = None,
@@ -147,7 +147,8 @@ class Router:
     def _build_nodes(self, config: RouterConfig) -> list[Node]:
         primary_address = parse_address(config.primary)
         nodes: list[Node] = []
-        specs = [(config.primary, 1.0, None, PRIMARY)] + [(r.url, r.weight, r.name, REPLICA) for r in config.replicas]
+        specs = [(config.primary, 1.0, config.primary_name, PRIMARY)]
+        specs += [(r.url, r.weight, r.name, REPLICA) for r in config.replicas]
         for url, weight, name, role in specs:
             address = primary_address if role == PRIMARY else parse_address(url)
             if address.engine != primary_address.engine:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from functools import partial
@@ -23,6 +24,8 @@ from .events import Events
 from .pool import Pool
 from .url import NodeAddress
 
+from .resilience import OPEN
+
 if TYPE_CHECKING:
     from .resilience import NodeBreaker, Watchdog
 
@@ -34,6 +37,7 @@ PRIMARY = "primary"
 REPLICA = "replica"
 
 _LATENCY_ALPHA = 0.2  # weight of the newest sample in the moving average
+_HISTORY = 3600  # primary positions remembered for lag (one per probe round at most)
 
 
 class Node:
@@ -204,7 +208,10 @@ class Monitor:
 
     def _probe_lag(self, result: ProbeResult, primary_position: str | None) -> None:
         def ask(adapter: Adapter, conn: Any) -> None:
-            result.lag = adapter.replica_lag(conn, primary_position)
+            result.position = adapter.replication_position(conn)
+            if primary_position is not None and adapter.position_covers(result.position, primary_position) is None:
+                # Positions this engine cannot compare client-side (MySQL GTID sets): ask the server.
+                result.lag = adapter.replica_lag(conn, primary_position)
 
         self._ask(result, ask)
 
@@ -267,6 +274,8 @@ class Topology:
         self.failovers = Counter()
         self.version = 0  # bumped on every change of roles
         self._falling_back = False
+        # (first seen, position) of the primary, oldest first: the yardstick for replica lag.
+        self._history: deque[tuple[float, str]] = deque(maxlen=_HISTORY)
 
     # -- reads ---------------------------------------------------------------
 
@@ -315,16 +324,46 @@ class Topology:
     def apply(self, results: list[ProbeResult]) -> None:
         """Fold one probe round into health, lag exclusion and roles."""
         with self._lock:
+            now = time.monotonic()
+            if self._auto:
+                self._discover_roles(results)
+            writable = [r for r in results if r.ok and r.writable]
+            if len(writable) == 1 and writable[0].node is self.primary and writable[0].position:
+                self._note_primary_position(writable[0].position, now)
             for result in results:
                 self._set_health(result)
                 node = result.node
                 if result.ok and result.writable is False:
-                    node.lag = result.lag
+                    node.lag = result.lag if result.lag is not None else self._lag_of(node, result.position, now)
                     self._set_lag_exclusion(node)
-            if self._auto:
-                self._discover_roles(results)
             self._refresh_locked()
             self.changed.notify_all()
+
+    def _note_primary_position(self, position: str, now: float) -> None:
+        """Remember when the primary was first seen at each position (one entry per change)."""
+        history = self._history
+        if not history or history[-1][1] != position:
+            history.append((now, position))
+
+    def _lag_of(self, node: Node, replayed: str | None, now: float) -> float | None:
+        """Seconds since the primary first reached a position this replica has not replayed.
+
+        Measured against positions, not replay timestamps: a replica of an idle
+        primary is not lagging, however long ago it replayed its last transaction.
+        Accurate to one probe interval. None when unknown.
+        """
+        if replayed is None or not self._history:
+            return None
+        covers = node.adapter.position_covers
+        oldest_missing = None
+        for seen_at, position in reversed(self._history):
+            verdict = covers(replayed, position)
+            if verdict is None:
+                return None
+            if verdict:
+                break
+            oldest_missing = seen_at
+        return 0.0 if oldest_missing is None else max(0.0, now - oldest_missing)
 
     def _set_health(self, result: ProbeResult) -> None:
         node = result.node
@@ -332,8 +371,10 @@ class Topology:
             node.probe_latency = result.latency
         else:
             node.last_error = result.error
-            # A failed probe is a node failure like any other: it counts toward the breaker.
-            node.breaker.failure(_ProbeFailed(result.error or "probe failed"))
+            # A failed probe is a node failure like any other: it counts toward the breaker
+            # (an open breaker learns nothing from it, so it is left to its timer).
+            if node.breaker.state != OPEN:
+                node.breaker.failure(_ProbeFailed(result.error or "probe failed"))
         if result.ok == node.healthy:
             return
         node.healthy = result.ok
@@ -379,6 +420,7 @@ class Topology:
         new.role = PRIMARY
         self.primary = new
         self.version += 1
+        self._history.clear()  # positions of another node's history do not compare
         self.failovers.inc()
         new.lag, new.lag_excluded = 0.0, False
         new.breaker.reset()

@@ -32,6 +32,7 @@ class Op:
     end: float
     error: str | None = None  # exception class name, None when it succeeded
     row_id: int | None = None  # the id a write inserted
+    detail: str | None = None  # the first line of the error message
 
     @property
     def ok(self) -> bool:
@@ -117,7 +118,7 @@ class Workload:
         try:
             self.router.write(f"INSERT INTO {self.table} (id, worker) VALUES (%s, %s)", (row_id, index))
         except Exception as exc:  # noqa: BLE001 - the drill reports every kind of failure
-            self._record(Op("write", start, time.monotonic(), type(exc).__name__, row_id))
+            self._record(Op("write", start, time.monotonic(), type(exc).__name__, row_id, _first_line(exc)))
         else:
             self._record(Op("write", start, time.monotonic(), None, row_id))
 
@@ -126,7 +127,7 @@ class Workload:
         try:
             self.router.read(f"SELECT count(*) FROM {self.table} WHERE id = %s", (rng.randrange(1, 1_000_000),))
         except Exception as exc:  # noqa: BLE001
-            self._record(Op("read", start, time.monotonic(), type(exc).__name__))
+            self._record(Op("read", start, time.monotonic(), type(exc).__name__, None, _first_line(exc)))
         else:
             self._record(Op("read", start, time.monotonic()))
 
@@ -150,3 +151,8 @@ class Workload:
         lost = sorted(i for i in self.acknowledged if i not in counts)
         duplicated = sorted(i for i, n in counts.items() if n > 1)
         return lost, duplicated
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0][:300] if lines else type(exc).__name__

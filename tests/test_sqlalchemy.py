@@ -105,7 +105,7 @@ def test_core_writes_on_the_primary_reads_on_replicas(cluster: Any, make: Make, 
             conn.execute(insert(row).values(id=i, port=port_of(cluster)))
         assert conn.execute(select(port_of(cluster))).scalar() == cluster.primary.port
     assert cluster.primary.query(f"SELECT DISTINCT port FROM {table}") == [(cluster.primary.port,)]
-    served = Counter()
+    served: Counter[int] = Counter()
     for _ in range(10):
         with engines.reader.connect() as conn:
             served[conn.execute(select(port_of(cluster))).scalar()] += 1
@@ -179,7 +179,7 @@ def test_a_session_reads_its_writes_from_replicas_that_keep_up(cluster: Any, mak
             session.execute(insert(Row.__table__).values(id=100 + i, port=0))
             session.commit()
             assert session.scalar(select(Row.__table__.c.id).where(Row.__table__.c.id == 100 + i)) == 100 + i
-            served[session.scalar(select(port_of(cluster)))] += 1
+            served[session.execute(select(port_of(cluster))).scalar_one()] += 1
     assert set(served) == replica_ports(cluster), served
 
 
@@ -347,7 +347,7 @@ def test_invalidated_and_killed_connections_are_discarded_by_dbrouter(cluster: A
 
     id_sql = "SELECT pg_backend_pid()" if cluster.engine == "postgres" else "SELECT CONNECTION_ID()"
     with engines.writer.connect() as conn:
-        kill_session(cluster, conn.exec_driver_sql(id_sql).scalar())
+        kill_session(cluster, conn.exec_driver_sql(id_sql).scalar_one())
         with pytest.raises(DBAPIError):
             for _ in range(50):  # MariaDB may need a moment to close the socket
                 conn.execute(select(1))
@@ -364,7 +364,7 @@ def test_session_settings_do_not_leak_into_the_pool(cluster: Any, make: Make) ->
     else:
         level_sql, default_level = "SELECT @@session.tx_isolation", "REPEATABLE-READ"
     with engines.writer.connect().execution_options(isolation_level="SERIALIZABLE") as conn:
-        assert conn.execute(text(level_sql)).scalar().lower() == "serializable"
+        assert conn.execute(text(level_sql)).scalar_one().lower() == "serializable"
     if cluster.engine == "postgres":
         with engines.writer.connect().execution_options(postgresql_readonly=True) as conn:
             assert conn.execute(text("SHOW transaction_read_only")).scalar() == "on"

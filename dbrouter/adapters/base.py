@@ -142,6 +142,11 @@ class Adapter(ABC):
         On a primary, what it has written; on a replica, what it has replayed.
         """
 
+    def position_covers(self, have: str, want: str) -> bool | None:
+        """Whether position ``have`` includes ``want``, decided without the server;
+        None when this engine's positions cannot be compared client-side."""
+        return None
+
     @abstractmethod
     def has_replayed(self, conn: Any, position: str, timeout: float = 0.0) -> bool:
         """True when this node has replayed ``position``, waiting up to ``timeout`` seconds."""

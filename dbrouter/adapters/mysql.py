@@ -237,6 +237,14 @@ class MySQLAdapter(Adapter):
         rows, _ = self.execute(conn, sql)
         return str(self._first_column(rows) or "")
 
+    def position_covers(self, have: str, want: str) -> bool | None:
+        if not self.is_mariadb:
+            return None  # MySQL GTID sets: the server compares them (GTID_SUBSET)
+        try:
+            return gtid_covers(have, want)
+        except ValueError:
+            return None
+
     def has_replayed(self, conn: Any, position: str, timeout: float = 0.0) -> bool:
         if not position:
             return True

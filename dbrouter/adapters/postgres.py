@@ -181,6 +181,12 @@ class PostgresAdapter(Adapter):
         )
         return str(self._first_column(rows))
 
+    def position_covers(self, have: str, want: str) -> bool | None:
+        try:
+            return _lsn(have) >= _lsn(want)
+        except ValueError:
+            return None
+
     def has_replayed(self, conn: Any, position: str, timeout: float = 0.0) -> bool:
         deadline = time.monotonic() + timeout
         sql = (
@@ -228,3 +234,9 @@ class PostgresAdapter(Adapter):
         if code in _UNREACHABLE_CODES or code.startswith("08"):
             return ErrorKind.UNREACHABLE
         return ErrorKind.CALLER
+
+
+def _lsn(text: str) -> int:
+    """A WAL location 'X/Y' (two hex numbers) as one integer."""
+    high, low = text.split("/")
+    return (int(high, 16) << 32) + int(low, 16)

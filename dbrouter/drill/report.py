@@ -1,0 +1,173 @@
+"""What a drill measured: a timeline, the headline results, limits, and a summary for people."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from ..workload import Op
+
+__all__ = ["DrillReport", "Limit", "build_timeline", "summarise"]
+
+BUCKET = 0.1  # seconds per timeline slot
+
+
+@dataclass
+class Limit:
+    """A service-level limit given on the command line, and what was measured."""
+
+    name: str
+    limit: float
+    measured: float | None = None
+
+    @property
+    def ok(self) -> bool:
+        if self.measured is None:
+            return True
+        if self.name.startswith("min-"):
+            return self.measured >= self.limit
+        return self.measured <= self.limit
+
+    def describe(self) -> str:
+        unit = "%" if "availability" in self.name else "s"
+        shown = "n/a" if self.measured is None else f"{self.measured:.3f}{unit}"
+        verdict = "ok" if self.ok else "VIOLATED"
+        return f"--{self.name} {self.limit:g}{unit}: measured {shown} ({verdict})"
+
+
+def _percentile(values: Sequence[float], q: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * (len(ordered) - 1) + 0.5))]
+
+
+def build_timeline(ops: Sequence[Op], start: float, end: float) -> list[dict[str, Any]]:
+    """Per 100 ms (by completion time): operations, errors by kind, latency p50 / p99 / max."""
+    slots = max(1, int((end - start) / BUCKET) + 1)
+    buckets: list[list[Op]] = [[] for _ in range(slots)]
+    for op in ops:
+        index = int((op.end - start) / BUCKET)
+        if 0 <= index < slots:
+            buckets[index].append(op)
+    timeline = []
+    for index, bucket in enumerate(buckets):
+        latencies = [op.latency for op in bucket]
+        timeline.append(
+            {
+                "t": round(index * BUCKET, 3),
+                "ops": len(bucket),
+                "reads": sum(op.kind == "read" for op in bucket),
+                "writes": sum(op.kind == "write" for op in bucket),
+                "errors": dict(Counter(op.error for op in bucket if op.error)),
+                "p50": _percentile(latencies, 0.50),
+                "p99": _percentile(latencies, 0.99),
+                "max": max(latencies, default=0.0),
+            }
+        )
+    return timeline
+
+
+def summarise(
+    ops: Sequence[Op],
+    *,
+    start: float,
+    fault_at: float,
+    events: Sequence[dict[str, Any]],
+    lost: list[int],
+    duplicated: list[int],
+) -> dict[str, Any]:
+    """The headline numbers. Times are seconds; ``fault_at`` is absolute (monotonic)."""
+    reads = [op for op in ops if op.kind == "read"]
+    writes = [op for op in ops if op.kind == "write"]
+    failed_writes = [op for op in writes if not op.ok and op.end >= fault_at]
+    unavailable = 0.0
+    if failed_writes:
+        first_failure = min(op.start for op in failed_writes)
+        last_failure = max(op.end for op in failed_writes)
+        recovered = [op.end for op in writes if op.ok and op.start >= last_failure]
+        back = min(recovered) if recovered else max(op.end for op in ops)
+        unavailable = back - first_failure
+    detections = [e["t"] for e in events if e["t"] >= fault_at - start and e["name"] not in ("node_up", "lag_restored",
+                                                                                           "breaker_closed", "replicas_restored")]
+    detect = (min(detections) - (fault_at - start)) if detections else None
+    return {
+        "operations": len(ops),
+        "reads": len(reads),
+        "writes": len(writes),
+        "acknowledged_writes": sum(op.ok for op in writes),
+        "read_availability": 100.0 * sum(op.ok for op in reads) / len(reads) if reads else 100.0,
+        "write_availability": 100.0 * sum(op.ok for op in writes) / len(writes) if writes else 100.0,
+        "time_to_detect": detect,
+        "write_unavailability": unavailable,
+        "errors_by_kind": dict(Counter(op.error for op in ops if op.error)),
+        "max_latency": max((op.latency for op in ops), default=0.0),
+        "p99_latency": _percentile([op.latency for op in ops], 0.99),
+        "lost_writes": len(lost),
+        "lost_ids": lost[:1000],
+        "duplicated_writes": len(duplicated),
+        "duplicated_ids": duplicated[:1000],
+    }
+
+
+@dataclass
+class DrillReport:
+    scenario: str
+    engine: str
+    settings: dict[str, Any]
+    fault_at: float  # seconds from the start
+    recover_at: float | None
+    duration: float
+    timeline: list[dict[str, Any]]
+    results: dict[str, Any]
+    events: list[dict[str, Any]]
+    notes: list[str] = field(default_factory=list)
+    limits: list[Limit] = field(default_factory=list)
+
+    @property
+    def violated(self) -> list[Limit]:
+        return [limit for limit in self.limits if not limit.ok]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "scenario": self.scenario,
+            "engine": self.engine,
+            "settings": self.settings,
+            "fault_at": self.fault_at,
+            "recover_at": self.recover_at,
+            "duration": self.duration,
+            "results": self.results,
+            "limits": [{"name": l.name, "limit": l.limit, "measured": l.measured, "ok": l.ok} for l in self.limits],
+            "events": self.events,
+            "notes": self.notes,
+            "timeline": self.timeline,
+        }
+
+    def write_json(self, path: Path) -> None:
+        path.write_text(json.dumps(self.to_json(), indent=1, default=str))
+
+    def human(self) -> str:
+        r = self.results
+        detect = "not detected" if r["time_to_detect"] is None else f"{r['time_to_detect']:.2f}s"
+        lines = [
+            f"drill: {self.scenario} on {self.engine}, {self.duration:.1f}s, fault at {self.fault_at:.1f}s"
+            + (f", recovery at {self.recover_at:.1f}s" if self.recover_at is not None else ""),
+            f"  operations         {r['operations']} ({r['reads']} reads, {r['writes']} writes)",
+            f"  time to detect     {detect}",
+            f"  write downtime     {r['write_unavailability']:.2f}s",
+            f"  read availability  {r['read_availability']:.3f}%",
+            f"  write availability {r['write_availability']:.3f}%",
+            f"  max latency        {r['max_latency'] * 1000:.1f}ms (p99 {r['p99_latency'] * 1000:.1f}ms)",
+            f"  errors             {', '.join(f'{k}={v}' for k, v in sorted(r['errors_by_kind'].items())) or 'none'}",
+            f"  acknowledged       {r['acknowledged_writes']} writes; lost {r['lost_writes']}, duplicated {r['duplicated_writes']}",
+        ]
+        if r["lost_ids"]:
+            lines.append(f"  lost ids           {r['lost_ids'][:20]}{' ...' if r['lost_writes'] > 20 else ''}")
+        if r["duplicated_ids"]:
+            lines.append(f"  duplicated ids     {r['duplicated_ids'][:20]}")
+        lines += [f"  note: {note}" for note in self.notes]
+        lines += [f"  limit {limit.describe()}" for limit in self.limits]
+        return "\n".join(lines)

@@ -1,0 +1,272 @@
+"""Run a drill: a workload through a Router, one fault, an optional recovery, a report.
+
+Everything the drill starts (local cluster, fault proxies, router, workload
+threads, timers) is stopped by the time `run_drill` returns or raises.
+Options are checked before anything starts, and a cluster that cannot be
+reached stops the drill before any fault is injected.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from ..errors import ConfigurationError, DbRouterError
+from ..router import Router
+from ..workload import Workload
+from .chart import render_html
+from .live import LiveView
+from .report import DrillReport, Limit, build_timeline, summarise
+from .scenarios import SCENARIOS, DrillTarget
+
+__all__ = ["Drill", "DrillOptions", "run_drill"]
+
+log = logging.getLogger("dbrouter.drill")
+
+# Router settings for drills on a local cluster: fast detection, bounded hangs.
+LOCAL_ROUTER_OPTIONS: dict[str, Any] = {
+    "health_interval": 0.5,
+    "connect_timeout": 2.0,
+    "statement_timeout": 2.0,
+    "fail_max": 3,
+    "reset_timeout": 2.0,
+    "max_replica_lag": 1.0,
+    "min_size": 2,
+    "max_size": 10,
+    "application_name": "dbrouter-drill",
+}
+
+
+@dataclass
+class DrillOptions:
+    """A drill's settings; `validate` explains any mistake before anything starts."""
+
+    scenario: str
+    local: str | None = None
+    config: str | None = None
+    replicas: int = 2
+    sync: bool = False
+    threads: int = 8
+    write_ratio: float = 0.3
+    duration: float = 20.0
+    rate: float | None = None
+    fault_at: float = 5.0
+    recover_after: float | None = 5.0
+    promote_after: float = 3.0
+    latency: float = 0.05
+    inject: str | None = None
+    recover: str | None = None
+    failover_wait: float = 0.0
+    out: Path = field(default_factory=Path.cwd)
+    live: bool = True
+    limits: list[Limit] = field(default_factory=list)
+    table: str = "dbrouter_drill"
+
+    def validate(self) -> None:
+        if self.scenario not in SCENARIOS:
+            raise ConfigurationError(f"unknown scenario {self.scenario!r}; choose one of {', '.join(sorted(SCENARIOS))}")
+        if (self.local is None) == (self.config is None):
+            raise ConfigurationError("give exactly one of --local ENGINE or --config FILE")
+        if self.local is not None and self.local not in ("postgres", "mariadb", "mysql"):
+            raise ConfigurationError(f"--local must be postgres or mariadb, got {self.local!r}")
+        if SCENARIOS[self.scenario].local_only and self.local is None:
+            raise ConfigurationError(f"scenario {self.scenario} acts on a local cluster; on a real cluster use "
+                                     "--scenario shell with --inject CMD and --recover CMD")
+        if self.scenario == "shell" and not self.inject:
+            raise ConfigurationError("--scenario shell needs --inject CMD")
+        if not self.duration > 0:
+            raise ConfigurationError(f"--duration must be > 0 seconds, got {self.duration:g}")
+        if not 0 <= self.fault_at < self.duration:
+            raise ConfigurationError(f"--fault-at must be within the duration (0 to {self.duration:g}s), got {self.fault_at:g}")
+        if self.recover_after is not None and self.recover_after < 0:
+            raise ConfigurationError(f"--recover-after must be >= 0, got {self.recover_after:g}")
+        if self.threads < 1 or not 0 <= self.write_ratio <= 1:
+            raise ConfigurationError("--threads must be >= 1 and --write-ratio between 0 and 1")
+        if self.rate is not None and self.rate <= 0:
+            raise ConfigurationError(f"--rate must be > 0, got {self.rate:g}")
+        if self.replicas < 0:
+            raise ConfigurationError(f"--replicas must be >= 0, got {self.replicas}")
+        if self.config is not None and not Path(self.config).is_file():
+            raise ConfigurationError(f"config file {self.config} does not exist")
+
+    @property
+    def recover_at(self) -> float | None:
+        if self.recover_after is None or SCENARIOS[self.scenario].recover is None:
+            return None
+        at = self.fault_at + self.recover_after
+        return at if at < self.duration else None
+
+
+class Drill:
+    """One drill; `run_drill` is the usual entry point. Call `tear_down` when done."""
+
+    def __init__(self, options: DrillOptions, stream: TextIO) -> None:
+        self.options = options
+        self.stream = stream
+        self.cluster: Any = None
+        self.proxies: dict[str, Any] = {}
+        self.router: Router | None = None
+        self.names: dict[str, str] = {}
+        self.events: list[dict[str, Any]] = []
+        self.workload: Workload | None = None
+        self.start = 0.0
+
+    def say(self, text: str) -> None:
+        self.stream.write(text + "\n")
+        self.stream.flush()
+
+    # -- set up and tear down ----------------------------------------------------
+
+    def set_up(self) -> Router:
+        options = self.options
+        if options.local is not None:
+            from ..cluster import make_cluster
+            from ..faultproxy import FaultProxy
+
+            self.say(f"starting a local {options.local} cluster: primary + {options.replicas} replicas"
+                     f"{' (synchronous)' if options.sync else ''} ...")
+            self.cluster = make_cluster(options.local, replicas=options.replicas, sync=options.sync).start()
+            urls = {}
+            for node in self.cluster.nodes:
+                proxy = FaultProxy(upstream=("127.0.0.1", node.port)).start()
+                self.proxies[node.name] = proxy
+                urls[node.name] = node.url.replace(f":{node.port}/", f":{proxy.port}/")
+                self.names[f"127.0.0.1:{proxy.port}"] = node.name
+            primary = self.cluster.primary
+            replicas = [{"url": urls[n.name], "name": n.name} for n in self.cluster.replicas]
+            router = Router({"url": urls[primary.name], "name": primary.name}, replicas,
+                            **{**LOCAL_ROUTER_OPTIONS, "failover_wait": options.failover_wait})
+        else:
+            router = Router.from_config(options.config, **({"failover_wait": options.failover_wait} if options.failover_wait else {}))
+        self.router = router
+        router._monitor.wait_rounds(1, timeout=router.config.connect.connect_timeout + 10)
+        problem = router.topology.primary_problem()
+        if problem is not None:
+            raise ConfigurationError(f"cluster not reachable, no fault injected: {problem}")
+        for node in router.nodes:
+            self.names.setdefault(node.name, node.name)
+        return router
+
+    def tear_down(self) -> None:
+        if self.router is not None:
+            self.router.close()
+        for proxy in self.proxies.values():
+            proxy.stop()
+        if self.cluster is not None:
+            self.cluster.destroy()
+
+    # -- the drill ---------------------------------------------------------------------
+
+    def run(self) -> DrillReport:
+        options = self.options
+        router = self.set_up()
+        workload = Workload(router, threads=options.threads, write_ratio=options.write_ratio, rate=options.rate,
+                            duration=options.duration + 30, table=options.table)
+        self.workload = workload
+        workload.prepare()
+        if self.cluster is not None:
+            self.cluster.wait_replicated(timeout=30)
+        else:
+            time.sleep(1.0)  # let replicas create the table
+        scenario = SCENARIOS[options.scenario]
+        target = DrillTarget(cluster=self.cluster, proxies=self.proxies, inject_cmd=options.inject,
+                             recover_cmd=options.recover, promote_after=options.promote_after, latency=options.latency)
+        router.on("*", lambda e: self.events.append(
+            {"t": round(time.monotonic() - self.start, 3), "name": e.name, "node": self.names.get(e.node or "", e.node),
+             "message": e.message}))
+        live = LiveView(router, workload, self.stream, lambda name: self.names.get(name, name))
+        recover_at = options.recover_at
+        self.say(f"drill {options.scenario}: {options.threads} threads, {options.write_ratio:.0%} writes, "
+                 f"{options.duration:g}s; fault at {options.fault_at:g}s"
+                 + (f", recovery at {recover_at:g}s" if recover_at is not None else ""))
+        workload.start()
+        self.start = workload.started_at
+        if options.live:
+            live.start()
+        try:
+            self._sleep_until(options.fault_at)
+            fault_time = time.monotonic()
+            live.marks.append(f"fault: {scenario.name}")
+            scenario.inject(target)
+            if recover_at is not None and scenario.recover is not None:
+                self._sleep_until(recover_at)
+                live.marks.append("recovery")
+                scenario.recover(target)
+            self._sleep_until(options.duration)
+        finally:
+            stopped = workload.stop(timeout=30)
+            live.stop()
+            target.wait_timers()
+        end = time.monotonic()
+        if not stopped:
+            target.notes.append("some workload threads did not stop within 30s")
+        lost, duplicated = self._check_writes(workload, target)
+        ops = workload.snapshot()
+        results = summarise(ops, start=self.start, fault_at=fault_time, events=self.events, lost=lost, duplicated=duplicated)
+        for limit in options.limits:
+            limit.measured = {"max-write-downtime": results["write_unavailability"],
+                              "min-read-availability": results["read_availability"],
+                              "min-write-availability": results["write_availability"],
+                              "max-lost-writes": float(results["lost_writes"]),
+                              "max-latency": results["max_latency"]}[limit.name]
+        return DrillReport(
+            scenario=options.scenario,
+            engine=router.primary.adapter.engine if options.local is None else options.local,
+            settings={"threads": options.threads, "write_ratio": options.write_ratio, "rate": options.rate,
+                      "replicas": options.replicas if options.local else len(router.replicas), "sync": options.sync,
+                      "failover_wait": options.failover_wait},
+            fault_at=round(fault_time - self.start, 3),
+            recover_at=recover_at,
+            duration=round(end - self.start, 3),
+            timeline=build_timeline(ops, self.start, end),
+            results=results,
+            events=self.events,
+            notes=target.notes,
+            limits=options.limits,
+        )
+
+    def _sleep_until(self, offset: float) -> None:
+        delay = self.start + offset - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+
+    def _check_writes(self, workload: Workload, target: DrillTarget) -> tuple[list[int], list[int]]:
+        """Read the ids back from the primary (waiting up to 15 s for one to be known)."""
+        router = self.router
+        assert router is not None
+        deadline = time.monotonic() + 15
+        while router.topology.primary_problem() is not None and time.monotonic() < deadline:
+            router._monitor.wake()
+            time.sleep(0.2)
+        try:
+            with router.transaction() as tx:
+                rows = tx.read(f"SELECT id FROM {workload.table}")
+        except DbRouterError as exc:
+            target.notes.append(f"could not read the writes back: {exc}")
+            return [], []
+        return workload.check_writes(rows)
+
+
+def run_drill(options: DrillOptions, stream: TextIO | None = None) -> DrillReport:
+    """Run a drill, write ``dbrouter-drill-<scenario>.json`` and ``.html`` to ``options.out``,
+    print the summary, and return the report. Raises `ConfigurationError` for bad options
+    or an unreachable cluster, before any fault is injected."""
+    options.validate()
+    stream = stream or sys.stdout
+    drill = Drill(options, stream)
+    try:
+        report = drill.run()
+    finally:
+        drill.tear_down()
+    options.out.mkdir(parents=True, exist_ok=True)
+    json_path = options.out / f"dbrouter-drill-{options.scenario}.json"
+    html_path = options.out / f"dbrouter-drill-{options.scenario}.html"
+    report.write_json(json_path)
+    html_path.write_text(render_html(report))
+    drill.say(report.human())
+    drill.say(f"report: {json_path}\nchart:  {html_path}")
+    return report

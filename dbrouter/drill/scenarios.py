@@ -1,0 +1,204 @@
+"""Built-in faults for drills on a local cluster, and shell commands for real ones.
+
+A scenario injects one fault at the drill's fault time and, when the drill
+has a recovery time, undoes it. Local scenarios act on the cluster the drill
+started (every node sits behind a fault proxy, so hangs and latency can be
+injected as well as crashes); the ``shell`` scenario runs the user's own
+commands, for example a Patroni switchover or a cloud failover.
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import subprocess
+import threading
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
+
+from ..errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from ..cluster import LocalCluster, LocalNode
+    from ..faultproxy import FaultProxy
+
+__all__ = ["SCENARIOS", "DrillTarget", "Scenario", "scenario_names"]
+
+log = logging.getLogger("dbrouter.drill")
+
+
+@dataclass
+class DrillTarget:
+    """What a scenario may act on: the local cluster and the proxy in front of each node."""
+
+    cluster: LocalCluster | None = None
+    proxies: dict[str, FaultProxy] = field(default_factory=dict)
+    inject_cmd: str | None = None
+    recover_cmd: str | None = None
+    promote_after: float = 3.0
+    latency: float = 0.05
+    command_timeout: float = 120.0
+    notes: list[str] = field(default_factory=list)
+    _timers: list[threading.Timer] = field(default_factory=list)
+    _state: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def local(self) -> LocalCluster:
+        if self.cluster is None:
+            raise ConfigurationError("this scenario needs a local cluster (--local); on a real one use --inject/--recover")
+        return self.cluster
+
+    def replica(self) -> LocalNode:
+        running = [n for n in self.local.replicas if n.running]
+        if not running:
+            raise ConfigurationError("this scenario needs a running replica; start the cluster with --replicas 1 or more")
+        return running[0]
+
+    def later(self, delay: float, action: Callable[[], None], what: str) -> None:
+        """Run ``action`` after ``delay`` seconds on a timer thread (joined by `cancel_timers`)."""
+        def run() -> None:
+            try:
+                action()
+                self.notes.append(what)
+            except Exception as exc:  # noqa: BLE001 - reported in the drill's notes
+                self.notes.append(f"{what} failed: {exc}")
+                log.warning("%s failed: %s", what, exc)
+        timer = threading.Timer(delay, run)
+        timer.daemon = True
+        timer.start()
+        self._timers.append(timer)
+
+    def wait_timers(self, timeout: float = 60.0) -> None:
+        for timer in self._timers:
+            timer.join(timeout)
+
+    def run_command(self, command: str, what: str) -> None:
+        """Run a user's shell command; a failure stops the drill with its output."""
+        log.info("%s: %s", what, command)
+        done = subprocess.run(command, shell=True, capture_output=True, text=True, timeout=self.command_timeout)
+        if done.returncode != 0:
+            raise ConfigurationError(
+                f"{what} command failed with exit code {done.returncode}: {shlex.quote(command)}\n"
+                f"{(done.stderr or done.stdout).strip()[-2000:]}"
+            )
+        self.notes.append(f"{what}: {command}")
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    description: str
+    inject: Callable[[DrillTarget], None]
+    recover: Callable[[DrillTarget], None] | None = None
+    local_only: bool = True
+
+
+def _kill_primary(t: DrillTarget) -> None:
+    t._state["old_primary"] = t.local.primary
+    t.local.primary.kill()
+
+
+def _restart_old_primary(t: DrillTarget) -> None:
+    t._state["old_primary"].start()
+
+
+def _kill_and_promote(t: DrillTarget) -> None:
+    cluster = t.local
+    old = cluster.primary
+    t._state["old_primary"] = old
+    old.kill()
+
+    def promote() -> None:
+        candidates = [n for n in cluster.replicas if n.running]
+        cluster.promote(_most_advanced(cluster, candidates))
+    t.later(t.promote_after, promote, f"promoted a replica {t.promote_after:g}s after the kill")
+
+
+def _rejoin_old_primary(t: DrillTarget) -> None:
+    t.wait_timers()
+    old = t._state["old_primary"]
+    t.local.rejoin(old)
+
+
+def _most_advanced(cluster: LocalCluster, candidates: list[LocalNode]) -> LocalNode:
+    """The replica that received the most: promoting it loses the least."""
+    def received(node: LocalNode) -> int:
+        if cluster.engine == "postgres":
+            return int(node.query("SELECT pg_last_wal_receive_lsn() - '0/0'::pg_lsn")[0][0] or 0)
+        gtid = node.query("SELECT @@gtid_slave_pos")[0][0] or "0-0-0"
+        return max(int(part.split("-")[2]) for part in gtid.split(","))
+    return max(candidates, key=received)
+
+
+def _stop_replica(t: DrillTarget) -> None:
+    node = t.replica()
+    t._state["replica"] = node
+    node.stop()
+
+
+def _start_replica(t: DrillTarget) -> None:
+    t._state["replica"].start()
+
+
+def _blackhole_replica(t: DrillTarget) -> None:
+    node = t.replica()
+    t._state["replica"] = node
+    t.proxies[node.name].blackhole()
+
+
+def _clear_proxy(t: DrillTarget) -> None:
+    t.proxies[t._state["replica"].name].pass_through()
+
+
+def _latency(t: DrillTarget) -> None:
+    node = t.replica()
+    t._state["replica"] = node
+    t.proxies[node.name].latency(t.latency)
+
+
+def _pause_replication(t: DrillTarget) -> None:
+    node = t.replica()
+    t._state["replica"] = node
+    t.local.pause_replication(node)
+
+
+def _resume_replication(t: DrillTarget) -> None:
+    t.local.resume_replication(t._state["replica"])
+
+
+def _restart_replica(t: DrillTarget) -> None:
+    t.replica().restart()
+
+
+def _shell_inject(t: DrillTarget) -> None:
+    if not t.inject_cmd:
+        raise ConfigurationError("the shell scenario needs --inject CMD")
+    t.run_command(t.inject_cmd, "inject")
+
+
+def _shell_recover(t: DrillTarget) -> None:
+    if t.recover_cmd:
+        t.run_command(t.recover_cmd, "recover")
+
+
+SCENARIOS: dict[str, Scenario] = {
+    s.name: s
+    for s in (
+        Scenario("kill-primary", "SIGKILL the primary; recovery restarts it", _kill_primary, _restart_old_primary),
+        Scenario("kill-primary-promote", "SIGKILL the primary, promote the most advanced replica after --promote-after; "
+                 "recovery rejoins the old primary as a replica", _kill_and_promote, _rejoin_old_primary),
+        Scenario("stop-replica", "shut a replica down cleanly; recovery starts it", _stop_replica, _start_replica),
+        Scenario("blackhole-replica", "a replica accepts connections but never answers; recovery clears it",
+                 _blackhole_replica, _clear_proxy),
+        Scenario("latency", "add --latency seconds each way to a replica; recovery clears it", _latency, _clear_proxy),
+        Scenario("pause-replication", "pause replay on a replica so that it lags; recovery resumes it",
+                 _pause_replication, _resume_replication),
+        Scenario("restart-replica", "restart a replica (stop, then start)", _restart_replica, None),
+        Scenario("shell", "run --inject CMD at the fault time and --recover CMD at the recovery time",
+                 _shell_inject, _shell_recover, local_only=False),
+    )
+}
+
+
+def scenario_names() -> list[str]:
+    return sorted(SCENARIOS)

@@ -1,0 +1,225 @@
+"""Failover drills: every built-in scenario on both engines, shell commands, limits, bad input, the demo.
+
+Each drill starts its own local cluster. The test checks the report against
+what it observes itself: it reads the written ids back from the primary
+before the cluster is torn down.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dbrouter.cli import write_router_config
+from dbrouter.cluster import make_cluster
+from dbrouter.drill import SCENARIOS, Drill, DrillOptions
+from dbrouter.drill.chart import render_html
+
+from .conftest import ENGINES
+
+pytestmark = pytest.mark.slow
+
+BUILT_IN = sorted(name for name in SCENARIOS if name != "shell")
+CLI = [sys.executable, "-m", "dbrouter.cli"]
+
+
+def server_pids() -> set[int]:
+    """PIDs of every postgres / mariadbd process on the machine (to prove nothing is left)."""
+    pids = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                comm = Path(f"/proc/{entry}/comm").read_text().strip()
+            except OSError:
+                continue
+            if comm in ("postgres", "mariadbd"):
+                pids.add(int(entry))
+    return pids
+
+
+def primary_ids(drill: Drill) -> list[tuple[Any, ...]]:
+    """The drill table on the cluster's current primary, read directly (not through the router)."""
+    cluster = drill.cluster
+    deadline = time.monotonic() + 20
+    while True:
+        writable = []
+        for node in cluster.nodes:
+            if not node.running:
+                continue
+            try:
+                if node.query("SELECT pg_is_in_recovery()" if cluster.engine == "postgres" else "SELECT @@read_only") in ([(False,)], [(0,)]):
+                    writable.append(node)
+            except Exception:  # noqa: BLE001 - a node still restarting
+                pass
+        if len(writable) == 1:
+            return writable[0].query(f"SELECT id FROM {drill.options.table}")
+        assert time.monotonic() < deadline, "no single writable node after the drill"
+        time.sleep(0.2)
+
+
+def run(engine: str, scenario: str, tmp_path: Path, **overrides: Any) -> tuple[Any, Drill, list[tuple[Any, ...]]]:
+    options = DrillOptions(scenario=scenario, local=engine, duration=4.0, fault_at=1.0, recover_after=1.5,
+                           promote_after=0.7, threads=4, out=tmp_path, live=False, latency=0.03)
+    for key, value in overrides.items():
+        setattr(options, key, value)
+    options.validate()
+    drill = Drill(options, io.StringIO())
+    try:
+        report = drill.run()
+        rows = primary_ids(drill)
+    finally:
+        drill.tear_down()
+    return report, drill, rows
+
+
+@pytest.mark.parametrize("engine", ["postgres", "mariadb"])
+@pytest.mark.parametrize("scenario", BUILT_IN)
+def test_each_scenario_reports_what_the_application_saw(engine: str, scenario: str, tmp_path: Path) -> None:
+    # A hang is detected after the statement timeout (2 s in drills): give it time to be seen.
+    longer = {"duration": 6.0, "recover_after": 3.5} if scenario == "blackhole-replica" else {}
+    report, drill, rows = run(engine, scenario, tmp_path, **longer)
+    results = report.results
+    ops = drill.workload.snapshot()
+    # The test's own reading of the data agrees with the report.
+    lost, duplicated = drill.workload.check_writes(rows)
+    assert results["lost_writes"] == len(lost) and results["duplicated_writes"] == len(duplicated) == 0
+    assert results["acknowledged_writes"] == len(drill.workload.acknowledged) > 0
+    reads = [op for op in ops if op.kind == "read"]
+    assert results["read_availability"] == pytest.approx(100.0 * sum(op.ok for op in reads) / len(reads))
+    assert results["operations"] == len(ops)
+    assert sum(slot["ops"] for slot in report.timeline) == len(ops)
+    # What each fault should and should not do.
+    assert results["read_availability"] == 100.0, results["errors_by_kind"]
+    if scenario.startswith("kill-primary"):
+        assert results["write_unavailability"] > 0.3
+        assert set(results["errors_by_kind"]) <= {"NoPrimaryAvailable", "WriteOutcomeUnknown"}
+        assert results["time_to_detect"] is not None and results["time_to_detect"] < 2.0
+        assert any(e["name"] == "failover" for e in report.events) == (scenario == "kill-primary-promote")
+    else:
+        assert results["write_unavailability"] == 0.0 and results["errors_by_kind"] == {}
+        assert lost == []
+    if scenario == "pause-replication":
+        assert any(e["name"] == "lag_excluded" for e in report.events)
+    if scenario in ("blackhole-replica", "stop-replica"):
+        assert any(e["name"] in ("node_down", "breaker_open") for e in report.events)
+    saved = json.loads((tmp_path / f"dbrouter-drill-{scenario}.json").read_text()) if (tmp_path / f"dbrouter-drill-{scenario}.json").exists() else None
+    assert saved is None  # Drill.run alone writes nothing; run_drill writes the files (see the CLI tests)
+
+
+@pytest.mark.parametrize("engine", ["postgres", "mariadb"])
+def test_synchronous_replication_loses_no_acknowledged_write(engine: str, tmp_path: Path) -> None:
+    report, drill, rows = run(engine, "kill-primary-promote", tmp_path, sync=True, threads=8, write_ratio=0.5)
+    lost, duplicated = drill.workload.check_writes(rows)
+    assert lost == [] and duplicated == []
+    assert report.results["lost_writes"] == 0
+    assert report.results["acknowledged_writes"] > 100
+
+
+def test_shell_inject_and_recover_against_a_configured_cluster(tmp_path: Path) -> None:
+    cluster = make_cluster("postgres", replicas=2).start()
+    try:
+        state = tmp_path / "state.json"
+        cluster.save_state(state)
+        config = tmp_path / "dbrouter.toml"
+        write_router_config(cluster, config)
+        target = cluster.replicas[0]
+        control = "from dbrouter.cluster import LocalCluster; c = LocalCluster.load_state({!r}); c.node({!r}).{}()"
+        stop = f"{sys.executable} -c \"{control.format(str(state), target.name, 'stop')}\""
+        start = f"{sys.executable} -c \"{control.format(str(state), target.name, 'start')}\""
+        done = subprocess.run([*CLI, "drill", "--config", str(config), "--scenario", "shell", "--inject", stop,
+                               "--recover", start, "--duration", "6s", "--fault-at", "1.5s", "--recover-after", "2s",
+                               "--threads", "4", "--out", str(tmp_path), "--min-read-availability", "100"],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        report = json.loads((tmp_path / "dbrouter-drill-shell.json").read_text())
+        assert any(note.startswith("inject:") for note in report["notes"])
+        assert any(note.startswith("recover:") for note in report["notes"])
+        down = [e for e in report["events"] if e["name"] == "node_down" and e["node"] == f"127.0.0.1:{target.port}"]
+        assert down and 1.5 <= down[0]["t"] < 4.0
+        assert target.running
+        assert report["results"]["read_availability"] == 100.0
+    finally:
+        cluster.destroy()
+
+
+def test_a_violated_limit_exits_non_zero_and_names_it(tmp_path: Path) -> None:
+    done = subprocess.run([*CLI, "drill", "--local", "postgres", "--scenario", "kill-primary", "--no-recover",
+                           "--duration", "3s", "--fault-at", "1s", "--threads", "2", "--quiet",
+                           "--max-write-downtime", "0.5s", "--min-read-availability", "99", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "limit violated: --max-write-downtime 0.5s: measured" in done.stderr
+    measured = json.loads((tmp_path / "dbrouter-drill-kill-primary.json").read_text())["limits"]
+    assert measured[0]["name"] == "max-write-downtime" and measured[0]["measured"] > 0.5 and not measured[0]["ok"]
+    assert measured[1]["ok"]  # reads survived
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--local", "postgres", "--scenario", "meteor-strike"], "unknown scenario 'meteor-strike'"),
+        (["--local", "postgres", "--duration", "0"], "--duration must be > 0"),
+        (["--config", "{config}", "--scenario", "shell", "--inject", "true"], "cluster not reachable"),
+        (["--config", "{config}", "--scenario", "kill-primary"], "acts on a local cluster"),
+        (["--local", "postgres", "--scenario", "shell"], "needs --inject"),
+    ],
+)
+def test_bad_input_fails_before_any_fault_and_leaves_nothing_running(args: list[str], message: str, tmp_path: Path) -> None:
+    config = tmp_path / "unreachable.toml"
+    config.write_text('primary = "postgresql://dbrouter:pw@127.0.0.1:1/dbrouter"\n[connect]\nconnect_timeout = 2\n')
+    before = server_pids()
+    done = subprocess.run([*CLI, "drill", *[a.format(config=config) for a in args], "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert message in done.stderr
+    assert "inject:" not in done.stdout
+    assert not list(tmp_path.glob("dbrouter-drill-*"))
+    assert server_pids() <= before
+
+
+def test_demo_shows_the_live_view_and_writes_a_chart_with_the_fault(tmp_path: Path) -> None:
+    done = subprocess.run([*CLI, "demo", "--duration", "7s", "--fault-at", "2s", "--promote-after", "1s"],
+                          capture_output=True, text=True, timeout=180, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.stdout.count("ops/s") >= 5 and "<<< fault: kill-primary-promote" in done.stdout
+    assert "read availability" in done.stdout
+    report = json.loads((tmp_path / "dbrouter-drill-kill-primary-promote.json").read_text())
+    assert report["results"]["read_availability"] == 100.0
+    page = (tmp_path / "dbrouter-drill-kill-primary-promote.html").read_text()
+
+    class Check(HTMLParser):
+        def __init__(self) -> None:
+            super().__init__()
+            self.svgs, self.markers, self.lines = 0, [], 0
+
+        def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+            values = dict(attrs)
+            self.svgs += tag == "svg"
+            self.lines += tag == "polyline"
+            if tag == "line" and "marker" in (values.get("class") or ""):
+                self.markers.append(values["class"])
+
+    check = Check()
+    check.feed(page)
+    assert check.svgs == 3 and check.lines >= 6
+    assert check.markers.count("marker fault") == 3 and check.markers.count("marker recovery") == 3
+
+
+def test_chart_renders_without_a_fault_recovery(tmp_path: Path) -> None:
+    from dbrouter.drill.report import DrillReport
+
+    report = DrillReport(scenario="x", engine="postgres", settings={}, fault_at=1.0, recover_at=None, duration=2.0,
+                         timeline=[{"t": 0.1 * i, "ops": 1, "reads": 1, "writes": 0, "errors": {}, "p50": 0.001,
+                                    "p99": 0.002, "max": 0.003} for i in range(20)],
+                         results={"operations": 20}, events=[])
+    page = render_html(report)
+    assert page.count("marker fault") == 3 and "marker recovery" not in page

@@ -33,7 +33,7 @@ from .errors import (  # noqa: E402
 )
 from .events import Event  # noqa: E402
 from .pool import Pool  # noqa: E402
-from .router import Router  # noqa: E402
+from .router import Router, is_read_statement  # noqa: E402
 from .session import Session, Transaction  # noqa: E402
 from .url import NodeAddress, parse_address  # noqa: E402
 
@@ -65,6 +65,7 @@ __all__ = [
     "Transaction",
     "WriteOutcomeUnknown",
     "connect_pool",
+    "is_read_statement",
     "parse_address",
 ]
 

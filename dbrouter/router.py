@@ -507,12 +507,57 @@ class Router:
         """A pooled DB-API connection for other libraries: ``"read"`` (a replica) or ``"write"`` (the primary).
 
         The connection is in autocommit mode; anything left open is rolled back on return.
+        The node's breaker is honoured and fed, as for `read` and `write`.
+        """
+        node, conn = self.checkout(intent)
+        try:
+            yield conn
+        except BaseException as exc:
+            self.checkin(node, conn, exc)
+            raise
+        self.checkin(node, conn)
+
+    def choose_reader(self) -> Node:
+        """The node a read would go to now (policy, lag, health and breakers applied)."""
+        return self._reader()
+
+    def checkout(self, intent: str = "read", node: Node | None = None) -> tuple[Node, Any]:
+        """Borrow a connection for ``intent`` (or from ``node``); give it back with `checkin`.
+
+        For integrations that hold connections themselves. Raises `NodeUnavailable` when
+        the node's breaker is open, `ConnectError`, `PoolTimeout`, and for writes
+        `NoPrimaryAvailable` / `SplitBrain` (after ``failover_wait``).
         """
         if intent not in ("read", "write"):
             raise ConfigurationError(f"connection intent must be 'read' or 'write', got {intent!r}")
-        node = self._reader() if intent == "read" else self._writer(time.monotonic() + self.config.routing.failover_wait)[0]
-        with node.pool.connection() as conn:
-            yield conn
+        if node is None:
+            node = self._reader() if intent == "read" else self._writer(time.monotonic() + self.config.routing.failover_wait)[0]
+        if not node.breaker.allow():
+            raise _BreakerOpen(f"node {node.name}: circuit breaker {node.breaker.state} after {node.breaker.failures} failures",
+                               node=node.name)
+        try:
+            conn = node.pool.acquire()
+        except ConnectError as exc:
+            node.breaker.failure(exc)
+            raise
+        (self._reads if intent == "read" else self._writes).inc()
+        return node, conn
+
+    def checkin(self, node: Node, conn: Any, error: BaseException | None = None) -> None:
+        """Return a connection from `checkout`; ``error`` is what failed on it, if anything.
+
+        A connection error discards the connection and counts against the node's breaker.
+        """
+        lost = False
+        if error is not None:
+            kind = node.adapter.classify(error) if isinstance(error, Exception) else None
+            lost = kind is None or kind is ErrorKind.UNREACHABLE
+            if lost and kind is not None:
+                node.breaker.failure(error)
+                node.pool.invalidate(f"connection to {node.name} lost")
+        if not lost:
+            node.breaker.success()
+        node.pool.release(conn, broken=lost)
 
     def write_many(self, sql: str, rows: Sequence[Any], *, batch_size: int = 1000, workers: int = 4) -> int:
         """Run ``sql`` for every parameter row, in batches spread over pooled primary connections.

@@ -24,7 +24,6 @@ from dbrouter.cluster import make_cluster
 from dbrouter.drill import SCENARIOS, Drill, DrillOptions
 from dbrouter.drill.chart import render_html
 
-from .conftest import ENGINES
 
 pytestmark = pytest.mark.slow
 

@@ -110,7 +110,10 @@ class PostgresAdapter(Adapter):
             return ReturnState.BROKEN
         status = conn.get_transaction_status()
         if status == _STATUS_IDLE:
-            return ReturnState.CLEAN if conn.autocommit else ReturnState.DIRTY
+            # Attribute reads only: psycopg2 tracks these on the client.
+            if conn.autocommit and conn.isolation_level is None and conn.readonly is None and conn.deferrable is None:
+                return ReturnState.CLEAN
+            return ReturnState.DIRTY
         if status == _STATUS_UNKNOWN or status == _STATUS_ACTIVE:
             return ReturnState.BROKEN
         return ReturnState.DIRTY
@@ -123,6 +126,8 @@ class PostgresAdapter(Adapter):
                     cur.execute("ROLLBACK")
             else:
                 conn.rollback()
+        if conn.isolation_level is not None or conn.readonly is not None or conn.deferrable is not None:
+            conn.set_session(isolation_level="DEFAULT", readonly="DEFAULT", deferrable="DEFAULT")
         if not conn.autocommit:
             conn.autocommit = True
 

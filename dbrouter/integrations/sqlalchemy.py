@@ -64,7 +64,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Connection, Engine
@@ -101,8 +101,6 @@ _POOL_OPTIONS = {
     "pool_use_lifo": "dbrouter already hands out the most recently used connection",
 }
 
-_PG_IDLE = 0  # psycopg2.extensions.TRANSACTION_STATUS_IDLE, without importing psycopg2 here
-
 
 class _Checkouts:
     """An engine's ``creator``: borrows connections from dbrouter pools and takes them back.
@@ -111,19 +109,22 @@ class _Checkouts:
     engine's connections come from several pools.
     """
 
-    def __init__(self, engine: str, choose: Callable[[], Node]) -> None:
+    def __init__(self, router: Router, engine: str, intent: str, node: Node | None = None) -> None:
+        self._router = router
         self._engine = engine
-        self._choose = choose
+        self._intent = intent
+        self._node = node
         self._lock = threading.Lock()
         self._owners: dict[int, Node] = {}
 
     def __call__(self) -> Any:
-        node = self._choose()
-        conn = node.pool.acquire()
+        # The router's checkout honours and feeds the node's breaker (and waits for a
+        # primary up to failover_wait for the writer).
+        node, conn = self._router.checkout(self._intent, self._node)
         try:
             self._prepare(conn)
         except BaseException as exc:
-            node.pool.release(conn, broken=_lost(node, exc))
+            self._router.checkin(node, conn, exc)
             raise
         with self._lock:
             self._owners[id(conn)] = node
@@ -139,12 +140,9 @@ class _Checkouts:
             except Exception:  # noqa: BLE001 - closing a broken connection may fail; nothing to do
                 pass
             return
-        if not broken:
-            try:
-                self._restore(conn)
-            except Exception as exc:  # noqa: BLE001 - a connection that cannot be tidied is discarded
-                log.debug("node %s: could not tidy a connection SQLAlchemy returned, discarding it: %s", node.name, exc)
-                broken = True
+        if not broken and self._engine == "mysql":
+            conn._buffered = False  # as dbrouter opened it; the pool restores autocommit
+        # The pool rolls back, restores autocommit and (psycopg2) the session defaults.
         node.pool.release(conn, broken=broken)
 
     def _prepare(self, conn: Any) -> None:
@@ -154,18 +152,6 @@ class _Checkouts:
             # SQLAlchemy 2.0 relies on buffered cursors, which it asks for when it opens
             # connections itself (2.1 asks per cursor); dbrouter opens unbuffered ones.
             conn._buffered = True
-
-    def _restore(self, conn: Any) -> None:
-        if self._engine == "mysql":
-            conn._buffered = False  # as dbrouter opened it; the pool restores autocommit
-            return
-        if conn.isolation_level is None and conn.readonly is None and conn.deferrable is None:
-            return  # the common case: nothing to undo
-        if conn.get_transaction_status() != _PG_IDLE:
-            conn.rollback()
-        # Outside autocommit psycopg2 applies these at the next BEGIN: no round trip now.
-        conn.autocommit = False
-        conn.set_session(isolation_level="DEFAULT", readonly="DEFAULT", deferrable="DEFAULT")
 
 
 def _lost(node: Node, exc: BaseException) -> bool:
@@ -208,17 +194,18 @@ class RoutingEngines:
         self._options = engine_options
         self._lock = threading.Lock()
         self._by_node: dict[str, Engine] = {}
-        self.writer: Engine = self._make("primary", lambda: router.primary)
+        self.writer: Engine = self._make("primary", "write")
         """Bound to the primary (the current one, after a failover)."""
-        self.reader: Engine = self._make("reader", router._reader)
+        self.reader: Engine = self._make("reader", "read")
         """A node chosen by the router's read policy at each checkout."""
 
     def __repr__(self) -> str:
         return f"<RoutingEngines {self.router!r}>"
 
-    def _make(self, name: str, choose: Callable[[], Node]) -> Engine:
+    def _make(self, name: str, intent: str, node: Node | None = None) -> Engine:
         options = {"logging_name": f"dbrouter-{name}", "pool_logging_name": f"dbrouter-{name}", **self._options}
-        return create_engine(_URLS[self._engine], creator=_Checkouts(self._engine, choose), poolclass=_HandOffPool, **options)
+        creator = _Checkouts(self.router, self._engine, intent, node)
+        return create_engine(_URLS[self._engine], creator=creator, poolclass=_HandOffPool, **options)
 
     def for_node(self, node: Node) -> Engine:
         """An engine whose connections all come from ``node`` (``writer`` for the primary)."""
@@ -227,7 +214,7 @@ class RoutingEngines:
         with self._lock:  # create_engine does no I/O
             engine = self._by_node.get(node.name)
             if engine is None:
-                engine = self._by_node[node.name] = self._make(node.name, lambda: node)
+                engine = self._by_node[node.name] = self._make(node.name, "read", node)
         return engine
 
     def dispose(self) -> None:
@@ -348,7 +335,7 @@ class RoutingSession(Session):
             return engines.writer
         if self._position is None:
             return engines.reader
-        node = router._reader()
+        node = router.choose_reader()
         if node is router.primary:
             return engines.writer
         if node.name not in self._confirmed:

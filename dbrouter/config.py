@@ -231,10 +231,23 @@ class BreakerPolicy:
     hung statement) that open the breaker and take the node out of rotation."""
     reset_timeout: float = 10.0
     """Seconds an open breaker waits before letting one trial call through."""
+    breaker_redis_url: str | None = None
+    """``redis://host:port/db``: share every node's breaker state with the other
+    processes of the application through Redis, so that one process finding a node
+    down spares the others (extra ``redis``). None: each process on its own."""
+    breaker_refresh: float = 0.5
+    """With shared state, seconds a process trusts its copy of a breaker's state
+    before reading it from Redis again (keeps Redis off the query path)."""
 
     def __post_init__(self) -> None:
         check_range("BreakerPolicy", "fail_max", self.fail_max, low=1, integer=True)
         check_range("BreakerPolicy", "reset_timeout", self.reset_timeout, low=0, low_open=True)
+        check_range("BreakerPolicy", "breaker_refresh", self.breaker_refresh, low=0, high=60)
+        url = self.breaker_redis_url
+        if url is not None and not (isinstance(url, str) and url.startswith(("redis://", "rediss://", "unix://"))):
+            raise ConfigurationError(
+                f"BreakerPolicy.breaker_redis_url must be a redis://, rediss:// or unix:// URL, got {mask_password(str(url))!r}"
+            )
 
 
 @dataclass(frozen=True, kw_only=True)

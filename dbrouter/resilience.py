@@ -27,7 +27,7 @@ from tenacity import Retrying, retry_if_exception, stop_after_attempt, stop_afte
 
 from .config import BreakerPolicy, RetryPolicy
 
-__all__ = ["NodeBreaker", "Watchdog", "build_retrying"]
+__all__ = ["NodeBreaker", "Watchdog", "build_retrying", "shared_storage"]
 
 log = logging.getLogger("dbrouter.resilience")
 
@@ -67,6 +67,11 @@ class NodeBreaker:
         self.policy = policy
         self._on_change = on_change
         self._clock = clock
+        # Shared (Redis) state is read at most every breaker_refresh seconds; local
+        # state is an attribute read and needs no cache.
+        self._ttl = policy.breaker_refresh if storage is not None else 0.0
+        self._cached: tuple[str, int] = (CLOSED, 0)
+        self._cached_at = float("-inf")
         self._lock = threading.Lock()
         self._opened_at: float | None = None
         self._trial_started: float | None = None
@@ -83,15 +88,31 @@ class NodeBreaker:
     def __repr__(self) -> str:
         return f"<NodeBreaker {self.name} {self.state} failures={self.failures}>"
 
+    def _read(self) -> tuple[str, int]:
+        """(state, failure count), from the shared storage at most every ``breaker_refresh`` s."""
+        if not self._ttl:
+            return self._cb.current_state, self._cb.fail_counter
+        now = self._clock()
+        if now - self._cached_at >= self._ttl:
+            self._refresh(now)
+        return self._cached
+
+    def _refresh(self, now: float) -> None:
+        try:
+            self._cached = (self._cb.current_state, self._cb.fail_counter)
+        except Exception as exc:  # noqa: BLE001 - an unreachable Redis must not stop queries
+            log.warning("breaker %s: shared state unavailable (%s); keeping the last known state", self.name, exc)
+        self._cached_at = now
+
     @property
     def state(self) -> str:
         """``closed``, ``open`` or ``half-open``."""
-        return self._cb.current_state
+        return self._read()[0]
 
     @property
     def failures(self) -> int:
         """Consecutive node failures counted so far."""
-        return self._cb.fail_counter
+        return self._read()[1]
 
     def _elapsed_open(self, now: float) -> bool:
         if self._opened_at is None:  # opened by another process sharing the storage
@@ -99,24 +120,28 @@ class NodeBreaker:
         return now - self._opened_at >= self.policy.reset_timeout
 
     def available(self) -> bool:
-        """Whether the node may be offered work now (no side effects, no lock)."""
-        state = self._cb.current_state
+        """Whether the node may be offered work now (no lock, no I/O beyond a shared-state refresh)."""
+        state = self._read()[0]
         if state == CLOSED:
             return True
         now = self._clock()
         if state == OPEN:
-            return self._opened_at is None or now - self._opened_at >= self.policy.reset_timeout
+            if self._opened_at is None:  # opened by another process: its timer starts now here
+                self._opened_at = now
+            return now - self._opened_at >= self.policy.reset_timeout
         return self._trial_started is None
 
     def allow(self) -> bool:
         """May a call go to this node now? Closed: yes. Open: no, until
         ``reset_timeout`` has passed; then the breaker goes half-open and exactly
         one trial call is let through until its outcome is recorded."""
-        if self._cb.current_state == CLOSED:
+        if self._read()[0] == CLOSED:
             return True
         with self._lock:
             now = self._clock()
-            state = self._cb.current_state
+            if self._ttl:
+                self._refresh(now)
+            state = self._read()[0]
             if state == CLOSED:
                 return True
             if state == OPEN:
@@ -132,15 +157,17 @@ class NodeBreaker:
 
     def success(self) -> None:
         """Record a call that reached the node and got an answer."""
-        cb = self._cb
-        if cb.current_state == CLOSED and cb.fail_counter == 0:
+        if self._read() == (CLOSED, 0):
             return  # the hot path: nothing to reset, no lock, no storage write
         with self._lock:
             self._trial_started = None
             try:
-                cb.call(_succeed)
+                self._cb.call(_succeed)
             except pybreaker.CircuitBreakerError:
                 pass  # still open: a late success from before it opened changes nothing
+            except Exception as exc:  # noqa: BLE001 - shared storage unreachable
+                log.warning("breaker %s: could not record a success: %s", self.name, exc)
+            self._cached_at = float("-inf")
 
     def failure(self, exc: BaseException) -> None:
         """Record a node failure (never a caller's SQL error)."""
@@ -150,6 +177,7 @@ class NodeBreaker:
                 self._cb.call(_fail, exc)
             except BaseException:  # noqa: BLE001 - the error is the caller's to raise
                 pass
+            self._cached_at = float("-inf")
 
     def force_open(self) -> None:
         """Take the node out of rotation now (for example, it was found demoted)."""
@@ -165,6 +193,7 @@ class NodeBreaker:
                 self._cb.close()
 
     def _changed(self, old: str, new: str) -> None:
+        self._cached_at = float("-inf")
         if new == OPEN:
             self._opened_at = self._clock()
             self.trips += 1
@@ -179,6 +208,19 @@ class _Listener(pybreaker.CircuitBreakerListener):
     def state_change(self, cb: pybreaker.CircuitBreaker, old_state: Any, new_state: Any) -> None:
         old = old_state.name if old_state is not None else CLOSED
         self._owner._changed(old, new_state.name)
+
+
+def shared_storage(url: str, node_key: str) -> pybreaker.CircuitBreakerStorage:
+    """pybreaker's Redis storage for one node, keyed by the node's address so that every
+    process of the application that talks to that node shares one breaker."""
+    try:
+        import redis
+    except ImportError as exc:  # pragma: no cover - depends on the installed extras
+        from .errors import ConfigurationError
+
+        raise ConfigurationError("breaker_redis_url needs the redis package: pip install 'dbrouter[redis]'") from exc
+    client = redis.Redis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0)
+    return pybreaker.CircuitRedisStorage(CLOSED, client, namespace=f"dbrouter:{node_key}")
 
 
 def build_retrying(

@@ -49,7 +49,7 @@ from .errors import (
 )
 from .events import Event, Events
 from .pool import Pool
-from .resilience import CLOSED, HALF_OPEN, OPEN, NodeBreaker, Watchdog, build_retrying
+from .resilience import CLOSED, HALF_OPEN, OPEN, NodeBreaker, Watchdog, build_retrying, shared_storage
 from .session import Session, Transaction
 from .topology import PRIMARY, REPLICA, Monitor, Node, Topology
 from .url import parse_address
@@ -162,7 +162,12 @@ class Router:
             adapter = make_adapter(address, config.connect)
             pool = Pool(adapter, config.pool, name=node_name, watchdog=self._watchdog,
                         on_event=partial(self._pool_event, node_name))
-            breaker = NodeBreaker(node_name, config.breaker, on_change=partial(self._breaker_changed, node_name))
+            storage = None
+            if config.breaker.breaker_redis_url:
+                key = f"{address.engine}:{address.name}/{address.database or ''}"
+                storage = shared_storage(config.breaker.breaker_redis_url, key)
+            breaker = NodeBreaker(node_name, config.breaker, on_change=partial(self._breaker_changed, node_name),
+                                  storage=storage)
             nodes.append(Node(node_name, address, adapter, pool, breaker, role, weight))
         return nodes
 

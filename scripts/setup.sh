@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up a fresh machine for dbrouter's demo and tests.
-#  - installs PostgreSQL and MariaDB server binaries with apt when they are absent
+#  - installs PostgreSQL, MariaDB and Redis server binaries with apt when they are absent
 #    (the local clusters are started from these binaries, never from system services);
 #  - creates .venv and installs dbrouter with its test dependencies into it.
 # Safe to run again: it only installs what is missing.
@@ -19,6 +19,7 @@ have_mariadb() { command -v mariadbd >/dev/null 2>&1 || [ -x /usr/sbin/mariadbd 
 missing=()
 have_postgres || missing+=(postgresql postgresql-contrib)
 have_mariadb || missing+=(mariadb-server)
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)  # the fleet (shared breaker) tests
 command -v runuser >/dev/null 2>&1 || missing+=(util-linux)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
 if [ ${#missing[@]} -gt 0 ]; then

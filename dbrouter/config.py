@@ -261,10 +261,10 @@ class ReplicaSpec:
     def __post_init__(self) -> None:
         if not isinstance(self.url, str) or not self.url.strip():
             raise ConfigurationError("replica URL is empty")
+        check_range("replica", "weight", self.weight, low=0, low_open=True)
 
     def __repr__(self) -> str:
         return f"ReplicaSpec(url={mask_password(self.url)!r}, weight={self.weight!r}, name={self.name!r})"
-        check_range("replica", "weight", self.weight, low=0, low_open=True)
 
 
 SECTIONS: dict[str, type] = {

@@ -100,7 +100,8 @@ class RouterCollector(Collector):
             trips.add_metric(values, info["breaker_trips"])
             up.add_metric(values, 1 if info["healthy"] else 0)
             primary.add_metric(values, 1 if info["role"] == "primary" else 0)
-            lag.add_metric(values, math.nan if info["lag"] is None else info["lag"])
+            if info["role"] != "primary":
+                lag.add_metric(values, math.nan if info["lag"] is None else info["lag"])
             latency.add_metric(values, info["latency"])
             node = by_name.get(node_name)
             if node is not None:

@@ -83,8 +83,9 @@ def run(engine: str, scenario: str, tmp_path: Path, **overrides: Any) -> tuple[A
 @pytest.mark.parametrize("engine", ["postgres", "mariadb"])
 @pytest.mark.parametrize("scenario", BUILT_IN)
 def test_each_scenario_reports_what_the_application_saw(engine: str, scenario: str, tmp_path: Path) -> None:
-    # A hang is detected after the statement timeout (2 s in drills): give it time to be seen.
-    longer = {"duration": 6.0, "recover_after": 3.5} if scenario == "blackhole-replica" else {}
+    # A hang is seen after the statement timeout, lag once it passes max_replica_lag (1 s in
+    # drills, measured at each 0.5 s probe): give those faults time to be seen.
+    longer = {"duration": 6.0, "recover_after": 3.5} if scenario in ("blackhole-replica", "pause-replication") else {}
     report, drill, rows = run(engine, scenario, tmp_path, **longer)
     results = report.results
     ops = drill.workload.snapshot()
@@ -186,7 +187,8 @@ def test_bad_input_fails_before_any_fault_and_leaves_nothing_running(args: list[
 
 
 def test_demo_shows_the_live_view_and_writes_a_chart_with_the_fault(tmp_path: Path) -> None:
-    done = subprocess.run([*CLI, "demo", "--duration", "7s", "--fault-at", "2s", "--promote-after", "1s"],
+    done = subprocess.run([*CLI, "demo", "--duration", "7s", "--fault-at", "2s", "--promote-after", "1s",
+                           "--recover-after", "3s"],
                           capture_output=True, text=True, timeout=180, cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert done.stdout.count("ops/s") >= 5 and "<<< fault: kill-primary-promote" in done.stdout

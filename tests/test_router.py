@@ -285,6 +285,8 @@ def test_write_many_reports_the_failed_batch(cluster: Any, table: str) -> None:
         (("postgresql://a@127.0.0.1/x",), {"max_replica_lag": -1}, "max_replica_lag must be >= 0"),
         (("postgresql://a@127.0.0.1/x",), {"max_sise": 3}, "did you mean 'max_size'"),
         (("postgresql://a@127.0.0.1/x", ["postgresql://a@127.0.0.1/x"]), {}, "listed twice"),
+        (("postgresql://a@127.0.0.1/x", [{"url": "postgresql://a@127.0.0.2/x", "weight": -1}]), {}, "weight must be > 0"),
+        (("postgresql://a@127.0.0.1/x", [{"url": "postgresql://a@127.0.0.2/x", "weight": "heavy"}]), {}, "weight must be a number"),
     ],
 )
 def test_bad_configuration_fails_at_construction(args: tuple, options: dict, message: str) -> None:

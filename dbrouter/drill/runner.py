@@ -235,10 +235,10 @@ class Drill:
             time.sleep(delay)
 
     def _check_writes(self, workload: Workload, target: DrillTarget) -> tuple[list[int], list[int]]:
-        """Read the ids back from the primary (waiting up to 15 s for one to be known)."""
+        """Read the ids back from the primary (waiting a few probe rounds for one to be known)."""
         router = self.router
         assert router is not None
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + max(5.0, 3 * router.config.monitor.health_interval + router.config.connect.connect_timeout)
         while router.topology.primary_problem() is not None and time.monotonic() < deadline:
             router._monitor.wake()
             time.sleep(0.2)

@@ -7,9 +7,10 @@ replication) instead of rebuilding clusters. A missing binary fails the run.
 
 from __future__ import annotations
 
+import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 
@@ -111,3 +112,30 @@ def kill_session(cluster: LocalCluster, session_id: int) -> None:
         cluster.primary.query(f"SELECT pg_terminate_backend({session_id})")
     else:
         cluster.primary.query(f"KILL {session_id}")
+
+
+def port_sql(cluster: Any) -> str:
+    """The expression that makes a server say which port it listens on: who answered."""
+    return "inet_server_port()" if cluster.engine == "postgres" else "@@port"
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 5.0, interval: float = 0.02) -> bool:
+    """Poll ``predicate`` until it is true or ``timeout`` passes; returns its last verdict."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return bool(predicate())
+
+
+@pytest.fixture
+def table(cluster: LocalCluster) -> Iterator[str]:
+    """A fresh ``(id, port)`` table on the primary, replicated everywhere; dropped afterwards."""
+    name = "t" + uuid.uuid4().hex[:10]
+    cluster.primary.query(f"CREATE TABLE {name} (id bigint primary key, port int)")
+    cluster.wait_replicated(timeout=10)
+    yield name
+    for replica in cluster.replicas:
+        cluster.resume_replication(replica)
+    cluster.primary.query(f"DROP TABLE IF EXISTS {name}")

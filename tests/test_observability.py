@@ -20,7 +20,7 @@ from dbrouter.cluster import make_cluster
 from dbrouter.metrics import start_http_server
 from dbrouter.workload import Workload
 
-from .conftest import ENGINES
+from .conftest import ENGINES, wait_until
 
 PASSWORD = "dbrouter-pw"  # the local clusters' password: must never show up
 
@@ -39,15 +39,6 @@ def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 def value(samples: dict, name: str, **labels: str) -> float:
     key = (name, tuple(sorted({"router": "default", **labels}.items())))
     return samples[key]
-
-
-def wait_until(predicate: Any, timeout: float, interval: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return bool(predicate())
 
 
 @pytest.mark.slow

@@ -19,7 +19,7 @@ from dbrouter.cluster import make_cluster
 from dbrouter.faultproxy import FaultProxy
 from dbrouter.workload import Workload
 
-from .conftest import ENGINES
+from .conftest import ENGINES, port_sql, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -31,10 +31,6 @@ def own_cluster(engine: str, *, sync: bool = False) -> Iterator[Any]:
         yield cluster
     finally:
         cluster.destroy()
-
-
-def port_sql(cluster: Any) -> str:
-    return "inet_server_port()" if cluster.engine == "postgres" else "@@port"
 
 
 def router_sessions(node: Any, tag: str, engine: str) -> int:
@@ -54,15 +50,6 @@ def most_advanced_replica(cluster: Any, candidates: list[Any]) -> Any:
         gtid = node.query("SELECT @@gtid_slave_pos")[0][0] or "0-0-0"
         return max(int(part.split("-")[2]) for part in gtid.split(","))
     return max(candidates, key=received)
-
-
-def wait_until(predicate: Any, timeout: float, interval: float = 0.02) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return bool(predicate())
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -291,6 +278,7 @@ def test_split_brain_stops_writes_until_resolved(engine: str) -> None:
                     connect_timeout=2, fail_max=2) as router:
             router.on("*", lambda e: events.append(e.name))
             router.write("CREATE TABLE sb (v int)")
+            cluster.wait_replicated()
             old = cluster.primary
             old.kill()
             new = cluster.replicas[0]

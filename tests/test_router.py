@@ -4,36 +4,22 @@ from __future__ import annotations
 
 import threading
 import time
-import uuid
 from collections import Counter
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
 import dbrouter
 from dbrouter import ConfigurationError, NoReplicaAvailable, Router
 
+from .conftest import port_sql
+
 FAST = {"health_interval": 0.2, "min_size": 1, "max_size": 6}
-
-
-def port_sql(cluster: Any) -> str:
-    return "inet_server_port()" if cluster.engine == "postgres" else "@@port"
 
 
 def make_router(cluster: Any, **options: Any) -> Router:
     settings = {**FAST, **options}
     return Router(cluster.primary.url, [n.url for n in cluster.replicas], **settings)
-
-
-@pytest.fixture
-def table(cluster: Any) -> Iterator[str]:
-    name = "r" + uuid.uuid4().hex[:10]
-    cluster.primary.query(f"CREATE TABLE {name} (id bigint primary key, port int)")
-    cluster.wait_replicated(timeout=10)
-    yield name
-    for replica in cluster.replicas:
-        cluster.resume_replication(replica)
-    cluster.primary.query(f"DROP TABLE IF EXISTS {name}")
 
 
 def replica_ports(cluster: Any) -> set[int]:

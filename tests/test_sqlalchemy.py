@@ -53,17 +53,6 @@ def model_for(table: str) -> Any:
 
 
 @pytest.fixture
-def table(cluster: Any) -> Iterator[str]:
-    name = "sa" + uuid.uuid4().hex[:10]
-    cluster.primary.query(f"CREATE TABLE {name} (id bigint primary key, port int)")
-    cluster.wait_replicated(timeout=10)
-    yield name
-    for replica in cluster.replicas:
-        cluster.resume_replication(replica)
-    cluster.primary.query(f"DROP TABLE IF EXISTS {name}")
-
-
-@pytest.fixture
 def make(cluster: Any) -> Iterator[Make]:
     """Builds a router on the cluster plus its engines; closes them all at the end."""
     made: list[tuple[Router, RoutingEngines]] = []

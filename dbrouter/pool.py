@@ -53,9 +53,11 @@ MAX_SIZE = "max_size"
 
 PoolStats = dict  # the mapping returned by Pool.stats(); keys are the constants above
 
-_WAIT_SAMPLES = 1024  # ring of recent acquire waits for the percentiles
+_WAIT_SAMPLES = 1024  # ring of recent acquire waits for the percentiles (a power of two)
+_WAIT_MASK = _WAIT_SAMPLES - 1
 # Upper bounds (seconds) of the acquire-wait histogram exported to metrics.
 WAIT_BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0)
+_FIRST_BUCKET = WAIT_BUCKETS[0]
 _EVENT_INTERVAL = 1.0  # at most one pool_exhausted event per second per pool
 _LIFETIME_JITTER = 0.05  # retire up to 5% early so connections do not all expire at once
 _STACK_LIMIT = 32
@@ -126,7 +128,8 @@ class Pool:
         self._last_connect_error: BaseException | None = None
         self._failing = False  # log the first connect failure of a streak as a warning, the rest quietly
         self._drained = threading.Condition(self._lock)
-        self._counts = {ACQUIRED: 0, TIMEOUTS: 0, CONNECT_ERRORS: 0, OPENED: 0, CLOSED: 0, DISCARDED: 0, LEAKS: 0}
+        self._counts = {TIMEOUTS: 0, CONNECT_ERRORS: 0, OPENED: 0, CLOSED: 0, DISCARDED: 0, LEAKS: 0}
+        self._acquired = 0  # an attribute, not in _counts: it is bumped on every checkout
         self._waits = [0.0] * _WAIT_SAMPLES
         self._wait_n = 0
         self._wait_buckets = [0] * (len(WAIT_BUCKETS) + 1)  # the last one is +Inf
@@ -212,10 +215,11 @@ class Pool:
                         entry = self._wait_locked(deadline, timeout)
                     now = time.monotonic()
                     waited = now - start
-                    self._counts[ACQUIRED] += 1
-                    self._waits[self._wait_n % _WAIT_SAMPLES] = waited
+                    self._acquired += 1
+                    self._waits[self._wait_n & _WAIT_MASK] = waited
                     self._wait_n += 1
-                    self._wait_buckets[bisect_left(WAIT_BUCKETS, waited)] += 1
+                    # Almost every checkout of a warm pool falls in the first bucket: skip the search.
+                    self._wait_buckets[0 if waited <= _FIRST_BUCKET else bisect_left(WAIT_BUCKETS, waited)] += 1
                     self._wait_sum += waited
             except PoolTimeout as exc:
                 if exc.__dict__.pop("notify", False) and self._on_event is not None:
@@ -280,7 +284,9 @@ class Pool:
             error.notify = True  # type: ignore[attr-defined]  # reported by _checkout, outside the lock
         raise error from self._last_connect_error
 
-    def _checkin(self, entry: _Entry, *, broken: bool = False) -> None:
+    def _checkin(self, entry: _Entry, *, broken: bool = False) -> float:
+        """Take a connection back; returns the time it was returned (monotonic), so that
+        callers can tell how long they held it without reading the clock again."""
         conn = entry.conn
         state = ReturnState.BROKEN if broken else self.adapter.return_state(conn)
         if state is ReturnState.DIRTY:
@@ -292,18 +298,22 @@ class Pool:
         now = time.monotonic()
         if state is ReturnState.BROKEN or now >= entry.expires or entry.generation != self._generation:
             self._discard(entry, "broken" if state is ReturnState.BROKEN else "retired")
-            return
+            return now
         entry.last_used = now
         entry.borrower = None
         with self._lock:
             del self._in_use[id(conn)]
             if not self._closed:
-                self._give_locked(entry)
-                return
+                if self._waiters:
+                    self._give_locked(entry)
+                else:
+                    self._idle.append(entry)  # the common case, inlined
+                return now
             self._open -= 1
             self._counts[CLOSED] += 1
             self._drained.notify_all()
         self.adapter.close(conn)
+        return now
 
     def _give_locked(self, entry: _Entry) -> None:
         """Hand a free connection to the oldest waiter, or park it as idle."""
@@ -321,7 +331,7 @@ class Pool:
         self.adapter.close(entry.conn)
         with self._lock:
             if not_acquired:  # found unusable during checkout: the caller never had it
-                self._counts[ACQUIRED] -= 1
+                self._acquired -= 1
             self._in_use.pop(id(entry.conn), None)
             self._open -= 1
             self._counts[DISCARDED] += 1
@@ -476,6 +486,7 @@ class Pool:
                 IDLE: len(self._idle),
                 IN_USE: len(self._in_use),
                 WAITING: len(self._waiters),
+                ACQUIRED: self._acquired,
                 **self._counts,
             }
         snapshot[WAIT_P50] = waits[int(0.50 * (n - 1))] if n else 0.0

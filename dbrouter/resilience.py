@@ -72,6 +72,9 @@ class NodeBreaker:
         self._ttl = policy.breaker_refresh if storage is not None else 0.0
         self._cached: tuple[str, int] = (CLOSED, 0)
         self._cached_at = float("-inf")
+        # Local state only: True while closed with no failure counted. Every change of
+        # local state goes through this object, so the hot path reads one attribute.
+        self._clean = storage is None
         self._lock = threading.Lock()
         self._opened_at: float | None = None
         self._trial_started: float | None = None
@@ -135,7 +138,7 @@ class NodeBreaker:
         """May a call go to this node now? Closed: yes. Open: no, until
         ``reset_timeout`` has passed; then the breaker goes half-open and exactly
         one trial call is let through until its outcome is recorded."""
-        if self._read()[0] == CLOSED:
+        if self._clean or self._read()[0] == CLOSED:
             return True
         with self._lock:
             now = self._clock()
@@ -157,7 +160,7 @@ class NodeBreaker:
 
     def success(self) -> None:
         """Record a call that reached the node and got an answer."""
-        if self._read() == (CLOSED, 0):
+        if self._clean or self._read() == (CLOSED, 0):
             return  # the hot path: nothing to reset, no lock, no storage write
         with self._lock:
             self._trial_started = None
@@ -168,10 +171,12 @@ class NodeBreaker:
             except Exception as exc:  # noqa: BLE001 - shared storage unreachable
                 log.warning("breaker %s: could not record a success: %s", self.name, exc)
             self._cached_at = float("-inf")
+            self._mark_clean()
 
     def failure(self, exc: BaseException) -> None:
         """Record a node failure (never a caller's SQL error)."""
         with self._lock:
+            self._clean = False
             self._trial_started = None
             try:
                 self._cb.call(_fail, exc)
@@ -182,6 +187,7 @@ class NodeBreaker:
     def force_open(self) -> None:
         """Take the node out of rotation now (for example, it was found demoted)."""
         with self._lock:
+            self._clean = False
             if self._cb.current_state != OPEN:
                 self._cb.open()
 
@@ -191,9 +197,16 @@ class NodeBreaker:
             self._trial_started = None
             if self._cb.current_state != CLOSED:
                 self._cb.close()
+            self._mark_clean()
+
+    def _mark_clean(self) -> None:
+        if self._ttl == 0.0:
+            self._clean = self._cb.current_state == CLOSED and self._cb.fail_counter == 0
 
     def _changed(self, old: str, new: str) -> None:
         self._cached_at = float("-inf")
+        if new != CLOSED:
+            self._clean = False
         if new == OPEN:
             self._opened_at = self._clock()
             self.trips += 1

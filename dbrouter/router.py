@@ -255,7 +255,6 @@ class Router:
         token = None
         if guard is not None:
             token = self._watchdog.arm(time.monotonic() + guard + extra, partial(adapter.abort, entry.conn))
-        started = time.monotonic()
         try:
             result = adapter.execute(entry.conn, sql, params) if op is None else op(adapter, entry.conn)
         except BaseException as exc:
@@ -275,10 +274,10 @@ class Router:
                 breaker.success()  # the node answered, even if with an error
             raise
         if token is not None and not self._watchdog.disarm(token):
-            pool._checkin(entry, broken=True)  # aborted just as it finished: the socket is gone
+            returned = pool._checkin(entry, broken=True)  # aborted just as it finished: the socket is gone
         else:
-            pool._checkin(entry)
-        node.observe_latency(time.monotonic() - started)
+            returned = pool._checkin(entry)
+        node.observe_latency(returned - entry.borrowed_at)  # the pool's clock readings: no extra ones
         breaker.success()
         return result
 

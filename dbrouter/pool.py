@@ -83,14 +83,26 @@ class _Entry:
 
 
 class _Waiter:
-    """A thread waiting for a connection; served under the pool lock."""
+    """A thread waiting for a connection.
 
-    __slots__ = ("cond", "entry", "error")
+    It sleeps on a lock of its own, which the thread that serves it releases
+    (under the pool lock, after setting ``entry`` or ``error``). The woken thread
+    never needs the pool lock, which is what keeps a fair hand-off cheap when
+    many threads share a small pool.
+    """
 
-    def __init__(self, lock: threading.Lock) -> None:
-        self.cond = threading.Condition(lock)
+    __slots__ = ("wakeup", "entry", "error", "since")
+
+    def __init__(self, since: float) -> None:
+        self.wakeup = threading.Lock()
+        self.wakeup.acquire()
         self.entry: _Entry | None = None
         self.error: BaseException | None = None
+        self.since = since
+
+    def serve(self, entry: _Entry | None, error: BaseException | None = None) -> None:
+        self.entry, self.error = entry, error
+        self.wakeup.release()
 
 
 class Pool:
@@ -204,27 +216,22 @@ class Pool:
         deadline = start + timeout
         bypass = self.config.validation_bypass
         while True:
-            try:
-                with self._lock:
-                    if self._closed:
-                        raise PoolClosed(f"pool {self.name} is closed")
-                    if self._idle:
-                        entry = self._idle.pop()  # most recently used: warm, least likely to need a ping
-                        self._in_use[id(entry.conn)] = entry
-                    else:
-                        entry = self._wait_locked(deadline, timeout)
+            with self._lock:
+                if self._closed:
+                    raise PoolClosed(f"pool {self.name} is closed")
+                if self._idle:
+                    entry = self._idle.pop()  # most recently used: warm, least likely to need a ping
+                    self._in_use[id(entry.conn)] = entry
                     now = time.monotonic()
-                    waited = now - start
-                    self._acquired += 1
-                    self._waits[self._wait_n & _WAIT_MASK] = waited
-                    self._wait_n += 1
-                    # Almost every checkout of a warm pool falls in the first bucket: skip the search.
-                    self._wait_buckets[0 if waited <= _FIRST_BUCKET else bisect_left(WAIT_BUCKETS, waited)] += 1
-                    self._wait_sum += waited
-            except PoolTimeout as exc:
-                if exc.__dict__.pop("notify", False) and self._on_event is not None:
-                    self._on_event("pool_exhausted", str(exc), waiting=self.stats()[WAITING])
-                raise
+                    self._record_wait_locked(now - start)
+                    waiter = None
+                else:
+                    waiter = _Waiter(start)
+                    self._waiters.append(waiter)
+                    self._grow_locked()
+            if waiter is not None:
+                entry = self._wait(waiter, deadline, timeout)
+                now = time.monotonic()
             if now >= entry.expires:
                 self._discard(entry, "reached max_lifetime", not_acquired=True)
                 continue
@@ -254,21 +261,35 @@ class Pool:
             if not self._watchdog.disarm(token):
                 raise PoolError(f"pool {self.name}: liveness check got no answer within {limit:.3g}s")
 
-    def _wait_locked(self, deadline: float, timeout: float) -> _Entry:
-        """Queue behind earlier waiters until served, failed or timed out. Holds the lock."""
-        waiter = _Waiter(self._lock)
-        self._waiters.append(waiter)
-        self._grow_locked()
-        while waiter.entry is None and waiter.error is None:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            waiter.cond.wait(remaining)
-        if waiter.entry is not None:
-            return waiter.entry
+    def _record_wait_locked(self, waited: float) -> None:
+        self._acquired += 1
+        self._waits[self._wait_n & _WAIT_MASK] = waited
+        self._wait_n += 1
+        # Almost every checkout of a warm pool falls in the first bucket: skip the search.
+        self._wait_buckets[0 if waited <= _FIRST_BUCKET else bisect_left(WAIT_BUCKETS, waited)] += 1
+        self._wait_sum += waited
+
+    def _wait(self, waiter: _Waiter, deadline: float, timeout: float) -> _Entry:
+        """Sleep until served, failed or timed out; served waiters come back without the pool lock."""
+        served = waiter.wakeup.acquire(True, max(0.0, deadline - time.monotonic()))
+        if not served:
+            with self._lock:
+                if waiter.entry is None and waiter.error is None:
+                    # Still queued: leave the queue under the lock, so nobody can serve us now.
+                    self._waiters.remove(waiter)
+                    error, notify = self._timeout_locked(timeout)
+                else:
+                    error = None  # served just as the timeout expired
+            if error is not None:
+                if notify and self._on_event is not None:
+                    self._on_event("pool_exhausted", str(error), waiting=len(self._waiters))
+                raise error from self._last_connect_error
         if waiter.error is not None:
             raise waiter.error
-        self._waiters.remove(waiter)
+        assert waiter.entry is not None
+        return waiter.entry
+
+    def _timeout_locked(self, timeout: float) -> tuple[PoolTimeout, bool]:
         self._counts[TIMEOUTS] += 1
         message = (
             f"pool {self.name}: no connection free after {timeout:.3g}s "
@@ -277,12 +298,11 @@ class Pool:
         )
         if self._last_connect_error is not None and self._open < self.config.max_size:
             message += f"; last connect error: {self._last_connect_error}"
-        error = PoolTimeout(message, node=self.name)
         now = time.monotonic()
-        if self._on_event is not None and now - self._last_exhausted_event >= _EVENT_INTERVAL:
+        notify = now - self._last_exhausted_event >= _EVENT_INTERVAL
+        if notify:
             self._last_exhausted_event = now
-            error.notify = True  # type: ignore[attr-defined]  # reported by _checkout, outside the lock
-        raise error from self._last_connect_error
+        return PoolTimeout(message, node=self.name), notify
 
     def _checkin(self, entry: _Entry, *, broken: bool = False) -> float:
         """Take a connection back; returns the time it was returned (monotonic), so that
@@ -319,9 +339,9 @@ class Pool:
         """Hand a free connection to the oldest waiter, or park it as idle."""
         if self._waiters:
             waiter = self._waiters.popleft()
-            waiter.entry = entry
             self._in_use[id(entry.conn)] = entry
-            waiter.cond.notify()
+            self._record_wait_locked(time.monotonic() - waiter.since)
+            waiter.serve(entry)
         else:
             self._idle.append(entry)
 
@@ -380,9 +400,7 @@ class Pool:
                     if self._open == 0:
                         # Nobody holds a connection that could come back: fail fast.
                         while self._waiters:
-                            waiter = self._waiters.popleft()
-                            waiter.error = error
-                            waiter.cond.notify()
+                            self._waiters.popleft().serve(None, error)
                     first_failure, self._failing = not self._failing, True
                 log.log(logging.WARNING if first_failure else logging.DEBUG, "pool %s: %s", self.name, error)
                 return
@@ -517,9 +535,7 @@ class Pool:
             self._open -= len(idle)
             self._counts[CLOSED] += len(idle)
             while self._waiters:
-                waiter = self._waiters.popleft()
-                waiter.error = PoolClosed(f"pool {self.name} was closed while waiting")
-                waiter.cond.notify()
+                self._waiters.popleft().serve(None, PoolClosed(f"pool {self.name} was closed while waiting"))
         self._stop.set()
         for entry in idle:
             self.adapter.close(entry.conn)

@@ -58,6 +58,8 @@ _WAIT_MASK = _WAIT_SAMPLES - 1
 # Upper bounds (seconds) of the acquire-wait histogram exported to metrics.
 WAIT_BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0)
 _FIRST_BUCKET = WAIT_BUCKETS[0]
+_BROKEN = ReturnState.BROKEN
+_DIRTY = ReturnState.DIRTY
 _EVENT_INTERVAL = 1.0  # at most one pool_exhausted event per second per pool
 _LIFETIME_JITTER = 0.05  # retire up to 5% early so connections do not all expire at once
 _STACK_LIMIT = 32
@@ -223,7 +225,15 @@ class Pool:
                     entry = self._idle.pop()  # most recently used: warm, least likely to need a ping
                     self._in_use[id(entry.conn)] = entry
                     now = time.monotonic()
-                    self._record_wait_locked(now - start)
+                    waited = now - start
+                    if waited <= _FIRST_BUCKET:  # the usual case, inlined: no wait worth a search
+                        self._acquired += 1
+                        self._waits[self._wait_n & _WAIT_MASK] = waited
+                        self._wait_n += 1
+                        self._wait_buckets[0] += 1
+                        self._wait_sum += waited
+                    else:
+                        self._record_wait_locked(waited)
                     waiter = None
                 else:
                     waiter = _Waiter(start)
@@ -308,16 +318,16 @@ class Pool:
         """Take a connection back; returns the time it was returned (monotonic), so that
         callers can tell how long they held it without reading the clock again."""
         conn = entry.conn
-        state = ReturnState.BROKEN if broken else self.adapter.return_state(conn)
-        if state is ReturnState.DIRTY:
+        state = _BROKEN if broken else self.adapter.return_state(conn)
+        if state is _DIRTY:
             try:
                 self.adapter.reset(conn)
             except Exception as exc:  # noqa: BLE001 - a connection that cannot be reset is discarded
                 log.debug("pool %s: reset failed, discarding connection: %s", self.name, exc)
-                state = ReturnState.BROKEN
+                state = _BROKEN
         now = time.monotonic()
-        if state is ReturnState.BROKEN or now >= entry.expires or entry.generation != self._generation:
-            self._discard(entry, "broken" if state is ReturnState.BROKEN else "retired")
+        if state is _BROKEN or now >= entry.expires or entry.generation != self._generation:
+            self._discard(entry, "broken" if state is _BROKEN else "retired")
             return now
         entry.last_used = now
         entry.borrower = None

@@ -251,7 +251,7 @@ class Router:
             breaker.failure(exc)
             raise
         adapter = node.adapter
-        guard = adapter.guard_timeout if adapter.needs_watchdog else None
+        guard = node.guard
         token = None
         if guard is not None:
             token = self._watchdog.arm(time.monotonic() + guard + extra, partial(adapter.abort, entry.conn))

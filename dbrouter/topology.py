@@ -51,6 +51,8 @@ class Node:
         self.breaker = breaker
         self.address = address
         self.adapter = adapter
+        # The client-side statement limit, fixed once: the hot path reads an attribute.
+        self.guard = adapter.guard_timeout if adapter.needs_watchdog else None
         self.pool = pool
         self.role = role
         self.weight = weight

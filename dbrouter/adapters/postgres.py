@@ -27,6 +27,7 @@ _READ_ONLY_CODES = frozenset({"25006"})
 _TIMEOUT_CODES = frozenset({"57014"})
 
 _STATUS_IDLE = ext.TRANSACTION_STATUS_IDLE
+_CLEAN = ReturnState.CLEAN
 _STATUS_UNKNOWN = ext.TRANSACTION_STATUS_UNKNOWN
 _STATUS_ACTIVE = ext.TRANSACTION_STATUS_ACTIVE
 
@@ -112,7 +113,7 @@ class PostgresAdapter(Adapter):
         if status == _STATUS_IDLE:
             # Attribute reads only: psycopg2 tracks these on the client.
             if conn.autocommit and conn.isolation_level is None and conn.readonly is None and conn.deferrable is None:
-                return ReturnState.CLEAN
+                return _CLEAN
             return ReturnState.DIRTY
         if status == _STATUS_UNKNOWN or status == _STATUS_ACTIVE:
             return ReturnState.BROKEN

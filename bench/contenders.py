@@ -36,6 +36,7 @@ class Opened:
     run: Callable[[str], Any]
     close: Callable[[], None]
     conn_class: str  # the driver connection class actually used (CMySQLConnection proves the C extension)
+    checkout: Callable[[], None] | None = None  # check out and give back, no statement (pools only)
 
 
 @dataclass(frozen=True)
@@ -152,7 +153,10 @@ def _pg_threaded(t: Targets, size: int, autocommit: bool) -> Opened:
     pool = ThreadedConnectionPool(size, size, t.read_url, **kwargs)
     probe = pool.getconn()
     pool.putconn(probe)
-    return Opened(_cursor_run(pool.getconn, pool.putconn), pool.closeall, type(probe).__name__)
+    def checkout() -> None:
+        pool.putconn(pool.getconn())
+
+    return Opened(_cursor_run(pool.getconn, pool.putconn), pool.closeall, type(probe).__name__, checkout)
 
 
 def pg_psycopg2_pool_ac(t: Targets, size: int) -> Opened:
@@ -176,9 +180,13 @@ def _pg_psycopg3(t: Targets, size: int, autocommit: bool) -> Opened:
         with pool.connection() as conn:
             return conn.execute(sql).fetchall()
 
+    def checkout() -> None:
+        with pool.connection():
+            pass
+
     with pool.connection() as conn:
         cls = type(conn).__name__
-    return Opened(run, pool.close, cls)
+    return Opened(run, pool.close, cls, checkout)
 
 
 def pg_psycopg_pool_ac(t: Targets, size: int) -> Opened:
@@ -205,9 +213,13 @@ def _sa_engine(t: Targets, size: int, autocommit: bool) -> Opened:
 
     extra = {"isolation_level": "AUTOCOMMIT"} if autocommit else {}
     engine = sqlalchemy.create_engine(_sqlalchemy_url(t.read_url, t.engine), pool_size=size, max_overflow=0, **extra)
+    def checkout() -> None:
+        with engine.connect():
+            pass
+
     with engine.connect() as conn:
         cls = type(conn.connection.dbapi_connection).__name__
-    return Opened(_engine_run(engine), engine.dispose, cls)
+    return Opened(_engine_run(engine), engine.dispose, cls, checkout)
 
 
 def sa_engine(t: Targets, size: int) -> Opened:
@@ -237,7 +249,7 @@ def sa_queuepool(t: Targets, size: int) -> Opened:
     conn = pool.connect()
     cls = type(conn.dbapi_connection).__name__
     conn.close()
-    return Opened(_cursor_run(pool.connect, lambda c: c.close()), pool.dispose, cls)
+    return Opened(_cursor_run(pool.connect, lambda c: c.close()), pool.dispose, cls, lambda: pool.connect().close())
 
 
 def _dbutils(t: Targets, size: int, autocommit: bool) -> Opened:
@@ -260,7 +272,7 @@ def _dbutils(t: Targets, size: int, autocommit: bool) -> Opened:
     probe = pool.connection()
     cls = type(probe._con._con).__name__
     probe.close()
-    return Opened(_cursor_run(pool.connection, lambda c: c.close()), pool.close, cls)
+    return Opened(_cursor_run(pool.connection, lambda c: c.close()), pool.close, cls, lambda: pool.connection().close())
 
 
 def dbutils_default(t: Targets, size: int) -> Opened:
@@ -321,7 +333,7 @@ def my_connector_pool(t: Targets, size: int) -> Opened:
         # MySQLConnectionPool has no close(); drain and close what is idle.
         pool._remove_connections()
 
-    return Opened(_cursor_run(pool.get_connection, lambda c: c.close()), close, cls)
+    return Opened(_cursor_run(pool.get_connection, lambda c: c.close()), close, cls, lambda: pool.get_connection().close())
 
 
 # -- dbrouter ------------------------------------------------------------------
@@ -339,6 +351,14 @@ def _router(t: Targets, size: int) -> Any:
 def _router_class(router: Any) -> str:
     with router.connection("read") as conn:
         return type(conn).__name__
+
+
+def _router_checkout(router: Any) -> Callable[[], None]:
+    def checkout() -> None:
+        with router.connection("read"):
+            pass
+
+    return checkout
 
 
 def dbrouter_read(t: Targets, size: int) -> Opened:
@@ -362,7 +382,7 @@ def dbrouter_connection(t: Targets, size: int) -> Opened:
             cur.close()
             return rows
 
-    return Opened(run, router.close, _router_class(router))
+    return Opened(run, router.close, _router_class(router), _router_checkout(router))
 
 
 PG = "postgres"
@@ -420,6 +440,18 @@ CONTENDERS: list[Contender] = [
     Contender("my.dbrouter_conn", "dbrouter router.connection('read') + cursor", MY, dbrouter_connection,
               note="checkout, conn.cursor() (pings), execute, fetchall"),
 ]
+
+
+# What "check out and give back, no statement" means for each pool (for the report).
+CHECKOUT_HOW = {
+    "psycopg2_pool_ac": "getconn() + putconn()",
+    "psycopg_pool_ac": "with pool.connection(): pass",
+    "sa_engine_ac": "with engine.connect(): pass",
+    "sa_queuepool": "pool.connect().close()",
+    "dbutils_ac": "pool.connection().close()",
+    "connector_pool": "pool.get_connection().close()",
+    "dbrouter_conn": "with router.connection('read'): pass",
+}
 
 
 def by_engine(engine: str, *, matrix: bool = False) -> list[Contender]:

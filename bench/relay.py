@@ -164,9 +164,10 @@ class CountingRelay:
     def stop(self) -> None:
         self._closed = True
         try:
-            self._listener.close()
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() below; close() alone would not
         except OSError:
             pass
+        self._listener.close()
         with self._lock:
             links = list(self._links)
         for link in links:

@@ -1,0 +1,509 @@
+"""The machine, the verdicts on the issue's targets, and RESULTS.md / results.json.
+
+Every verdict states the number it rests on and the rule used to decide it,
+so a reader can disagree with the rule without re-running anything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+__all__ = ["evaluate_targets", "machine_info", "write_json", "write_markdown"]
+
+# Rules for the verdicts (see RESULTS.md "How verdicts are decided").
+NOISE_US = 1.0  # "no more than": differences within this are read as equal
+CLEARLY_US = 2.0  # "clearly less": at least this much less (median of per-round differences),
+# with a 95% confidence interval that excludes zero
+CEILING_SHARE = 0.95
+SCALE_TARGET = 1.8
+MYSQL_SPEEDUP = 3.0
+SERVICE_S = 0.005
+
+DISTRIBUTIONS = [
+    "dbrouter", "psycopg2-binary", "psycopg", "psycopg-binary", "psycopg-pool", "SQLAlchemy", "DBUtils",
+    "mysql-connector-python",
+]
+
+
+# -- the machine ------------------------------------------------------------------
+
+
+def machine_info(server_versions: dict[str, str]) -> dict[str, Any]:
+    """CPU, memory, OS, Python and library versions: what the numbers were measured on."""
+    cpu = "unknown"
+    flags_mhz = None
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name") and cpu == "unknown":
+                    cpu = line.split(":", 1)[1].strip()
+                if line.startswith("cpu MHz") and flags_mhz is None:
+                    flags_mhz = line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    mem_kib = 0
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemTotal:"):
+                    mem_kib = int(line.split()[1])
+    except OSError:
+        pass
+    versions = {}
+    for dist in DISTRIBUTIONS:
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = "not installed"
+    libpq = {}
+    try:
+        import psycopg2.extensions
+
+        libpq["psycopg2"] = psycopg2.extensions.libpq_version()
+        import psycopg
+
+        libpq["psycopg"] = psycopg.pq.version()
+        libpq["psycopg_impl"] = psycopg.pq.__impl__
+    except Exception:  # noqa: BLE001 - informational only
+        pass
+    return {
+        "cpu_model": cpu,
+        "cpu_mhz": flags_mhz,
+        "logical_cpus": os.cpu_count(),
+        "usable_cpus": len(os.sched_getaffinity(0)),
+        "memory_gib": round(mem_kib / 1024 / 1024, 1),
+        "kernel": platform.release(),
+        "os": _os_name(),
+        "python": f"{platform.python_implementation()} {platform.python_version()}",
+        "gil_switch_interval_s": sys.getswitchinterval(),
+        "load_average_at_start": os.getloadavg(),
+        "servers": server_versions,
+        "libraries": versions,
+        "libpq": libpq,
+    }
+
+
+def _os_name() -> str:
+    try:
+        with open("/etc/os-release") as fh:
+            for line in fh:
+                if line.startswith("PRETTY_NAME="):
+                    return line.split("=", 1)[1].strip().strip('"')
+    except OSError:
+        pass
+    return platform.platform()
+
+
+# -- verdicts -----------------------------------------------------------------------
+
+
+def center(values: list[float]) -> float:
+    """10%-trimmed mean over rounds: the per-round figures are bimodal on this box (see the notes),
+    and a median would land in one mode or the other by chance; outliers from other work are cut."""
+    v = sorted(values)
+    cut = len(v) // 10
+    kept = v[cut:len(v) - cut] or v
+    return sum(kept) / len(kept)
+
+
+def _paired(a: list[float], b: list[float]) -> list[float]:
+    """Per-round differences a - b (both measured in the same round)."""
+    return [x - y for x, y in zip(a, b)]
+
+
+def _verdict(ok: bool) -> str:
+    return "PASS" if ok else "FAIL"
+
+
+def _diff(a: list[float], b: list[float]) -> tuple[float, float, float]:
+    """Median of per-round differences a - b with its 95% bootstrap interval."""
+    from .measure import median_ci
+
+    return median_ci(_paired(a, b))
+
+
+def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """One entry per target of the issue: target, verdict, the numbers and the rule."""
+    out: list[dict[str, Any]] = []
+    st = results.get("single_thread", {})
+    rt = results.get("round_trips", {})
+    mx = results.get("matrix", {})
+    so = results.get("scale_out", {})
+
+    pg = st.get("postgres")
+    if pg and "pg.dbrouter_read" in pg and "pg.raw" in pg:
+        router = pg["pg.dbrouter_read"]["p50_us"]
+        over, lo, hi = _diff(router, pg["pg.raw"]["p50_us"])
+        out.append({
+            "target": "PostgreSQL, 1 thread: router.read('SELECT 1') adds at most 10 us (p50) over raw psycopg2",
+            "verdict": _verdict(over <= 10.0),
+            "numbers": f"{over:+.1f} us [95% CI {lo:+.1f} to {hi:+.1f}] over a floor p50 of "
+                       f"{center(pg['pg.raw']['p50_us']):.1f} us",
+        })
+        if "pg.psycopg2_pool_ac" in pg:
+            d, lo, hi = _diff(router, pg["pg.psycopg2_pool_ac"]["p50_us"])
+            cpu, clo, chi = _diff(pg["pg.dbrouter_read"]["cpu_us"], pg["pg.psycopg2_pool_ac"]["cpu_us"])
+            out.append({
+                "target": "PostgreSQL, 1 thread: router.read adds no more than psycopg2 ThreadedConnectionPool (autocommit)",
+                "verdict": _verdict(d <= NOISE_US),
+                "numbers": f"router.read - psycopg2 pool = {d:+.1f} us p50 [95% CI {lo:+.1f} to {hi:+.1f}]; "
+                           f"client CPU {cpu:+.1f} us/op [{clo:+.1f} to {chi:+.1f}]",
+            })
+        for key, name in (("pg.psycopg_pool_ac", "psycopg_pool (autocommit)"),
+                          ("pg.sa_engine_ac", "SQLAlchemy engine (AUTOCOMMIT)"),
+                          ("pg.sa_queuepool", "SQLAlchemy raw QueuePool (autocommit)"),
+                          ("pg.dbutils_ac", "DBUtils PooledDB (autocommit)"),
+                          ("pg.psycopg_pool", "psycopg_pool (default)"),
+                          ("pg.sa_engine", "SQLAlchemy engine (default)"),
+                          ("pg.dbutils", "DBUtils PooledDB (default)")):
+            if key not in pg:
+                continue
+            d, lo, hi = _diff(pg[key]["p50_us"], router)
+            cpu, _, _ = _diff(pg[key]["cpu_us"], pg["pg.dbrouter_read"]["cpu_us"])
+            out.append({
+                "target": f"PostgreSQL, 1 thread: router.read clearly less overhead than {name}",
+                "verdict": _verdict(d >= CLEARLY_US and lo > 0),
+                "numbers": f"{name} - router.read = {d:+.1f} us p50 [95% CI {lo:+.1f} to {hi:+.1f}]; "
+                           f"client CPU {cpu:+.1f} us/op",
+            })
+
+    my = st.get("mysql")
+    my_rt = rt.get("mysql", {})
+    if "my.dbrouter_read" in my_rt:
+        trips = my_rt["my.dbrouter_read"]["round_trips"]
+        out.append({
+            "target": "MySQL/MariaDB, 1 thread: one round trip per routed read",
+            "verdict": _verdict(trips <= 1.0 + 1e-9),
+            "numbers": f"{trips:.2f} round trips per router.read (counted on the wire)",
+        })
+    if my and "my.dbrouter_read" in my and "my.connector_pool" in my:
+        ratio = center(my["my.connector_pool"]["mean_us"]) / center(my["my.dbrouter_read"]["mean_us"])
+        ratio_p50 = center(my["my.connector_pool"]["p50_us"]) / center(my["my.dbrouter_read"]["p50_us"])
+        out.append({
+            "target": "MySQL/MariaDB, 1 thread: at least 3x faster per op than mysql.connector.pooling (defaults)",
+            "verdict": _verdict(ratio >= MYSQL_SPEEDUP),
+            "numbers": f"{ratio:.2f}x per op (mean), {ratio_p50:.2f}x at p50",
+        })
+
+    for engine, label in (("postgres", "PostgreSQL"), ("mysql", "MySQL/MariaDB")):
+        cells = mx.get(engine, {})
+        key = "pg.dbrouter_read" if engine == "postgres" else "my.dbrouter_read"
+        ref = cells.get("reference", {}).get("sleep")
+        for threads in (16, 64):
+            c = cells.get("sleep", {}).get(key, {}).get(str(threads))
+            if not c:
+                continue
+            share = c["throughput"] / c["ceiling"]
+            fair = c["starved_worst"] == 0 and c["errors"] == 0
+            out.append({
+                "target": f"{label}, {threads} threads, pool of 10, 5 ms server wait: >= 95% of the I/O ceiling "
+                          "(10 / 5 ms = 2,000 ops/s), no starved thread",
+                "verdict": _verdict(share >= CEILING_SHARE and fair),
+                "numbers": f"{c['throughput']:.0f} ops/s = {share:.1%} of {c['ceiling']:.0f}; "
+                           f"starved threads (worst round) {c['starved_worst']}; errors {c['errors']}",
+            })
+            if ref:
+                share_m = c["throughput"] / ref["throughput"]
+                out.append({
+                    "target": f"{label}, {threads} threads: the same against the ceiling measured on this box "
+                              "(10 threads on 10 raw connections, no pool, same rounds)",
+                    "verdict": _verdict(share_m >= CEILING_SHARE and fair),
+                    "numbers": f"{c['throughput']:.0f} ops/s = {share_m:.1%} of {ref['throughput']:,.0f}",
+                })
+        mine = cells.get("select1", {}).get(key, {}).get("64")
+        sa_key = "pg.sa_queuepool" if engine == "postgres" else "my.sa_queuepool"
+        theirs = cells.get("select1", {}).get(sa_key, {}).get("64")
+        if mine and theirs:
+            wait = mine["little_wait_ms"]
+            ok = mine["throughput"] >= theirs["throughput"] and mine["p99_ms"] <= 2 * wait
+            out.append({
+                "target": f"{label}, 64 threads, SELECT 1: throughput >= SQLAlchemy raw QueuePool, p99 within 2x the queueing wait",
+                "verdict": _verdict(ok),
+                "numbers": f"dbrouter {mine['throughput']:.0f} ops/s vs QueuePool {theirs['throughput']:.0f} ops/s "
+                           f"({mine['throughput'] / theirs['throughput']:.2f}x); p99 {mine['p99_ms']:.1f} ms vs "
+                           f"queueing wait {wait:.1f} ms (64 threads / throughput) = {mine['p99_ms'] / wait:.2f}x",
+            })
+
+    for engine, label in (("postgres", "PostgreSQL"), ("mysql", "MySQL/MariaDB")):
+        s = so.get(engine)
+        if s:
+            out.append({
+                "target": f"{label}: reads over 2 replicas >= 1.8x one node (5 ms query, 32 threads, pools of 10 per node)",
+                "verdict": _verdict(s["ratio"] >= SCALE_TARGET),
+                "numbers": f"{s['replicas_throughput']:.0f} vs {s['single_throughput']:.0f} ops/s = {s['ratio']:.2f}x",
+            })
+    return out
+
+
+# -- writing ------------------------------------------------------------------------
+
+
+def _rounded(value: Any) -> Any:
+    """Floats to 4 significant digits (far below this box's noise), so the file stays small."""
+    if isinstance(value, float):
+        return float(f"{value:.4g}") if value == value else None
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_rounded(v) for v in value]
+    return value
+
+
+def write_json(results: dict[str, Any], path: Path) -> None:
+    path.write_text(json.dumps(_rounded(results), separators=(",", ":"), default=str) + "\n")
+
+
+def _sends(messages: dict[str, float]) -> str:
+    parts = []
+    for label, count in messages.items():
+        name = label.split(":", 1)[1] if label.startswith(("Q:", "QUERY:")) else label
+        parts.append(name if abs(count - 1.0) < 0.005 else f"{name}×{count:.2g}")
+    return ", ".join(parts)
+
+
+def _fmt(x: float, digits: int = 1) -> str:
+    return "–" if x is None or x != x else f"{x:,.{digits}f}"
+
+
+def write_markdown(results: dict[str, Any], path: Path) -> None:
+    r = results
+    cfg = r["config"]
+    m = r["machine"]
+    lines: list[str] = []
+    add = lines.append
+    add("# dbrouter against the pools people use today")
+    add("")
+    add(f"Generated by `{cfg['command']}` ({cfg['mode']} mode) on {r['started_at']}; "
+        f"the run took {r['duration_s'] / 60:.1f} min. Raw numbers: `bench/results.json`.")
+    add("")
+    add("## Machine")
+    add("")
+    add("| | |")
+    add("| --- | --- |")
+    add(f"| CPU | {m['cpu_model']} ({m['cpu_mhz']} MHz), {m['logical_cpus']} logical cores ({m['usable_cpus']} usable) |")
+    add(f"| Memory | {m['memory_gib']} GiB |")
+    add(f"| OS | {m['os']}, kernel {m['kernel']} |")
+    add(f"| Python | {m['python']} (GIL switch interval {m['gil_switch_interval_s'] * 1000:.0f} ms) |")
+    for name, version in m["servers"].items():
+        add(f"| {name} | {version} |")
+    add(f"| Libraries | {', '.join(f'{k} {v}' for k, v in m['libraries'].items())} |")
+    if m.get("libpq"):
+        add(f"| libpq | psycopg2 built with {m['libpq'].get('psycopg2')}, psycopg {m['libpq'].get('psycopg')} ({m['libpq'].get('psycopg_impl')}) |")
+    add(f"| Load average at start / end | {', '.join(f'{x:.2f}' for x in m['load_average_at_start'])} / "
+        f"{', '.join(f'{x:.2f}' for x in m.get('load_average_at_end', ()))} |")
+    if "machine_cpu_busy_during_run" in m:
+        add(f"| CPU busy during the run | {m['machine_cpu_busy_during_run']:.0%} of both cores (servers, the bench client "
+            f"and anything else on the box); the bench's own process used {m['bench_client_cpu_s']:.0f} s of CPU |")
+    add("")
+    qg = r.get("quiet_gate")
+    if qg:
+        busy = [c["busy"] for c in qg["checks"]]
+        add(f"Before each measured phase or round the bench waits, within a budget of {qg['budget_s']:.0f} s for the "
+            f"whole run, until the machine is under {qg['threshold']:.0%} busy (other work on the box would be "
+            f"measured as ours). It waited {qg['waited_s']:.0f} s in all; the machine was "
+            f"{min(busy):.0%}–{max(busy):.0%} busy at those checks (median {statistics.median(busy):.0%})." if busy else "")
+        add("")
+    add("The servers (a PostgreSQL primary + 2 streaming replicas, a MariaDB primary + 2 GTID replicas, "
+        "started by `dbrouter.cluster` for this run) share the 2 cores with the client: absolute "
+        "numbers are this box's; the ratios are the point.")
+    add("")
+
+    targets = r.get("targets", [])
+    passed = sum(t["verdict"] == "PASS" for t in targets)
+    add("## Summary")
+    add("")
+    add(f"{passed} of {len(targets)} checks pass.")
+    st0 = r.get("single_thread", {})
+    for engine, floor_key, key, other in (("postgres", "pg.raw", "pg.dbrouter_read", "pg.psycopg2_pool_ac"),
+                                          ("mysql", "my.raw", "my.dbrouter_read", "my.connector_pool")):
+        d = st0.get(engine, {})
+        if key in d and floor_key in d and other in d:
+            over = statistics.median(_paired(d[key]["p50_us"], d[floor_key]["p50_us"]))
+            over_other = statistics.median(_paired(d[other]["p50_us"], d[floor_key]["p50_us"]))
+            ratio = center(d[other]["mean_us"]) / center(d[key]["mean_us"])
+            add(f"* {engine}, one thread: `router.read('SELECT 1')` costs {over:+.1f} µs (p50) over the raw driver on "
+                f"one open connection, {r['contenders'][other]['label']} {over_other:+.1f} µs; per op it takes "
+                f"{ratio:.2f}x dbrouter's time.")
+    add("")
+    add("## Targets from the issue")
+    add("")
+    add("| Target | Verdict | Numbers |")
+    add("| --- | --- | --- |")
+    for t in r.get("targets", []):
+        add(f"| {t['target']} | **{t['verdict']}** | {t['numbers']} |")
+    add("")
+
+    st = r.get("single_thread", {})
+    rt = r.get("round_trips", {})
+    labels = r["contenders"]
+    for engine, title in (("postgres", "PostgreSQL"), ("mysql", "MySQL / MariaDB")):
+        if engine not in st:
+            continue
+        data = st[engine]
+        floor_key = "pg.raw" if engine == "postgres" else "my.raw"
+        add(f"## 1–2. One thread, `SELECT 1`, {title}")
+        add("")
+        rounds = next(iter(data.values()))["rounds"]
+        add(f"{rounds} interleaved rounds in {cfg['single_epochs']} epochs (every contender is reopened, with new "
+            "connections, for each epoch); in each round every contender, in a fresh random order, runs one short "
+            f"batch (about {cfg['single_batch_s'] * 1000:.0f} ms of back-to-back ops, each op timed). Per op = batch "
+            "time / ops; p50 = the batch's median op; client CPU = process CPU time per op (Python and driver work, "
+            "without the wait for the server); each a 10%-trimmed mean over rounds. Differences to the floor are "
+            "medians of per-round differences, with a 95% bootstrap interval: the robust figures here. Round trips "
+            "are counted on the wire.")
+        add("")
+        add("| Contender | per op (µs) | p50 (µs) | p50 over floor (µs) [95% CI] | × floor | client CPU (µs/op) | CPU over floor | round trips | client sends per op |")
+        add("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+        floor = data.get(floor_key)
+        for key, res in data.items():
+            mean = center(res["mean_us"])
+            p50 = center(res["p50_us"])
+            cpu = center(res["cpu_us"])
+            ratio = mean / center(floor["mean_us"]) if floor else float("nan")
+            if floor and key != floor_key:
+                over, lo, hi = _diff(res["p50_us"], floor["p50_us"])
+                cpu_over, _, _ = _diff(res["cpu_us"], floor["cpu_us"])
+                over_text = f"{over:+.1f} [{lo:+.1f}, {hi:+.1f}]"
+                cpu_text = f"{cpu_over:+.1f}"
+            else:
+                over_text = cpu_text = ""
+            trips = rt.get(engine, {}).get(key)
+            add(f"| {labels[key]['label']} | {_fmt(mean)} | {_fmt(p50)} | {over_text} | {ratio:.2f} | {_fmt(cpu)} | "
+                f"{cpu_text} | {_fmt(trips['round_trips'], 2) if trips else '–'} | "
+                f"{_sends(trips['messages']) if trips else ''} |")
+        add("")
+
+    co = r.get("checkout_only", {})
+    if co:
+        from .contenders import CHECKOUT_HOW
+
+        add("## 1b. Checkout + return alone, one thread")
+        add("")
+        add("The pool's own cost, without a statement: the same interleaved rounds, each op a checkout and a "
+            "return. With no I/O this is far less noisy than the per-query figures. Some pools talk to the "
+            "server even here (mysql.connector.pooling pings and resets the session, DBUtils pings on MySQL, "
+            "SQLAlchemy rolls back on return), which the times show.")
+        add("")
+        add("| Engine | Pool | operation | µs per checkout + return | client CPU (µs) |")
+        add("| --- | --- | --- | ---: | ---: |")
+        for engine, data in co.items():
+            for key, res in data.items():
+                how = CHECKOUT_HOW.get(key.split(".", 1)[1], "")
+                add(f"| {engine} | {labels[key]['label']} | `{how}` | {_fmt(center(res['mean_us']), 2)} | "
+                    f"{_fmt(center(res['cpu_us']), 2)} |")
+        add("")
+
+    mx = r.get("matrix", {})
+    for engine, title in (("postgres", "PostgreSQL"), ("mysql", "MySQL / MariaDB")):
+        if engine not in mx:
+            continue
+        for query, qtitle in (("sleep", "5 ms in the server"), ("select1", "SELECT 1")):
+            cells = mx[engine].get(query)
+            if not cells:
+                continue
+            sql = mx[engine]["sql"][query]
+            add(f"## 3. Many threads, pool of 10, {qtitle} (`{sql}`), {title}")
+            add("")
+            add(f"{cfg['matrix_rounds']} interleaved rounds of {cfg['window_s']} s windows per cell; medians over "
+                "rounds (max: worst round). W = threads / throughput is the mean wait a fair queue gives "
+                "(Little's law); p99 / W far above 1 means some threads wait much longer than others. "
+                "Starved = threads that completed nothing in a window (worst round).")
+            ref = mx[engine].get("reference", {}).get(query)
+            if query == "sleep":
+                service = mx[engine].get("service_time_ms")
+                add(f"I/O ceiling = min(threads, 10) connections / 5 ms (2,000 ops/s from 10 threads up). On this box "
+                    f"the query takes {_fmt(service, 2)} ms on one raw connection (p50), and 10 threads on 10 raw "
+                    f"connections without a pool reach {_fmt(ref['throughput'], 0) if ref else '–'} ops/s: that is "
+                    "the most a pool of 10 can deliver here (first row; '% of reference' from 10 threads up).")
+            elif ref:
+                add("First row: 10 threads on 10 raw connections without a pool, the reference.")
+            add("")
+            if query == "sleep":
+                add("| Contender | threads | ops/s | % of 2,000 | % of reference | p50 (ms) | p99 (ms) | max (ms) | W (ms) | p99 / W | starved | errors |")
+                add("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+            else:
+                add("| Contender | threads | ops/s | p50 (ms) | p99 (ms) | max (ms) | W (ms) | p99 / W | starved | errors |")
+                add("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+            rows = [("reference", "10", ref)] if ref else []
+            rows += [(key, t, c) for key, by_threads in cells.items() for t, c in by_threads.items()]
+            for key, threads, c in rows:
+                name = "*10 raw connections, one per thread, no pool (reference)*" if key == "reference" else labels[key]["label"]
+                tail = (f"{_fmt(c['p50_ms'], 2)} | {_fmt(c['p99_ms'], 2)} | {_fmt(c['max_ms'], 1)} | "
+                        f"{_fmt(c['little_wait_ms'], 2)} | {_fmt(c['p99_ms'] / c['little_wait_ms'], 2)} | "
+                        f"{c['starved_worst']} | {c['errors']} |")
+                if query == "sleep":
+                    ceiling = min(int(threads), 10) / SERVICE_S
+                    of_ref = f"{c['throughput'] / ref['throughput']:.1%}" if ref and int(threads) >= 10 else ""
+                    add(f"| {name} | {threads} | {_fmt(c['throughput'], 0)} | {c['throughput'] / ceiling:.1%} | {of_ref} | {tail}")
+                else:
+                    add(f"| {name} | {threads} | {_fmt(c['throughput'], 0)} | {tail}")
+            add("")
+
+    so = r.get("scale_out", {})
+    if so:
+        add("## 4. Read scale-out: 2 replicas against one node")
+        add("")
+        add(f"`router.read(<5 ms query>)` from {cfg['scale_threads']} threads, pools of 10 per node, "
+            f"{cfg['scale_rounds']} interleaved rounds of {cfg['scale_window_s']} s. One node = a Router with no "
+            "replicas (reads go to the primary).")
+        add("")
+        add("| Engine | one node (ops/s) | p99 (ms) | 2 replicas (ops/s) | p99 (ms) | ratio | ceilings |")
+        add("| --- | ---: | ---: | ---: | ---: | ---: | --- |")
+        for engine, s in so.items():
+            add(f"| {engine} | {_fmt(s['single_throughput'], 0)} | {_fmt(s['single_p99_ms'], 2)} | "
+                f"{_fmt(s['replicas_throughput'], 0)} | {_fmt(s['replicas_p99_ms'], 2)} | {s['ratio']:.2f}x | "
+                f"2,000 / 4,000 ops/s |")
+        add("")
+
+    mem = r.get("memory", {})
+    if mem:
+        add("## 5. Client memory per pooled connection")
+        add("")
+        add(f"Each figure from a fresh interpreter: the same code is run once with a pool of 1 and closed "
+            f"(imports and one-off setup paid), then RSS (`/proc/self/statm`) is read, a pool of "
+            f"{cfg['memory_conns']} is opened, all {cfg['memory_conns']} connections are checked out and run "
+            f"`SELECT 1`, and RSS is read again: delta / connections, median of {cfg['memory_runs']} runs. "
+            "Python heap = the same under `tracemalloc` (one run). mysql.connector.pooling stops at 32 connections.")
+        add("")
+        add("| Contender | PostgreSQL RSS (KiB/conn) | Python heap (KiB/conn) | MariaDB RSS (KiB/conn) | Python heap (KiB/conn) |")
+        add("| --- | ---: | ---: | ---: | ---: |")
+        for key, row in mem.items():
+            cells = []
+            for engine in ("postgres", "mysql"):
+                e = row.get(engine)
+                cells += [_fmt(e["rss_per_conn"] / 1024) if e else "–", _fmt(e["py_per_conn"] / 1024) if e else "–"]
+            add(f"| {row['label']} | {' | '.join(cells)} |")
+        add("")
+
+    add("## Contenders and how each is set up")
+    add("")
+    add("| Contender | engine | setup |")
+    add("| --- | --- | --- |")
+    for key, info in labels.items():
+        add(f"| {info['label']} | {info['engine']} | {info['note']}{'; gated by a BoundedSemaphore(10) in the many-thread runs' if info['gate'] else ''} |")
+    add("")
+    add("## How verdicts are decided")
+    add("")
+    add("* *adds at most 10 us*: median over rounds of (router p50 − floor p50), both measured in the same round.")
+    add(f"* *no more than X*: median of per-round p50 differences ≤ {NOISE_US:.0f} µs (this box's round-to-round noise).")
+    add(f"* *clearly less than X*: X is slower by ≥ {CLEARLY_US:.0f} µs (median of per-round p50 differences) "
+        "and the 95% bootstrap interval of that median excludes zero. Checked against each library's autocommit "
+        "variant (the fair fight: one round trip each) and, for the record, its default.")
+    add("* *3x faster per op*: ratio of per-op times (10%-trimmed means over rounds of batch time / ops), p50 ratio shown too.")
+    add("* *95% of the I/O ceiling*: median throughput / (10 connections / 5 ms); no starved thread in any round; no errors.")
+    add("* *p99 within 2x of the queueing wait*: p99 ≤ 2 × W, W = threads / throughput (Little's law).")
+    add("* *1.8x*: ratio of median throughputs, 2 replicas vs one node.")
+    add("")
+    add("## Notes")
+    add("")
+    for note in r.get("notes", []):
+        add(f"* {note}")
+    add("")
+    path.write_text("\n".join(lines))

@@ -21,8 +21,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable
 
 from .adapters.base import Adapter, ErrorKind, ReturnState
 from .config import PoolConfig
@@ -53,11 +52,9 @@ MAX_SIZE = "max_size"
 
 PoolStats = dict  # the mapping returned by Pool.stats(); keys are the constants above
 
-_WAIT_SAMPLES = 1024  # ring of recent acquire waits for the percentiles (a power of two)
-_WAIT_MASK = _WAIT_SAMPLES - 1
-# Upper bounds (seconds) of the acquire-wait histogram exported to metrics.
-WAIT_BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0)
-_FIRST_BUCKET = WAIT_BUCKETS[0]
+# Upper bounds (seconds) of the acquire-wait histogram, exported to metrics and used for the
+# percentiles in stats(). The first bucket holds the checkouts that did not wait at all.
+WAIT_BUCKETS = (0.0, 0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0)
 _BROKEN = ReturnState.BROKEN
 _DIRTY = ReturnState.DIRTY
 _EVENT_INTERVAL = 1.0  # at most one pool_exhausted event per second per pool
@@ -107,6 +104,33 @@ class _Waiter:
         self.wakeup.release()
 
 
+class _Borrowed:
+    """``with pool.connection() as conn``: a class rather than a generator, which costs
+    a fraction as much on every checkout."""
+
+    __slots__ = ("_pool", "_timeout", "_entry")
+
+    def __init__(self, pool: Pool, timeout: float | None) -> None:
+        self._pool = pool
+        self._timeout = timeout
+        self._entry: _Entry | None = None
+
+    def __enter__(self) -> Any:
+        self._entry = self._pool._checkout(self._timeout)
+        return self._entry.conn
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        entry, self._entry = self._entry, None
+        if entry is None:
+            return
+        pool = self._pool
+        if exc is None:
+            pool._checkin(entry)
+        else:
+            broken = not isinstance(exc, Exception) or pool.adapter.classify(exc) is ErrorKind.UNREACHABLE
+            pool._checkin(entry, broken=broken)
+
+
 class Pool:
     """Connections to one node, shared by many threads.
 
@@ -130,6 +154,10 @@ class Pool:
         self._watchdog = watchdog if adapter.needs_watchdog else None
         self._generation = 0  # bumped by invalidate(): older connections are not reused
         self.config = config or PoolConfig()
+        # Read on every checkout and return: bound once (the config is frozen).
+        self._return_state = adapter.return_state
+        self._bypass = self.config.validation_bypass
+        self._leak_threshold = self.config.leak_threshold
         self.name = name or adapter.node
         self._lock = threading.Lock()
         self._idle: deque[_Entry] = deque()
@@ -143,9 +171,7 @@ class Pool:
         self._failing = False  # log the first connect failure of a streak as a warning, the rest quietly
         self._drained = threading.Condition(self._lock)
         self._counts = {TIMEOUTS: 0, CONNECT_ERRORS: 0, OPENED: 0, CLOSED: 0, DISCARDED: 0, LEAKS: 0}
-        self._acquired = 0  # an attribute, not in _counts: it is bumped on every checkout
-        self._waits = [0.0] * _WAIT_SAMPLES
-        self._wait_n = 0
+        self._retried = 0  # checkouts that found their connection unusable and started over
         self._wait_buckets = [0] * (len(WAIT_BUCKETS) + 1)  # the last one is +Inf
         self._wait_sum = 0.0
         self._on_event = on_event  # (name, message, **data): pool_exhausted and leak events
@@ -179,20 +205,13 @@ class Pool:
             raise PoolError(f"connection returned to pool {self.name} does not belong to it or was returned twice")
         self._checkin(entry, broken=broken)
 
-    @contextmanager
-    def connection(self, timeout: float | None = None) -> Iterator[Any]:
+    def connection(self, timeout: float | None = None) -> _Borrowed:
         """Borrow a connection for a ``with`` block.
 
         On the way out an open transaction is rolled back; a connection that
         failed with a connection error is discarded, never handed out again.
         """
-        entry = self._checkout(timeout)
-        try:
-            yield entry.conn
-        except BaseException as exc:
-            self._checkin(entry, broken=self.adapter.classify(exc) is ErrorKind.UNREACHABLE)
-            raise
-        self._checkin(entry)
+        return _Borrowed(self, timeout)
 
     def wait_ready(self, timeout: float = 30.0) -> None:
         """Block until ``min_size`` connections are open; raise `PoolTimeout` otherwise."""
@@ -216,7 +235,7 @@ class Pool:
         if timeout is None:
             timeout = self.config.acquire_timeout
         deadline = start + timeout
-        bypass = self.config.validation_bypass
+        bypass = self._bypass
         while True:
             with self._lock:
                 if self._closed:
@@ -224,16 +243,8 @@ class Pool:
                 if self._idle:
                     entry = self._idle.pop()  # most recently used: warm, least likely to need a ping
                     self._in_use[id(entry.conn)] = entry
-                    now = time.monotonic()
-                    waited = now - start
-                    if waited <= _FIRST_BUCKET:  # the usual case, inlined: no wait worth a search
-                        self._acquired += 1
-                        self._waits[self._wait_n & _WAIT_MASK] = waited
-                        self._wait_n += 1
-                        self._wait_buckets[0] += 1
-                        self._wait_sum += waited
-                    else:
-                        self._record_wait_locked(waited)
+                    self._wait_buckets[0] += 1  # no wait: the whole of the statistics cost
+                    now = start
                     waiter = None
                 else:
                     waiter = _Waiter(start)
@@ -254,7 +265,7 @@ class Pool:
                     )
                     continue
             entry.borrowed_at = now
-            if self.config.leak_threshold is not None:
+            if self._leak_threshold is not None:
                 entry.borrower = _capture_stack()
                 entry.leak_reported = False
             return entry
@@ -272,11 +283,7 @@ class Pool:
                 raise PoolError(f"pool {self.name}: liveness check got no answer within {limit:.3g}s")
 
     def _record_wait_locked(self, waited: float) -> None:
-        self._acquired += 1
-        self._waits[self._wait_n & _WAIT_MASK] = waited
-        self._wait_n += 1
-        # Almost every checkout of a warm pool falls in the first bucket: skip the search.
-        self._wait_buckets[0 if waited <= _FIRST_BUCKET else bisect_left(WAIT_BUCKETS, waited)] += 1
+        self._wait_buckets[max(1, bisect_left(WAIT_BUCKETS, waited))] += 1
         self._wait_sum += waited
 
     def _wait(self, waiter: _Waiter, deadline: float, timeout: float) -> _Entry:
@@ -318,7 +325,7 @@ class Pool:
         """Take a connection back; returns the time it was returned (monotonic), so that
         callers can tell how long they held it without reading the clock again."""
         conn = entry.conn
-        state = _BROKEN if broken else self.adapter.return_state(conn)
+        state = _BROKEN if broken else self._return_state(conn)
         if state is _DIRTY:
             try:
                 self.adapter.reset(conn)
@@ -361,7 +368,7 @@ class Pool:
         self.adapter.close(entry.conn)
         with self._lock:
             if not_acquired:  # found unusable during checkout: the caller never had it
-                self._acquired -= 1
+                self._retried += 1
             self._in_use.pop(id(entry.conn), None)
             self._open -= 1
             self._counts[DISCARDED] += 1
@@ -506,19 +513,18 @@ class Pool:
     def stats(self) -> dict[str, Any]:
         """A snapshot of sizes, counters and acquire-wait percentiles (seconds)."""
         with self._lock:
-            n = min(self._wait_n, _WAIT_SAMPLES)
-            waits = sorted(self._waits[:n])
+            buckets = list(self._wait_buckets)
             snapshot: dict[str, Any] = {
                 SIZE: self._open,
                 MAX_SIZE: self.config.max_size,
                 IDLE: len(self._idle),
                 IN_USE: len(self._in_use),
                 WAITING: len(self._waiters),
-                ACQUIRED: self._acquired,
+                ACQUIRED: sum(buckets) - self._retried,
                 **self._counts,
             }
-        snapshot[WAIT_P50] = waits[int(0.50 * (n - 1))] if n else 0.0
-        snapshot[WAIT_P99] = waits[int(0.99 * (n - 1))] if n else 0.0
+        snapshot[WAIT_P50] = _quantile(buckets, 0.50)
+        snapshot[WAIT_P99] = _quantile(buckets, 0.99)
         return snapshot
 
     @property
@@ -570,6 +576,24 @@ class Pool:
 
     def __exit__(self, *exc_info: Any) -> None:
         self.close()
+
+
+def _quantile(buckets: list[int], q: float) -> float:
+    """A quantile of the acquire waits, from the histogram: 0 in the no-wait bucket, else
+    interpolated linearly within its bucket, as Prometheus' histogram_quantile does."""
+    total = sum(buckets)
+    if not total:
+        return 0.0
+    rank, seen = q * total, 0
+    for index, count in enumerate(buckets):
+        if count and seen + count >= rank:
+            if index == 0:
+                return 0.0
+            low = WAIT_BUCKETS[index - 1]
+            high = WAIT_BUCKETS[index] if index < len(WAIT_BUCKETS) else WAIT_BUCKETS[-1] * 2
+            return low + (high - low) * (rank - seen) / count
+        seen += count
+    return WAIT_BUCKETS[-1]
 
 
 def _maintain(pool_ref: weakref.ref[Pool], stop: threading.Event, interval: float) -> None:

@@ -272,13 +272,24 @@ class Watchdog:
         self._interval = interval
         self._stop = threading.Event()
         self.fired = 0
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
+        self._start_lock = threading.Lock()
+        # Started on the first arm(): a router whose drivers time out by themselves
+        # never needs the thread.
+        self._thread: threading.Thread | None = None
+        self._name = name
 
     def arm(self, deadline: float, abort: Callable[[], None]) -> object:
+        if self._thread is None:
+            self._start()
         token = object()
         self._armed[token] = (deadline, abort)
         return token
+
+    def _start(self) -> None:
+        with self._start_lock:
+            if self._thread is None and not self._stop.is_set():
+                self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+                self._thread.start()
 
     def disarm(self, token: object) -> bool:
         """True when the statement finished before the watchdog fired."""
@@ -298,5 +309,7 @@ class Watchdog:
 
     def stop(self) -> None:
         self._stop.set()
-        if self._thread is not threading.current_thread():
-            self._thread.join(timeout=2)
+        with self._start_lock:
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=2)

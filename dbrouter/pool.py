@@ -66,10 +66,12 @@ _INTERNAL_FILES = frozenset({__file__, contextlib.__file__})
 class _Entry:
     """One pooled connection and its timestamps."""
 
-    __slots__ = ("conn", "generation", "created", "expires", "last_used", "borrowed_at", "borrower", "leak_reported")
+    __slots__ = ("conn", "key", "generation", "created", "expires", "last_used", "borrowed_at", "borrower",
+                 "leak_reported")
 
     def __init__(self, conn: Any, now: float, lifetime: float | None, generation: int) -> None:
         self.conn = conn
+        self.key = id(conn)  # the _in_use key, computed once
         self.generation = generation
         self.created = now
         self.expires = (
@@ -242,7 +244,7 @@ class Pool:
                     raise PoolClosed(f"pool {self.name} is closed")
                 if self._idle:
                     entry = self._idle.pop()  # most recently used: warm, least likely to need a ping
-                    self._in_use[id(entry.conn)] = entry
+                    self._in_use[entry.key] = entry
                     self._wait_buckets[0] += 1  # no wait: the whole of the statistics cost
                     now = start
                     waiter = None
@@ -339,7 +341,7 @@ class Pool:
         entry.last_used = now
         entry.borrower = None
         with self._lock:
-            del self._in_use[id(conn)]
+            del self._in_use[entry.key]
             if not self._closed:
                 if self._waiters:
                     self._give_locked(entry)
@@ -356,7 +358,7 @@ class Pool:
         """Hand a free connection to the oldest waiter, or park it as idle."""
         if self._waiters:
             waiter = self._waiters.popleft()
-            self._in_use[id(entry.conn)] = entry
+            self._in_use[entry.key] = entry
             self._record_wait_locked(time.monotonic() - waiter.since)
             waiter.serve(entry)
         else:
@@ -369,7 +371,7 @@ class Pool:
         with self._lock:
             if not_acquired:  # found unusable during checkout: the caller never had it
                 self._retried += 1
-            self._in_use.pop(id(entry.conn), None)
+            self._in_use.pop(entry.key, None)
             self._open -= 1
             self._counts[DISCARDED] += 1
             self._counts[CLOSED] += 1

@@ -51,7 +51,7 @@ from .events import Event, Events
 from .pool import Pool
 from .resilience import CLOSED, HALF_OPEN, OPEN, NodeBreaker, Watchdog, build_retrying, shared_storage
 from .session import Session, Transaction
-from .topology import PRIMARY, REPLICA, Monitor, Node, Topology
+from .topology import _LATENCY_ALPHA, PRIMARY, REPLICA, Monitor, Node, Topology
 from .url import parse_address
 
 __all__ = ["Router", "is_read_statement"]
@@ -277,7 +277,10 @@ class Router:
             returned = pool._checkin(entry, broken=True)  # aborted just as it finished: the socket is gone
         else:
             returned = pool._checkin(entry)
-        node.observe_latency(returned - entry.borrowed_at)  # the pool's clock readings: no extra ones
+        # Moving average of the statement time, from the pool's clock readings (inlined
+        # Node.observe_latency: this is the hot path).
+        elapsed, latency = returned - entry.borrowed_at, node.latency
+        node.latency = elapsed if latency == 0.0 else latency + _LATENCY_ALPHA * (elapsed - latency)
         if not breaker._clean:
             breaker.success()
         return result

@@ -369,7 +369,9 @@ class Router:
             now = time.monotonic()
             cause = last.cause
             if now >= failover_deadline and (attempts >= retry.retry_attempts or now >= deadline or _is_node_failure(cause)):
-                raise NoPrimaryAvailable(f"write not sent: primary {last.node.name}: {_short(cause)}") from cause
+                if _is_node_failure(cause) or last.node.adapter.classify(cause) is ErrorKind.READ_ONLY:
+                    raise NoPrimaryAvailable(f"write not sent: primary {last.node.name}: {_short(cause)}") from cause
+                raise cause  # a deadlock or serialization failure that outlived the retries
             self._retries.inc()
             if routing.failover_wait > 0 and _is_node_failure(cause):
                 self._monitor.wake()

@@ -368,6 +368,11 @@ class Router:
                 last = failure
             now = time.monotonic()
             cause = last.cause
+            refused = not _is_node_failure(cause) and last.node.adapter.classify(cause) is ErrorKind.READ_ONLY
+            if refused and now >= failover_deadline:
+                raise NoPrimaryAvailable(
+                    f"primary {last.node.name} refused the write as read-only (demoted?): {_short(cause)}"
+                ) from cause
             if now >= failover_deadline and (attempts >= retry.retry_attempts or now >= deadline or _is_node_failure(cause)):
                 if _is_node_failure(cause) or last.node.adapter.classify(cause) is ErrorKind.READ_ONLY:
                     raise NoPrimaryAvailable(f"write not sent: primary {last.node.name}: {_short(cause)}") from cause

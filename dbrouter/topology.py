@@ -313,7 +313,10 @@ class Topology:
         if not node.healthy:
             return f"primary {node.name} is down ({node.last_error or 'probe failed'})"
         if not node.breaker.available():
-            return f"primary {node.name}: circuit breaker {node.breaker.state} after {node.breaker.failures} failures"
+            failures = node.breaker.failures
+            return f"primary {node.name}: circuit breaker {node.breaker.state}" + (
+                f" after {failures} failures" if failures else " (it refused writes as read-only)"
+            )
         return None
 
     def wait_for_change(self, version: int, deadline: float) -> bool:

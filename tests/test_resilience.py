@@ -305,3 +305,22 @@ def test_no_primary_error_names_the_node_and_why(pg_cluster: Any) -> None:
             router.write("SELECT 1")
         assert "127.0.0.1:" in str(info.value) and ("refused" in str(info.value) or "down" in str(info.value))
         assert router.read(f"SELECT {port_sql(pg_cluster)}") == [(pg_cluster.replicas[0].port,)]
+
+
+def test_primary_discovery_auto_finds_the_writable_node_and_static_does_not(cluster: Any) -> None:
+    """Configured with a replica as the primary: auto discovery corrects it, static keeps it."""
+    replica, real_primary = cluster.replicas[0], cluster.primary
+    table = "dbr_disc_" + uuid.uuid4().hex[:8]
+    events: list[str] = []
+    with Router(replica.url, [real_primary.url], health_interval=0.2) as auto:
+        auto.on("failover", lambda e: events.append(e.node))
+        assert wait_until(lambda: auto.primary.address.port == real_primary.port, timeout=5)
+        assert auto.write(f"CREATE TABLE {table} (v int)") in (0, -1)
+        assert events == [f"127.0.0.1:{real_primary.port}"]
+    real_primary.query(f"DROP TABLE {table}")
+    with Router(replica.url, [real_primary.url], health_interval=0.2, primary_discovery="static") as static:
+        assert static._monitor.wait_rounds(3, timeout=10)
+        assert static.primary.address.port == replica.port
+        with pytest.raises(NoPrimaryAvailable, match="read-only|read only|--read-only|1290"):
+            static.write(f"CREATE TABLE {table} (v int)")
+        assert static.stats()["failovers"] == 0

@@ -6,7 +6,6 @@ import os
 import socket
 import threading
 import time
-import uuid
 from typing import Any
 
 import pytest
@@ -38,18 +37,6 @@ class Opened:
         self.adapter.close(self.conn)
 
 
-@pytest.fixture
-def table(cluster):
-    """A fresh table on the primary, replicated to every replica; dropped afterwards."""
-    name = "t" + uuid.uuid4().hex[:10]
-    cluster.primary.query(f"CREATE TABLE {name} (id int primary key, v int)")
-    cluster.wait_replicated(timeout=10)
-    yield name
-    for replica in cluster.replicas:
-        cluster.resume_replication(replica)
-    cluster.primary.query(f"DROP TABLE IF EXISTS {name}")
-
-
 def test_each_node_says_who_it_is_and_its_role(cluster) -> None:
     """Replication works: node 0 is writable, the replicas are in recovery / read-only."""
     for node in cluster.nodes:
@@ -72,7 +59,7 @@ def test_rows_replicate_and_positions_advance(cluster, table: str) -> None:
         assert primary.adapter.has_replayed(primary.conn, after)
         for replica in replicas:
             assert replica.adapter.has_replayed(replica.conn, after, timeout=10)
-            assert replica.run(f"SELECT v FROM {table} WHERE id = 1") == [(10,)]
+            assert replica.run(f"SELECT port FROM {table} WHERE id = 1") == [(10,)]
             assert replica.adapter.replica_lag(replica.conn, after) == 0.0
         assert primary.adapter.replica_lag(primary.conn) == 0.0
     finally:
@@ -91,13 +78,13 @@ def test_paused_replica_has_not_replayed_and_lags(cluster, table: str) -> None:
         start = time.monotonic()
         assert not replica.adapter.has_replayed(replica.conn, position, timeout=0.3)
         assert time.monotonic() - start >= 0.25
-        assert replica.run(f"SELECT v FROM {table} WHERE id = 2") == []
+        assert replica.run(f"SELECT port FROM {table} WHERE id = 2") == []
         time.sleep(1.1)
         lag = replica.adapter.replica_lag(replica.conn, position)
         assert lag is None or lag > 0.0
         cluster.resume_replication(paused)
         assert replica.adapter.has_replayed(replica.conn, position, timeout=10)
-        assert replica.run(f"SELECT v FROM {table} WHERE id = 2") == [(20,)]
+        assert replica.run(f"SELECT port FROM {table} WHERE id = 2") == [(20,)]
     finally:
         cluster.resume_replication(paused)
         primary.close()
@@ -164,12 +151,12 @@ def test_deadlock_is_classified_conflict(cluster, table: str) -> None:
     try:
         a.adapter.begin(a.conn)
         b.adapter.begin(b.conn)
-        a.run(f"UPDATE {table} SET v = 1 WHERE id = 10")
-        b.run(f"UPDATE {table} SET v = 1 WHERE id = 11")
+        a.run(f"UPDATE {table} SET port = 1 WHERE id = 10")
+        b.run(f"UPDATE {table} SET port = 1 WHERE id = 11")
 
         def cross(opened: Opened, row: int) -> None:
             try:
-                opened.run(f"UPDATE {table} SET v = 2 WHERE id = {row}")
+                opened.run(f"UPDATE {table} SET port = 2 WHERE id = {row}")
             except Exception as exc:  # noqa: BLE001
                 errors.append(exc)
                 opened.adapter.rollback(opened.conn)
@@ -205,7 +192,7 @@ def test_return_state_and_reset(cluster, table: str) -> None:
         assert opened.adapter.return_state(opened.conn) is ReturnState.BROKEN
     finally:
         opened.close()
-    assert cluster.primary.query(f"SELECT v FROM {table} WHERE id = 6") == [(60,)]
+    assert cluster.primary.query(f"SELECT port FROM {table} WHERE id = 6") == [(60,)]
 
 
 def test_ping(cluster) -> None:

@@ -12,6 +12,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from .errors import ConfigurationError
+
 __all__ = ["EVENT_NAMES", "Event", "Events"]
 
 log = logging.getLogger("dbrouter.events")
@@ -56,8 +58,6 @@ class Events:
     def on(self, name: str, listener: Callable[[Event], None]) -> Callable[[], None]:
         """Call ``listener(event)`` for each event ``name``; returns a function that unsubscribes."""
         if name != "*" and name not in EVENT_NAMES:
-            from .errors import ConfigurationError
-
             raise ConfigurationError(f"unknown event {name!r}; known: {', '.join(sorted(EVENT_NAMES))}")
         with self._lock:
             self._listeners.setdefault(name, []).append(listener)

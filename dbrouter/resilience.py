@@ -127,11 +127,8 @@ class NodeBreaker:
         state = self._read()[0]
         if state == CLOSED:
             return True
-        now = self._clock()
         if state == OPEN:
-            if self._opened_at is None:  # opened by another process: its timer starts now here
-                self._opened_at = now
-            return now - self._opened_at >= self.policy.reset_timeout
+            return self._elapsed_open(self._clock())
         return self._trial_started is None
 
     def allow(self) -> bool:

@@ -128,7 +128,7 @@ class Router:
         self._monitor = Monitor(
             lambda: self.topology.nodes,
             config.monitor,
-            self._after_probe,
+            self.topology.apply,
             probe_timeout=max(1.0, config.connect.connect_timeout),
             watchdog=self._watchdog,
         )
@@ -193,9 +193,6 @@ class Router:
     def on(self, event: str, listener: Callable[[Event], None]) -> Callable[[], None]:
         """Subscribe to an event (see `dbrouter.events.EVENT_NAMES`, or ``"*"``); returns an unsubscribe function."""
         return self.events.on(event, listener)
-
-    def _after_probe(self, results: list[Any]) -> None:
-        self.topology.apply(results)
 
     def _pool_event(self, node_name: str, name: str, message: str, **data: Any) -> None:
         self.events.emit(name, node_name, message, level=logging.WARNING, **data)
@@ -263,8 +260,7 @@ class Router:
             lost = aborted or kind is None or kind is ErrorKind.UNREACHABLE
             pool._checkin(entry, broken=lost)
             if lost and kind is not None:
-                breaker.failure(exc)
-                pool.invalidate(f"connection to {node.name} lost")
+                _node_lost(node, exc)
                 if aborted:
                     raise NodeUnavailable(
                         f"node {node.name} did not answer within {guard + extra:.3g}s "
@@ -277,8 +273,8 @@ class Router:
             returned = pool._checkin(entry, broken=True)  # aborted just as it finished: the socket is gone
         else:
             returned = pool._checkin(entry)
-        # Moving average of the statement time, from the pool's clock readings (inlined
-        # Node.observe_latency: this is the hot path).
+        # Moving average of the statement time, from the pool's clock readings (inlined:
+        # this is the hot path; Node.latency is read by the latency policy and stats).
         elapsed, latency = returned - entry.borrowed_at, node.latency
         node.latency = elapsed if latency == 0.0 else latency + _LATENCY_ALPHA * (elapsed - latency)
         if not breaker._clean:
@@ -479,8 +475,7 @@ class Router:
             kind = adapter.classify(exc) if isinstance(exc, Exception) else None
             broken = kind is None or kind is ErrorKind.UNREACHABLE or isinstance(exc, NodeUnavailable)
             if broken and kind is not None:
-                node.breaker.failure(exc)
-                node.pool.invalidate(f"connection to {node.name} lost")
+                _node_lost(node, exc)
             if not broken and not committing:
                 try:
                     adapter.rollback(entry.conn)
@@ -511,8 +506,7 @@ class Router:
             lost = node.adapter.classify(exc) is ErrorKind.UNREACHABLE
             node.pool._checkin(entry, broken=lost)
             if lost:
-                node.breaker.failure(exc)
-                node.pool.invalidate(f"connection to {node.name} lost")
+                _node_lost(node, exc)
                 raise ConnectError(f"cannot begin a transaction on {node.name}: {_short(exc)}", node=node.name) from exc
             raise
         return node, entry
@@ -564,8 +558,7 @@ class Router:
             kind = node.adapter.classify(error) if isinstance(error, Exception) else None
             lost = kind is None or kind is ErrorKind.UNREACHABLE
             if lost and kind is not None:
-                node.breaker.failure(error)
-                node.pool.invalidate(f"connection to {node.name} lost")
+                _node_lost(node, error)
         if not lost:
             node.breaker.success()
         node.pool.release(conn, broken=lost)
@@ -684,6 +677,13 @@ class _Checkout:
         if node is not None:
             self._router.checkin(node, self._conn, exc)
             self._conn = None
+
+
+def _node_lost(node: Node, exc: BaseException) -> None:
+    """A connection to ``node`` broke: count it against the breaker and retire its other
+    connections, which most likely broke with it (a crashed or restarted server)."""
+    node.breaker.failure(exc)
+    node.pool.invalidate(f"connection to {node.name} lost")
 
 
 def _is_node_failure(exc: BaseException) -> bool:

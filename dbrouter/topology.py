@@ -70,11 +70,6 @@ class Node:
     def outstanding(self) -> int:
         return self.pool.outstanding
 
-    def observe_latency(self, seconds: float) -> None:
-        """Fold one response time into the moving average (races only lose a sample)."""
-        current = self.latency
-        self.latency = seconds if current == 0.0 else current + _LATENCY_ALPHA * (seconds - current)
-
     def why_not_serving(self, max_lag: float | None) -> str | None:
         """Why this node gets no reads now, or None when it may serve."""
         if not self.healthy:
@@ -196,7 +191,9 @@ class Monitor:
             result = futures[future]
             result.ok = False
             result.error = f"no answer within {self._probe_timeout:.3g}s"
-            self._abandon(result.node)
+            # The late probe still owns its connection: the watchdog or the read timeout
+            # breaks it, and the probe closes it when it returns.
+            log.debug("probe of %s timed out", result.node.name)
 
     def _probe_role(self, result: ProbeResult) -> None:
         def ask(adapter: Adapter, conn: Any) -> None:
@@ -245,11 +242,6 @@ class Monitor:
                     node.adapter.close(conn)
                 else:
                     self._probes[node.name] = conn
-
-    def _abandon(self, node: Node) -> None:
-        """A probe that timed out still owns its connection; the watchdog or read
-        timeout will break it, and the probe closes it when it returns."""
-        log.debug("probe of %s timed out", node.name)
 
 
 class Topology:

@@ -159,9 +159,6 @@ class Adapter(ABC):
     def classify(self, exc: BaseException) -> ErrorKind:
         """Classify a driver exception by SQLSTATE or error number, never by message."""
 
-    def is_connection_error(self, exc: BaseException) -> bool:
-        return self.classify(exc) is ErrorKind.UNREACHABLE
-
     @staticmethod
     def _first_column(rows: Sequence[Sequence[Any]] | None) -> Any:
         return rows[0][0] if rows else None

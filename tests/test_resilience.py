@@ -52,6 +52,23 @@ def most_advanced_replica(cluster: Any, candidates: list[Any]) -> Any:
     return max(candidates, key=received)
 
 
+def kill_then_promote(cluster: Any, workload: Workload, outage: float) -> tuple[float, float, float, float, Any]:
+    """Run ``workload`` for 1 s, SIGKILL the primary, wait ``outage`` seconds, promote the most
+    advanced replica. Returns (kill started, kill done, promotion started, promotion done, new primary)."""
+    workload.prepare()
+    cluster.wait_replicated()
+    workload.start()
+    time.sleep(1.0)
+    kill_started = time.monotonic()
+    cluster.primary.kill()
+    killed_at = time.monotonic()  # the server and its backends are gone
+    time.sleep(outage)
+    new_primary = most_advanced_replica(cluster, cluster.replicas)
+    promoting_at = time.monotonic()
+    cluster.promote(new_primary)
+    return kill_started, killed_at, promoting_at, time.monotonic(), new_primary
+
+
 @pytest.mark.parametrize("engine", ENGINES)
 def test_breaker_does_not_serialise_queries(engine: str, request: pytest.FixtureRequest) -> None:
     cluster = request.getfixturevalue("pg_cluster" if engine == "postgres" else "maria_cluster")
@@ -80,19 +97,9 @@ def test_killed_primary_reads_survive_writes_fail_fast_then_promotion_heals(engi
                         min_size=2, max_size=8, application_name=tag)
         router.on("*", lambda e: events.append(e.name))
         workload = Workload(router, threads=8, write_ratio=0.3, duration=60)
-        workload.prepare()
-        cluster.wait_replicated()
         old_primary = cluster.primary
-        workload.start()
-        time.sleep(1.0)
-        kill_started = time.monotonic()
-        old_primary.kill()
-        killed_at = time.monotonic()  # the server and its backends are gone
-        time.sleep(2.0)
-        new_primary = most_advanced_replica(cluster, cluster.replicas)
-        promoting_at = time.monotonic()
-        cluster.promote(new_primary)
-        promoted_at = time.monotonic()
+        times = kill_then_promote(cluster, workload, outage=2.0)
+        kill_started, killed_at, promoting_at, promoted_at, new_primary = times
         assert wait_until(lambda: router.primary.address.port == new_primary.port, timeout=5)
         time.sleep(1.5)
         assert workload.stop(timeout=15), "a worker thread hung"
@@ -132,18 +139,7 @@ def test_failover_wait_holds_writes_until_a_promotion_and_loses_nothing(engine: 
         router = Router(cluster.primary.url, [n.url for n in cluster.replicas], health_interval=0.2,
                         connect_timeout=2, statement_timeout=3, failover_wait=10, fail_max=3, min_size=2, max_size=8)
         workload = Workload(router, threads=8, write_ratio=0.5, duration=60)
-        workload.prepare()
-        cluster.wait_replicated()
-        old_primary = cluster.primary
-        workload.start()
-        time.sleep(1.0)
-        kill_started = time.monotonic()
-        old_primary.kill()
-        killed_at = time.monotonic()
-        time.sleep(1.5)
-        new_primary = most_advanced_replica(cluster, cluster.replicas)
-        promoting_at = time.monotonic()
-        cluster.promote(new_primary)
+        kill_started, killed_at, promoting_at, _promoted_at, new_primary = kill_then_promote(cluster, workload, outage=1.5)
         time.sleep(2.0)
         assert workload.stop(timeout=20), "a worker thread hung"
         ops = workload.snapshot()

@@ -8,15 +8,16 @@ __all__ = ["Counter"]
 
 
 class Counter:
-    """``next()`` on an ``itertools.count`` is atomic under the GIL, unlike ``x += 1``."""
+    """``next()`` on an ``itertools.count`` is atomic under the GIL, unlike ``x += 1``.
 
-    __slots__ = ("_count",)
+    ``inc`` is the count's own ``__next__``: a C call, the cheapest increment there is.
+    """
+
+    __slots__ = ("_count", "inc")
 
     def __init__(self) -> None:
         self._count = itertools.count()
-
-    def inc(self) -> None:
-        next(self._count)
+        self.inc = self._count.__next__
 
     @property
     def value(self) -> int:

@@ -1,10 +1,21 @@
 """A thread-safe connection pool for one node.
 
-Design (see STYLE.md): one lock guards bookkeeping only; connect, ping, reset
-and close happen outside it. Waiters queue in FIFO order, each on its own
-condition variable over the pool lock, and a returned connection is handed
-straight to the oldest waiter: no thread can jump the queue, and a waiter that
+Design (see STYLE.md): the common checkout and return take no lock. The idle
+connections are a deque whose ``pop`` and ``append`` are atomic under the GIL;
+a checkout pops one, a return appends it back. Everything else (waiters,
+growth, retiring, closing) happens under one lock that guards bookkeeping
+only: connect, ping, reset and close happen outside it.
+
+Waiters queue in FIFO order, each on a lock of its own, and are served under
+the pool lock. A checkout does not take the lock-free path while anyone waits,
+so it cannot jump the queue. The two sides never miss each other: a return
+appends to the idle deque and then looks for waiters, a new waiter queues and
+then looks at the idle deque (both in that order, and the GIL orders them), so
+at least one of the two sees the other and serves the waiter. A waiter that
 timed out has already left the queue, so it can never swallow a connection.
+Whoever empties the idle deque (close, invalidate, housekeeping) does it by
+popping, so every connection is taken by exactly one thread.
+
 New connections are opened one at a time by a short-lived connector thread;
 housekeeping (retire, prune, refill, leak check) runs on a daemon thread.
 """
@@ -23,6 +34,7 @@ import weakref
 from collections import deque
 from typing import TYPE_CHECKING, Any, Callable
 
+from ._counter import Counter
 from .adapters.base import Adapter, ErrorKind, ReturnState
 from .config import PoolConfig
 from .errors import ConnectError, PoolClosed, PoolError, PoolTimeout
@@ -174,7 +186,8 @@ class Pool:
         self._drained = threading.Condition(self._lock)
         self._counts = {TIMEOUTS: 0, CONNECT_ERRORS: 0, OPENED: 0, CLOSED: 0, DISCARDED: 0, LEAKS: 0}
         self._retried = 0  # checkouts that found their connection unusable and started over
-        self._wait_buckets = [0] * (len(WAIT_BUCKETS) + 1)  # the last one is +Inf
+        self._wait_buckets = [0] * (len(WAIT_BUCKETS) + 1)  # the last one is +Inf; [0] unused
+        self._unwaited = Counter()  # the checkouts that did not wait (the first bucket), counted lock-free
         self._wait_sum = 0.0
         self._on_event = on_event  # (name, message, **data): pool_exhausted and leak events
         self._last_exhausted_event = 0.0
@@ -233,30 +246,27 @@ class Pool:
             time.sleep(0.01)
 
     def _checkout(self, timeout: float | None) -> _Entry:
-        start = time.monotonic()
-        if timeout is None:
-            timeout = self.config.acquire_timeout
-        deadline = start + timeout
         bypass = self._bypass
         while True:
-            with self._lock:
-                if self._closed:
-                    raise PoolClosed(f"pool {self.name} is closed")
-                if self._idle:
+            entry = None
+            if not self._waiters:  # nobody queued: take an idle connection without the lock
+                try:
                     entry = self._idle.pop()  # most recently used: warm, least likely to need a ping
-                    self._in_use[entry.key] = entry
-                    self._wait_buckets[0] += 1  # no wait: the whole of the statistics cost
-                    now = start
-                    waiter = None
-                else:
-                    waiter = _Waiter(start)
-                    self._waiters.append(waiter)
-                    self._grow_locked()
-            if waiter is not None:
-                entry = self._wait(waiter, deadline, timeout)
+                except IndexError:
+                    pass
+            if entry is not None:
+                self._in_use[entry.key] = entry
+                self._unwaited.inc()
                 now = time.monotonic()
-            if now >= entry.expires:
-                self._discard(entry, "reached max_lifetime", not_acquired=True)
+                if self._closed:  # closed after we popped it: close() left it to us
+                    self._discard(entry, "pool closed", not_acquired=True)
+                    raise PoolClosed(f"pool {self.name} is closed")
+            else:
+                entry = self._queue(timeout)
+                now = time.monotonic()
+            if now >= entry.expires or entry.generation != self._generation:
+                self._discard(entry, "reached max_lifetime" if now >= entry.expires else "invalidated",
+                              not_acquired=True)
                 continue
             if now - entry.last_used > bypass:
                 try:
@@ -271,6 +281,21 @@ class Pool:
                 entry.borrower = _capture_stack()
                 entry.leak_reported = False
             return entry
+
+    def _queue(self, timeout: float | None) -> _Entry:
+        """The slow way in: queue behind earlier waiters, open a connection if there is room."""
+        start = time.monotonic()
+        if timeout is None:
+            timeout = self.config.acquire_timeout
+        with self._lock:
+            if self._closed:
+                raise PoolClosed(f"pool {self.name} is closed")
+            waiter = _Waiter(start)
+            self._waiters.append(waiter)
+            self._serve_waiters_locked()  # a lock-free return may have just filled the idle deque
+            if waiter.entry is None:
+                self._grow_locked()
+        return self._wait(waiter, start + timeout, timeout)
 
     def _ping(self, conn: Any) -> None:
         if self._watchdog is None:
@@ -340,29 +365,53 @@ class Pool:
             return now
         entry.last_used = now
         entry.borrower = None
-        with self._lock:
-            del self._in_use[entry.key]
-            if not self._closed:
-                if self._waiters:
-                    self._give_locked(entry)
-                else:
-                    self._idle.append(entry)  # the common case, inlined
-                return now
-            self._open -= 1
-            self._counts[CLOSED] += 1
-            self._drained.notify_all()
-        self.adapter.close(conn)
+        del self._in_use[entry.key]
+        self._idle.append(entry)
+        if self._waiters or self._closed:  # looked at after the append: see the module docstring
+            self._after_return()
         return now
 
+    def _after_return(self) -> None:
+        """A return found waiters (serve them) or a closed pool (close what is idle)."""
+        with self._lock:
+            if not self._closed:
+                self._serve_waiters_locked()
+                return
+            idle = self._drain_idle_locked()
+            self._drained.notify_all()
+        for entry in idle:
+            self.adapter.close(entry.conn)
+
     def _give_locked(self, entry: _Entry) -> None:
-        """Hand a free connection to the oldest waiter, or park it as idle."""
-        if self._waiters:
-            waiter = self._waiters.popleft()
+        """Park a free connection as idle and serve the oldest waiter, if any."""
+        self._idle.append(entry)
+        self._serve_waiters_locked()
+
+    def _serve_waiters_locked(self) -> None:
+        """Hand idle connections to waiters, oldest waiter first."""
+        waiters, idle = self._waiters, self._idle
+        while waiters:
+            try:
+                entry = idle.pop()
+            except IndexError:
+                return
+            waiter = waiters.popleft()
             self._in_use[entry.key] = entry
             self._record_wait_locked(time.monotonic() - waiter.since)
             waiter.serve(entry)
-        else:
-            self._idle.append(entry)
+
+    def _drain_idle_locked(self) -> list[_Entry]:
+        """Take every idle connection out of the pool (by popping: lock-free checkouts may race)
+        and count them as closed; the caller closes them outside the lock."""
+        drained = []
+        while True:
+            try:
+                drained.append(self._idle.popleft())
+            except IndexError:
+                break
+        self._open -= len(drained)
+        self._counts[CLOSED] += len(drained)
+        return drained
 
     def _discard(self, entry: _Entry, why: str, *, not_acquired: bool = False) -> None:
         """Close a borrowed connection that must not be reused, and replace it if needed."""
@@ -447,10 +496,7 @@ class Pool:
         """
         with self._lock:
             self._generation += 1
-            idle = list(self._idle)
-            self._idle.clear()
-            self._open -= len(idle)
-            self._counts[CLOSED] += len(idle)
+            idle = self._drain_idle_locked()
             self._counts[DISCARDED] += len(idle)
             self._grow_locked()
         for entry in idle:
@@ -469,21 +515,30 @@ class Pool:
         with self._lock:
             if self._closed:
                 return
-            keep: deque[_Entry] = deque()
-            for entry in self._idle:  # oldest-used first
+            # Take the idle deque apart by popping (lock-free checkouts may race), oldest-used first.
+            examined = []
+            while True:
+                try:
+                    examined.append(self._idle.popleft())
+                except IndexError:
+                    break
+            keep = []
+            for entry in examined:
                 idle_for = now - entry.last_used
                 too_idle = cfg.max_idle is not None and idle_for > cfg.max_idle
-                if now >= entry.expires or (too_idle and self._open - len(retire) > cfg.min_size):
+                if (now >= entry.expires or entry.generation != self._generation
+                        or (too_idle and self._open - len(retire) > cfg.min_size)):
                     retire.append(entry)
                 else:
                     keep.append(entry)
-            self._idle = keep
+            self._idle.extendleft(reversed(keep))  # behind connections returned meanwhile
             self._open -= len(retire)
             self._counts[CLOSED] += len(retire)
+            self._serve_waiters_locked()
             self._grow_locked()
             leaks = []
             if cfg.leak_threshold is not None:
-                for entry in self._in_use.values():
+                for entry in list(self._in_use.values()):
                     if not entry.leak_reported and now - entry.borrowed_at > cfg.leak_threshold:
                         entry.leak_reported = True
                         leaks.append((now - entry.borrowed_at, entry.borrower))
@@ -506,6 +561,7 @@ class Pool:
         with self._lock:
             counts = list(self._wait_buckets)
             total = self._wait_sum
+        counts[0] = self._unwaited.value
         cumulative, running = [], 0
         for count in counts:
             running += count
@@ -516,6 +572,7 @@ class Pool:
         """A snapshot of sizes, counters and acquire-wait percentiles (seconds)."""
         with self._lock:
             buckets = list(self._wait_buckets)
+            buckets[0] = self._unwaited.value
             snapshot: dict[str, Any] = {
                 SIZE: self._open,
                 MAX_SIZE: self.config.max_size,
@@ -548,10 +605,7 @@ class Pool:
             if self._closed:
                 return
             self._closed = True
-            idle = list(self._idle)
-            self._idle.clear()
-            self._open -= len(idle)
-            self._counts[CLOSED] += len(idle)
+            idle = self._drain_idle_locked()
             while self._waiters:
                 self._waiters.popleft().serve(None, PoolClosed(f"pool {self.name} was closed while waiting"))
         self._stop.set()
@@ -563,7 +617,8 @@ class Pool:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
-                self._drained.wait(remaining)
+                # Lock-free returns do not notify: look again every 50 ms.
+                self._drained.wait(min(remaining, 0.05))
             stragglers = list(self._in_use.values())
         if stragglers:
             log.warning(

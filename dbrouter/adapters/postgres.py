@@ -34,6 +34,21 @@ _STATUS_ACTIVE = ext.TRANSACTION_STATUS_ACTIVE
 # Wait for replay by polling: PostgreSQL 15 has no server-side wait for an LSN.
 _REPLAY_POLL = 0.005
 
+# A statement cursor that fetched more rows than this is replaced by a new one, so that
+# an idle pooled connection never holds on to a large result.
+_KEPT_ROWS = 1000
+
+
+class _Connection(ext.connection):
+    """A psycopg2 connection that keeps one cursor for dbrouter's own statements.
+
+    Making a cursor and closing it costs about half a microsecond, as much as the
+    rest of a pooled checkout; the pool's connections are used by one thread at a
+    time, so one cursor each is enough.
+    """
+
+    __slots__ = ("statement_cursor",)
+
 
 class PostgresAdapter(Adapter):
     """psycopg2 connections in autocommit mode, so a plain read is one round trip."""
@@ -79,13 +94,14 @@ class PostgresAdapter(Adapter):
 
     def connect(self, *, read_timeout: float | None = None) -> Any:
         try:
-            conn = psycopg2.connect(**self._params)
+            conn = psycopg2.connect(connection_factory=_Connection, **self._params)
         except psycopg2.Error as exc:
             reason = first_line(scrub(str(exc), self.address.password))
             raise ConnectError(
                 f"cannot connect to postgres node {self.node}: {reason}", node=self.node
             ) from None
         conn.autocommit = True
+        conn.statement_cursor = conn.cursor()
         return conn
 
     def abort(self, conn: Any) -> None:
@@ -103,8 +119,7 @@ class PostgresAdapter(Adapter):
             sock.close()
 
     def ping(self, conn: Any) -> None:
-        with conn.cursor() as cur:
-            cur.execute("SELECT 1")
+        conn.statement_cursor.execute("SELECT 1")
 
     def return_state(self, conn: Any) -> ReturnState:
         if conn.closed:
@@ -123,8 +138,7 @@ class PostgresAdapter(Adapter):
         if conn.get_transaction_status() != _STATUS_IDLE:
             if conn.autocommit:
                 # A transaction opened by an explicit BEGIN: psycopg2 does not know of it.
-                with conn.cursor() as cur:
-                    cur.execute("ROLLBACK")
+                conn.statement_cursor.execute("ROLLBACK")
             else:
                 conn.rollback()
         if conn.isolation_level is not None or conn.readonly is not None or conn.deferrable is not None:
@@ -137,39 +151,43 @@ class PostgresAdapter(Adapter):
             conn.close()
         except Exception:  # noqa: BLE001 - closing a broken connection may fail; nothing to do
             pass
+        conn.statement_cursor = None  # the cursor refers to the connection: break the cycle
 
     def execute(self, conn: Any, sql: str, params: Any = None) -> tuple[list[tuple[Any, ...]] | None, int]:
-        with conn.cursor() as cur:
-            cur.execute(sql, params)
-            rows = cur.fetchall() if cur.description is not None else None
-            return rows, cur.rowcount
+        cur = conn.statement_cursor
+        cur.execute(sql, params)
+        if cur.description is None:
+            return None, cur.rowcount
+        rows = cur.fetchall()
+        if len(rows) > _KEPT_ROWS:  # let the result go with this cursor
+            conn.statement_cursor = conn.cursor()
+            cur.close()
+            return rows, len(rows)
+        return rows, cur.rowcount
 
     def execute_many(self, conn: Any, sql: str, rows: Sequence[Any]) -> int:
         insert = split_insert_values(sql)
-        with conn.cursor() as cur:
-            if insert and rows and not isinstance(rows[0], Mapping):
-                # One multi-row INSERT: one round trip, and the parameters are
-                # adapted in one C-level pass instead of a Python call per row.
-                head, width, tail = insert
-                template = "(" + ",".join(["%s"] * width) + ")"
-                cur.execute(f"{head}{','.join([template] * len(rows))}{tail}", list(chain.from_iterable(rows)))
-                return cur.rowcount
-            cur.executemany(sql, rows)
+        cur = conn.statement_cursor
+        if insert and rows and not isinstance(rows[0], Mapping):
+            # One multi-row INSERT: one round trip, and the parameters are
+            # adapted in one C-level pass instead of a Python call per row.
+            head, width, tail = insert
+            template = "(" + ",".join(["%s"] * width) + ")"
+            cur.execute(f"{head}{','.join([template] * len(rows))}{tail}", list(chain.from_iterable(rows)))
             return cur.rowcount
+        cur.executemany(sql, rows)
+        return cur.rowcount
 
     def begin(self, conn: Any) -> None:
-        with conn.cursor() as cur:
-            cur.execute("BEGIN")
+        conn.statement_cursor.execute("BEGIN")
 
     # On an autocommit connection psycopg2's commit()/rollback() do nothing:
     # the transaction was opened by our BEGIN, so close it the same way.
     def commit(self, conn: Any) -> None:
-        with conn.cursor() as cur:
-            cur.execute("COMMIT")
+        conn.statement_cursor.execute("COMMIT")
 
     def rollback(self, conn: Any) -> None:
-        with conn.cursor() as cur:
-            cur.execute("ROLLBACK")
+        conn.statement_cursor.execute("ROLLBACK")
 
     def is_writable(self, conn: Any) -> bool:
         rows, _ = self.execute(conn, "SELECT pg_is_in_recovery()")

@@ -100,6 +100,9 @@ class MySQLAdapter(Adapter):
         super().__init__(address, options)
         self._params = self._connect_params()
         self.is_mariadb: bool | None = None
+        # Statements without parameters go straight to the connection (see execute) when it
+        # is the C extension's; set at the first connect, as every connection is alike.
+        self._direct = False
 
     def _connect_params(self) -> dict[str, Any]:
         params: dict[str, Any] = {
@@ -152,6 +155,7 @@ class MySQLAdapter(Adapter):
             ) from None
         try:
             conn._dbrouter_cursor = conn.cursor()
+            self._direct = type(conn).__name__ == "CMySQLConnection"
             if self.is_mariadb is None:
                 self.is_mariadb = "mariadb" in (conn.server_info or "").lower()
             timeout = self.options.statement_timeout
@@ -197,6 +201,14 @@ class MySQLAdapter(Adapter):
             pass
 
     def execute(self, conn: Any, sql: str, params: Any = None) -> tuple[list[tuple[Any, ...]] | None, int]:
+        if params is None and self._direct:
+            # The connector's documented lower-level calls: the same round trip and the same
+            # conversions, without the cursor's statement splitting (about 15 us per statement).
+            result = conn.cmd_query(sql)
+            if "columns" in result:
+                rows = conn.get_rows()[0]
+                return rows, len(rows)
+            return None, result["affected_rows"]
         cur = conn._dbrouter_cursor
         cur.execute(sql, params)
         if cur.description is not None:
@@ -267,13 +279,14 @@ class MySQLAdapter(Adapter):
         return self._first_column(rows) == 0
 
     def replica_lag(self, conn: Any, primary_position: str | None = None) -> float | None:
-        rows, _ = self.execute(conn, "SHOW SLAVE STATUS" if self.is_mariadb else "SHOW REPLICA STATUS")
+        cur = conn._dbrouter_cursor
+        cur.execute("SHOW SLAVE STATUS" if self.is_mariadb else "SHOW REPLICA STATUS")
+        rows = cur.fetchall()
         if not rows:
             return 0.0  # not a replica
+        names = [d[0] for d in cur.description] if cur.description else []
         if primary_position and self.has_replayed(conn, primary_position):
             return 0.0
-        cur = conn._dbrouter_cursor
-        names = [d[0] for d in cur.description] if cur.description else []
         row = dict(zip(names, rows[0]))
         seconds = row.get("Seconds_Behind_Master", row.get("Seconds_Behind_Source"))
         return None if seconds is None else float(seconds)

@@ -247,6 +247,7 @@ class Pool:
 
     def _checkout(self, timeout: float | None) -> _Entry:
         bypass = self._bypass
+        deadline = None  # set on the first wait: discarded connections do not extend it
         while True:
             entry = None
             if not self._waiters:  # nobody queued: take an idle connection without the lock
@@ -262,7 +263,10 @@ class Pool:
                     self._discard(entry, "pool closed", not_acquired=True)
                     raise PoolClosed(f"pool {self.name} is closed")
             else:
-                entry = self._queue(timeout)
+                if deadline is None:
+                    timeout = self.config.acquire_timeout if timeout is None else timeout
+                    deadline = time.monotonic() + timeout
+                entry = self._queue(deadline, timeout)
                 now = time.monotonic()
             if now >= entry.expires or entry.generation != self._generation:
                 self._discard(entry, "reached max_lifetime" if now >= entry.expires else "invalidated",
@@ -282,20 +286,17 @@ class Pool:
                 entry.leak_reported = False
             return entry
 
-    def _queue(self, timeout: float | None) -> _Entry:
+    def _queue(self, deadline: float, timeout: float) -> _Entry:
         """The slow way in: queue behind earlier waiters, open a connection if there is room."""
-        start = time.monotonic()
-        if timeout is None:
-            timeout = self.config.acquire_timeout
+        waiter = _Waiter(time.monotonic())
         with self._lock:
             if self._closed:
                 raise PoolClosed(f"pool {self.name} is closed")
-            waiter = _Waiter(start)
             self._waiters.append(waiter)
             self._serve_waiters_locked()  # a lock-free return may have just filled the idle deque
             if waiter.entry is None:
                 self._grow_locked()
-        return self._wait(waiter, start + timeout, timeout)
+        return self._wait(waiter, deadline, timeout)
 
     def _ping(self, conn: Any) -> None:
         if self._watchdog is None:

@@ -247,6 +247,58 @@ def test_stress_32_threads_500_checkouts_pool_of_8(tagged: Tagged) -> None:
     assert wait_until(lambda: tagged.sessions() == 0)
 
 
+def test_lock_free_paths_race_invalidate_housekeeping_and_close(tagged: Tagged) -> None:
+    """Checkouts and returns take no lock: hammer them while the pool is invalidated, pruned
+    and finally closed. No connection is ever held by two threads, the bookkeeping adds up,
+    and nothing is left open on the server."""
+    pool = make_pool(tagged, min_size=2, max_size=6, acquire_timeout=10, max_idle=0.01,
+                     maintenance_interval=0.01)
+    pool.wait_ready(10)
+    held: set[int] = set()
+    held_lock = threading.Lock()
+    errors: list[BaseException] = []
+    closing = threading.Event()
+    done = [0]
+
+    def worker() -> None:
+        while not closing.is_set():  # stop after the op under way: returns race close()
+            try:
+                with pool.connection() as conn:
+                    with held_lock:
+                        assert id(conn) not in held, "one connection handed to two threads"
+                        held.add(id(conn))
+                    pool.adapter.execute(conn, "SELECT 1")
+                    with held_lock:
+                        held.discard(id(conn))
+                        done[0] += 1
+            except dbrouter.PoolClosed:
+                assert closing.is_set()
+                return
+            except BaseException as exc:  # noqa: BLE001 - collected and asserted below
+                errors.append(exc)
+                return
+
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(12)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 1.5
+    while time.monotonic() < deadline:
+        pool.invalidate("test")
+        time.sleep(0.02)
+    with pool._lock:  # every open connection is idle, borrowed, or moving between the two
+        size, idle, in_use = pool._open, len(pool._idle), len(pool._in_use)
+    assert idle + in_use <= size <= idle + in_use + len(threads)
+    closing.set()
+    pool.close(timeout=5)
+    for t in threads:
+        t.join(timeout=10)
+    assert not any(t.is_alive() for t in threads), "a thread is stuck"
+    assert errors == []
+    assert done[0] > 100
+    assert pool.stats()["size"] == 0
+    assert wait_until(lambda: tagged.sessions() == 0)
+
+
 def test_release_twice_is_an_error(tagged: Tagged) -> None:
     pool = make_pool(tagged, min_size=0, max_size=1)
     conn = pool.acquire()

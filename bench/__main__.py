@@ -98,6 +98,60 @@ def _close_all(opened: dict[str, Opened]) -> None:
 # -- phases -------------------------------------------------------------------------
 
 
+def _server_tasks(pids: list[int]) -> list[int]:
+    """Every thread of the server processes and of their children (PostgreSQL's backends)."""
+    roots = set(pids)
+    procs = set(roots)
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                ppid = int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            if ppid in roots:
+                procs.add(int(entry))
+    tasks = []
+    for pid in procs:
+        try:
+            tasks += [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+        except OSError:
+            pass
+    return tasks
+
+
+class PinnedApart:
+    """The bench client on the first CPU, the servers on the others, for the one-thread phase.
+
+    With client and servers free to move, the scheduler gives each connection its own
+    placement (same core as the client, or a core woken from idle), which costs tens of
+    microseconds per round trip and sticks to a connection: the per-op differences then
+    measure placement, not the client's code. Pinned apart, every contender's round trip
+    crosses cores the same way. New server processes and threads inherit the pinning.
+    """
+
+    def __init__(self, server_pids: list[int]) -> None:
+        self.server_pids = server_pids
+        self.cpus = sorted(os.sched_getaffinity(0))
+        self.active = len(self.cpus) >= 2
+
+    def _apply(self, client: set[int], server: set[int]) -> None:
+        for tid in _server_tasks(self.server_pids):
+            try:
+                os.sched_setaffinity(tid, server)
+            except OSError:
+                pass  # a thread that ended meanwhile
+        os.sched_setaffinity(0, client)
+
+    def __enter__(self) -> "PinnedApart":
+        if self.active:
+            self._apply({self.cpus[0]}, set(self.cpus[1:]))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.active:
+            self._apply(set(self.cpus), set(self.cpus))
+
+
 def phase_single(
     s: Settings, targets: dict[str, Targets], seed: int, gate: measure.QuietGate
 ) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -371,7 +425,10 @@ def main(argv: list[str] | None = None) -> int:
         targets = {e: Targets(e, clusters[e].replicas[0].url, clusters[e].primary.url) for e in ENGINES}
         ports = {e: (clusters[e].replicas[0].port, clusters[e].primary.port) for e in ENGINES}
         if "single" in phases:
-            results["single_thread"], results["checkout_only"] = phase_single(s, targets, args.seed, gate)
+            pids = [n.pid for c in clusters.values() for n in c.nodes if n.pid]
+            with PinnedApart(pids) as pinned:
+                results["single_thread"], results["checkout_only"] = phase_single(s, targets, args.seed, gate)
+            results["config"]["single_pinned"] = pinned.active
         if "trips" in phases:
             results["round_trips"] = phase_round_trips(s, targets, ports)
         if "matrix" in phases:
@@ -428,12 +485,19 @@ NOTES = [
     "mysql-connector's cursor() pings the server (a round trip) on the C extension; that is why "
     "router.connection('read') + conn.cursor() costs two round trips on MariaDB while router.read costs one.",
     "A loopback round trip on this VM is bimodal (about 30 us or about 65-80 us, depending on where the scheduler "
-    "places the connection's server process relative to the client), and the mode differs between connections "
-    "and drifts over time. Hence the one-thread design: epochs that reopen every contender with new connections, "
-    "hundreds of short interleaved rounds, comparisons within a round, and the client-CPU column, which does not "
-    "depend on placement.",
-    "Nothing is pinned to a core; the GIL switch interval is Python's default. The servers share the two cores "
-    "with the client, so many-thread SELECT 1 numbers are CPU-bound and measure Python overhead as much as I/O.",
+    "places the connection's server process relative to the client), and the mode sticks to a connection: "
+    "unpinned, a contender with one connection (the floor) came out 20-30 us slower than the pools in every "
+    "epoch of a full run, which made 'over the floor' negative. So during the one-thread phase the bench client "
+    "is pinned to the first CPU and the servers (and the backends they fork) to the other: every round trip "
+    "crosses cores the same way. Absolute times are higher than unpinned; the differences are what the "
+    "contenders' code costs. The phase also reopens every contender in each epoch, runs hundreds of short "
+    "interleaved rounds and compares within a round; the client-CPU column does not depend on placement.",
+    "Outside the one-thread phase nothing is pinned; the GIL switch interval is Python's default. The servers "
+    "share the two cores with the client, so many-thread SELECT 1 numbers are CPU-bound and measure Python "
+    "overhead as much as I/O.",
+    "Both floors make the same driver calls as dbrouter, with no pool: psycopg2 with one cursor kept per "
+    "connection, mysql-connector's cmd_query + get_rows for statements without parameters. They are the least "
+    "work a statement takes with each driver, so 'over the floor' is what pooling and routing add.",
 ]
 
 

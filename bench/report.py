@@ -351,7 +351,9 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
             "time / ops; p50 = the batch's median op; client CPU = process CPU time per op (Python and driver work, "
             "without the wait for the server); each a 10%-trimmed mean over rounds. Differences to the floor are "
             "medians of per-round differences, with a 95% bootstrap interval: the robust figures here. Round trips "
-            "are counted on the wire.")
+            "are counted on the wire."
+            + (" The client ran pinned to one CPU and the servers to the other (see Notes)."
+               if cfg.get("single_pinned") else ""))
         add("")
         add("| Contender | per op (µs) | p50 (µs) | p50 over floor (µs) [95% CI] | × floor | client CPU (µs/op) | CPU over floor | round trips | client sends per op |")
         add("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")

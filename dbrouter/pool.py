@@ -215,10 +215,13 @@ class Pool:
 
     def release(self, conn: Any, *, broken: bool = False) -> None:
         """Return a borrowed connection; ``broken=True`` discards it."""
+        self._checkin(self._entry_of(conn), broken=broken)
+
+    def _entry_of(self, conn: Any) -> _Entry:
         entry = self._in_use.get(id(conn))
         if entry is None or entry.conn is not conn:
             raise PoolError(f"connection returned to pool {self.name} does not belong to it or was returned twice")
-        self._checkin(entry, broken=broken)
+        return entry
 
     def connection(self, timeout: float | None = None) -> _Borrowed:
         """Borrow a connection for a ``with`` block.

@@ -533,35 +533,47 @@ class Router:
         the node's breaker is open, `ConnectError`, `PoolTimeout`, and for writes
         `NoPrimaryAvailable` / `SplitBrain` (after ``failover_wait``).
         """
-        if intent not in ("read", "write"):
-            raise ConfigurationError(f"connection intent must be 'read' or 'write', got {intent!r}")
-        if node is None:
-            node = self._reader() if intent == "read" else self._writer(time.monotonic() + self.config.routing.failover_wait)[0]
-        if not node.breaker.allow():
-            raise _BreakerOpen(f"node {node.name}: circuit breaker {node.breaker.state} after {node.breaker.failures} failures",
-                               node=node.name)
-        try:
-            conn = node.pool.acquire()
-        except ConnectError as exc:
-            node.breaker.failure(exc)
-            raise
-        (self._reads if intent == "read" else self._writes).inc()
-        return node, conn
+        node, entry = self._borrow(intent, node)
+        return node, entry.conn
 
     def checkin(self, node: Node, conn: Any, error: BaseException | None = None) -> None:
         """Return a connection from `checkout`; ``error`` is what failed on it, if anything.
 
         A connection error discards the connection and counts against the node's breaker.
         """
+        self._give_back(node, node.pool._entry_of(conn), error)
+
+    def _borrow(self, intent: str, node: Node | None = None) -> tuple[Node, Any]:
+        """`checkout`, returning the pool's entry (so that the return needs no lookup)."""
+        if node is None:
+            if intent == "read":
+                node = self._reader()
+            elif intent == "write":
+                node = self._writer(time.monotonic() + self.config.routing.failover_wait)[0]
+        if intent != "read" and intent != "write":
+            raise ConfigurationError(f"connection intent must be 'read' or 'write', got {intent!r}")
+        breaker = node.breaker
+        if not breaker._clean and not breaker.allow():
+            raise _BreakerOpen(f"node {node.name}: circuit breaker {breaker.state} after {breaker.failures} failures",
+                               node=node.name)
+        try:
+            entry = node.pool._checkout(None)
+        except ConnectError as exc:
+            breaker.failure(exc)
+            raise
+        (self._reads if intent == "read" else self._writes).inc()
+        return node, entry
+
+    def _give_back(self, node: Node, entry: Any, error: BaseException | None) -> None:
         lost = False
         if error is not None:
             kind = node.adapter.classify(error) if isinstance(error, Exception) else None
             lost = kind is None or kind is ErrorKind.UNREACHABLE
             if lost and kind is not None:
                 _node_lost(node, error)
-        if not lost:
+        if not lost and not node.breaker._clean:
             node.breaker.success()
-        node.pool.release(conn, broken=lost)
+        node.pool._checkin(entry, broken=lost)
 
     def write_many(self, sql: str, rows: Sequence[Any], *, batch_size: int = 1000, workers: int = 4) -> int:
         """Run ``sql`` for every parameter row, in batches spread over pooled primary connections.
@@ -660,23 +672,23 @@ class Router:
 class _Checkout:
     """``with router.connection(intent) as conn``: `Router.checkout` / `Router.checkin`."""
 
-    __slots__ = ("_router", "_intent", "_node", "_conn")
+    __slots__ = ("_router", "_intent", "_node", "_entry")
 
     def __init__(self, router: Router, intent: str) -> None:
         self._router = router
         self._intent = intent
         self._node: Node | None = None
-        self._conn: Any = None
+        self._entry: Any = None
 
     def __enter__(self) -> Any:
-        self._node, self._conn = self._router.checkout(self._intent)
-        return self._conn
+        self._node, self._entry = self._router._borrow(self._intent)
+        return self._entry.conn
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
         node, self._node = self._node, None
         if node is not None:
-            self._router.checkin(node, self._conn, exc)
-            self._conn = None
+            entry, self._entry = self._entry, None
+            self._router._give_back(node, entry, exc)
 
 
 def _node_lost(node: Node, exc: BaseException) -> None:

@@ -1,0 +1,104 @@
+"""The benchmark's verdict rules (pure logic): each target flips at the line the issue draws.
+
+The numbers come from the stored full run (bench/results.json), changed one at a time.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+from bench import report
+
+RESULTS = json.loads((Path(__file__).resolve().parent.parent / "bench" / "results.json").read_text())
+
+
+def verdict(change: Callable[[dict[str, Any]], None], target_starts: str) -> str:
+    results = copy.deepcopy(RESULTS)
+    change(results)
+    found = [t for t in report.evaluate_targets(results) if t["target"].startswith(target_starts)]
+    assert len(found) == 1, [t["target"] for t in report.evaluate_targets(results)]
+    return found[0]["verdict"]
+
+
+def set_rounds(results: dict[str, Any], engine: str, key: str, value: Callable[[float], float]) -> None:
+    rounds = results["single_thread"][engine][key]
+    rounds["p50_us"] = [value(x) for x in rounds["p50_us"]]
+
+
+def test_stored_run_meets_every_target() -> None:
+    targets = report.evaluate_targets(RESULTS)
+    assert len(targets) == 19
+    assert [t["target"] for t in targets if t["verdict"] != "PASS"] == []
+
+
+@pytest.mark.parametrize(("extra_us", "expected"), [(0.0, "PASS"), (0.5, "FAIL")])
+def test_no_more_than_the_psycopg2_pool_means_not_above_it(extra_us: float, expected: str) -> None:
+    def change(results: dict[str, Any]) -> None:
+        pool = results["single_thread"]["postgres"]["pg.psycopg2_pool_ac"]["p50_us"]
+        results["single_thread"]["postgres"]["pg.dbrouter_read"]["p50_us"] = [x + extra_us for x in pool]
+
+    assert verdict(change, "PostgreSQL, 1 thread: router.read adds no more than") == expected
+
+
+@pytest.mark.parametrize(("over_us", "expected"), [(9.9, "PASS"), (10.1, "FAIL")])
+def test_at_most_10_us_over_the_floor(over_us: float, expected: str) -> None:
+    def change(results: dict[str, Any]) -> None:
+        floor = results["single_thread"]["postgres"]["pg.raw"]["p50_us"]
+        results["single_thread"]["postgres"]["pg.dbrouter_read"]["p50_us"] = [x + over_us for x in floor]
+
+    assert verdict(change, "PostgreSQL, 1 thread: router.read('SELECT 1') adds at most 10 us") == expected
+
+
+def test_clearly_less_needs_two_microseconds() -> None:
+    def change(results: dict[str, Any]) -> None:
+        mine = results["single_thread"]["postgres"]["pg.dbrouter_read"]["p50_us"]
+        results["single_thread"]["postgres"]["pg.sa_queuepool"]["p50_us"] = [x + 1.0 for x in mine]
+
+    assert verdict(change, "PostgreSQL, 1 thread: router.read clearly less overhead than SQLAlchemy raw") == "FAIL"
+
+
+@pytest.mark.parametrize(("share", "starved", "expected"), [(0.96, 0, "PASS"), (0.94, 0, "FAIL"), (0.99, 1, "FAIL")])
+def test_ceiling_share_and_starvation(share: float, starved: int, expected: str) -> None:
+    def change(results: dict[str, Any]) -> None:
+        cell = results["matrix"]["mysql"]["sleep"]["my.dbrouter_read"]["64"]
+        cell["throughput"] = share * cell["ceiling"]
+        cell["starved_worst"] = starved
+
+    assert verdict(change, "MySQL/MariaDB, 64 threads, pool of 10, 5 ms") == expected
+
+
+def test_ceiling_is_connections_over_measured_service_time() -> None:
+    for engine in ("postgres", "mysql"):
+        service_s = RESULTS["matrix"][engine]["service_time_ms"] / 1e3
+        for threads, cell in RESULTS["matrix"][engine]["sleep"]["pg.dbrouter_read" if engine == "postgres"
+                                                               else "my.dbrouter_read"].items():
+            assert cell["ceiling"] == pytest.approx(min(int(threads), 10) / service_s, rel=1e-3)  # stored rounded
+            assert cell["ceiling_nominal"] == pytest.approx(min(int(threads), 10) / 0.005)
+
+
+@pytest.mark.parametrize(("throughput_ratio", "p99_over_wait", "expected"),
+                         [(1.01, 1.9, "PASS"), (0.99, 1.5, "FAIL"), (1.2, 2.1, "FAIL")])
+def test_select1_64_threads_against_queuepool(throughput_ratio: float, p99_over_wait: float, expected: str) -> None:
+    def change(results: dict[str, Any]) -> None:
+        cells = results["matrix"]["postgres"]["select1"]
+        mine, theirs = cells["pg.dbrouter_read"]["64"], cells["pg.sa_queuepool"]["64"]
+        mine["throughput"] = theirs["throughput"] * throughput_ratio
+        mine["little_wait_ms"] = 64 / mine["throughput"] * 1e3
+        mine["p99_ms"] = mine["little_wait_ms"] * p99_over_wait
+
+    assert verdict(change, "PostgreSQL, 64 threads, SELECT 1") == expected
+
+
+@pytest.mark.parametrize(("ratio", "expected"), [(1.81, "PASS"), (1.79, "FAIL")])
+def test_scale_out(ratio: float, expected: str) -> None:
+    def change(results: dict[str, Any]) -> None:
+        s = results["scale_out"]["postgres"]
+        s["replicas_throughput"] = s["single_throughput"] * ratio
+        s["ratio"] = ratio
+
+    assert verdict(change, "PostgreSQL: reads over 2 replicas") == expected

@@ -21,5 +21,6 @@ class Counter:
 
     @property
     def value(self) -> int:
-        # count.__reduce__() returns (count, (next_value,)) without advancing it.
-        return int(self._count.__reduce__()[1][0])
+        # repr() is "count(N)", N the next value, without advancing it (count.__reduce__
+        # did the same but is deprecated since Python 3.12 and gone in 3.14).
+        return int(repr(self._count)[6:-1])

@@ -197,6 +197,10 @@ class Pool:
             name=f"dbrouter-{self.name}-maint", daemon=True,
         )
         self._maint.start()
+        # A pool dropped without close(): close its idle connections when it is collected
+        # (a psycopg2 connection keeps a cursor that refers back to it, so it would
+        # otherwise stay open until the cycle collector runs).
+        weakref.finalize(self, _close_idle, self._idle, adapter)
         if self.config.min_size:
             with self._lock:
                 self._grow_locked()
@@ -319,7 +323,11 @@ class Pool:
 
     def _wait(self, waiter: _Waiter, deadline: float, timeout: float) -> _Entry:
         """Sleep until served, failed or timed out; served waiters come back without the pool lock."""
-        served = waiter.wakeup.acquire(True, max(0.0, deadline - time.monotonic()))
+        try:
+            served = waiter.wakeup.acquire(True, max(0.0, deadline - time.monotonic()))
+        except BaseException:  # KeyboardInterrupt while waiting: leave no trace in the queue
+            self._abandon(waiter)
+            raise
         if not served:
             with self._lock:
                 if waiter.entry is None and waiter.error is None:
@@ -336,6 +344,15 @@ class Pool:
             raise waiter.error
         assert waiter.entry is not None
         return waiter.entry
+
+    def _abandon(self, waiter: _Waiter) -> None:
+        """A waiter gave up (interrupted): leave the queue, or give back what it was just served."""
+        with self._lock:
+            if waiter.entry is None and waiter.error is None:
+                self._waiters.remove(waiter)
+                return
+        if waiter.entry is not None:
+            self._checkin(waiter.entry)
 
     def _timeout_locked(self, timeout: float) -> tuple[PoolTimeout, bool]:
         self._counts[TIMEOUTS] += 1
@@ -617,7 +634,9 @@ class Pool:
             self.adapter.close(entry.conn)
         deadline = time.monotonic() + timeout
         with self._lock:
-            while self._in_use:
+            # Until every connection is closed: borrowed ones, and those in the middle of a
+            # lock-free checkout or return (out of both the idle deque and _in_use).
+            while self._open > 0:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
@@ -637,6 +656,16 @@ class Pool:
 
     def __exit__(self, *exc_info: Any) -> None:
         self.close()
+
+
+def _close_idle(idle: deque[_Entry], adapter: Adapter) -> None:
+    """Finalizer of a pool that was never closed: close what is idle (popping, as everyone does)."""
+    while True:
+        try:
+            entry = idle.pop()
+        except IndexError:
+            return
+        adapter.close(entry.conn)
 
 
 def _quantile(buckets: list[int], q: float) -> float:

@@ -149,27 +149,37 @@ class Router:
         nodes: list[Node] = []
         specs = [(config.primary, 1.0, config.primary_name, PRIMARY)]
         specs += [(r.url, r.weight, r.name, REPLICA) for r in config.replicas]
-        for url, weight, name, role in specs:
-            address = primary_address if role == PRIMARY else parse_address(url)
-            if address.engine != primary_address.engine:
-                raise ConfigurationError(
-                    f"replica {address.redacted} is a {address.engine} node but the primary "
-                    f"{primary_address.redacted} is {primary_address.engine}: one router serves one engine"
-                )
-            node_name = name or address.name
-            if any(node.name == node_name for node in nodes):
-                raise ConfigurationError(f"node {node_name} is listed twice; give each node a distinct name")
-            adapter = make_adapter(address, config.connect)
-            pool = Pool(adapter, config.pool, name=node_name, watchdog=self._watchdog,
-                        on_event=partial(self._pool_event, node_name))
-            storage = None
-            if config.breaker.breaker_redis_url:
-                key = f"{address.engine}:{address.name}/{address.database or ''}"
-                storage = shared_storage(config.breaker.breaker_redis_url, key)
-            breaker = NodeBreaker(node_name, config.breaker, on_change=partial(self._breaker_changed, node_name),
-                                  storage=storage)
-            nodes.append(Node(node_name, address, adapter, pool, breaker, role, weight))
+        try:
+            for url, weight, name, role in specs:
+                nodes.append(self._build_node(config, primary_address, nodes, url, weight, name, role))
+        except BaseException:
+            for node in nodes:  # the pools already open connections: close them
+                node.pool.close(timeout=0)
+            raise
         return nodes
+
+    def _build_node(self, config: RouterConfig, primary_address: Any, nodes: list[Node], url: str,
+                    weight: float, name: str | None, role: str) -> Node:
+        """One node: its adapter, breaker and (last, as it starts connecting) its pool."""
+        address = primary_address if role == PRIMARY else parse_address(url)
+        if address.engine != primary_address.engine:
+            raise ConfigurationError(
+                f"replica {address.redacted} is a {address.engine} node but the primary "
+                f"{primary_address.redacted} is {primary_address.engine}: one router serves one engine"
+            )
+        node_name = name or address.name
+        if any(node.name == node_name for node in nodes):
+            raise ConfigurationError(f"node {node_name} is listed twice; give each node a distinct name")
+        adapter = make_adapter(address, config.connect)
+        storage = None
+        if config.breaker.breaker_redis_url:
+            key = f"{address.engine}:{address.name}/{address.database or ''}"
+            storage = shared_storage(config.breaker.breaker_redis_url, key)
+        breaker = NodeBreaker(node_name, config.breaker, on_change=partial(self._breaker_changed, node_name),
+                              storage=storage)
+        pool = Pool(adapter, config.pool, name=node_name, watchdog=self._watchdog,  # last: it connects
+                    on_event=partial(self._pool_event, node_name))
+        return Node(node_name, address, adapter, pool, breaker, role, weight)
 
     def __repr__(self) -> str:
         return f"<Router primary={self.primary.name} replicas={[n.name for n in self.replicas]}>"

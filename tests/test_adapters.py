@@ -6,6 +6,7 @@ import os
 import socket
 import threading
 import time
+import uuid
 from typing import Any
 
 import pytest
@@ -244,5 +245,44 @@ def test_postgres_connection_settings(pg_cluster) -> None:
             assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == 3
         finally:
             sock.close()
+    finally:
+        opened.close()
+
+
+def test_multi_statement_leaves_the_connection_usable(cluster) -> None:
+    """Results nobody read (a multi-statement, a procedure) make the connection dirty, and the
+    reset reads them: otherwise every later statement on it fails ("Commands out of sync")."""
+    opened = Opened(cluster.primary)
+    try:
+        first_or_last = [(1,)] if opened.adapter.engine == "mysql" else [(2,)]  # what each driver returns
+        assert opened.run("SELECT 1; SELECT 2") == first_or_last
+        if opened.adapter.return_state(opened.conn) is ReturnState.DIRTY:
+            opened.adapter.reset(opened.conn)
+        assert opened.adapter.return_state(opened.conn) is ReturnState.CLEAN
+        assert opened.run("SELECT 3") == [(3,)]
+    finally:
+        opened.close()
+
+
+@pytest.mark.postgres
+def test_kept_cursor_lets_go_of_large_statements_and_results(pg_cluster) -> None:
+    """The statement cursor kept per connection never holds a batch, a big result or a long statement."""
+    opened = Opened(pg_cluster.primary)
+    table = "kept_cursor_" + uuid.uuid4().hex[:8]
+    opened.run(f"CREATE TEMPORARY TABLE {table} (id int, port int)")
+    try:
+        kept = opened.conn.statement_cursor
+        opened.run("SELECT 1")
+        assert opened.conn.statement_cursor is kept  # small statements reuse it
+        opened.adapter.execute_many(opened.conn, f"INSERT INTO {table} (id, port) VALUES (%s, %s)",
+                                    [(i, i) for i in range(2000)])
+        assert opened.conn.statement_cursor is not kept and opened.conn.statement_cursor.query is None
+        assert kept.closed
+        kept = opened.conn.statement_cursor
+        assert len(opened.run(f"SELECT id FROM {table}")) == 2000
+        assert opened.conn.statement_cursor is not kept and kept.closed
+        kept = opened.conn.statement_cursor
+        assert opened.run("SELECT length(%s)", ("x" * 100_000,)) == [(100_000,)]
+        assert opened.conn.statement_cursor is not kept and kept.closed
     finally:
         opened.close()

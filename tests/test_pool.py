@@ -299,6 +299,35 @@ def test_lock_free_paths_race_invalidate_housekeeping_and_close(tagged: Tagged) 
     assert wait_until(lambda: tagged.sessions() == 0)
 
 
+def test_pool_dropped_without_close_closes_its_connections(tagged: Tagged) -> None:
+    """No close(), no gc.collect(): the last reference going is enough."""
+    pool = make_pool(tagged, min_size=3, max_size=3)
+    pool.wait_ready(10)
+    assert tagged.sessions() == 3
+    del pool
+    assert wait_until(lambda: tagged.sessions() == 0, timeout=2)
+
+
+def test_interrupted_wait_leaves_the_queue(tagged: Tagged) -> None:
+    """Ctrl-C while waiting for a connection: the next return is not handed to the dead waiter."""
+    import _thread
+
+    pool = make_pool(tagged, min_size=1, max_size=1, acquire_timeout=5)
+    pool.wait_ready(10)
+    held = pool.acquire()
+    interrupter = threading.Timer(0.2, _thread.interrupt_main)
+    interrupter.start()
+    with pytest.raises(KeyboardInterrupt):
+        pool.acquire()
+    interrupter.join()
+    assert pool.stats()["waiting"] == 0
+    pool.release(held)
+    again = pool.acquire(timeout=1)  # would time out if the dead waiter had been served
+    pool.release(again)
+    assert pool.stats()["in_use"] == 0
+    pool.close()
+
+
 def test_release_twice_is_an_error(tagged: Tagged) -> None:
     pool = make_pool(tagged, min_size=0, max_size=1)
     conn = pool.acquire()

@@ -42,6 +42,7 @@ _TIMEOUT_ERRNOS = frozenset({1969, 3024})  # MariaDB max_statement_time, MySQL m
 # The connector's server-status flags (also mysql.connector.constants.ServerFlag).
 _STATUS_IN_TRANS = 1
 _STATUS_AUTOCOMMIT = 2
+_STATUS_MORE_RESULTS = 8  # SERVER_MORE_RESULTS_EXISTS: a multi-statement left results unread
 
 # MySQL 8's default collation (utf8mb4_0900_ai_ci) is unknown to MariaDB.
 DEFAULT_COLLATION = "utf8mb4_general_ci"
@@ -181,13 +182,21 @@ class MySQLAdapter(Adapter):
         # The server reports both flags in every reply; reading them costs nothing,
         # whereas conn.autocommit would ask the server.
         status = conn._server_status
-        if status & _STATUS_IN_TRANS or not status & _STATUS_AUTOCOMMIT or conn.unread_result:
+        if (status & _STATUS_IN_TRANS or not status & _STATUS_AUTOCOMMIT or status & _STATUS_MORE_RESULTS
+                or conn.unread_result):
             return ReturnState.DIRTY
         return ReturnState.CLEAN
 
     def reset(self, conn: Any) -> None:
         if conn.unread_result:
             conn.consume_results()
+        while conn._server_status & _STATUS_MORE_RESULTS:
+            # Results of a multi-statement (or a procedure) nobody read: until they are read,
+            # every statement on this connection fails with 2014 "Commands out of sync".
+            # Without next_result (the pure-Python connection) the reset fails: discarded.
+            conn.next_result()
+            if conn.unread_result:
+                conn.consume_results()
         status = conn._server_status
         if status & _STATUS_IN_TRANS:
             conn.rollback()

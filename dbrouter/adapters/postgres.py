@@ -34,9 +34,11 @@ _STATUS_ACTIVE = ext.TRANSACTION_STATUS_ACTIVE
 # Wait for replay by polling: PostgreSQL 15 has no server-side wait for an LSN.
 _REPLAY_POLL = 0.005
 
-# A statement cursor that fetched more rows than this is replaced by a new one, so that
-# an idle pooled connection never holds on to a large result.
+# A statement cursor that fetched more rows than this, or ran a longer statement (the
+# text includes the bound values), is replaced by a new one: an idle pooled connection
+# never holds on to a large result or a large statement.
 _KEPT_ROWS = 1000
+_KEPT_QUERY_BYTES = 64 * 1024
 
 
 class _Connection(ext.connection):
@@ -48,6 +50,14 @@ class _Connection(ext.connection):
     """
 
     __slots__ = ("statement_cursor",)
+
+
+def _replace_cursor(conn: Any) -> Any:
+    """Give the connection a new statement cursor; returns the old one, closed only by the caller
+    when it still needs it (closing frees its statement and result)."""
+    old = conn.statement_cursor
+    conn.statement_cursor = conn.cursor(cursor_factory=ext.cursor)
+    return old
 
 
 class PostgresAdapter(Adapter):
@@ -101,7 +111,7 @@ class PostgresAdapter(Adapter):
                 f"cannot connect to postgres node {self.node}: {reason}", node=self.node
             ) from None
         conn.autocommit = True
-        conn.statement_cursor = conn.cursor()
+        conn.statement_cursor = conn.cursor(cursor_factory=ext.cursor)
         return conn
 
     def abort(self, conn: Any) -> None:
@@ -157,26 +167,31 @@ class PostgresAdapter(Adapter):
         cur = conn.statement_cursor
         cur.execute(sql, params)
         if cur.description is None:
-            return None, cur.rowcount
+            count = cur.rowcount
+            if len(cur.query) > _KEPT_QUERY_BYTES:
+                _replace_cursor(conn).close()
+            return None, count
         rows = cur.fetchall()
-        if len(rows) > _KEPT_ROWS:  # let the result go with this cursor
-            conn.statement_cursor = conn.cursor()
-            cur.close()
-            return rows, len(rows)
-        return rows, cur.rowcount
+        count = cur.rowcount
+        if len(rows) > _KEPT_ROWS or len(cur.query) > _KEPT_QUERY_BYTES:
+            _replace_cursor(conn).close()
+        return rows, count
 
     def execute_many(self, conn: Any, sql: str, rows: Sequence[Any]) -> int:
         insert = split_insert_values(sql)
-        cur = conn.statement_cursor
-        if insert and rows and not isinstance(rows[0], Mapping):
-            # One multi-row INSERT: one round trip, and the parameters are
-            # adapted in one C-level pass instead of a Python call per row.
-            head, width, tail = insert
-            template = "(" + ",".join(["%s"] * width) + ")"
-            cur.execute(f"{head}{','.join([template] * len(rows))}{tail}", list(chain.from_iterable(rows)))
+        cur = _replace_cursor(conn)  # a batch: its own cursor, closed with its statement and results
+        try:
+            if insert and rows and not isinstance(rows[0], Mapping):
+                # One multi-row INSERT: one round trip, and the parameters are
+                # adapted in one C-level pass instead of a Python call per row.
+                head, width, tail = insert
+                template = "(" + ",".join(["%s"] * width) + ")"
+                cur.execute(f"{head}{','.join([template] * len(rows))}{tail}", list(chain.from_iterable(rows)))
+            else:
+                cur.executemany(sql, rows)
             return cur.rowcount
-        cur.executemany(sql, rows)
-        return cur.rowcount
+        finally:
+            cur.close()
 
     def begin(self, conn: Any) -> None:
         conn.statement_cursor.execute("BEGIN")

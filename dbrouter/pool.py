@@ -270,10 +270,12 @@ class Pool:
                     self._discard(entry, "pool closed", not_acquired=True)
                     raise PoolClosed(f"pool {self.name} is closed")
             else:
+                # Waited already, and was served a connection that proved unusable: keep our place.
+                front = deadline is not None
                 if deadline is None:
                     timeout = self.config.acquire_timeout if timeout is None else timeout
                     deadline = time.monotonic() + timeout
-                entry = self._queue(deadline, timeout)
+                entry = self._queue(deadline, timeout, front)
                 now = time.monotonic()
             if now >= entry.expires or entry.generation != self._generation:
                 self._discard(entry, "reached max_lifetime" if now >= entry.expires else "invalidated",
@@ -293,13 +295,17 @@ class Pool:
                 entry.leak_reported = False
             return entry
 
-    def _queue(self, deadline: float, timeout: float) -> _Entry:
-        """The slow way in: queue behind earlier waiters, open a connection if there is room."""
+    def _queue(self, deadline: float, timeout: float, front: bool = False) -> _Entry:
+        """The slow way in: queue behind earlier waiters (or ahead of them, ``front``), open a
+        connection if there is room."""
         waiter = _Waiter(time.monotonic())
         with self._lock:
             if self._closed:
                 raise PoolClosed(f"pool {self.name} is closed")
-            self._waiters.append(waiter)
+            if front:
+                self._waiters.appendleft(waiter)
+            else:
+                self._waiters.append(waiter)
             self._serve_waiters_locked()  # a lock-free return may have just filled the idle deque
             if waiter.entry is None:
                 self._grow_locked()

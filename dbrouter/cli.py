@@ -77,7 +77,7 @@ def _cluster_down(args: argparse.Namespace) -> int:
     cluster.destroy()
     state.unlink()
     state.with_suffix(".toml").unlink(missing_ok=True)
-    print(f"{args.engine} cluster stopped and removed")
+    print(f"{cluster.engine} cluster stopped and removed")
     return 0
 
 

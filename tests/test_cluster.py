@@ -455,3 +455,20 @@ def test_atexit_destroys_unless_detached(scratch: Path) -> None:
             kept.destroy()
         assert wait_gone(pids, timeout=5) == []
         assert not kept.base_dir.exists()
+
+
+@pytest.mark.mysql
+def test_cli_cluster_down_reads_the_engine_from_the_state(scratch: Path) -> None:
+    """`dbrouter cluster down --state FILE` stops what the file records and names its engine."""
+    state = scratch / "maria.json"
+    cli = [sys.executable, "-m", "dbrouter.cli", "cluster"]
+    up = subprocess.run(cli + ["up", "--engine", "mariadb", "--replicas", "1", "--state", str(state)],
+                        capture_output=True, text=True, timeout=120)
+    assert up.returncode == 0, up.stderr
+    pids = [n.pid for n in LocalCluster.load_state(state).nodes]
+    assert all(alive(pid) for pid in pids)
+    down = subprocess.run(cli + ["down", "--state", str(state)], capture_output=True, text=True, timeout=120)
+    assert down.returncode == 0, down.stderr
+    assert down.stdout.strip() == "mariadb cluster stopped and removed"
+    assert wait_gone(pids, timeout=5) == []
+    assert not state.exists()

@@ -430,12 +430,7 @@ class Pool:
     def _drain_idle_locked(self) -> list[_Entry]:
         """Take every idle connection out of the pool (by popping: lock-free checkouts may race)
         and count them as closed; the caller closes them outside the lock."""
-        drained = []
-        while True:
-            try:
-                drained.append(self._idle.popleft())
-            except IndexError:
-                break
+        drained = _take_all(self._idle)
         self._open -= len(drained)
         self._counts[CLOSED] += len(drained)
         return drained
@@ -542,13 +537,7 @@ class Pool:
         with self._lock:
             if self._closed:
                 return
-            # Take the idle deque apart by popping (lock-free checkouts may race), oldest-used first.
-            examined = []
-            while True:
-                try:
-                    examined.append(self._idle.popleft())
-                except IndexError:
-                    break
+            examined = _take_all(self._idle)  # oldest-used first
             keep = []
             for entry in examined:
                 idle_for = now - entry.last_used
@@ -664,13 +653,20 @@ class Pool:
         self.close()
 
 
-def _close_idle(idle: deque[_Entry], adapter: Adapter) -> None:
-    """Finalizer of a pool that was never closed: close what is idle (popping, as everyone does)."""
+def _take_all(idle: deque[_Entry]) -> list[_Entry]:
+    """Empty the idle deque, oldest-used first, one atomic pop at a time: a lock-free
+    checkout may pop concurrently, and each connection must go to exactly one taker."""
+    taken = []
     while True:
         try:
-            entry = idle.pop()
+            taken.append(idle.popleft())
         except IndexError:
-            return
+            return taken
+
+
+def _close_idle(idle: deque[_Entry], adapter: Adapter) -> None:
+    """Finalizer of a pool that was never closed: close what is idle."""
+    for entry in _take_all(idle):
         adapter.close(entry.conn)
 
 

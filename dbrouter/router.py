@@ -246,18 +246,8 @@ class Router:
         Raises `NodeUnavailable` when the breaker is open or the node did not answer
         within the statement timeout; `ConnectError` when no connection could be made.
         """
-        breaker = node.breaker
-        if not breaker._clean and not breaker.allow():  # _clean: closed, no failure counted
-            raise _BreakerOpen(
-                f"node {node.name}: circuit breaker {breaker.state} after {breaker.failures} failures", node=node.name
-            )
-        pool = node.pool
-        try:
-            entry = pool._checkout(None)
-        except ConnectError as exc:
-            breaker.failure(exc)
-            raise
-        adapter = node.adapter
+        entry = _take(node)
+        breaker, pool, adapter = node.breaker, node.pool, node.adapter
         guard = node.guard
         token = None
         if guard is not None:
@@ -266,18 +256,11 @@ class Router:
             result = adapter.execute(entry.conn, sql, params) if op is None else op(adapter, entry.conn)
         except BaseException as exc:
             aborted = token is not None and not self._watchdog.disarm(token)
-            kind = adapter.classify(exc) if isinstance(exc, Exception) else None
-            lost = aborted or kind is None or kind is ErrorKind.UNREACHABLE
-            pool._checkin(entry, broken=lost)
-            if lost and kind is not None:
-                _node_lost(node, exc)
-                if aborted:
-                    raise NodeUnavailable(
-                        f"node {node.name} did not answer within {guard + extra:.3g}s "
-                        "(statement timeout plus grace): hung or unreachable", node=node.name,
-                    ) from exc
-            elif kind is not None:
-                breaker.success()  # the node answered, even if with an error
+            if self._give_back(node, entry, exc, aborted) and aborted and isinstance(exc, Exception):
+                raise NodeUnavailable(
+                    f"node {node.name} did not answer within {guard + extra:.3g}s "
+                    "(statement timeout plus grace): hung or unreachable", node=node.name,
+                ) from exc
             raise
         if token is not None and not self._watchdog.disarm(token):
             returned = pool._checkin(entry, broken=True)  # aborted just as it finished: the socket is gone
@@ -482,16 +465,13 @@ class Router:
                 after_commit(node, entry.conn)
         except BaseException as exc:
             tx._closed = True
-            kind = adapter.classify(exc) if isinstance(exc, Exception) else None
-            broken = kind is None or kind is ErrorKind.UNREACHABLE or isinstance(exc, NodeUnavailable)
-            if broken and kind is not None:
-                _node_lost(node, exc)
+            broken = _connection_lost(node, exc, isinstance(exc, NodeUnavailable))
             if not broken and not committing:
                 try:
                     adapter.rollback(entry.conn)
                 except Exception:  # noqa: BLE001 - the connection is discarded instead
                     broken = True
-            if committing and broken and kind is not None:
+            if committing and broken and isinstance(exc, Exception):
                 self._write_outcome_unknown.inc()
                 raise WriteOutcomeUnknown(
                     f"connection to primary {node.name} broke during COMMIT: the transaction may or "
@@ -503,20 +483,13 @@ class Router:
 
     def _begin(self, node: Node) -> tuple[Node, Any]:
         """Check out a primary connection and open a transaction on it (nothing written yet)."""
-        if not node.breaker.allow():
-            raise _BreakerOpen(f"node {node.name}: circuit breaker {node.breaker.state}", node=node.name)
-        try:
-            entry = node.pool._checkout(None)
-        except ConnectError as exc:
-            node.breaker.failure(exc)
-            raise
+        entry = _take(node)
         try:
             node.adapter.begin(entry.conn)
         except Exception as exc:
-            lost = node.adapter.classify(exc) is ErrorKind.UNREACHABLE
+            lost = _connection_lost(node, exc)
             node.pool._checkin(entry, broken=lost)
             if lost:
-                _node_lost(node, exc)
                 raise ConnectError(f"cannot begin a transaction on {node.name}: {_short(exc)}", node=node.name) from exc
             raise
         return node, entry
@@ -562,28 +535,19 @@ class Router:
                 node = self._writer(time.monotonic() + self.config.routing.failover_wait)[0]
         if intent != "read" and intent != "write":
             raise ConfigurationError(f"connection intent must be 'read' or 'write', got {intent!r}")
-        breaker = node.breaker
-        if not breaker._clean and not breaker.allow():
-            raise _BreakerOpen(f"node {node.name}: circuit breaker {breaker.state} after {breaker.failures} failures",
-                               node=node.name)
-        try:
-            entry = node.pool._checkout(None)
-        except ConnectError as exc:
-            breaker.failure(exc)
-            raise
+        entry = _take(node)
         (self._reads if intent == "read" else self._writes).inc()
         return node, entry
 
-    def _give_back(self, node: Node, entry: Any, error: BaseException | None) -> None:
-        lost = False
-        if error is not None:
-            kind = node.adapter.classify(error) if isinstance(error, Exception) else None
-            lost = kind is None or kind is ErrorKind.UNREACHABLE
-            if lost and kind is not None:
-                _node_lost(node, error)
+    @staticmethod
+    def _give_back(node: Node, entry: Any, error: BaseException | None, aborted: bool = False) -> bool:
+        """Return a borrowed entry after ``error`` (or none), feeding the breaker; True when the
+        connection was lost. An answer from the node, even an error, counts as a success."""
+        lost = error is not None and _connection_lost(node, error, aborted)
         if not lost and not node.breaker._clean:
             node.breaker.success()
         node.pool._checkin(entry, broken=lost)
+        return lost
 
     def write_many(self, sql: str, rows: Sequence[Any], *, batch_size: int = 1000, workers: int = 4) -> int:
         """Run ``sql`` for every parameter row, in batches spread over pooled primary connections.
@@ -699,6 +663,30 @@ class _Checkout:
         if node is not None:
             entry, self._entry = self._entry, None
             self._router._give_back(node, entry, exc)
+
+
+def _take(node: Node) -> Any:
+    """A pool entry from ``node`` if its breaker allows; a refused connect counts against it."""
+    breaker = node.breaker
+    if not breaker._clean and not breaker.allow():  # _clean: closed, no failure counted
+        raise _BreakerOpen(
+            f"node {node.name}: circuit breaker {breaker.state} after {breaker.failures} failures", node=node.name
+        )
+    try:
+        return node.pool._checkout(None)
+    except ConnectError as exc:
+        breaker.failure(exc)
+        raise
+
+
+def _connection_lost(node: Node, exc: BaseException, aborted: bool = False) -> bool:
+    """Whether ``exc`` (or a watchdog abort) cost the connection; if the node's error says so,
+    the node is treated as lost (`_node_lost`). Anything but an Exception is lost too."""
+    kind = node.adapter.classify(exc) if isinstance(exc, Exception) else None
+    lost = aborted or kind is None or kind is ErrorKind.UNREACHABLE
+    if lost and kind is not None:
+        _node_lost(node, exc)
+    return lost
 
 
 def _node_lost(node: Node, exc: BaseException) -> None:

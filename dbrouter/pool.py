@@ -575,20 +575,24 @@ class Pool:
     def wait_histogram(self) -> tuple[list[int], float, int]:
         """Acquire waits as (cumulative counts per `WAIT_BUCKETS` bound then +Inf, sum, count)."""
         with self._lock:
-            counts = list(self._wait_buckets)
+            counts = self._wait_counts_locked()
             total = self._wait_sum
-        counts[0] = self._unwaited.value
         cumulative, running = [], 0
         for count in counts:
             running += count
             cumulative.append(running)
         return cumulative, total, running
 
+    def _wait_counts_locked(self) -> list[int]:
+        """Acquire waits per `WAIT_BUCKETS` bucket; the first (no wait) is counted lock-free."""
+        counts = list(self._wait_buckets)
+        counts[0] = self._unwaited.value
+        return counts
+
     def stats(self) -> dict[str, Any]:
         """A snapshot of sizes, counters and acquire-wait percentiles (seconds)."""
         with self._lock:
-            buckets = list(self._wait_buckets)
-            buckets[0] = self._unwaited.value
+            buckets = self._wait_counts_locked()
             snapshot: dict[str, Any] = {
                 SIZE: self._open,
                 MAX_SIZE: self.config.max_size,

@@ -25,11 +25,6 @@ def verdict(change: Callable[[dict[str, Any]], None], target_starts: str) -> str
     return found[0]["verdict"]
 
 
-def set_rounds(results: dict[str, Any], engine: str, key: str, value: Callable[[float], float]) -> None:
-    rounds = results["single_thread"][engine][key]
-    rounds["p50_us"] = [value(x) for x in rounds["p50_us"]]
-
-
 def test_stored_run_meets_every_target() -> None:
     targets = report.evaluate_targets(RESULTS)
     assert len(targets) == 19

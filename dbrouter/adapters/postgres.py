@@ -53,8 +53,8 @@ class _Connection(ext.connection):
 
 
 def _replace_cursor(conn: Any) -> Any:
-    """Give the connection a new statement cursor; returns the old one, closed only by the caller
-    when it still needs it (closing frees its statement and result)."""
+    """Give the connection a new statement cursor and return the old one, for the caller to
+    close (which frees its statement and result) once it no longer needs it."""
     old = conn.statement_cursor
     conn.statement_cursor = conn.cursor(cursor_factory=ext.cursor)
     return old

@@ -42,16 +42,6 @@ def router_sessions(node: Any, tag: str, engine: str) -> int:
     return int(rows[0][0])
 
 
-def most_advanced_replica(cluster: Any, candidates: list[Any]) -> Any:
-    """The replica that received the most WAL / binlog: the one to promote without losing writes."""
-    def received(node: Any) -> int:
-        if cluster.engine == "postgres":
-            return int(node.query("SELECT pg_last_wal_receive_lsn() - '0/0'::pg_lsn")[0][0])
-        gtid = node.query("SELECT @@gtid_slave_pos")[0][0] or "0-0-0"
-        return max(int(part.split("-")[2]) for part in gtid.split(","))
-    return max(candidates, key=received)
-
-
 def kill_then_promote(cluster: Any, workload: Workload, outage: float) -> tuple[float, float, float, float, Any]:
     """Run ``workload`` for 1 s, SIGKILL the primary, wait ``outage`` seconds, promote the most
     advanced replica. Returns (kill started, kill done, promotion started, promotion done, new primary)."""
@@ -63,7 +53,7 @@ def kill_then_promote(cluster: Any, workload: Workload, outage: float) -> tuple[
     cluster.primary.kill()
     killed_at = time.monotonic()  # the server and its backends are gone
     time.sleep(outage)
-    new_primary = most_advanced_replica(cluster, cluster.replicas)
+    new_primary = cluster.most_advanced()
     promoting_at = time.monotonic()
     cluster.promote(new_primary)
     return kill_started, killed_at, promoting_at, time.monotonic(), new_primary

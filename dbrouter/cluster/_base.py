@@ -801,6 +801,15 @@ class LocalCluster:
             old.name if old else None,
         )
 
+    def most_advanced(self, candidates: list[LocalNode] | None = None) -> LocalNode:
+        """The running replica (of ``candidates``) that received the most from the primary:
+        the one a failover manager promotes, as it loses the least. Promoting another one
+        can leave a replica ahead of the new primary, unable to follow it."""
+        nodes = [n for n in (self.replicas if candidates is None else candidates) if n.running]
+        if not nodes:
+            raise ClusterError("no running replica to choose from")
+        return max(nodes, key=self._received)
+
     def rejoin(self, node: LocalNode, timeout: float = 60.0) -> None:
         """Turn a stopped (or running, diverged) node into a replica of the current primary.
 
@@ -942,6 +951,10 @@ class LocalCluster:
         raise NotImplementedError
 
     def _primary_position(self, primary: LocalNode) -> str:
+        raise NotImplementedError
+
+    def _received(self, replica: LocalNode) -> int:
+        """How far ``replica`` has received the primary's log, comparable across replicas."""
         raise NotImplementedError
 
     def _wait_caught_up(self, node: LocalNode, target: str, deadline: Deadline) -> None:

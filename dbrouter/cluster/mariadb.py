@@ -370,6 +370,10 @@ class MariaDBCluster(LocalCluster):
     def _primary_position(self, primary: LocalNode) -> str:
         return str(primary._admin("SELECT @@gtid_binlog_pos")[0][0] or "")
 
+    def _received(self, replica: LocalNode) -> int:
+        gtid = replica._admin("SELECT @@gtid_slave_pos")[0][0] or "0-0-0"
+        return max(int(part.split("-")[2]) for part in str(gtid).split(","))
+
     def _check_slave(self, node: MariaDBNode, status: dict[str, Any]) -> None:
         """Raise if replication on ``node`` has failed for good."""
         if status.get("Last_SQL_Errno"):

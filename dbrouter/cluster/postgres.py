@@ -402,6 +402,9 @@ include_if_exists = '{NODE_CONF}'
     def _primary_position(self, primary: LocalNode) -> str:
         return str(primary._admin("SELECT pg_current_wal_lsn()")[0][0])
 
+    def _received(self, replica: LocalNode) -> int:
+        return int(replica._admin("SELECT pg_last_wal_receive_lsn() - '0/0'::pg_lsn")[0][0] or 0)
+
     def _wait_caught_up(self, node: LocalNode, target: str, deadline: Deadline) -> None:
         try:
             conn = node._connect("postgres", timeout=min(5.0, deadline.remaining(1.0)))

@@ -109,8 +109,7 @@ def _kill_and_promote(t: DrillTarget) -> None:
     old.kill()
 
     def promote() -> None:
-        candidates = [n for n in cluster.replicas if n.running]
-        cluster.promote(_most_advanced(cluster, candidates))
+        cluster.promote(cluster.most_advanced())
     t.later(t.promote_after, promote, f"promoted a replica {t.promote_after:g}s after the kill")
 
 
@@ -118,16 +117,6 @@ def _rejoin_old_primary(t: DrillTarget) -> None:
     t.wait_timers()
     old = t._state["old_primary"]
     t.local.rejoin(old)
-
-
-def _most_advanced(cluster: LocalCluster, candidates: list[LocalNode]) -> LocalNode:
-    """The replica that received the most: promoting it loses the least."""
-    def received(node: LocalNode) -> int:
-        if cluster.engine == "postgres":
-            return int(node.query("SELECT pg_last_wal_receive_lsn() - '0/0'::pg_lsn")[0][0] or 0)
-        gtid = node.query("SELECT @@gtid_slave_pos")[0][0] or "0-0-0"
-        return max(int(part.split("-")[2]) for part in gtid.split(","))
-    return max(candidates, key=received)
 
 
 def _stop_replica(t: DrillTarget) -> None:

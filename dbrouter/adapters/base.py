@@ -69,7 +69,7 @@ class Adapter(ABC):
             return None
         return timeout + min(1.0, max(0.1, 0.25 * timeout))
 
-    def abort(self, conn: Any) -> None:
+    def abort(self, conn: Any) -> None:  # noqa: B027 - an optional hook: by default there is nothing to break
         """Break a connection from another thread so that a blocked call returns now."""
 
     @property

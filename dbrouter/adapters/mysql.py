@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from itertools import chain
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol, Sequence
 
 from . import preload_mysql_extension
 
@@ -23,6 +24,27 @@ from .base import Adapter, ErrorKind, ReturnState  # noqa: E402
 __all__ = ["HAVE_C_EXTENSION", "MySQLAdapter"]
 
 log = logging.getLogger("dbrouter.adapters.mysql")
+
+
+if TYPE_CHECKING:
+
+    class _Cursor(Protocol):
+        """The calls made on the connector's cursor, C or pure Python (a connection's
+        ``_dbrouter_cursor``). The connector annotates ``execute`` as taking str only; it
+        also takes the bytes of a prebuilt multi-row INSERT."""
+
+        @property
+        def description(self) -> Sequence[tuple[Any, ...]] | None: ...
+
+        @property
+        def rowcount(self) -> int: ...
+
+        def execute(self, operation: str | bytes, params: Any = ...) -> None: ...
+
+        def executemany(self, operation: str, seq_params: Sequence[Any]) -> None: ...
+
+        def fetchall(self) -> list[tuple[Any, ...]]: ...
+
 
 # Client (2xxx) and server error numbers, by what they mean for routing.
 _UNREACHABLE_ERRNOS = frozenset(
@@ -148,7 +170,9 @@ class MySQLAdapter(Adapter):
         if read_timeout is not None:
             params = {**params, "read_timeout": max(1, math.ceil(read_timeout))}
         try:
-            conn = mysql.connector.connect(**params)
+            # The connector's own annotation is a union that includes its pooled wrapper; with no
+            # pool arguments it returns a CMySQLConnection or MySQLConnection, which gets our cursor.
+            conn: Any = mysql.connector.connect(**params)
         except (myerrors.Error, OSError) as exc:
             reason = first_line(scrub(str(exc), self.address.password))
             raise ConnectError(
@@ -204,10 +228,8 @@ class MySQLAdapter(Adapter):
             conn.autocommit = True
 
     def close(self, conn: Any) -> None:
-        try:
+        with contextlib.suppress(Exception):  # closing a broken connection may fail; nothing to do
             conn.close()
-        except Exception:  # noqa: BLE001 - closing a broken connection may fail; nothing to do
-            pass
 
     def execute(self, conn: Any, sql: str, params: Any = None) -> tuple[list[tuple[Any, ...]] | None, int]:
         if params is None and self._direct:
@@ -218,7 +240,7 @@ class MySQLAdapter(Adapter):
                 rows = conn.get_rows()[0]
                 return rows, len(rows)
             return None, result["affected_rows"]
-        cur = conn._dbrouter_cursor
+        cur: _Cursor = conn._dbrouter_cursor
         cur.execute(sql, params)
         if cur.description is not None:
             rows = cur.fetchall()
@@ -226,7 +248,7 @@ class MySQLAdapter(Adapter):
         return None, cur.rowcount
 
     def execute_many(self, conn: Any, sql: str, rows: Sequence[Any]) -> int:
-        cur = conn._dbrouter_cursor
+        cur: _Cursor = conn._dbrouter_cursor
         insert = split_insert_values(sql)
         width = insert[1] if insert else 0
         if insert and rows and all(not isinstance(row, Mapping) and len(row) == width for row in rows):
@@ -276,7 +298,7 @@ class MySQLAdapter(Adapter):
             rows, _ = self.execute(
                 conn, "SELECT WAIT_FOR_EXECUTED_GTID_SET(%s, %s)", (position, float(timeout))
             )
-            return self._first_column(rows) == 0
+            return bool(self._first_column(rows) == 0)  # the wait returned 0: replayed in time
         # gtid_current_pos holds what this node applied, by replication or by its own
         # writes: one round trip answers for a caught-up replica and for a primary.
         rows, _ = self.execute(conn, "SELECT @@global.gtid_current_pos")
@@ -285,10 +307,10 @@ class MySQLAdapter(Adapter):
         if timeout <= 0:
             return False
         rows, _ = self.execute(conn, "SELECT MASTER_GTID_WAIT(%s, %s)", (position, float(timeout)))
-        return self._first_column(rows) == 0
+        return bool(self._first_column(rows) == 0)  # the wait returned 0: replayed in time
 
     def replica_lag(self, conn: Any, primary_position: str | None = None) -> float | None:
-        cur = conn._dbrouter_cursor
+        cur: _Cursor = conn._dbrouter_cursor
         cur.execute("SHOW SLAVE STATUS" if self.is_mariadb else "SHOW REPLICA STATUS")
         rows = cur.fetchall()
         if not rows:
@@ -296,7 +318,7 @@ class MySQLAdapter(Adapter):
         names = [d[0] for d in cur.description] if cur.description else []
         if primary_position and self.has_replayed(conn, primary_position):
             return 0.0
-        row = dict(zip(names, rows[0]))
+        row = dict(zip(names, rows[0], strict=False))
         seconds = row.get("Seconds_Behind_Master", row.get("Seconds_Behind_Source"))
         return None if seconds is None else float(seconds)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import socket
@@ -15,8 +16,8 @@ import psycopg2.extensions as ext
 from ..config import ConnectOptions
 from ..errors import ConfigurationError, ConnectError
 from ..url import NodeAddress
-from .base import Adapter, ErrorKind, ReturnState
 from ._text import first_line, scrub, split_insert_values
+from .base import Adapter, ErrorKind, ReturnState
 
 __all__ = ["PostgresAdapter"]
 
@@ -51,8 +52,11 @@ class _Connection(ext.connection):
 
     __slots__ = ("statement_cursor",)
 
+    # Set by connect; close() sets it to None on a connection dbrouter never uses again.
+    statement_cursor: ext.cursor
 
-def _replace_cursor(conn: Any) -> Any:
+
+def _replace_cursor(conn: _Connection) -> ext.cursor:
     """Give the connection a new statement cursor and return the old one, for the caller to
     close (which frees its statement and result) once it no longer needs it."""
     old = conn.statement_cursor
@@ -140,7 +144,7 @@ class PostgresAdapter(Adapter):
             if conn.autocommit and conn.isolation_level is None and conn.readonly is None and conn.deferrable is None:
                 return _CLEAN
             return ReturnState.DIRTY
-        if status == _STATUS_UNKNOWN or status == _STATUS_ACTIVE:
+        if status in (_STATUS_UNKNOWN, _STATUS_ACTIVE):
             return ReturnState.BROKEN
         return ReturnState.DIRTY
 
@@ -157,10 +161,8 @@ class PostgresAdapter(Adapter):
             conn.autocommit = True
 
     def close(self, conn: Any) -> None:
-        try:
+        with contextlib.suppress(Exception):  # closing a broken connection may fail; nothing to do
             conn.close()
-        except Exception:  # noqa: BLE001 - closing a broken connection may fail; nothing to do
-            pass
         conn.statement_cursor = None  # the cursor refers to the connection: break the cycle
 
     def execute(self, conn: Any, sql: str, params: Any = None) -> tuple[list[tuple[Any, ...]] | None, int]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import random
 import threading
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 __all__ = [
     "Balancer",
@@ -134,7 +134,7 @@ def _score(node: Weighted) -> float:
 
 def make_balancer(policy: str) -> Balancer:
     """The balancer for a policy name (validated by `RoutingConfig`)."""
-    factories = {
+    factories: dict[str, Callable[[], Balancer]] = {
         "round_robin": RoundRobin,
         "random": RandomChoice,
         "least_outstanding": LeastOutstanding,

@@ -324,19 +324,20 @@ def build_router_config(
             raise ConfigurationError(f"config section [{section}] must be a table of options")
         grouped[section].update(values)
     for name, value in (options or {}).items():
-        section = FLAT_OPTIONS.get(name)
-        if section is None:
+        target = FLAT_OPTIONS.get(name)
+        if target is None:
             close = get_close_matches(name, FLAT_OPTIONS, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigurationError(f"unknown option {name!r}{hint}; known: {', '.join(sorted(FLAT_OPTIONS))}")
-        grouped[section][name] = value
+        grouped[target][name] = value
     built = {name: from_mapping(SECTIONS[name], f"[{name}]", values) for name, values in grouped.items()}
     primary_name = None
     if isinstance(primary, Mapping):  # {url = "...", name = "db1"}
         unknown = sorted(set(primary) - {"url", "name"})
         if unknown:
             raise ConfigurationError(f"unknown key(s) {', '.join(unknown)} for primary; use url and name")
-        primary, primary_name = primary.get("url"), primary.get("name")
+        primary_name = primary.get("name")
+        primary = primary.get("url")
     return RouterConfig(primary=primary or "", replicas=_replica_specs(replicas), primary_name=primary_name, **built)
 
 

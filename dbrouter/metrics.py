@@ -107,7 +107,7 @@ class RouterCollector(Collector):
             if node is not None:
                 cumulative, total, _count = node.pool.wait_histogram()
                 bounds = [*(str(b) for b in WAIT_BUCKETS), "+Inf"]
-                acquire.add_metric(values, list(zip(bounds, cumulative)), total)
+                acquire.add_metric(values, list(zip(bounds, cumulative, strict=True)), total)
         yield from (connections, max_conns, waiting, *counters.values(), breaker, trips, up, primary, lag, latency, acquire)
         for key, name, doc in _ROUTER_COUNTERS:
             family = CounterMetricFamily(name, doc, labels=["router"])

@@ -49,9 +49,9 @@ def render_table(rows: list[dict[str, Any]], *, split_brain: list[str] | None = 
     """A fixed-width table; unreachable nodes get their last error underneath."""
     cells = [[_cell(c, row) for c in COLUMNS] for row in rows]
     widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(COLUMNS)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(COLUMNS, widths)).rstrip()]
-    for row, line in zip(rows, cells):
-        lines.append("  ".join(v.ljust(w) for v, w in zip(line, widths)).rstrip())
+    lines = ["  ".join(c.ljust(w) for c, w in zip(COLUMNS, widths, strict=True)).rstrip()]
+    for row, line in zip(rows, cells, strict=True):
+        lines.append("  ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)).rstrip())
         if not row["reachable"] and row.get("error"):
             lines.append(f"    {row['error']}")
     if split_brain:

@@ -10,6 +10,7 @@ atexit hook tears down whatever a crashed test left behind.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import logging
 import math
@@ -162,10 +163,8 @@ def run_command(
         try:
             rc = proc.wait(timeout=max(timeout, 0.1))
         except subprocess.TimeoutExpired:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
             proc.wait()
             out.seek(0)
             text = out.read().decode("utf-8", errors="replace")
@@ -256,10 +255,8 @@ def child_pids(pid: int) -> list[int]:
 
 def signal_pids(pids: Iterable[int], sig: int) -> None:
     for pid in pids:
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
 
 
 def wait_pids_gone(pids: Iterable[int], deadline: Deadline) -> list[int]:

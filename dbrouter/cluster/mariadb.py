@@ -9,6 +9,7 @@ replicas connect, replication itself carries the users and the database.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import os
@@ -74,10 +75,8 @@ def _connector() -> Any:
     uses the pure implementation; this only avoids spoiling it for others.
     """
     if "ssl" not in sys.modules:
-        try:
+        with contextlib.suppress(ImportError):
             importlib.import_module("_mysql_connector")
-        except ImportError:
-            pass
     import mysql.connector
 
     return mysql.connector

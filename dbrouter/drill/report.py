@@ -140,7 +140,7 @@ class DrillReport:
             "recover_at": self.recover_at,
             "duration": self.duration,
             "results": self.results,
-            "limits": [{"name": l.name, "limit": l.limit, "measured": l.measured, "ok": l.ok} for l in self.limits],
+            "limits": [{"name": c.name, "limit": c.limit, "measured": c.measured, "ok": c.ok} for c in self.limits],
             "events": self.events,
             "notes": self.notes,
             "timeline": self.timeline,

@@ -61,6 +61,7 @@ is one round trip: use the router directly on hot read paths.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -135,10 +136,8 @@ class _Checkouts:
         with self._lock:
             node = self._owners.pop(id(conn), None)
         if node is None:  # not borrowed through this creator: nobody else will close it
-            try:
+            with contextlib.suppress(Exception):  # closing a broken connection may fail; nothing to do
                 conn.close()
-            except Exception:  # noqa: BLE001 - closing a broken connection may fail; nothing to do
-                pass
             return
         if not broken and self._engine == "mysql":
             conn._buffered = False  # as dbrouter opened it; the pool restores autocommit

@@ -13,7 +13,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from ..errors import ConfigurationError, DbRouterError
 from ..router import Router
@@ -22,6 +22,10 @@ from .chart import render_html
 from .live import LiveView
 from .report import DrillReport, Limit, build_timeline, summarise
 from .scenarios import SCENARIOS, DrillTarget
+
+if TYPE_CHECKING:
+    from ..cluster import LocalCluster
+    from ..faultproxy import FaultProxy
 
 __all__ = ["Drill", "DrillOptions", "run_drill"]
 
@@ -107,8 +111,8 @@ class Drill:
     def __init__(self, options: DrillOptions, stream: TextIO) -> None:
         self.options = options
         self.stream = stream
-        self.cluster: Any = None
-        self.proxies: dict[str, Any] = {}
+        self.cluster: LocalCluster | None = None
+        self.proxies: dict[str, FaultProxy] = {}
         self.router: Router | None = None
         self.names: dict[str, str] = {}
         self.events: list[dict[str, Any]] = []
@@ -129,15 +133,15 @@ class Drill:
 
             self.say(f"starting a local {options.local} cluster: primary + {options.replicas} replicas"
                      f"{' (synchronous)' if options.sync else ''} ...")
-            self.cluster = make_cluster(options.local, replicas=options.replicas, sync=options.sync).start()
+            cluster = self.cluster = make_cluster(options.local, replicas=options.replicas, sync=options.sync).start()
             urls = {}
-            for node in self.cluster.nodes:
+            for node in cluster.nodes:
                 proxy = FaultProxy(upstream=("127.0.0.1", node.port)).start()
                 self.proxies[node.name] = proxy
                 urls[node.name] = node.url.replace(f":{node.port}/", f":{proxy.port}/")
                 self.names[f"127.0.0.1:{proxy.port}"] = node.name
-            primary = self.cluster.primary
-            replicas = [{"url": urls[n.name], "name": n.name} for n in self.cluster.replicas]
+            primary = cluster.primary
+            replicas = [{"url": urls[n.name], "name": n.name} for n in cluster.replicas]
             router = Router({"url": urls[primary.name], "name": primary.name}, replicas,
                             **{**LOCAL_ROUTER_OPTIONS, "failover_wait": options.failover_wait})
         else:
@@ -147,8 +151,8 @@ class Drill:
         problem = router.topology.primary_problem()
         if problem is not None:
             raise ConfigurationError(f"cluster not reachable, no fault injected: {problem}")
-        for node in router.nodes:
-            self.names.setdefault(node.name, node.name)
+        for routed in router.nodes:
+            self.names.setdefault(routed.name, routed.name)
         return router
 
     def tear_down(self) -> None:

@@ -34,7 +34,8 @@ from .errors import (  # noqa: E402
 from .events import Event  # noqa: E402
 from .pool import Pool  # noqa: E402
 from .router import Router, is_read_statement  # noqa: E402
-from .session import Session, Transaction  # noqa: E402
+from .session import Session  # noqa: E402
+from .transactions import Transaction  # noqa: E402
 from .url import NodeAddress, parse_address  # noqa: E402
 
 __all__ = [

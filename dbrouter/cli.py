@@ -110,7 +110,7 @@ def _status(args: argparse.Namespace) -> int:
         for refresh in range(args.count if args.watch else 1):
             if refresh:
                 time.sleep(args.watch)
-            router._monitor.wait_rounds(1, timeout=timeout)
+            router.wait_for_probes(1, timeout=timeout)
             rows = node_rows(router)
             split = router.stats()["split_brain"]
             if args.json:

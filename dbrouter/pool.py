@@ -40,7 +40,7 @@ from .config import PoolConfig
 from .errors import ConnectError, PoolClosed, PoolError, PoolTimeout
 
 if TYPE_CHECKING:
-    from .resilience import Watchdog
+    from .watchdog import Watchdog
 
 __all__ = ["Pool", "PoolStats"]
 
@@ -130,7 +130,7 @@ class _Borrowed:
         self._entry: _Entry | None = None
 
     def __enter__(self) -> Any:
-        self._entry = self._pool._checkout(self._timeout)
+        self._entry = self._pool.borrow(self._timeout)
         return self._entry.conn
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
@@ -139,10 +139,10 @@ class _Borrowed:
             return
         pool = self._pool
         if exc is None:
-            pool._checkin(entry)
+            pool.give_back(entry)
         else:
             broken = not isinstance(exc, Exception) or pool.adapter.classify(exc) is ErrorKind.UNREACHABLE
-            pool._checkin(entry, broken=broken)
+            pool.give_back(entry, broken=broken)
 
 
 class Pool:
@@ -161,6 +161,7 @@ class Pool:
         name: str | None = None,
         watchdog: Watchdog | None = None,
         on_event: Callable[..., None] | None = None,
+        open: bool = True,  # noqa: A002 - the psycopg_pool spelling
     ) -> None:
         self.adapter = adapter
         # Liveness pings on a node that hangs are cut short by the watchdog
@@ -196,14 +197,27 @@ class Pool:
             target=_maintain, args=(weakref.ref(self), self._stop, self.config.maintenance_interval),
             name=f"dbrouter-{self.name}-maint", daemon=True,
         )
-        self._maint.start()
         # A pool dropped without close(): close its idle connections when it is collected
         # (a psycopg2 connection keeps a cursor that refers back to it, so it would
         # otherwise stay open until the cycle collector runs).
         weakref.finalize(self, _close_idle, self._idle, adapter)
-        if self.config.min_size:
-            with self._lock:
+        self._opened = False
+        if open:
+            self.open()
+
+    def open(self) -> Pool:
+        """Start housekeeping and open ``min_size`` connections (in the background); idempotent.
+
+        A pool built with ``open=False`` has done no I/O and started no thread until then.
+        """
+        with self._lock:
+            if self._opened or self._closed:
+                return self
+            self._opened = True
+            self._maint.start()
+            if self.config.min_size:
                 self._grow_locked()
+        return self
 
     def __repr__(self) -> str:
         return f"<Pool {self.name} open={self._open} idle={len(self._idle)} max={self.config.max_size}>"
@@ -215,13 +229,14 @@ class Pool:
 
         Waits up to ``timeout`` (default ``acquire_timeout``) seconds.
         """
-        return self._checkout(timeout).conn
+        return self.borrow(timeout).conn
 
     def release(self, conn: Any, *, broken: bool = False) -> None:
         """Return a borrowed connection; ``broken=True`` discards it."""
-        self._checkin(self._entry_of(conn), broken=broken)
+        self.give_back(self.entry_of(conn), broken=broken)
 
-    def _entry_of(self, conn: Any) -> _Entry:
+    def entry_of(self, conn: Any) -> _Entry:
+        """The pool's record of a borrowed connection (raises `PoolError` for a stranger)."""
         entry = self._in_use.get(id(conn))
         if entry is None or entry.conn is not conn:
             raise PoolError(f"connection returned to pool {self.name} does not belong to it or was returned twice")
@@ -252,7 +267,13 @@ class Pool:
                 ) from error
             time.sleep(0.01)
 
-    def _checkout(self, timeout: float | None) -> _Entry:
+    def borrow(self, timeout: float | None = None) -> _Entry:
+        """Check out a connection's entry (``entry.conn``); give it back with `give_back`.
+
+        The lease (`dbrouter.lease`) borrows this way; `acquire` is the same for
+        callers who hold a plain connection. Waits up to ``timeout`` (default
+        ``acquire_timeout``): `PoolTimeout`, `ConnectError`, `PoolClosed`.
+        """
         bypass = self._bypass
         deadline = None  # set on the first wait: discarded connections do not extend it
         while True:
@@ -358,7 +379,7 @@ class Pool:
                 self._waiters.remove(waiter)
                 return
         if waiter.entry is not None:
-            self._checkin(waiter.entry)
+            self.give_back(waiter.entry)
 
     def _timeout_locked(self, timeout: float) -> tuple[PoolTimeout, bool]:
         self._counts[TIMEOUTS] += 1
@@ -375,9 +396,9 @@ class Pool:
             self._last_exhausted_event = now
         return PoolTimeout(message, node=self.name), notify
 
-    def _checkin(self, entry: _Entry, *, broken: bool = False) -> float:
-        """Take a connection back; returns the time it was returned (monotonic), so that
-        callers can tell how long they held it without reading the clock again."""
+    def give_back(self, entry: _Entry, *, broken: bool = False) -> float:
+        """Take a borrowed entry back (``broken=True`` discards it); returns the time it was
+        returned (monotonic), so that callers can tell how long they held it."""
         conn = entry.conn
         state = _BROKEN if broken else self._return_state(conn)
         if state is _DIRTY:
@@ -647,7 +668,7 @@ class Pool:
                 "pool %s: closed with %d connection(s) still borrowed; they close when returned",
                 self.name, len(stragglers),
             )
-        if self._maint is not threading.current_thread():
+        if self._maint.is_alive() and self._maint is not threading.current_thread():
             self._maint.join(timeout=max(0.0, deadline - time.monotonic()) + 1.0)
 
     def __enter__(self) -> Pool:

@@ -1,18 +1,25 @@
-"""Circuit breakers, retries and the hung-statement watchdog, in one place.
+"""Circuit breakers: one per node, driven by outcomes, never wrapping a query.
 
-- `NodeBreaker` wraps a pybreaker `CircuitBreaker` thinly. pybreaker's
-  ``call()`` holds the breaker's lock while the guarded function runs, which
-  would run every query through a node one at a time; so queries are never run
-  inside it. The router asks `NodeBreaker.allow` before using a node and feeds
-  outcomes back; pybreaker keeps the state, the failure count, the listeners
-  and (for fleets) the shared storage. The lock is only taken for the
-  trivial functions that record an outcome, and the fast path (closed, no
-  failures) takes no lock at all.
-- `build_retrying` composes a tenacity policy: exponential backoff with
-  jitter, bounded by attempts *and* a deadline, with an explicit predicate.
-- `Watchdog` aborts statements that outlive their deadline on the client
-  side: a node that accepts connections but never answers cannot keep a
-  thread longer than the configured timeout.
+pybreaker keeps the state, the failure count and (for fleets) the shared
+storage; `NodeBreaker` decides admission around it:
+
+- Queries never run inside pybreaker's ``call()``, which holds its lock for the
+  whole call (pybreaker issue #55) and would run every query through a node one
+  at a time. Outcomes are fed in afterwards (`NodeBreaker.success`,
+  `NodeBreaker.failure`).
+- No dbrouter lock is ever held while calling pybreaker (which may do Redis
+  I/O). The only lock of this module, ``_trial_lock``, guards two attributes
+  and calls nothing.
+- pybreaker calls its listeners inside its own lock. Ours only hands the change
+  to ``on_change``, which must not block or take a lock (the router's enqueues
+  a message for the control plane, which emits events later on its own thread).
+- A half-open breaker lets one trial through at a time; a trial that never
+  reports back (its caller died, its checkout timed out, its connection came
+  back another way) ages out after ``reset_timeout``, in `allow` and
+  `available` alike. A successful monitor probe counts as a successful trial.
+
+Lock order (outermost first): pybreaker's lock, then nothing of dbrouter's
+(``_trial_lock`` is never held while calling anything).
 """
 
 from __future__ import annotations
@@ -23,11 +30,10 @@ import time
 from typing import Any, Callable
 
 import pybreaker
-from tenacity import Retrying, retry_if_exception, stop_after_attempt, stop_after_delay, wait_exponential, wait_random
 
-from .config import BreakerPolicy, RetryPolicy
+from .config import BreakerPolicy
 
-__all__ = ["NodeBreaker", "Watchdog", "build_retrying", "shared_storage"]
+__all__ = ["CLOSED", "HALF_OPEN", "OPEN", "STATE_CODES", "NodeBreaker", "shared_storage"]
 
 log = logging.getLogger("dbrouter.resilience")
 
@@ -50,8 +56,9 @@ def _fail(exc: BaseException) -> None:
 class NodeBreaker:
     """One node's circuit breaker, driven by outcomes rather than wrapping calls.
 
-    ``on_change(old, new)`` is called on every state change (from the thread that
-    caused it). ``clock`` is injectable so unit tests never sleep.
+    ``on_change(old, new)`` is called on every state change, inside pybreaker's
+    lock: it must only record the change (see the module docstring). ``clock``
+    is injectable so that unit tests never sleep.
     """
 
     def __init__(
@@ -72,12 +79,13 @@ class NodeBreaker:
         self._ttl = policy.breaker_refresh if storage is not None else 0.0
         self._cached: tuple[str, int] = (CLOSED, 0)
         self._cached_at = float("-inf")
-        # Local state only: True while closed with no failure counted. Every change of
-        # local state goes through this object, so the hot path reads one attribute.
-        self._clean = storage is None
-        self._lock = threading.Lock()
-        self._opened_at: float | None = None
+        # Local state only: True while closed with no failure counted, so that the hot
+        # path reads one attribute (nothing to check, nothing to feed on success). Set
+        # False before and after every failure is recorded.
+        self.clean = storage is None
+        self._trial_lock = threading.Lock()
         self._trial_started: float | None = None
+        self._opened_at: float | None = None
         self.trips = 0
         self._cb = pybreaker.CircuitBreaker(
             fail_max=policy.fail_max,
@@ -90,6 +98,8 @@ class NodeBreaker:
 
     def __repr__(self) -> str:
         return f"<NodeBreaker {self.name} {self.state} failures={self.failures}>"
+
+    # -- reading the state (no lock) ---------------------------------------------
 
     def _read(self) -> tuple[str, int]:
         """(state, failure count), from the shared storage at most every ``breaker_refresh`` s."""
@@ -118,95 +128,156 @@ class NodeBreaker:
         return self._read()[1]
 
     def _elapsed_open(self, now: float) -> bool:
-        if self._opened_at is None:  # opened by another process sharing the storage
-            self._opened_at = now
-        return now - self._opened_at >= self.policy.reset_timeout
+        opened = self._opened_at
+        if opened is None:  # opened by another process sharing the storage
+            self._opened_at = opened = now
+        return now - opened >= self.policy.reset_timeout
+
+    def trial_due(self) -> float | None:
+        """When this open breaker's ``reset_timeout`` runs out (monotonic), or None when it is
+        not open here: a node becomes eligible for a trial then, without a state change."""
+        opened = self._opened_at
+        return None if opened is None else opened + self.policy.reset_timeout
+
+    def _trial_live(self, now: float) -> bool:
+        started = self._trial_started
+        return started is not None and now - started < self.policy.reset_timeout
 
     def available(self) -> bool:
-        """Whether the node may be offered work now (no lock, no I/O beyond a shared-state refresh)."""
+        """Whether the node may be offered work now (no lock; a shared-state refresh at most)."""
         state = self._read()[0]
         if state == CLOSED:
             return True
+        now = self._clock()
         if state == OPEN:
-            return self._elapsed_open(self._clock())
-        return self._trial_started is None
+            return self._elapsed_open(now)
+        return not self._trial_live(now)
+
+    # -- admission ----------------------------------------------------------------
 
     def allow(self) -> bool:
-        """May a call go to this node now? Closed: yes. Open: no, until
-        ``reset_timeout`` has passed; then the breaker goes half-open and exactly
-        one trial call is let through until its outcome is recorded."""
-        if self._clean or self._read()[0] == CLOSED:
+        """May a call go to this node now? Closed: yes. Open: no, until ``reset_timeout``
+        has passed; then the breaker goes half-open and one trial call at a time is let
+        through (a trial that never reports back ages out after ``reset_timeout``)."""
+        if self.clean:
             return True
-        with self._lock:
-            now = self._clock()
-            if self._ttl:
-                self._refresh(now)
-            state = self._read()[0]
-            if state == CLOSED:
-                return True
-            if state == OPEN:
-                if not self._elapsed_open(now):
-                    return False
-                self._cb.half_open()
-            trial = self._trial_started
-            # A trial that never reported back (its thread died) must not block the node forever.
-            if trial is not None and now - trial < self.policy.reset_timeout:
+        if self._ttl:
+            self._cached_at = float("-inf")  # admission decisions read the shared state afresh
+        state = self._read()[0]
+        if state == CLOSED:
+            return True
+        now = self._clock()
+        if state == OPEN:
+            if not self._elapsed_open(now) or not self._claim_trial(now):
+                return False
+            self._guarded(self._cb.half_open)
+            return True
+        return self._claim_trial(now)
+
+    def _claim_trial(self, now: float) -> bool:
+        with self._trial_lock:  # two attribute accesses; nothing is called under it
+            if self._trial_live(now):
                 return False
             self._trial_started = now
             return True
 
+    def _end_trial(self) -> None:
+        self._trial_started = None
+
+    def abandon_trial(self) -> None:
+        """The call admitted by `allow` never reached the node (its checkout failed): let
+        another call be the trial instead of waiting for this one to age out."""
+        if self._read()[0] == HALF_OPEN:
+            self._end_trial()
+
+    # -- outcomes -----------------------------------------------------------------
+
     def success(self) -> None:
-        """Record a call that reached the node and got an answer."""
-        if self._clean or self._read() == (CLOSED, 0):
-            return  # the hot path: nothing to reset, no lock, no storage write
-        with self._lock:
-            self._trial_started = None
-            try:
-                self._cb.call(_succeed)
-            except pybreaker.CircuitBreakerError:
-                pass  # still open: a late success from before it opened changes nothing
-            except Exception as exc:  # noqa: BLE001 - shared storage unreachable
-                log.warning("breaker %s: could not record a success: %s", self.name, exc)
-            self._cached_at = float("-inf")
-            self._mark_clean()
+        """Record a call that reached the node and got an answer (an SQL error counts)."""
+        if self.clean:
+            return
+        state, failures = self._read()
+        if state == CLOSED and failures == 0:
+            return  # shared state, nothing to reset: no storage write
+        self._end_trial()
+        if state == OPEN:
+            return  # a late answer from before it opened changes nothing
+        self._guarded(self._cb.call, _succeed)
+        self._after_change()
 
     def failure(self, exc: BaseException) -> None:
-        """Record a node failure (never a caller's SQL error)."""
-        with self._lock:
-            self._clean = False
-            self._trial_started = None
-            try:
-                self._cb.call(_fail, exc)
-            except BaseException:  # noqa: BLE001 - the error is the caller's to raise
-                pass
+        """Record a node failure (never a caller's SQL error). ``exc`` must be an Exception."""
+        if not isinstance(exc, Exception):
+            return
+        self.clean = False
+        self._end_trial()
+        try:
+            self._cb.call(_fail, exc)
+        except pybreaker.CircuitBreakerError:
+            pass  # open and its timer not run out: nothing more to count
+        except Exception as raised:  # noqa: BLE001 - exc itself, re-raised by pybreaker: expected
+            if raised is not exc:
+                log.warning("breaker %s: could not record a failure: %s", self.name, raised)
+        self.clean = False
+        self._cached_at = float("-inf")
+
+    def probe_succeeded(self) -> None:
+        """A monitor probe got an answer: a half-open breaker (or an open one whose
+        ``reset_timeout`` has passed) closes, as if a trial call had succeeded."""
+        if self.clean:
+            return
+        if self._ttl:
             self._cached_at = float("-inf")
+        state = self._read()[0]
+        if state == CLOSED:
+            return
+        if state == OPEN:
+            if not self._elapsed_open(self._clock()):
+                return
+            self._guarded(self._cb.half_open)
+        self._end_trial()
+        self._guarded(self._cb.call, _succeed)
+        self._after_change()
 
     def force_open(self) -> None:
         """Take the node out of rotation now (for example, it was found demoted)."""
-        with self._lock:
-            self._clean = False
-            if self._cb.current_state != OPEN:
-                self._cb.open()
+        self.clean = False
+        self._end_trial()
+        if self._read()[0] != OPEN:
+            self._guarded(self._cb.open)
+        self._cached_at = float("-inf")
 
     def reset(self) -> None:
         """Close the breaker (the node proved healthy out of band, e.g. after a promotion)."""
-        with self._lock:
-            self._trial_started = None
-            if self._cb.current_state != CLOSED:
-                self._cb.close()
-            self._mark_clean()
+        self._end_trial()
+        if self._read() != (CLOSED, 0):
+            self._guarded(self._cb.close)
+        self._after_change()
 
-    def _mark_clean(self) -> None:
+    def _guarded(self, call: Callable[..., Any], *args: Any) -> None:
+        """Call into pybreaker; a storage error (Redis down) is logged, never raised to a query."""
+        try:
+            call(*args)
+        except pybreaker.CircuitBreakerError:
+            pass
+        except Exception as exc:  # noqa: BLE001 - shared storage unreachable
+            log.warning("breaker %s: shared state not updated: %s", self.name, exc)
+
+    def _after_change(self) -> None:
+        self._cached_at = float("-inf")
         if self._ttl == 0.0:
-            self._clean = self._cb.current_state == CLOSED and self._cb.fail_counter == 0
+            self.clean = self._cb.current_state == CLOSED and self._cb.fail_counter == 0
 
     def _changed(self, old: str, new: str) -> None:
+        """From pybreaker's listener, inside its lock: record, never block."""
         self._cached_at = float("-inf")
         if new != CLOSED:
-            self._clean = False
+            self.clean = False
         if new == OPEN:
             self._opened_at = self._clock()
             self.trips += 1
+        else:
+            self._opened_at = None
         if self._on_change is not None and old != new:
             self._on_change(old, new)
 
@@ -231,82 +302,3 @@ def shared_storage(url: str, node_key: str) -> pybreaker.CircuitBreakerStorage:
         raise ConfigurationError("breaker_redis_url needs the redis package: pip install 'dbrouter[redis]'") from exc
     client = redis.Redis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0)
     return pybreaker.CircuitRedisStorage(CLOSED, client, namespace=f"dbrouter:{node_key}")
-
-
-def build_retrying(
-    policy: RetryPolicy,
-    should_retry: Callable[[BaseException], bool],
-    *,
-    deadline: float | None = None,
-    sleep: Callable[[float], None] = time.sleep,
-    before_sleep: Callable[[Any], None] | None = None,
-) -> Retrying:
-    """A tenacity controller: backoff with jitter, stopped by attempts or the deadline,
-    retrying only what ``should_retry`` accepts, re-raising the last error."""
-    budget = policy.retry_deadline if deadline is None else deadline
-    return Retrying(
-        stop=stop_after_attempt(policy.retry_attempts) | stop_after_delay(max(0.0, budget)),
-        # backoff, 2 x backoff, 4 x backoff ... plus up to one backoff of jitter, never above the max
-        wait=wait_exponential(multiplier=policy.retry_backoff, max=max(0.0, policy.retry_backoff_max - policy.retry_backoff))
-        + wait_random(0, min(policy.retry_backoff, policy.retry_backoff_max)),
-        retry=retry_if_exception(should_retry),
-        reraise=True,
-        sleep=sleep,
-        before_sleep=before_sleep,
-    )
-
-
-class Watchdog:
-    """Aborts statements that run past their deadline, from one background thread.
-
-    ``arm(deadline, abort)`` returns a token; ``disarm(token)`` returns False if
-    the watchdog fired first, in which case the connection was aborted and must
-    be discarded. Arming is a dict insert: cheap enough for the hot path.
-    """
-
-    def __init__(self, name: str = "dbrouter-watchdog", interval: float = 0.05) -> None:
-        self._armed: dict[object, tuple[float, Callable[[], None]]] = {}
-        self._interval = interval
-        self._stop = threading.Event()
-        self.fired = 0
-        self._start_lock = threading.Lock()
-        # Started on the first arm(): a router whose drivers time out by themselves
-        # never needs the thread.
-        self._thread: threading.Thread | None = None
-        self._name = name
-
-    def arm(self, deadline: float, abort: Callable[[], None]) -> object:
-        if self._thread is None:
-            self._start()
-        token = object()
-        self._armed[token] = (deadline, abort)
-        return token
-
-    def _start(self) -> None:
-        with self._start_lock:
-            if self._thread is None and not self._stop.is_set():
-                self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
-                self._thread.start()
-
-    def disarm(self, token: object) -> bool:
-        """True when the statement finished before the watchdog fired."""
-        return self._armed.pop(token, None) is not None
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._interval):
-            now = time.monotonic()
-            for token, (deadline, abort) in list(self._armed.items()):
-                if deadline <= now and self._armed.pop(token, None) is not None:
-                    self.fired += 1
-                    log.warning("aborting a statement %.2fs past its deadline: %s", now - deadline, abort)
-                    try:
-                        abort()
-                    except Exception:  # noqa: BLE001 - the watchdog must keep running
-                        log.exception("aborting a hung statement failed")
-
-    def stop(self) -> None:
-        self._stop.set()
-        with self._start_lock:
-            thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout=2)

@@ -1,56 +1,72 @@
-"""Nodes and the monitor that keeps their health and replica lag current.
+"""Nodes, the routing snapshot, and the control plane that is its only writer.
 
-The monitor probes every node on its own connection (not a pooled one, so
-probes neither take connections from the application nor skew pool
-statistics) once per ``health_interval`` and hands the results to the router,
-which decides health, lag exclusion and failover.
+Request threads never change topology. They read `Topology.snapshot`, an
+immutable `Snapshot` (primary, replicas, readable replicas, version), with one
+attribute load, and report what they learn (a breaker changed state, a write
+was refused as read-only) by putting a message in the control plane's inbox.
+
+The control thread (``dbrouter-monitor``) is the only writer of roles, health,
+lag and readability. It folds probe rounds (from `dbrouter.monitor`) and
+reports into the next snapshot, publishes it, and only then, holding no lock,
+emits events (listeners and log handlers run there), drives breakers
+(pybreaker, possibly Redis I/O) and invalidates pools.
+
+Lock order: the control plane holds no lock while it works. ``_published`` (a
+Condition) is held only to bump the round count and notify waiters, and
+nothing is called under it. pybreaker's lock may be held while a breaker
+listener puts a message in the inbox (a `queue.SimpleQueue`, which never
+blocks). See `dbrouter.resilience` and `dbrouter.pool` for theirs.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor, wait
-from dataclasses import dataclass
-from functools import partial
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from ._counter import Counter
 from .adapters.base import Adapter
 from .config import MonitorConfig, RoutingConfig
 from .events import Events
+from .monitor import Monitor, ProbeResult
 from .pool import Pool
+from .resilience import CLOSED, HALF_OPEN, OPEN
 from .url import NodeAddress
 
-from .resilience import OPEN
-
 if TYPE_CHECKING:
-    from .resilience import NodeBreaker, Watchdog
+    from .resilience import NodeBreaker
+    from .watchdog import Watchdog
 
-__all__ = ["Monitor", "Node", "ProbeResult", "Topology"]
+__all__ = ["Node", "Snapshot", "Topology"]
 
 log = logging.getLogger("dbrouter.topology")
 
 PRIMARY = "primary"
 REPLICA = "replica"
 
-_LATENCY_ALPHA = 0.2  # weight of the newest sample in the moving average
 _HISTORY = 3600  # primary positions remembered for lag (one per probe round at most)
+_BREAKER_EVENTS = {OPEN: "breaker_open", HALF_OPEN: "breaker_half_open", CLOSED: "breaker_closed"}
 
 
 class Node:
-    """One server: where it is, its pool, and what the monitor last learned of it."""
+    """One server: where it is, its pool, and what the control plane last learned of it.
+
+    Role, health and lag are written by the control thread only.
+    """
 
     def __init__(
         self, name: str, address: NodeAddress, adapter: Adapter, pool: Pool, breaker: NodeBreaker,
-        role: str, weight: float = 1.0,
+        role: str, weight: float = 1.0, *, watchdog: Watchdog,
     ) -> None:
         self.name = name
         self.breaker = breaker
         self.address = address
         self.adapter = adapter
+        self.watchdog = watchdog
         # The client-side statement limit, fixed once: the hot path reads an attribute.
         self.guard = adapter.guard_timeout if adapter.needs_watchdog else None
         self.pool = pool
@@ -62,6 +78,7 @@ class Node:
         self.latency = 0.0
         self.probe_latency: float | None = None
         self.last_error: str | None = None
+        self._report: Callable[[Any], None] = lambda message: None
 
     def __repr__(self) -> str:
         return f"<Node {self.name} {self.role}{'' if self.healthy else ' down'}>"
@@ -81,171 +98,40 @@ class Node:
             return f"lag {lag} over max_replica_lag {max_lag}s"
         return None
 
+    def report_demoted(self) -> None:
+        """This node refused a write as read-only: tell the control plane (never blocks)."""
+        self._report(("demoted", self))
+
+    def breaker_changed(self, old: str, new: str) -> None:
+        """From pybreaker's listener, inside its lock: hand the change over, never block."""
+        self._report(("breaker", self, old, new))
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Who serves, as of one moment: read with one attribute load, never changed."""
+
+    version: int
+    primary: Node
+    replicas: tuple[Node, ...]
+    readable: tuple[Node, ...]
+    split_brain: tuple[str, ...] = ()
+    failovers: int = 0
+
 
 @dataclass
-class ProbeResult:
-    """What one probe round learned about one node."""
+class _Effects:
+    """What a control step does once the snapshot is published, with no lock held."""
 
-    node: Node
-    ok: bool = False
-    writable: bool | None = None
-    position: str | None = None
-    lag: float | None = None
-    error: str | None = None
-    latency: float | None = None  # seconds the role probe took
+    events: list[tuple[str, str | None, str, int, dict[str, Any]]] = field(default_factory=list)
+    actions: list[Callable[[], None]] = field(default_factory=list)
 
-
-class _ProbeFailed(Exception):
-    """A failed probe, as fed to the node's breaker."""
-
-
-class Monitor:
-    """Background prober: every node's role, position and lag, every ``health_interval``.
-
-    Probes run in parallel, each bounded by ``probe_timeout``: a node that hangs
-    is reported down after that long and never stalls the others. What to do
-    with the results (health, lag exclusion, failover) is the router's call,
-    through ``on_results``.
-    """
-
-    def __init__(
-        self,
-        nodes: Callable[[], Sequence[Node]],
-        config: MonitorConfig,
-        on_results: Callable[[list[ProbeResult]], None],
-        *,
-        probe_timeout: float,
-        watchdog: Watchdog | None = None,
-        name: str = "dbrouter-monitor",
-    ) -> None:
-        self._nodes = nodes
-        self._config = config
-        self._on_results = on_results
-        self._probe_timeout = probe_timeout
-        self._watchdog = watchdog
-        self._probes: dict[str, Any] = {}
-        self._probes_lock = threading.Lock()
-        self._stop = threading.Event()
-        self._wake = threading.Event()
-        self._probed = threading.Condition()
-        self.rounds = 0
-        self._executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix=f"{name}-probe")
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def wake(self) -> None:
-        """Probe now instead of at the next interval (a write found no primary)."""
-        self._wake.set()
-
-    def stop(self, timeout: float = 5.0) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._thread.is_alive() and self._thread is not threading.current_thread():
-            self._thread.join(timeout)
-        self._executor.shutdown(wait=False, cancel_futures=True)
-        with self._probes_lock:
-            probes, self._probes = self._probes, {}
-        for node in self._nodes():
-            conn = probes.get(node.name)
-            if conn is not None:
-                node.adapter.close(conn)
-
-    def wait_rounds(self, count: int = 1, timeout: float = 10.0) -> bool:
-        """Block until ``count`` more probe rounds have finished (tests, start-up)."""
-        with self._probed:
-            target = self.rounds + count
-            return self._probed.wait_for(lambda: self.rounds >= target, timeout)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            started = time.monotonic()
-            try:
-                self._on_results(self.probe_once())
-            except Exception:  # noqa: BLE001 - the monitor must outlive any bug in a round
-                log.exception("monitor round failed")
-            with self._probed:
-                self.rounds += 1
-                self._probed.notify_all()
-            elapsed = time.monotonic() - started
-            self._wake.wait(max(0.0, self._config.health_interval - elapsed))
-            self._wake.clear()
-
-    def probe_once(self) -> list[ProbeResult]:
-        """One round: roles and positions of all nodes, then lag of the read-only ones."""
-        results = {node.name: ProbeResult(node) for node in self._nodes()}
-        self._parallel(results.values(), self._probe_role)
-        writable = [r for r in results.values() if r.ok and r.writable]
-        primary_position = writable[0].position if len(writable) == 1 else None
-        followers = [r for r in results.values() if r.ok and r.writable is False]
-        self._parallel(followers, lambda r: self._probe_lag(r, primary_position))
-        return list(results.values())
-
-    def _parallel(self, results: Any, probe: Callable[[ProbeResult], None]) -> None:
-        futures = {self._executor.submit(probe, r): r for r in results}
-        if not futures:
-            return
-        done, late = wait(futures, timeout=self._probe_timeout)
-        for future in late:
-            result = futures[future]
-            result.ok = False
-            result.error = f"no answer within {self._probe_timeout:.3g}s"
-            # The late probe still owns its connection: the watchdog or the read timeout
-            # breaks it, and the probe closes it when it returns.
-            log.debug("probe of %s timed out", result.node.name)
-
-    def _probe_role(self, result: ProbeResult) -> None:
-        def ask(adapter: Adapter, conn: Any) -> None:
-            started = time.monotonic()
-            result.writable = adapter.is_writable(conn)
-            result.latency = time.monotonic() - started
-            if result.writable:
-                result.position = adapter.replication_position(conn)
-
-        self._ask(result, ask)
-
-    def _probe_lag(self, result: ProbeResult, primary_position: str | None) -> None:
-        def ask(adapter: Adapter, conn: Any) -> None:
-            result.position = adapter.replication_position(conn)
-            if primary_position is not None and adapter.position_covers(result.position, primary_position) is None:
-                # Positions this engine cannot compare client-side (MySQL GTID sets): ask the server.
-                result.lag = adapter.replica_lag(conn, primary_position)
-
-        self._ask(result, ask)
-
-    def _ask(self, result: ProbeResult, ask: Callable[[Adapter, Any], None]) -> None:
-        node = result.node
-        with self._probes_lock:
-            conn = self._probes.pop(node.name, None)  # held by this probe only
-        token = None
-        try:
-            if conn is None:
-                conn = node.adapter.connect(read_timeout=self._probe_timeout)
-            if self._watchdog is not None and node.adapter.needs_watchdog:
-                token = self._watchdog.arm(time.monotonic() + self._probe_timeout, partial(node.adapter.abort, conn))
-            ask(node.adapter, conn)
-            result.ok = True
-        except Exception as exc:  # noqa: BLE001 - any probe failure marks the node down
-            result.ok = False
-            result.error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            if conn is not None:
-                node.adapter.close(conn)
-            conn = None
-        finally:
-            if token is not None and not self._watchdog.disarm(token) and conn is not None:  # type: ignore[union-attr]
-                node.adapter.close(conn)
-                conn = None
-        if conn is not None:
-            with self._probes_lock:
-                if self._stop.is_set() or node.name in self._probes:
-                    node.adapter.close(conn)
-                else:
-                    self._probes[node.name] = conn
+    def emit(self, name: str, node: str | None, message: str, level: int = logging.INFO, **data: Any) -> None:
+        self.events.append((name, node, message, level, data))
 
 
 class Topology:
-    """Who is the primary and who may serve reads, kept current from probe results.
+    """Who is the primary and who may serve reads, kept current by one control thread.
 
     Roles change only here: with ``primary_discovery = "auto"`` the one node
     that reports itself writable is the primary, and a reachable read-only
@@ -253,38 +139,75 @@ class Topology:
     (`SplitBrain`) until one of them is read-only again.
     """
 
-    def __init__(self, nodes: list[Node], routing: RoutingConfig, monitor: MonitorConfig, events: Events) -> None:
+    def __init__(self, nodes: list[Node], routing: RoutingConfig, monitor: MonitorConfig, events: Events, *,
+                 probe_timeout: float, watchdog: Watchdog | None = None) -> None:
         self.nodes = nodes
         self._routing = routing
+        self._interval = monitor.health_interval
         self._auto = monitor.primary_discovery == "auto"
         self._events = events
-        # Re-entrant: a probe failure fed to a breaker calls back into refresh_readable.
-        self._lock = threading.RLock()
-        self.changed = threading.Condition(self._lock)
-        self.primary: Node = nodes[0]
-        self.replicas: tuple[Node, ...] = tuple(nodes[1:])
-        self.readable: tuple[Node, ...] = self.replicas
-        self.split_brain: tuple[str, ...] = ()
+        self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        for node in nodes:
+            node._report = self._inbox.put
         self.failovers = Counter()
-        self.version = 0  # bumped on every change of roles
+        self.snapshot = Snapshot(0, nodes[0], tuple(nodes[1:]), tuple(nodes[1:]))
+        # The control thread's working state, published through the snapshot.
+        self._state_primary = nodes[0]
+        self._state_replicas = tuple(nodes[1:])
+        self._state_split_brain: tuple[str, ...] = ()
+        self._published = threading.Condition()
+        self.rounds = 0  # probe rounds folded in
         self._falling_back = False
         # (first seen, position) of the primary, oldest first: the yardstick for replica lag.
         self._history: deque[tuple[float, str]] = deque(maxlen=_HISTORY)
+        self._prober = Monitor(lambda: self.nodes, monitor.health_interval, self._round_done,
+                               probe_timeout=probe_timeout, watchdog=watchdog)
+        self._thread = threading.Thread(target=self._run, name="dbrouter-monitor", daemon=True)
+        self._started = False
+        self._stopped = False
 
-    # -- reads ---------------------------------------------------------------
+    # -- lifecycle ---------------------------------------------------------------
 
-    def refresh_readable(self) -> None:
-        """Recompute the replicas that may serve reads."""
-        with self._lock:
-            self._refresh_locked()
+    def start(self) -> None:
+        if not self._started:
+            self._started = True
+            self._thread.start()
+            self._prober.start()
 
-    def _refresh_locked(self) -> None:
-        max_lag = self._routing.max_replica_lag
-        self.readable = tuple(n for n in self.replicas if n.why_not_serving(max_lag) is None)
-        if self.readable and self._falling_back:
-            self._falling_back = False
-            self._events.emit("replicas_restored", None,
-                              f"replicas serving reads again: {', '.join(n.name for n in self.readable)}")
+    def stop(self, timeout: float = 5.0) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        self._prober.stop(timeout)
+        self._inbox.put(("stop",))
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    # -- what request threads use (no lock) ---------------------------------------
+
+    @property
+    def primary(self) -> Node:
+        return self.snapshot.primary
+
+    @property
+    def replicas(self) -> tuple[Node, ...]:
+        return self.snapshot.replicas
+
+    @property
+    def readable(self) -> tuple[Node, ...]:
+        return self.snapshot.readable
+
+    @property
+    def split_brain(self) -> tuple[str, ...]:
+        return self.snapshot.split_brain
+
+    @property
+    def version(self) -> int:
+        return self.snapshot.version
+
+    def wake(self) -> None:
+        """Probe every node now rather than at the next interval."""
+        self._prober.wake()
 
     def reasons(self, nodes: Sequence[Node]) -> str:
         max_lag = self._routing.max_replica_lag
@@ -295,46 +218,131 @@ class Topology:
         first, self._falling_back = not self._falling_back, True
         return first
 
-    # -- writes --------------------------------------------------------------
-
-    def primary_problem(self) -> str | None:
+    def primary_problem(self, snapshot: Snapshot | None = None) -> str | None:
         """Why writes cannot go to the primary now, or None."""
-        if self.split_brain:
-            return f"split brain: {', '.join(self.split_brain)} all accept writes"
-        node = self.primary
+        snap = snapshot or self.snapshot
+        if snap.split_brain:
+            return f"split brain: {', '.join(snap.split_brain)} all accept writes"
+        node = snap.primary
         if not node.healthy:
             return f"primary {node.name} is down ({node.last_error or 'probe failed'})"
-        if not node.breaker.available():
-            failures = node.breaker.failures
-            return f"primary {node.name}: circuit breaker {node.breaker.state}" + (
+        breaker = node.breaker
+        if not breaker.clean and not breaker.available():
+            failures = breaker.failures
+            return f"primary {node.name}: circuit breaker {breaker.state}" + (
                 f" after {failures} failures" if failures else " (it refused writes as read-only)"
             )
         return None
 
     def wait_for_change(self, version: int, deadline: float) -> bool:
-        """Wait until roles change (a failover) or the deadline passes."""
-        with self._lock:
-            return self.changed.wait_for(lambda: self.version != version, max(0.0, deadline - time.monotonic()))
+        """Wait until a snapshot newer than ``version`` is published or the deadline passes."""
+        with self._published:
+            return self._published.wait_for(lambda: self.snapshot.version != version,
+                                            max(0.0, deadline - time.monotonic()))
 
-    # -- probe results -------------------------------------------------------------
+    def wait_rounds(self, count: int = 1, timeout: float = 10.0) -> bool:
+        """Block until ``count`` more probe rounds have been folded in (tests, start-up)."""
+        with self._published:
+            target = self.rounds + count
+            return self._published.wait_for(lambda: self.rounds >= target, timeout)
 
-    def apply(self, results: list[ProbeResult]) -> None:
+    # -- the control thread ---------------------------------------------------------
+
+    def _round_done(self, results: list[ProbeResult]) -> None:
+        self._inbox.put(("round", results))
+
+    def _run(self) -> None:
+        while True:
+            try:
+                message = self._inbox.get(timeout=self._next_timer())
+            except queue.Empty:
+                message = ("tick",)
+            batch = [message]
+            while True:
+                try:
+                    batch.append(self._inbox.get_nowait())
+                except queue.Empty:
+                    break
+            effects = _Effects()
+            rounds = 0
+            stop = False
+            for item in batch:
+                kind = item[0]
+                try:
+                    if kind == "round":
+                        self._apply(item[1], effects)
+                        rounds += 1
+                    elif kind == "breaker":
+                        self._breaker_changed(item[1], item[2], item[3], effects)
+                    elif kind == "demoted":
+                        effects.actions.append(self._prober.wake)
+                    elif kind == "stop":
+                        stop = True
+                except Exception:  # noqa: BLE001 - the control plane must outlive any bug
+                    log.exception("control plane: handling %s failed", kind)
+            self._publish(effects, rounds)
+            self._run_effects(effects)
+            if stop:
+                return
+
+    def _next_timer(self) -> float:
+        """Until an open breaker's ``reset_timeout`` runs out (the node becomes eligible
+        for a trial without any state change), at most one health interval."""
+        wait = self._interval
+        now = time.monotonic()
+        for node in self.nodes:
+            due = node.breaker.trial_due()
+            if due is not None and due > now - self._interval:
+                wait = min(wait, max(0.01, due - now))
+        return wait
+
+    def _publish(self, effects: _Effects, rounds: int) -> None:
+        old = self.snapshot
+        max_lag = self._routing.max_replica_lag
+        readable = tuple(n for n in old.replicas if n.why_not_serving(max_lag) is None)
+        if readable and self._falling_back:
+            self._falling_back = False
+            effects.emit("replicas_restored", None,
+                         f"replicas serving reads again: {', '.join(n.name for n in readable)}")
+        new = Snapshot(old.version + 1, self._state_primary, self._state_replicas, readable, self._state_split_brain,
+                       self.failovers.value)
+        changed = (new.primary, new.replicas, new.readable, new.split_brain) != (
+            old.primary, old.replicas, old.readable, old.split_brain)
+        if changed or rounds:
+            with self._published:
+                if changed:
+                    self.snapshot = new
+                self.rounds += rounds
+                self._published.notify_all()
+
+    def _run_effects(self, effects: _Effects) -> None:
+        for action in effects.actions:
+            try:
+                action()
+            except Exception:  # noqa: BLE001 - one failed action must not stop the rest
+                log.exception("control plane: action failed")
+        for name, node, message, level, data in effects.events:
+            self._events.emit(name, node, message, level=level, **data)
+
+    def _breaker_changed(self, node: Node, old: str, new: str, effects: _Effects) -> None:
+        level = logging.WARNING if new == OPEN else logging.INFO
+        effects.emit(_BREAKER_EVENTS[new], node.name, f"circuit breaker {old} -> {new}", level,
+                     old=old, new=new, failures=node.breaker.failures)
+
+    def _apply(self, results: list[ProbeResult], effects: _Effects) -> None:
         """Fold one probe round into health, lag exclusion and roles."""
-        with self._lock:
-            now = time.monotonic()
-            if self._auto:
-                self._discover_roles(results)
-            writable = [r for r in results if r.ok and r.writable]
-            if len(writable) == 1 and writable[0].node is self.primary and writable[0].position:
-                self._note_primary_position(writable[0].position, now)
-            for result in results:
-                self._set_health(result)
-                node = result.node
-                if result.ok and result.writable is False:
-                    node.lag = result.lag if result.lag is not None else self._lag_of(node, result.position, now)
-                    self._set_lag_exclusion(node)
-            self._refresh_locked()
-            self.changed.notify_all()
+        now = time.monotonic()
+        if self._auto:
+            self._discover_roles(results, effects)
+        writable = [r for r in results if r.ok and r.writable]
+        if len(writable) == 1 and writable[0].node is self._state_primary and writable[0].position:
+            self._note_primary_position(writable[0].position, now)
+        for result in results:
+            self._set_health(result, effects)
+            node = result.node
+            if result.ok and result.writable is False:
+                node.lag = result.lag if result.lag is not None else self._lag_of(node, result.position, now)
+                self._set_lag_exclusion(node, effects)
 
     def _note_primary_position(self, position: str, now: float) -> None:
         """Remember when the primary was first seen at each position (one entry per change)."""
@@ -362,27 +370,32 @@ class Topology:
             oldest_missing = seen_at
         return 0.0 if oldest_missing is None else max(0.0, now - oldest_missing)
 
-    def _set_health(self, result: ProbeResult) -> None:
+    def _set_health(self, result: ProbeResult, effects: _Effects) -> None:
         node = result.node
+        breaker = node.breaker
         if result.ok:
             node.probe_latency = result.latency
+            if not breaker.clean:
+                # A probe that got an answer is a successful trial for a half-open breaker
+                # (and for an open one whose reset_timeout has passed).
+                effects.actions.append(breaker.probe_succeeded)
         else:
             node.last_error = result.error
             # A failed probe is a node failure like any other: it counts toward the breaker
             # (an open breaker learns nothing from it, so it is left to its timer).
-            if node.breaker.state != OPEN:
-                node.breaker.failure(_ProbeFailed(result.error or "probe failed"))
+            if breaker.state != OPEN:
+                failure = _ProbeFailed(result.error or "probe failed")
+                effects.actions.append(lambda: breaker.failure(failure))
         if result.ok == node.healthy:
             return
         node.healthy = result.ok
         if result.ok:
             node.last_error = None
-            self._events.emit("node_up", node.name, f"{node.role} answers probes again")
+            effects.emit("node_up", node.name, f"{node.role} answers probes again")
         else:
-            self._events.emit("node_down", node.name, f"{node.role} failed its probe: {result.error}",
-                              level=logging.WARNING)
+            effects.emit("node_down", node.name, f"{node.role} failed its probe: {result.error}", logging.WARNING)
 
-    def _set_lag_exclusion(self, node: Node) -> None:
+    def _set_lag_exclusion(self, node: Node, effects: _Effects) -> None:
         max_lag = self._routing.max_replica_lag
         excluded = max_lag is not None and (node.lag is None or node.lag > max_lag)
         if excluded == node.lag_excluded:
@@ -390,37 +403,40 @@ class Topology:
         node.lag_excluded = excluded
         lag = "unknown" if node.lag is None else f"{node.lag:.2f}s"
         if excluded:
-            self._events.emit("lag_excluded", node.name, f"replica lag {lag} over max_replica_lag {max_lag}s: no reads",
-                              level=logging.WARNING, lag=node.lag)
+            effects.emit("lag_excluded", node.name, f"replica lag {lag} over max_replica_lag {max_lag}s: no reads",
+                         logging.WARNING, lag=node.lag)
         else:
-            self._events.emit("lag_restored", node.name, f"replica lag {lag}: reads resume", lag=node.lag)
+            effects.emit("lag_restored", node.name, f"replica lag {lag}: reads resume", lag=node.lag)
 
-    def _discover_roles(self, results: list[ProbeResult]) -> None:
+    def _discover_roles(self, results: list[ProbeResult], effects: _Effects) -> None:
         writable = [r.node for r in results if r.ok and r.writable]
         if len(writable) > 1:
             names = tuple(sorted(n.name for n in writable))
-            if names != self.split_brain:
-                self.split_brain = names
-                self._events.emit("split_brain", None, f"{', '.join(names)} all accept writes: writes stop until one is read-only",
-                                  level=logging.ERROR, nodes=list(names))
+            if names != self._state_split_brain:
+                self._state_split_brain = names
+                effects.emit("split_brain", None, f"{', '.join(names)} all accept writes: writes stop until one is read-only",
+                             logging.ERROR, nodes=list(names))
             return
-        if self.split_brain:
-            self._events.emit("split_brain_resolved", None, f"one writable node again ({', '.join(n.name for n in writable) or 'none'})")
-            self.split_brain = ()
-        if len(writable) == 1 and writable[0] is not self.primary:
-            self._failover(writable[0])
-            self.replicas = tuple(n for n in self.nodes if n is not self.primary)
+        if self._state_split_brain:
+            effects.emit("split_brain_resolved", None, f"one writable node again ({', '.join(n.name for n in writable) or 'none'})")
+            self._state_split_brain = ()
+        if len(writable) == 1 and writable[0] is not self._state_primary:
+            self._failover(writable[0], effects)
 
-    def _failover(self, new: Node) -> None:
-        old = self.primary
+    def _failover(self, new: Node, effects: _Effects) -> None:
+        old = self._state_primary
         old.role = REPLICA
         new.role = PRIMARY
-        self.primary = new
-        self.version += 1
+        self._state_primary = new
+        self._state_replicas = tuple(n for n in self.nodes if n is not new)
         self._history.clear()  # positions of another node's history do not compare
         self.failovers.inc()
         new.lag, new.lag_excluded = 0.0, False
-        new.breaker.reset()
-        old.pool.invalidate(f"{old.name} is no longer the primary")
-        self._events.emit("failover", new.name, f"primary is now {new.name} (was {old.name})",
-                          level=logging.WARNING, old=old.name, new=new.name)
+        effects.actions.append(new.breaker.reset)
+        effects.actions.append(lambda: old.pool.invalidate(f"{old.name} is no longer the primary"))
+        effects.emit("failover", new.name, f"primary is now {new.name} (was {old.name})", logging.WARNING,
+                     old=old.name, new=new.name)
+
+
+class _ProbeFailed(Exception):
+    """A failed probe, as fed to the node's breaker."""

@@ -7,7 +7,8 @@ import threading
 import pytest
 
 from dbrouter.config import BreakerPolicy, RetryPolicy
-from dbrouter.resilience import NodeBreaker, build_retrying
+from dbrouter.resilience import NodeBreaker
+from dbrouter.retrying import build_retrying
 
 
 class Clock:
@@ -82,14 +83,14 @@ def test_a_lost_trial_does_not_block_forever() -> None:
 
 def test_success_on_a_closed_breaker_takes_no_lock() -> None:
     breaker, _, _ = make()
-    breaker._lock.acquire()  # if success() needed the lock this would deadlock
+    breaker._trial_lock.acquire()  # if success() needed the lock this would deadlock
     try:
         done = threading.Event()
         t = threading.Thread(target=lambda: (breaker.success(), done.set()))
         t.start()
         assert done.wait(2)
     finally:
-        breaker._lock.release()
+        breaker._trial_lock.release()
 
 
 def test_force_open_and_reset() -> None:

@@ -67,7 +67,7 @@ def test_one_process_finding_a_node_down_spares_the_others(pg_cluster: Any, redi
         # Process B: slow probes, so that only the shared state can tell it the node is down.
         with Router(pg_cluster.primary.url, replicas, breaker_redis_url=redis_url, fail_max=2, reset_timeout=60,
                     health_interval=60, min_size=0, breaker_refresh=0.2) as router_b:
-            assert router_b._monitor.wait_rounds(1, timeout=10)
+            assert router_b.wait_for_probes(1, timeout=10)
             node_b = next(n for n in router_b.replicas if n.address.port == proxy.port)
             assert node_b.breaker.state == "closed"
             proxy.refuse()

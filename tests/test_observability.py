@@ -104,7 +104,7 @@ def test_stats_snapshot_has_every_number(cluster: Any) -> None:
     with Router(cluster.primary.url, [n.url for n in cluster.replicas], health_interval=0.2) as router:
         router.read("SELECT 1")
         router.write("SELECT 1")
-        router._monitor.wait_rounds(1)
+        router.wait_for_probes(1)
         stats = router.stats()
         assert {"reads", "writes", "retries", "fallbacks", "failovers", "write_outcome_unknown", "primary", "nodes"} <= set(stats)
         assert stats["reads"] == 1 and stats["writes"] == 1

@@ -203,7 +203,7 @@ def test_write_cut_after_sending_is_outcome_unknown_and_never_resent(engine: str
     with FaultProxy(upstream=("127.0.0.1", cluster.primary.port)) as proxy:
         url = cluster.primary.url.replace(f":{cluster.primary.port}/", f":{proxy.port}/")
         with Router(url, health_interval=60, min_size=1, max_size=1, validation_bypass=60) as router:
-            assert router._monitor.wait_rounds(1, timeout=10)
+            assert router.wait_for_probes(1, timeout=10)
             router.write(f"INSERT INTO {table} VALUES (0)")  # warms the pooled connection
             proxy.cut_after_client_sends()
             with pytest.raises(WriteOutcomeUnknown) as info:
@@ -305,7 +305,7 @@ def test_primary_discovery_auto_finds_the_writable_node_and_static_does_not(clus
         assert events == [f"127.0.0.1:{real_primary.port}"]
     real_primary.query(f"DROP TABLE {table}")
     with Router(replica.url, [real_primary.url], health_interval=0.2, primary_discovery="static") as static:
-        assert static._monitor.wait_rounds(3, timeout=10)
+        assert static.wait_for_probes(3, timeout=10)
         assert static.primary.address.port == replica.port
         with pytest.raises(NoPrimaryAvailable, match="read-only|read only|--read-only|1290"):
             static.write(f"CREATE TABLE {table} (v int)")

@@ -140,7 +140,7 @@ def test_lagging_replica_gets_no_reads_until_it_catches_up(cluster: Any, table: 
         cluster.resume_replication(lagging)
         cluster.wait_replicated(timeout=10)
         caught_up = time.monotonic()
-        assert router._monitor.wait_rounds(2, timeout=5)
+        assert router.wait_for_probes(2, timeout=5)
         assert time.monotonic() - caught_up < 2 * interval + 0.5
         ports = Counter(router.read(f"SELECT {port_sql(cluster)}")[0][0] for _ in range(20))
         assert ports == {healthy.port: 10, lagging.port: 10}

@@ -147,7 +147,7 @@ class Drill:
         else:
             router = Router.from_config(options.config, **({"failover_wait": options.failover_wait} if options.failover_wait else {}))
         self.router = router
-        router._monitor.wait_rounds(1, timeout=router.config.connect.connect_timeout + 10)
+        router.wait_for_probes(1, timeout=router.config.connect.connect_timeout + 10)
         problem = router.topology.primary_problem()
         if problem is not None:
             raise ConfigurationError(f"cluster not reachable, no fault injected: {problem}")
@@ -244,7 +244,7 @@ class Drill:
         assert router is not None
         deadline = time.monotonic() + max(5.0, 3 * router.config.monitor.health_interval + router.config.connect.connect_timeout)
         while router.topology.primary_problem() is not None and time.monotonic() < deadline:
-            router._monitor.wake()
+            router.topology.wake()
             time.sleep(0.2)
         try:
             with router.transaction() as tx:

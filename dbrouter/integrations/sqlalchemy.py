@@ -65,7 +65,7 @@ import contextlib
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Callable, TypeVar, cast
 
 from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Connection, Engine
@@ -75,8 +75,10 @@ from sqlalchemy.sql.elements import TextClause
 from sqlalchemy.sql.selectable import CTE, Join, TextualSelect
 
 from ..adapters.base import ErrorKind
+from ..decisions import Phase, Work
 from ..errors import ConfigurationError, DbRouterError
-from ..router import is_read_statement
+from ..lease import take
+from ..statements import is_read_statement
 
 if TYPE_CHECKING:
     from ..router import Router
@@ -85,6 +87,8 @@ if TYPE_CHECKING:
 __all__ = ["RoutingEngines", "RoutingSession", "create_engines", "routing_sessionmaker"]
 
 log = logging.getLogger("dbrouter.integrations.sqlalchemy")
+
+T = TypeVar("T")
 
 # The SQLAlchemy dialect for each dbrouter adapter's driver.
 _URLS = {"postgres": "postgresql+psycopg2://", "mysql": "mysql+mysqlconnector://"}
@@ -142,7 +146,7 @@ class _Checkouts:
         if not broken and self._engine == "mysql":
             conn._buffered = False  # as dbrouter opened it; the pool restores autocommit
         # The pool rolls back, restores autocommit and (psycopg2) the session defaults.
-        node.pool.release(conn, broken=broken)
+        self._router.checkin(node, conn, broken=broken)
 
     def _prepare(self, conn: Any) -> None:
         # SQLAlchemy's transactions are the driver's: it never sends BEGIN itself.
@@ -151,6 +155,18 @@ class _Checkouts:
             # SQLAlchemy 2.0 relies on buffered cursors, which it asks for when it opens
             # connections itself (2.1 asks per cursor); dbrouter opens unbuffered ones.
             conn._buffered = True
+
+
+def _on_node(node: Node, op: Callable[[Any, Any], T], extra: float = 0.0) -> T:
+    """``op(adapter, conn)`` on a lease from ``node``, through its breaker, fed with the outcome."""
+    lease = take(node)
+    try:
+        result = lease.run(op, extra)
+    except BaseException as exc:
+        lease.release_after(exc, Phase.SENT, Work.READ)
+        raise
+    lease.release()
+    return result
 
 
 def _lost(node: Node, exc: BaseException) -> bool:
@@ -338,9 +354,10 @@ class RoutingSession(Session):
         if node is router.primary:
             return engines.writer
         if node.name not in self._confirmed:
+            position = self._position
             try:
-                with node.pool.connection() as conn:
-                    caught_up = node.adapter.has_replayed(conn, self._position, routing.causal_wait)
+                caught_up = _on_node(node, lambda adapter, conn: adapter.has_replayed(conn, position, routing.causal_wait),
+                                     extra=routing.causal_wait)
             except Exception as exc:
                 if not isinstance(exc, DbRouterError) and not _lost(node, exc):
                     raise
@@ -368,8 +385,7 @@ class RoutingSession(Session):
         """Read the primary's position now; on failure reads stay on the primary and it is retried."""
         node = self.engines.router.primary
         try:
-            with node.pool.connection() as conn:
-                self._position = node.adapter.replication_position(conn)
+            self._position = _on_node(node, lambda adapter, conn: adapter.replication_position(conn))
         except Exception as exc:  # noqa: BLE001 - the commit succeeded; do not fail it
             log.warning(
                 "could not read the replication position of primary %s after a commit (%s): "

@@ -1,0 +1,186 @@
+"""The lease: the one way a connection leaves a node's pool, and the one way back.
+
+A `Lease` is taken through the node's breaker (admission) and pool (checkout),
+and released with its `Outcome`. Release is the only place that feeds the
+breaker, retires the node's connections after a loss, disarms the watchdog and
+updates the node's latency average, so every caller (reads, writes,
+transactions, sessions, bulk writes, integrations) counts the same way::
+
+    lease = take(node)
+    try:
+        rows = lease.execute(sql, params)
+    except BaseException as exc:
+        decision = lease.release_after(exc, Phase.SENT, Work.READ)
+        ...
+    else:
+        lease.release()
+
+A lease that is never released stays borrowed: the pool's leak detection
+reports it with the borrower's stack (``leak_threshold``), and the breaker is
+not fed: a trial it carried ages out (see `dbrouter.resilience`).
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
+
+from .decisions import Action, BreakerOpen, Decision, Failure, Hung, Phase, Work, decide, failure_of
+from .errors import ConnectError, DbRouterError
+
+if TYPE_CHECKING:
+    from .pool import _Entry
+    from .topology import Node
+
+__all__ = ["Lease", "Outcome", "take"]
+
+T = TypeVar("T")
+
+_LATENCY_ALPHA = 0.2  # weight of the newest sample in the moving average
+
+
+class Outcome(enum.Enum):
+    """How a lease ended: what the node's breaker and pool learn from it."""
+
+    OK = "ok"
+    """The node answered."""
+    CALLER_ERROR = "caller_error"
+    """The node answered with an error that is not its fault (SQL, conflict, timeout)."""
+    DEMOTED = "demoted"
+    """The node refused a write as read-only: its breaker opens."""
+    LOST_BEFORE_SEND = "lost_before_send"
+    LOST_AFTER_SEND = "lost_after_send"
+    LOST_IN_COMMIT = "lost_in_commit"
+    HUNG = "hung"
+    """No answer in time; the watchdog or a read timeout cut the connection."""
+    DISCARDED = "discarded"
+    """The connection's state is unknown (interrupted): discarded, the node not blamed."""
+
+
+_LOST = {Phase.CONNECT: Outcome.LOST_BEFORE_SEND, Phase.BEFORE_SEND: Outcome.LOST_BEFORE_SEND,
+         Phase.SENT: Outcome.LOST_AFTER_SEND, Phase.COMMIT: Outcome.LOST_IN_COMMIT}
+
+
+def outcome_of(failure: Failure, phase: Phase, decision: Decision) -> Outcome:
+    """The outcome a decided failure gives the lease."""
+    if decision.blame_node:
+        return Outcome.HUNG if failure is Failure.HUNG else _LOST[phase]
+    if decision.demoted:
+        return Outcome.DEMOTED
+    if decision.connection_lost:
+        return Outcome.DISCARDED
+    return Outcome.CALLER_ERROR
+
+
+class Lease:
+    """A connection borrowed from ``node``; release it exactly once."""
+
+    __slots__ = ("node", "conn", "_entry", "_aborted")
+
+    def __init__(self, node: Node, entry: _Entry) -> None:
+        self.node = node
+        self.conn = entry.conn
+        self._entry: _Entry | None = entry
+        self._aborted = False
+
+    def __repr__(self) -> str:
+        return f"<Lease {self.node.name}{'' if self._entry is not None else ' released'}>"
+
+    def execute(self, sql: str, params: Any = None) -> tuple[list[tuple[Any, ...]] | None, int]:
+        """Run one statement under the hung-statement guard; raises `Hung` when it was cut."""
+        node = self.node
+        if node.guard is None:
+            return node.adapter.execute(self.conn, sql, params)
+        return self.run(lambda adapter, conn: adapter.execute(conn, sql, params))
+
+    def run(self, op: Callable[[Any, Any], T], extra: float = 0.0) -> T:
+        """``op(adapter, conn)`` under the hung-statement guard (``extra`` seconds more
+        for work that waits on purpose, such as a replay wait)."""
+        node = self.node
+        guard = node.guard
+        if guard is None:
+            return op(node.adapter, self.conn)
+        watchdog = node.watchdog
+        token = watchdog.arm(time.monotonic() + guard + extra, lambda: node.adapter.abort(self.conn))
+        try:
+            result = op(node.adapter, self.conn)
+        except BaseException as exc:
+            if not watchdog.disarm(token):
+                self._aborted = True
+                if isinstance(exc, Exception):
+                    raise Hung(
+                        f"node {node.name} did not answer within {guard + extra:.3g}s "
+                        "(statement timeout plus grace): hung or unreachable", node=node.name,
+                    ) from exc
+            raise
+        if not watchdog.disarm(token):
+            self._aborted = True  # cut just as it finished: the answer is good, the socket is not
+        return result
+
+    def release(self, outcome: Outcome = Outcome.OK, error: BaseException | None = None) -> None:
+        """Give the connection back and tell the node's breaker how it went."""
+        entry, self._entry = self._entry, None
+        if entry is None:
+            raise DbRouterError(f"lease on {self.node.name} released twice")
+        node = self.node
+        breaker = node.breaker
+        if outcome is Outcome.OK or outcome is Outcome.CALLER_ERROR:
+            returned = node.pool.give_back(entry, broken=self._aborted)
+            # Moving average of the statement time (Node.latency feeds the latency policy).
+            elapsed, latency = returned - entry.borrowed_at, node.latency
+            node.latency = elapsed if latency == 0.0 else latency + _LATENCY_ALPHA * (elapsed - latency)
+            if not breaker.clean:
+                breaker.success()
+            return
+        if outcome is Outcome.DEMOTED:
+            node.pool.give_back(entry, broken=self._aborted)
+            breaker.force_open()
+            node.report_demoted()
+            return
+        node.pool.give_back(entry, broken=True)
+        if outcome is Outcome.DISCARDED:
+            if not breaker.clean:
+                breaker.abandon_trial()  # the trial learned nothing: let another call try
+        else:
+            # A lost connection: the node most likely went down with it (crash, restart,
+            # network), so its other connections are retired too.
+            breaker.failure(error if isinstance(error, Exception) else ConnectError(f"{outcome.value} on {node.name}"))
+            node.pool.invalidate(f"connection to {node.name} lost ({outcome.value})")
+
+    def release_after(self, exc: BaseException, phase: Phase, work: Work) -> Decision:
+        """Release after ``exc`` at ``phase``: decide, feed the node, return the decision."""
+        failure = Failure.HUNG if self._aborted and isinstance(exc, Exception) else failure_of(exc, self.node.adapter)
+        decision = decide(failure, phase, work)
+        self.release(outcome_of(failure, phase, decision), exc)
+        return decision
+
+    @property
+    def released(self) -> bool:
+        return self._entry is None
+
+
+def take(node: Node, timeout: float | None = None) -> Lease:
+    """A lease on ``node`` if its breaker admits the call.
+
+    Raises `BreakerOpen` (nothing sent, nothing counted), `ConnectError` (counted
+    against the node), `PoolTimeout` or `PoolClosed`.
+    """
+    breaker = node.breaker
+    if not breaker.clean and not breaker.allow():
+        raise BreakerOpen(f"node {node.name}: circuit breaker {breaker.state} after {breaker.failures} failures",
+                          node=node.name)
+    try:
+        entry = node.pool.borrow(timeout)
+    except ConnectError as exc:
+        breaker.failure(exc)
+        raise
+    except BaseException:
+        if not breaker.clean:
+            breaker.abandon_trial()  # a trial that never reached the node must not hold it out
+        raise
+    return Lease(node, entry)
+
+
+def is_retry(decision: Decision) -> bool:
+    return decision.action is Action.RETRY

@@ -1,0 +1,303 @@
+"""The routing core: which node serves a call, one attempt on it, and the retries.
+
+`Core` is what `Router` is made of, and the seam that transactions, sessions
+and bulk writes build on (`dbrouter.transactions`, `dbrouter.session`,
+`dbrouter.bulk`); none of them reaches into another's privates. Every
+connection leaves a pool through a lease (`dbrouter.lease`), every failure is
+judged by the decision table (`dbrouter.decisions`), and every retry runs in
+the one executor (`dbrouter.retrying`).
+
+Failure rules (the table has the detail):
+
+- A read that fails because its node failed (connection refused or lost, no
+  answer within the statement timeout, breaker open) is retried on another
+  node, with backoff, bounded by ``retry_attempts`` and ``retry_deadline``.
+- A write is retried only when it provably never reached the server (it
+  failed while getting a connection, or the node refused it as read-only), or
+  when the caller marks it ``idempotent=True``. A write whose connection broke
+  after it was sent raises `WriteOutcomeUnknown`: it may or may not have been
+  applied, and it is never replayed silently.
+- Without a usable primary a write fails at once with `NoPrimaryAvailable`,
+  or waits up to ``failover_wait`` seconds for the control plane to find one.
+
+The hot path (`Core.read`, `Core.write`) is a breaker check, a pool checkout,
+one statement and a return: no lock is held across I/O, no extra round trip is
+made when the connection is warm and clean, and retries cost nothing until
+something fails. Routing reads the control plane's snapshot with no lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence, TypeVar
+
+from ._counter import Counter
+from .balancing import Balancer
+from .config import RouterConfig
+from .decisions import Action, Failure, Phase, Work, decide, failure_of
+from .errors import NoPrimaryAvailable, NoReplicaAvailable, SplitBrain, WriteOutcomeUnknown
+from .events import Events
+from .lease import Lease, take
+from .retrying import Retry, RetryExecutor
+from .topology import Node, Topology
+
+__all__ = ["Core", "Counts", "Rows", "short"]
+
+log = logging.getLogger("dbrouter.router")
+
+T = TypeVar("T")
+Rows = list  # list of row tuples
+
+# Failures after which a write waits for the control plane rather than backing off.
+_NODE_FAILURES = frozenset({Failure.NODE_DOWN, Failure.HUNG, Failure.REFUSED})
+
+
+@dataclass
+class Counts:
+    """Router totals, as shown by `Router.stats`."""
+
+    reads: Counter = field(default_factory=Counter)
+    writes: Counter = field(default_factory=Counter)
+    retries: Counter = field(default_factory=Counter)
+    fallbacks: Counter = field(default_factory=Counter)
+    causal_primary_reads: Counter = field(default_factory=Counter)
+    write_outcome_unknown: Counter = field(default_factory=Counter)
+
+
+class Core:
+    """Routing over one cluster's `Topology`; see the module docstring."""
+
+    config: RouterConfig
+    events: Events
+    topology: Topology
+    counts: Counts
+    _balancer: Balancer
+    _executor: RetryExecutor
+
+    # -- who serves -----------------------------------------------------------
+
+    def choose_reader(self, exclude: Sequence[Node] = ()) -> Node:
+        """The node a read would go to now (policy, lag, health and breakers applied):
+        a replica, or the primary when none can serve (if ``fallback_to_primary``)."""
+        topology = self.topology
+        snapshot = topology.snapshot
+        readable = snapshot.readable
+        if exclude:
+            readable = tuple(n for n in readable if n not in exclude)
+        if readable:
+            node: Node = self._balancer.choose(readable)  # type: ignore[assignment]
+            return node
+        if not snapshot.replicas:
+            return snapshot.primary
+        if not self.config.routing.fallback_to_primary:
+            raise NoReplicaAvailable(
+                f"no replica can serve reads ({topology.reasons(snapshot.replicas)}) and fallback_to_primary is off"
+            )
+        self.counts.fallbacks.inc()
+        if topology.note_fallback():
+            self.events.emit("fallback_to_primary", snapshot.primary.name,
+                             f"no replica can serve reads ({topology.reasons(snapshot.replicas)}): reading from the primary",
+                             level=logging.WARNING)
+        return snapshot.primary
+
+    def choose_writer(self, failover_deadline: float) -> tuple[Node, int]:
+        """The primary and the snapshot version, waiting up to the deadline for one that can take writes."""
+        topology = self.topology
+        while True:
+            snapshot = topology.snapshot
+            problem = topology.primary_problem(snapshot)
+            if problem is None:
+                return snapshot.primary, snapshot.version
+            now = time.monotonic()
+            if now >= failover_deadline:
+                if snapshot.split_brain:
+                    raise SplitBrain(f"writes stopped: {problem}; make all but one node read-only")
+                raise NoPrimaryAvailable(f"no primary can take writes: {problem}")
+            topology.wake()
+            topology.wait_for_change(snapshot.version, min(failover_deadline, now + self.config.monitor.health_interval))
+
+    # -- one attempt ---------------------------------------------------------------
+
+    def run_on(self, node: Node, op: Callable[[Lease], T], work: Work, *, phase: Phase = Phase.SENT,
+               keep: bool = False) -> T:
+        """One attempt of ``op(lease)`` on ``node``, which gets as far as ``phase`` when it
+        fails; the lease is released afterwards unless ``keep`` (then ``op`` hands it on and
+        the caller releases it).
+
+        Raises `Retry` when the decision table says the call may run again,
+        `WriteOutcomeUnknown` when it says the outcome is unknown, else the error.
+        """
+        try:
+            lease = take(node)
+        except Exception as exc:
+            retry = _not_taken(node, exc, work)
+            if retry is exc:
+                raise
+            raise retry from exc
+        try:
+            result = op(lease)
+        except BaseException as exc:
+            decision = lease.release_after(exc, phase, work)
+            if decision.action is Action.RETRY:
+                raise Retry(node, exc, failure_of(exc, node.adapter), phase, decision) from exc
+            if decision.action is Action.UNKNOWN:
+                raise self.outcome_unknown(node, exc, "after the write was sent") from exc
+            raise
+        if not keep:
+            lease.release()
+        return result
+
+    def outcome_unknown(self, node: Node, exc: BaseException, when: str) -> WriteOutcomeUnknown:
+        self.counts.write_outcome_unknown.inc()
+        return WriteOutcomeUnknown(
+            f"connection to primary {node.name} broke {when}: it may or may not have been applied "
+            f"({short(exc)}); not retried"
+        )
+
+    def retry(self, attempt: Callable[[], T]) -> T:
+        """``attempt()`` through the retry executor, with this router's policy and counts."""
+        return self._executor.run(attempt, on_retry=self.counts.retries.inc)
+
+    # -- reads -----------------------------------------------------------------
+
+    def read(self, sql: str, params: Any = None) -> Rows:
+        """Run a read on a replica chosen by the policy; returns the rows (a list of tuples).
+
+        Retried on another node when a node fails. Falls back to the primary when
+        no replica can serve (if ``fallback_to_primary``), else raises `NoReplicaAvailable`.
+        """
+        self.counts.reads.inc()
+        node = self.choose_reader()
+        # run_on inlined: this is the hot path.
+        try:
+            lease = take(node)
+        except Exception as exc:
+            first = _not_taken(node, exc, Work.READ)
+            if not isinstance(first, Retry):
+                raise
+            return self.read_again(first, _execute(sql, params))
+        try:
+            rows, _ = lease.execute(sql, params)
+        except BaseException as exc:
+            decision = lease.release_after(exc, Phase.SENT, Work.READ)
+            if decision.action is not Action.RETRY:
+                raise
+            first = Retry(node, exc, failure_of(exc, node.adapter), Phase.SENT, decision)
+            return self.read_again(first, _execute(sql, params))
+        lease.release()
+        return rows or []
+
+    def read_with(self, node: Node, op: Callable[[Lease], tuple[Any, int]]) -> Rows:
+        """``op(lease)`` as a read on ``node``, retried on other nodes by the read rules."""
+        try:
+            rows, _ = self.run_on(node, op, Work.READ)
+        except Retry as first:
+            return self.read_again(first, op)
+        return rows or []
+
+    def read_again(self, first: Retry, op: Callable[[Lease], tuple[Any, int]]) -> Rows:
+        """Retry a read that failed on ``first.node`` on the other nodes."""
+        tried: list[Node] = [first.node]
+        errors = {first.node.name: first.cause}
+        self.counts.retries.inc()
+
+        def attempt() -> Any:
+            node = self.choose_reader(exclude=tried)
+            try:
+                return self.run_on(node, op, Work.READ)
+            except Retry as again:
+                tried.append(node)
+                errors[node.name] = again.cause
+                raise
+
+        try:
+            rows, _ = self._executor.run(attempt, attempts=max(1, self.config.retry.retry_attempts - 1),
+                                         on_retry=self.counts.retries.inc)
+        except Retry as last:
+            summary = "; ".join(f"{name}: {short(err)}" for name, err in errors.items())
+            raise NoReplicaAvailable(f"read failed on every node tried ({summary})") from last.cause
+        return rows or []  # type: ignore[no-any-return]
+
+    # -- writes ----------------------------------------------------------------------
+
+    def write(self, sql: str, params: Any = None, *, idempotent: bool = False) -> int:
+        """Run one statement on the primary in its own committed transaction; returns the rowcount.
+
+        Raises `NoPrimaryAvailable` when no primary can take it (after waiting up to
+        ``failover_wait``), `SplitBrain` when two nodes accept writes, and
+        `WriteOutcomeUnknown` when the connection broke after the statement was sent
+        (unless ``idempotent=True``, which allows a retry).
+        """
+        self.counts.writes.inc()
+        _, count = self.on_primary(_execute(sql, params), Work.IDEMPOTENT if idempotent else Work.WRITE)
+        return count
+
+    def on_primary(self, op: Callable[[Lease], T], work: Work, *, phase: Phase = Phase.SENT,
+                   keep: bool = False) -> T:
+        """``op(lease)`` on the primary with the write rules: retried while it provably never
+        applied, waiting for a failover up to ``failover_wait``. See `run_on` for the rest."""
+        routing, retry, monitor = self.config.routing, self.config.retry, self.config.monitor
+        start = time.monotonic()
+        failover_deadline = start + routing.failover_wait
+        deadline = max(start + retry.retry_deadline, failover_deadline)
+        version = [0]
+
+        def attempt() -> T:
+            node, version[0] = self.choose_writer(failover_deadline)
+            return self.run_on(node, op, work, phase=phase, keep=keep)
+
+        def keep_going(last: Retry) -> bool:
+            return time.monotonic() < failover_deadline
+
+        def give_up(last: Retry) -> bool:
+            # Past the failover window, a node that cannot be reached, hangs or was demoted
+            # ends the call at once; a lost connection (idempotent) or a conflict is retried.
+            return (last.decision.demoted or last.phase is Phase.CONNECT
+                    or last.failure is Failure.HUNG or last.failure is Failure.REFUSED)
+
+        def pause(last: Retry, seconds: float) -> None:
+            if routing.failover_wait > 0 and (last.failure in _NODE_FAILURES or last.decision.demoted):
+                now = time.monotonic()
+                self.topology.wake()
+                self.topology.wait_for_change(version[0], min(failover_deadline, now + max(0.05, monitor.health_interval)))
+            elif seconds > 0:
+                time.sleep(seconds)
+
+        try:
+            return self._executor.run(attempt, deadline=deadline, keep_going=keep_going, give_up=give_up,
+                                      pause=pause, on_retry=self.counts.retries.inc)
+        except Retry as failed:
+            last = failed
+        cause = last.cause
+        if last.decision.demoted:
+            raise NoPrimaryAvailable(
+                f"primary {last.node.name} refused the write as read-only (demoted?): {short(cause)}"
+            ) from cause
+        if last.failure in _NODE_FAILURES:
+            what = "not sent" if last.phase is not Phase.SENT else "failed"
+            raise NoPrimaryAvailable(f"write {what}: primary {last.node.name}: {short(cause)}") from cause
+        raise cause  # a deadlock or serialization failure that outlived the retries
+
+
+def _not_taken(node: Node, exc: Exception, work: Work) -> Exception:
+    """What a failure to take a lease becomes: a `Retry` when the table allows, else itself."""
+    failure = failure_of(exc, node.adapter)
+    decision = decide(failure, Phase.CONNECT, work)
+    if decision.action is Action.RETRY:
+        return Retry(node, exc, failure, Phase.CONNECT, decision)
+    return exc
+
+
+def _execute(sql: str, params: Any) -> Callable[[Lease], tuple[Any, int]]:
+    def execute(lease: Lease) -> tuple[Any, int]:
+        return lease.execute(sql, params)
+
+    return execute
+
+
+def short(exc: BaseException) -> str:
+    """The first line of an error's message (or its type), for summaries."""
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

@@ -26,7 +26,8 @@ def write_many(core: Core, sql: str, rows: Sequence[Any], *, batch_size: int = 1
 
     def run(batch: list[Any]) -> int:
         with transaction(core) as tx:
-            return tx.run(lambda adapter, conn: adapter.execute_many(conn, sql, batch))
+            count: int = tx.run(lambda adapter, conn: adapter.execute_many(conn, sql, batch))
+            return count
 
     results: dict[int, int] = {}
     failures: dict[int, BaseException] = {}

@@ -17,6 +17,7 @@ guards only the counters.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import ipaddress
 import logging
@@ -70,10 +71,8 @@ def _abort(sock: socket.socket | None) -> None:
     """Close with a TCP RST, so the peer sees 'connection reset' at once, not EOF."""
     if sock is None:
         return
-    try:
+    with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
-    except OSError:
-        pass
     sock.close()
 
 
@@ -643,10 +642,8 @@ class FaultProxy:
                 pipe.chunks.popleft()
         if pipe.eof and not pipe.chunks and not pipe.shut:
             pipe.shut = True
-            try:
+            with contextlib.suppress(OSError):
                 dst.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
         return True
 
     def _sweep(self, link: _Link) -> None:

@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import enum
 import time
-from typing import TYPE_CHECKING, Any, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, TypeVar, cast
 
 from .decisions import Action, BreakerOpen, Decision, Failure, Hung, Phase, Work, decide, failure_of
 from .errors import ConnectError, DbRouterError
 
 if TYPE_CHECKING:
+    from .adapters.base import Result
     from .pool import _Entry
     from .topology import Node
 
@@ -87,12 +88,12 @@ class Lease:
     def __repr__(self) -> str:
         return f"<Lease {self.node.name}{'' if self._entry is not None else ' released'}>"
 
-    def execute(self, sql: str, params: Any = None) -> tuple[list[tuple[Any, ...]] | None, int]:
+    def execute(self, sql: str, params: Any = None) -> Result:
         """Run one statement under the hung-statement guard; raises `Hung` when it was cut."""
         node = self.node
         if node.guard is None:
             return node.adapter.execute(self.conn, sql, params)
-        return self.run(lambda adapter, conn: adapter.execute(conn, sql, params))
+        return self.run(lambda adapter, conn: cast("Result", adapter.execute(conn, sql, params)))
 
     def run(self, op: Callable[[Any, Any], T], extra: float = 0.0) -> T:
         """``op(adapter, conn)`` under the hung-statement guard (``extra`` seconds more

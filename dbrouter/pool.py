@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import contextlib
 import linecache
-from bisect import bisect_left
 import logging
 import random
 import sys
 import threading
 import time
 import weakref
+from bisect import bisect_left
 from collections import deque
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -275,11 +275,12 @@ class Pool:
         ``acquire_timeout``): `PoolTimeout`, `ConnectError`, `PoolClosed`.
         """
         bypass = self._bypass
+        wait_for = self.config.acquire_timeout if timeout is None else timeout
         deadline = None  # set on the first wait: discarded connections do not extend it
         while True:
             entry = None
             if not self._waiters:  # nobody queued: take an idle connection without the lock
-                try:
+                try:  # noqa: SIM105 - the hot path: suppress() would cost a context manager
                     entry = self._idle.pop()  # most recently used: warm, least likely to need a ping
                 except IndexError:
                     pass
@@ -294,9 +295,8 @@ class Pool:
                 # Waited already, and was served a connection that proved unusable: keep our place.
                 front = deadline is not None
                 if deadline is None:
-                    timeout = self.config.acquire_timeout if timeout is None else timeout
-                    deadline = time.monotonic() + timeout
-                entry = self._queue(deadline, timeout, front)
+                    deadline = time.monotonic() + wait_for
+                entry = self._queue(deadline, wait_for, front)
                 now = time.monotonic()
             if now >= entry.expires or entry.generation != self._generation:
                 self._discard(entry, "reached max_lifetime" if now >= entry.expires else "invalidated",

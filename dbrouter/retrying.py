@@ -91,7 +91,7 @@ class RetryExecutor:
         keep_going: Callable[[Retry], bool] | None = None,
         give_up: Callable[[Retry], bool] | None = None,
         pause: Callable[[Retry, float], None] | None = None,
-        on_retry: Callable[[], None] | None = None,
+        on_retry: Callable[[], object] | None = None,
     ) -> T:
         """``attempts`` (default ``retry_attempts``) and ``deadline`` (monotonic; default
         ``retry_deadline`` from now) bound the attempts, except while ``keep_going(last)``

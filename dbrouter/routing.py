@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence, TypeVar
 
 from ._counter import Counter
+from .adapters.base import Rows
 from .balancing import Balancer
 from .config import RouterConfig
 from .decisions import Action, Failure, Phase, Work, decide, failure_of
@@ -48,7 +49,6 @@ __all__ = ["Core", "Counts", "Rows", "short"]
 log = logging.getLogger("dbrouter.router")
 
 T = TypeVar("T")
-Rows = list  # list of row tuples
 
 # Failures after which a write waits for the control plane rather than backing off.
 _NODE_FAILURES = frozenset({Failure.NODE_DOWN, Failure.HUNG, Failure.REFUSED})
@@ -218,7 +218,7 @@ class Core:
         except Retry as last:
             summary = "; ".join(f"{name}: {short(err)}" for name, err in errors.items())
             raise NoReplicaAvailable(f"read failed on every node tried ({summary})") from last.cause
-        return rows or []  # type: ignore[no-any-return]
+        return rows or []
 
     # -- writes ----------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ import time
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Iterator
 
+from .adapters.base import Rows
 from .decisions import Phase, Work
 from .retrying import Retry
 from .statements import is_read_statement
@@ -28,7 +29,6 @@ if TYPE_CHECKING:
 
 __all__ = ["Session"]
 
-Rows = list
 
 _NOT_REPLAYED = object()
 _UNKNOWN = "unknown"  # the position after the last write could not be read: read from the primary
@@ -110,7 +110,8 @@ class Session(Results):
                 result = _NOT_REPLAYED  # that replica failed: the primary is certain to have the write
             if result is not _NOT_REPLAYED:
                 self._confirmed.add(node.name)
-                return result[0] or []  # type: ignore[no-any-return]
+                rows: Rows = result[0] or []
+                return rows
             core.counts.causal_primary_reads.inc()
             node = primary
         elif position == _UNKNOWN:

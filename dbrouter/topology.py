@@ -433,9 +433,13 @@ class Topology:
         self.failovers.inc()
         new.lag, new.lag_excluded = 0.0, False
         effects.actions.append(new.breaker.reset)
-        effects.actions.append(lambda: old.pool.invalidate(f"{old.name} is no longer the primary"))
+        effects.actions.append(lambda: _invalidate(old.pool, f"{old.name} is no longer the primary"))
         effects.emit("failover", new.name, f"primary is now {new.name} (was {old.name})", logging.WARNING,
                      old=old.name, new=new.name)
+
+
+def _invalidate(pool: Pool, why: str) -> None:
+    pool.invalidate(why)
 
 
 class _ProbeFailed(Exception):

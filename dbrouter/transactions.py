@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar, cast
 
+from .adapters.base import Rows
 from .decisions import Action, Phase, Work, failure_of
 from .errors import DbRouterError
 from .retrying import Retry
 
 if TYPE_CHECKING:
+    from .adapters.base import Result
     from .lease import Lease
     from .routing import Core
     from .topology import Node
@@ -28,7 +30,6 @@ __all__ = ["Results", "Transaction", "run_transaction", "transaction"]
 log = logging.getLogger("dbrouter.transactions")
 
 T = TypeVar("T")
-Rows = list
 
 
 class Results:
@@ -46,7 +47,7 @@ class Results:
             return None
         row = self._rows[self._cursor]
         self._cursor += 1
-        return row  # type: ignore[no-any-return]
+        return row
 
     def fetchall(self) -> Rows:
         """The remaining rows of the last statement."""
@@ -85,7 +86,7 @@ class Transaction(Results):
 
     def execute(self, sql: str, params: Any = None) -> int:
         """Run a statement; its rows, if any, are available through fetchone / fetchall. Returns the rowcount."""
-        rows, count = self.run(lambda adapter, conn: adapter.execute(conn, sql, params))
+        rows, count = self.run(lambda adapter, conn: cast("Result", adapter.execute(conn, sql, params)))
         self._keep(rows)
         return count
 

@@ -14,7 +14,12 @@ from typing import Any, Sequence
 from ..config import ConnectOptions
 from ..url import NodeAddress
 
-__all__ = ["Adapter", "ErrorKind", "ReturnState"]
+__all__ = ["Adapter", "ErrorKind", "Result", "ReturnState", "Rows"]
+
+Rows = list[tuple[Any, ...]]
+"""The rows of a statement, as every adapter returns them."""
+Result = tuple[Rows | None, int]
+"""What `Adapter.execute` returns: the rows (None for a statement without a result) and the rowcount."""
 
 
 class ErrorKind(enum.Enum):
@@ -106,7 +111,7 @@ class Adapter(ABC):
         """Close quietly: errors on close are not interesting."""
 
     @abstractmethod
-    def execute(self, conn: Any, sql: str, params: Any = None) -> tuple[list[tuple[Any, ...]] | None, int]:
+    def execute(self, conn: Any, sql: str, params: Any = None) -> Result:
         """Run one statement on a pooled connection: ``(rows or None, rowcount)``.
 
         Uses a cursor cached per connection so that no extra round trip is made.

@@ -173,6 +173,24 @@ def _drill(args: argparse.Namespace) -> int:
     return 2 if report.violated else 0
 
 
+def _chaos(args: argparse.Namespace) -> int:
+    import logging
+
+    from .chaos import run_chaos
+
+    try:
+        duration = _seconds(args.duration)
+    except ValueError:
+        raise DbRouterError(f"--duration: cannot read {args.duration!r} as a duration") from None
+    if not logging.getLogger().handlers:
+        # The router logs every breaker and failover event: hundreds of lines under chaos.
+        logging.basicConfig(level=logging.ERROR, format="%(name)s: %(message)s")
+    report = run_chaos(args.engine, duration, args.seed, args.threads, stream=sys.stdout)
+    for line in report.failures:
+        print(f"dbrouter: {line}", file=sys.stderr)
+    return 0 if report.passed else 1
+
+
 def _add_drill_arguments(p: argparse.ArgumentParser, *, demo: bool) -> None:
     from .drill import scenario_names
 
@@ -230,6 +248,11 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--count", type=int, default=1_000_000, help="with --watch: stop after this many refreshes")
     drill = sub.add_parser("drill", help="run a workload, inject a fault, report what the application saw")
     _add_drill_arguments(drill, demo=False)
+    chaos = sub.add_parser("chaos", help="seeded faults on a local cluster under load; checks the invariants")
+    chaos.add_argument("--engine", choices=ENGINES, default="postgres")
+    chaos.add_argument("--duration", default="60s", help="length of the run, e.g. 30s or 2m (at least 15s)")
+    chaos.add_argument("--seed", type=int, required=True, help="the same seed replays the same faults and timings")
+    chaos.add_argument("--threads", type=int, default=32)
     demo = sub.add_parser("demo", help="a drill with sensible defaults on a local PostgreSQL cluster")
     _add_drill_arguments(demo, demo=True)
     return parser
@@ -256,6 +279,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return handlers[args.action](args)
         if args.command == "status":
             return _status(args)
+        if args.command == "chaos":
+            return _chaos(args)
         return _drill(args)
     except DbRouterError as exc:
         print(f"dbrouter: {exc}", file=sys.stderr)

@@ -308,10 +308,11 @@ class Topology:
                        self.failovers.value)
         changed = (new.primary, new.replicas, new.readable, new.split_brain) != (
             old.primary, old.replicas, old.readable, old.split_brain)
+        # A probe round always publishes: health the snapshot does not hold (the primary's)
+        # may have changed, and writers waiting for a usable primary look again.
         if changed or rounds:
             with self._published:
-                if changed:
-                    self.snapshot = new
+                self.snapshot = new
                 self.rounds += rounds
                 self._published.notify_all()
 

@@ -10,11 +10,14 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import dbrouter  # noqa: F401 - loads the mysql C extension before anything imports ssl
 
 from .errors import DbRouterError
+
+if TYPE_CHECKING:
+    from .cluster import LocalCluster
 
 __all__ = ["main"]
 
@@ -88,13 +91,13 @@ def _cluster_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_status(cluster, *, as_json: bool) -> None:  # type: ignore[no-untyped-def]
+def _print_status(cluster: LocalCluster, *, as_json: bool) -> None:
     rows = cluster.status()
     if as_json:
         print(json.dumps(rows, indent=2))
         return
     print(f"{'node':<10} {'role':<8} {'port':>6} {'pid':>8}  url")
-    for row, node in zip(rows, cluster.nodes):
+    for row, node in zip(rows, cluster.nodes, strict=True):  # status() has one row per node
         print(f"{row['name']:<10} {row['role']:<8} {row['port']:>6} {row['pid'] or '-':>8}  {node.url}")
 
 

@@ -15,6 +15,11 @@ HAVE_C_EXTENSION = preload_mysql_extension()
 import mysql.connector  # noqa: E402 - must come after the C extension is loaded
 from mysql.connector import errors as myerrors  # noqa: E402
 
+try:  # the C extension's own errors: its connection's commit() and rollback() raise them as they are
+    from _mysql_connector import MySQLError as _CExtensionError  # type: ignore[import-not-found]  # untyped C module
+except ImportError:  # pure Python only
+    _CExtensionError = myerrors.Error
+
 from ..config import ConnectOptions  # noqa: E402
 from ..errors import ConfigurationError, ConnectError  # noqa: E402
 from ..url import NodeAddress  # noqa: E402
@@ -327,9 +332,9 @@ class MySQLAdapter(Adapter):
             return ErrorKind.UNREACHABLE
         if isinstance(exc, (myerrors.ConnectionTimeoutError, myerrors.ReadTimeoutError, myerrors.WriteTimeoutError)):
             return ErrorKind.UNREACHABLE
-        if not isinstance(exc, myerrors.Error):
+        if not isinstance(exc, (myerrors.Error, _CExtensionError)):
             return ErrorKind.CALLER
-        errno = exc.errno
+        errno: int | None = getattr(exc, "errno", None)
         if errno in _CONFLICT_ERRNOS:
             return ErrorKind.CONFLICT
         if errno in _READ_ONLY_ERRNOS:
@@ -338,7 +343,8 @@ class MySQLAdapter(Adapter):
             return ErrorKind.TIMEOUT
         if errno in _UNREACHABLE_ERRNOS:
             return ErrorKind.UNREACHABLE
-        if (errno is None or errno < 0) and isinstance(exc, (myerrors.InterfaceError, myerrors.OperationalError)):
+        if (errno is None or errno < 0) and isinstance(exc, (myerrors.InterfaceError, myerrors.OperationalError,
+                                                             _CExtensionError)):
             # "MySQL Connection not available": the client already knows it is gone.
             return ErrorKind.UNREACHABLE
         return ErrorKind.CALLER

@@ -14,7 +14,7 @@ from sqlalchemy import BigInteger, Integer, func, insert, literal_column, select
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from dbrouter import ConfigurationError, Router
+from dbrouter import ConfigurationError, Router, WriteOutcomeUnknown
 from dbrouter.integrations.sqlalchemy import (
     RoutingEngines,
     RoutingSession,
@@ -22,7 +22,7 @@ from dbrouter.integrations.sqlalchemy import (
     routing_sessionmaker,
 )
 
-from .conftest import kill_session
+from .conftest import kill_session, wait_until
 
 FAST = {"health_interval": 0.2, "min_size": 1, "max_size": 4}
 
@@ -342,6 +342,29 @@ def test_invalidated_and_killed_connections_are_discarded_by_dbrouter(cluster: A
                 conn.execute(select(1))
                 time.sleep(0.02)
     assert primary.pool.stats()["discarded"] == 2 and primary.pool.stats()["in_use"] == 0
+    with engines.writer.connect() as conn:  # a fresh connection, from the same pool
+        assert conn.execute(select(port_of(cluster))).scalar() == cluster.primary.port
+
+
+def test_a_commit_on_a_lost_connection_is_outcome_unknown_and_counts_against_the_node(
+        cluster: Any, make: Make, table: str) -> None:
+    """As with Router.transaction: a COMMIT that met a dead connection may or may not have been
+    applied. (mysql-connector's C extension raised its own MySQLInterfaceError from commit(),
+    which SQLAlchemy does not wrap, and the lost connection was not counted against the node.)"""
+    engines = make(max_size=2)
+    primary = engines.router.primary
+    id_sql = "SELECT pg_backend_pid()" if cluster.engine == "postgres" else "SELECT CONNECTION_ID()"
+    gone_sql = ("SELECT count(*) FROM pg_stat_activity WHERE pid = {}" if cluster.engine == "postgres"
+                else "SELECT count(*) FROM information_schema.PROCESSLIST WHERE ID = {}")
+    with pytest.raises(WriteOutcomeUnknown) as info, engines.writer.begin() as conn:
+        conn.execute(text(f"INSERT INTO {table} (id, port) VALUES (1, 0)"))
+        session = conn.exec_driver_sql(id_sql).scalar_one()
+        kill_session(cluster, session)
+        assert wait_until(lambda: cluster.primary.query(gone_sql.format(session)) == [(0,)], 5)
+    assert "during COMMIT" in str(info.value)
+    stats = engines.router.stats()
+    assert stats["write_outcome_unknown"] == 1 and stats["nodes"][primary.name]["breaker_failures"] == 1
+    assert primary.pool.stats()["in_use"] == 0
     with engines.writer.connect() as conn:  # a fresh connection, from the same pool
         assert conn.execute(select(port_of(cluster))).scalar() == cluster.primary.port
 

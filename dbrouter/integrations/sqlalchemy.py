@@ -25,6 +25,12 @@ connection returns, after SQLAlchemy's rollback. Session settings that SQLAlchem
 sets on a psycopg2 connection (isolation level, read only, deferrable) are put back
 to the server's defaults on return.
 
+**Failures.** Each checkout is a dbrouter lease: the node's breaker admits it, and a
+connection error that SQLAlchemy sees (its ``handle_error`` event) invalidates the
+connection and counts against the node when the connection comes back. A COMMIT
+interrupted by a connection error raises `WriteOutcomeUnknown`, as `Router.transaction`
+does: it may or may not have been applied.
+
 **Engines.** ``writer`` checks out from the primary's pool. ``reader`` picks a node
 for each checkout with the router's policy (a replica; the primary when no replica
 can serve and ``fallback_to_primary`` is on). One SQLAlchemy connection stays on one
@@ -65,10 +71,11 @@ import contextlib
 import logging
 import threading
 import time
+from functools import partial
 from typing import TYPE_CHECKING, Any, Callable, TypeVar, cast
 
 from sqlalchemy import create_engine, event
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Connection, Engine, ExceptionContext
 from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
 from sqlalchemy.pool import NullPool
 from sqlalchemy.sql.elements import TextClause
@@ -121,6 +128,18 @@ class _Checkouts:
         self._node = node
         self._lock = threading.Lock()
         self._owners: dict[int, Node] = {}
+        self._lost: dict[int, BaseException] = {}  # connections SQLAlchemy saw fail, by id
+
+    def owner(self, conn: Any) -> Node | None:
+        """The node ``conn`` was borrowed from, while it is borrowed."""
+        with self._lock:
+            return self._owners.get(id(conn))
+
+    def note_lost(self, conn: Any, error: BaseException) -> None:
+        """``conn`` failed with a connection error: when it comes back, the node pays for it."""
+        with self._lock:
+            if id(conn) in self._owners:
+                self._lost[id(conn)] = error
 
     def __call__(self) -> Any:
         # The router's checkout honours and feeds the node's breaker (and waits for a
@@ -139,6 +158,7 @@ class _Checkouts:
         """Return ``conn`` to the pool it came from; ``broken`` discards it."""
         with self._lock:
             node = self._owners.pop(id(conn), None)
+            error = self._lost.pop(id(conn), None)
         if node is None:  # not borrowed through this creator: nobody else will close it
             with contextlib.suppress(Exception):  # closing a broken connection may fail; nothing to do
                 conn.close()
@@ -146,7 +166,7 @@ class _Checkouts:
         if not broken and self._engine == "mysql":
             conn._buffered = False  # as dbrouter opened it; the pool restores autocommit
         # The pool rolls back, restores autocommit and (psycopg2) the session defaults.
-        self._router.checkin(node, conn, broken=broken)
+        self._router.checkin(node, conn, error, broken=broken)
 
     def _prepare(self, conn: Any) -> None:
         # SQLAlchemy's transactions are the driver's: it never sends BEGIN itself.
@@ -172,6 +192,34 @@ def _on_node(node: Node, op: Callable[[Any, Any], T], extra: float = 0.0) -> T:
 def _lost(node: Node, exc: BaseException) -> bool:
     """Whether a connection that raised ``exc`` must be discarded."""
     return not isinstance(exc, Exception) or node.adapter.classify(exc) is ErrorKind.UNREACHABLE
+
+
+_COMMITTING = "dbrouter_committing"
+
+
+def _committing(conn: Connection) -> None:
+    conn.info[_COMMITTING] = True
+
+
+def _begun(conn: Connection) -> None:
+    conn.info.pop(_COMMITTING, None)
+
+
+def _handle_error(creator: _Checkouts, router: Router, ctx: ExceptionContext) -> None:
+    """A connection error on a dbrouter connection: SQLAlchemy invalidates it (so it comes
+    back as lost and the node's breaker counts it), and a COMMIT it interrupted raises
+    `WriteOutcomeUnknown`, as `Router.transaction` does, instead of the driver's error."""
+    connection = ctx.connection
+    fairy = connection.connection if connection is not None and not connection.invalidated else None
+    dbapi = fairy.dbapi_connection if fairy is not None else None
+    node = creator.owner(dbapi) if dbapi is not None else None
+    error = ctx.original_exception
+    if node is None or not isinstance(error, Exception) or not _lost(node, error):
+        return
+    ctx.is_disconnect = True
+    creator.note_lost(dbapi, error)
+    if connection is not None and connection.info.pop(_COMMITTING, False):
+        raise router.outcome_unknown(node, error, "during COMMIT") from error
 
 
 class _HandOffPool(NullPool):
@@ -220,7 +268,11 @@ class RoutingEngines:
     def _make(self, name: str, intent: str, node: Node | None = None) -> Engine:
         options = {"logging_name": f"dbrouter-{name}", "pool_logging_name": f"dbrouter-{name}", **self._options}
         creator = _Checkouts(self.router, self._engine, intent, node)
-        return create_engine(_URLS[self._engine], creator=creator, poolclass=_HandOffPool, **options)
+        engine = create_engine(_URLS[self._engine], creator=creator, poolclass=_HandOffPool, **options)
+        event.listen(engine, "commit", _committing)
+        event.listen(engine, "begin", _begun)
+        event.listen(engine, "handle_error", partial(_handle_error, creator, self.router))
+        return engine
 
     def for_node(self, node: Node) -> Engine:
         """An engine whose connections all come from ``node`` (``writer`` for the primary)."""

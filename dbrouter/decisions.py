@@ -19,8 +19,8 @@ NODE_DOWN / HUNG          retry *     retry *      read, idempotent, rerun:    u
 REFUSED (breaker open)    retry       -            -                           -
 BUSY (pool timeout)       read: retry, else raise  -                           -
 CONFLICT                  -           retry        retry (block: raise)        retry (block: raise)
-READ_ONLY                 -           retry d      read: raise; block:         retry d (block:
-                                                   raise d; else retry d       raise d)
+READ_ONLY                 -           write: retry d; read, rerun, block: raise
+                                                   (the caller may have asked for read-only)
 TIMEOUT, CALLER           raise       raise        raise                       raise
 INTERRUPTED               raise, connection discarded, node not blamed
 UNROUTABLE                raise
@@ -158,7 +158,6 @@ _LOST_RETRY = Decision(Action.RETRY, blame_node=True, connection_lost=True)
 _LOST_RAISE = Decision(Action.RAISE, blame_node=True, connection_lost=True)
 _LOST_UNKNOWN = Decision(Action.UNKNOWN, blame_node=True, connection_lost=True)
 _DEMOTED_RETRY = Decision(Action.RETRY, demoted=True)
-_DEMOTED_RAISE = Decision(Action.RAISE, demoted=True)
 
 
 def decide(failure: Failure, phase: Phase, work: Work) -> Decision:
@@ -180,9 +179,10 @@ def decide(failure: Failure, phase: Phase, work: Work) -> Decision:
     if failure is Failure.CONFLICT:
         return _RAISE if work is Work.BLOCK else _RETRY
     if failure is Failure.READ_ONLY:
-        if work is Work.READ:
-            return _RAISE  # a read that tried to write (nextval() on a replica): the caller's
-        return _DEMOTED_RAISE if work is Work.BLOCK else _DEMOTED_RETRY
+        # Only a statement dbrouter sent as a write proves the node demoted: in the caller's
+        # own transaction or connection it may be the caller's doing (SET TRANSACTION READ
+        # ONLY, nextval() on a replica), and the monitor finds a real demotion anyway.
+        return _DEMOTED_RETRY if work is Work.WRITE or work is Work.IDEMPOTENT else _RAISE
     if failure is Failure.INTERRUPTED:
         return Decision(Action.RAISE, connection_lost=True)
     return _RAISE

@@ -15,19 +15,23 @@ transactions, sessions, bulk writes, integrations) counts the same way::
     else:
         lease.release()
 
-A lease that is never released stays borrowed: the pool's leak detection
-reports it with the borrower's stack (``leak_threshold``), and the breaker is
-not fed: a trial it carried ages out (see `dbrouter.resilience`).
+A lease that is garbage-collected without a release gives its connection back
+as unknown: the pool discards it at its next housekeeping and logs where it was
+borrowed (with ``leak_threshold`` set), the node is not blamed, and a trial it
+carried is abandoned. One held but never released is reported by the pool's
+leak detection (``leak_threshold``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import time
 from typing import TYPE_CHECKING, Any, Callable, TypeVar, cast
 
 from .decisions import Action, BreakerOpen, Decision, Failure, Hung, Phase, Work, decide, failure_of
 from .errors import ConnectError, DbRouterError
+from .resilience import REFUSED, TRIAL
 
 if TYPE_CHECKING:
     from .adapters.base import Result
@@ -77,19 +81,30 @@ def outcome_of(failure: Failure, phase: Phase, decision: Decision) -> Outcome:
 class Lease:
     """A connection borrowed from ``node``; release it exactly once."""
 
-    __slots__ = ("node", "conn", "_entry", "_aborted")
+    __slots__ = ("node", "conn", "_entry", "_aborted", "_timed", "_trial")
 
-    def __init__(self, node: Node, entry: _Entry) -> None:
+    def __init__(self, node: Node, entry: _Entry, trial: bool = False) -> None:
         self.node = node
         self.conn = entry.conn
         self._entry: _Entry | None = entry
         self._aborted = False
+        self._timed = False  # one statement ran through execute(): its time feeds Node.latency
+        self._trial = trial  # admitted as the half-open breaker's trial
 
     def __repr__(self) -> str:
         return f"<Lease {self.node.name}{'' if self._entry is not None else ' released'}>"
 
+    def __del__(self) -> None:
+        entry = self._entry
+        if entry is not None:  # dropped without a release: the pool discards it later (lock-free here)
+            self._entry = None
+            self.node.pool.reclaim(entry)
+            if self._trial:
+                self.node.breaker.abandon_trial()
+
     def execute(self, sql: str, params: Any = None) -> Result:
         """Run one statement under the hung-statement guard; raises `Hung` when it was cut."""
+        self._timed = True
         node = self.node
         if node.guard is None:
             return node.adapter.execute(self.conn, sql, params)
@@ -121,16 +136,17 @@ class Lease:
 
     def release(self, outcome: Outcome = Outcome.OK, error: BaseException | None = None) -> None:
         """Give the connection back and tell the node's breaker how it went."""
-        entry, self._entry = self._entry, None
+        entry = self._entry
         if entry is None:
             raise DbRouterError(f"lease on {self.node.name} released twice")
+        self._entry = None
         node = self.node
         breaker = node.breaker
-        if outcome is Outcome.OK or outcome is Outcome.CALLER_ERROR:
+        if outcome is _OK or outcome is _CALLER_ERROR:
             returned = node.pool.give_back(entry, broken=self._aborted)
-            # Moving average of the statement time (Node.latency feeds the latency policy).
-            elapsed, latency = returned - entry.borrowed_at, node.latency
-            node.latency = elapsed if latency == 0.0 else latency + _LATENCY_ALPHA * (elapsed - latency)
+            if self._timed:  # a single statement: its time is the node's latency (the latency policy)
+                elapsed, latency = returned - entry.borrowed_at, node.latency
+                node.latency = elapsed if latency == 0.0 else latency + _LATENCY_ALPHA * (elapsed - latency)
             if not breaker.clean:
                 breaker.success()
             return
@@ -141,7 +157,7 @@ class Lease:
             return
         node.pool.give_back(entry, broken=True)
         if outcome is Outcome.DISCARDED:
-            if not breaker.clean:
+            if self._trial:
                 breaker.abandon_trial()  # the trial learned nothing: let another call try
         else:
             # A lost connection: the node most likely went down with it (crash, restart,
@@ -149,16 +165,41 @@ class Lease:
             breaker.failure(error if isinstance(error, Exception) else ConnectError(f"{outcome.value} on {node.name}"))
             node.pool.invalidate(f"connection to {node.name} lost ({outcome.value})")
 
+    def foreign(self, exc: BaseException) -> bool:
+        """Whether ``exc`` says nothing about this lease's connection: dbrouter's own error
+        about another call (a nested read on another node), or one another lease judged."""
+        if self._aborted:
+            return False
+        judged = getattr(exc, _JUDGED, None)
+        if judged is not None:
+            return judged is not self
+        return isinstance(exc, DbRouterError)
+
     def release_after(self, exc: BaseException, phase: Phase, work: Work) -> Decision:
-        """Release after ``exc`` at ``phase``: decide, feed the node, return the decision."""
+        """Release after ``exc`` at ``phase``: decide, feed the node, return the decision.
+
+        An error that is `foreign` to this lease is returned as the caller's: the pool
+        tests the connection when it comes back (reset), and the node is not blamed.
+        """
+        if self.foreign(exc):
+            self.release(Outcome.DISCARDED if not isinstance(exc, Exception) else _CALLER_ERROR, exc)
+            return _FOREIGN
         failure = Failure.HUNG if self._aborted and isinstance(exc, Exception) else failure_of(exc, self.node.adapter)
         decision = decide(failure, phase, work)
+        with contextlib.suppress(Exception):  # exceptions of C types without a __dict__
+            setattr(exc, _JUDGED, self)
         self.release(outcome_of(failure, phase, decision), exc)
         return decision
 
     @property
     def released(self) -> bool:
         return self._entry is None
+
+
+_OK = Outcome.OK
+_CALLER_ERROR = Outcome.CALLER_ERROR
+_FOREIGN = Decision(Action.RAISE)
+_JUDGED = "_dbrouter_lease"  # set on an exception by the lease that judged it
 
 
 def take(node: Node, timeout: float | None = None) -> Lease:
@@ -168,20 +209,20 @@ def take(node: Node, timeout: float | None = None) -> Lease:
     against the node), `PoolTimeout` or `PoolClosed`.
     """
     breaker = node.breaker
-    if not breaker.clean and not breaker.allow():
-        raise BreakerOpen(f"node {node.name}: circuit breaker {breaker.state} after {breaker.failures} failures",
-                          node=node.name)
+    trial = False
+    if not breaker.clean:
+        admitted = breaker.admit()
+        if admitted is REFUSED:
+            raise BreakerOpen(f"node {node.name}: circuit breaker {breaker.state} after {breaker.failures} failures",
+                              node=node.name)
+        trial = admitted is TRIAL
     try:
         entry = node.pool.borrow(timeout)
     except ConnectError as exc:
         breaker.failure(exc)
         raise
     except BaseException:
-        if not breaker.clean:
+        if trial:
             breaker.abandon_trial()  # a trial that never reached the node must not hold it out
         raise
-    return Lease(node, entry)
-
-
-def is_retry(decision: Decision) -> bool:
-    return decision.action is Action.RETRY
+    return Lease(node, entry, trial)

@@ -177,6 +177,7 @@ class Pool:
         self._lock = threading.Lock()
         self._idle: deque[_Entry] = deque()
         self._in_use: dict[int, _Entry] = {}
+        self._dropped: deque[_Entry] = deque()  # borrowed entries whose borrower vanished (`reclaim`)
         self._waiters: deque[_Waiter] = deque()
         self._open = 0  # connections that exist: idle + in use
         self._connecting = 0
@@ -550,8 +551,26 @@ class Pool:
 
     # -- housekeeping --------------------------------------------------------
 
+    def reclaim(self, entry: _Entry) -> None:
+        """A borrowed entry whose borrower was garbage-collected without giving it back.
+
+        Safe from a finalizer (any thread, any lock held): it only appends to a deque;
+        housekeeping discards the connection (its state is unknown) and logs it.
+        """
+        self._dropped.append(entry)
+
+    def _discard_dropped(self) -> None:
+        for entry in _take_all(self._dropped):
+            if self._in_use.get(entry.key) is not entry:
+                continue  # returned after all
+            log.warning("pool %s: a borrowed connection was dropped without being given back; discarded. "
+                        "Borrowed at:\n%s", self.name, _format_stack(entry.borrower))
+            self._discard(entry, "dropped by its borrower")
+
     def _housekeep(self) -> None:
         """Retire expired and long-idle connections, refill, report leaks. Never raises."""
+        if self._dropped:
+            self._discard_dropped()
         now = time.monotonic()
         retire: list[_Entry] = []
         cfg = self.config

@@ -18,8 +18,9 @@ storage; `NodeBreaker` decides admission around it:
   back another way) ages out after ``reset_timeout``, in `allow` and
   `available` alike. A successful monitor probe counts as a successful trial.
 
-Lock order (outermost first): pybreaker's lock, then nothing of dbrouter's
-(``_trial_lock`` is never held while calling anything).
+Lock order: pybreaker's lock is never taken while ``_trial_lock`` is held, and
+``_trial_lock`` is held only for attribute accesses (and the memory storage's, which
+are attribute loads too); no other lock of dbrouter's is ever held with either.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import pybreaker
 
 from .config import BreakerPolicy
 
-__all__ = ["CLOSED", "HALF_OPEN", "OPEN", "STATE_CODES", "NodeBreaker", "shared_storage"]
+__all__ = ["ADMITTED", "CLOSED", "HALF_OPEN", "OPEN", "REFUSED", "STATE_CODES", "TRIAL", "NodeBreaker", "shared_storage"]
 
 log = logging.getLogger("dbrouter.resilience")
 
@@ -43,6 +44,24 @@ HALF_OPEN = pybreaker.STATE_HALF_OPEN
 
 # Numeric breaker states, as exported to metrics (0 closed, 1 open, 2 half-open).
 STATE_CODES = {CLOSED: 0, OPEN: 1, HALF_OPEN: 2}
+
+
+class _Admission:
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+REFUSED = _Admission("REFUSED")
+"""`NodeBreaker.admit`: the node may not be used now."""
+ADMITTED = _Admission("ADMITTED")
+"""`NodeBreaker.admit`: a call like any other."""
+TRIAL = _Admission("TRIAL")
+"""`NodeBreaker.admit`: the half-open breaker's one trial; its caller must report back or abandon it."""
 
 
 def _succeed() -> None:
@@ -83,6 +102,8 @@ class NodeBreaker:
         # path reads one attribute (nothing to check, nothing to feed on success). Set
         # False before and after every failure is recorded.
         self.clean = storage is None
+        # Guards the trial's start time, and the check-and-store of ``clean`` against a
+        # concurrent failure; held for attribute accesses only, never while calling out.
         self._trial_lock = threading.Lock()
         self._trial_started: float | None = None
         self._opened_at: float | None = None
@@ -156,23 +177,30 @@ class NodeBreaker:
     # -- admission ----------------------------------------------------------------
 
     def allow(self) -> bool:
-        """May a call go to this node now? Closed: yes. Open: no, until ``reset_timeout``
-        has passed; then the breaker goes half-open and one trial call at a time is let
-        through (a trial that never reports back ages out after ``reset_timeout``)."""
+        """May a call go to this node now? (`admit`, for callers that never hold a trial.)"""
+        return self.clean or self.admit() is not REFUSED
+
+    def admit(self) -> _Admission:
+        """`ADMITTED` when closed; `REFUSED` while open, until ``reset_timeout`` has passed;
+        then the breaker goes half-open and one call at a time is the `TRIAL` (a trial that
+        never reports back ages out after ``reset_timeout``)."""
         if self.clean:
-            return True
-        if self._ttl:
-            self._cached_at = float("-inf")  # admission decisions read the shared state afresh
-        state = self._read()[0]
+            return ADMITTED
+        state = self._read()[0]  # shared state: the cached copy, refreshed every breaker_refresh
         if state == CLOSED:
-            return True
+            return ADMITTED
+        if self._ttl:
+            self._refresh(self._clock())  # not closed: decide on the current shared state
+            state = self._cached[0]
+            if state == CLOSED:
+                return ADMITTED
         now = self._clock()
         if state == OPEN:
             if not self._elapsed_open(now) or not self._claim_trial(now):
-                return False
+                return REFUSED
             self._guarded(self._cb.half_open)
-            return True
-        return self._claim_trial(now)
+            return TRIAL
+        return TRIAL if self._claim_trial(now) else REFUSED
 
     def _claim_trial(self, now: float) -> bool:
         with self._trial_lock:  # two attribute accesses; nothing is called under it
@@ -185,10 +213,9 @@ class NodeBreaker:
         self._trial_started = None
 
     def abandon_trial(self) -> None:
-        """The call admitted by `allow` never reached the node (its checkout failed): let
-        another call be the trial instead of waiting for this one to age out."""
-        if self._read()[0] == HALF_OPEN:
-            self._end_trial()
+        """The `TRIAL` call never reached the node (its checkout failed) or learned nothing:
+        let another call be the trial instead of waiting for this one to age out."""
+        self._end_trial()
 
     # -- outcomes -----------------------------------------------------------------
 
@@ -209,7 +236,8 @@ class NodeBreaker:
         """Record a node failure (never a caller's SQL error). ``exc`` must be an Exception."""
         if not isinstance(exc, Exception):
             return
-        self.clean = False
+        with self._trial_lock:
+            self.clean = False
         self._end_trial()
         try:
             self._cb.call(_fail, exc)
@@ -218,7 +246,8 @@ class NodeBreaker:
         except Exception as raised:  # noqa: BLE001 - exc itself, re-raised by pybreaker: expected
             if raised is not exc:
                 log.warning("breaker %s: could not record a failure: %s", self.name, raised)
-        self.clean = False
+        with self._trial_lock:
+            self.clean = False  # again: a success that read the state before this failure counted
         self._cached_at = float("-inf")
 
     def probe_succeeded(self) -> None:
@@ -266,7 +295,10 @@ class NodeBreaker:
     def _after_change(self) -> None:
         self._cached_at = float("-inf")
         if self._ttl == 0.0:
-            self.clean = self._cb.current_state == CLOSED and self._cb.fail_counter == 0
+            # Local storage: reading it is two attribute loads. Under the lock, so that a
+            # failure recorded meanwhile (which clears the flag under it) is never overwritten.
+            with self._trial_lock:
+                self.clean = self._cb.current_state == CLOSED and self._cb.fail_counter == 0
 
     def _changed(self, old: str, new: str) -> None:
         """From pybreaker's listener, inside its lock: record, never block."""

@@ -88,6 +88,7 @@ class RetryExecutor:
         *,
         attempts: int | None = None,
         deadline: float | None = None,
+        after: Retry | None = None,
         keep_going: Callable[[Retry], bool] | None = None,
         give_up: Callable[[Retry], bool] | None = None,
         pause: Callable[[Retry, float], None] | None = None,
@@ -97,7 +98,9 @@ class RetryExecutor:
         ``retry_deadline`` from now) bound the attempts, except while ``keep_going(last)``
         says the call's own window is open (a write waiting for a failover); past it,
         ``give_up(last)`` ends the call at once. ``pause(last,
-        seconds)`` replaces the sleep between attempts; no pause runs past the deadline."""
+        seconds)`` replaces the sleep between attempts; no pause runs past the deadline.
+        ``after``: the caller already made the first attempt (outside the executor, which
+        costs nothing when it succeeds) and it failed so; it counts as attempt 1."""
         clock = self._clock
         limit = self.policy.retry_attempts if attempts is None else attempts
         until = clock() + self.policy.retry_deadline if deadline is None else deadline
@@ -125,4 +128,13 @@ class RetryExecutor:
                 self._sleep(seconds)
 
         retrying = Retrying(stop=stop, wait=self._wait, retry=retry_if_exception_type(Retry), reraise=True, sleep=sleep)
-        return retrying(attempt)
+        if after is None:
+            return retrying(attempt)
+        replay = [after]
+
+        def attempt_after_first() -> T:
+            if replay:
+                raise replay.pop()
+            return attempt()
+
+        return retrying(attempt_after_first)

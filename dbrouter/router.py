@@ -241,11 +241,12 @@ class Router(Core):
         ``broken=True`` without an error discards it without blaming the node (the caller
         invalidated it for reasons of its own).
         """
-        lease = self._leases.pop(id(conn), None)
+        lease = self._leases.get(id(conn))
         if lease is None or lease.conn is not conn or lease.node is not node:
             raise PoolError(f"connection returned to node {node.name} was not checked out from it or was returned twice")
+        del self._leases[id(conn)]
         if error is not None:
-            lease.release_after(error, Phase.SENT, Work.BLOCK)
+            lease.release_after(error, Phase.SENT, Work.BLOCK)  # judged only if it is this connection's
         elif broken:
             lease.release(Outcome.DISCARDED)
         else:
@@ -305,7 +306,7 @@ class Router(Core):
         if self._closed:
             return
         self._closed = True
-        self.topology.stop()
+        self.topology.stop(timeout)
         self._close_pools(timeout)
         self._watchdog.stop()
 
@@ -323,11 +324,12 @@ class Router(Core):
 class _Checkout:
     """``with router.connection(intent) as conn``: a lease for a block."""
 
-    __slots__ = ("_router", "_intent", "_lease")
+    __slots__ = ("_router", "_work", "_intent", "_lease")
 
     def __init__(self, router: Router, intent: str) -> None:
         self._router = router
         self._intent = intent
+        self._work = Work.READ if intent == "read" else Work.BLOCK
         self._lease: Lease | None = None
 
     def __enter__(self) -> Any:
@@ -341,7 +343,7 @@ class _Checkout:
         if exc is None:
             lease.release()
         else:
-            lease.release_after(exc, Phase.SENT, Work.BLOCK)
+            lease.release_after(exc, Phase.SENT, self._work)  # judged only if it is this connection's
 
 
 def _fields(section: Any) -> dict[str, Any]:

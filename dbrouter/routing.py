@@ -157,8 +157,13 @@ class Core:
         )
 
     def retry(self, attempt: Callable[[], T]) -> T:
-        """``attempt()`` through the retry executor, with this router's policy and counts."""
-        return self._executor.run(attempt, on_retry=self.counts.retries.inc)
+        """``attempt()``, then through the retry executor (this router's policy and counts)
+        if it raised `Retry`: a call that succeeds at once costs no tenacity."""
+        try:
+            return attempt()
+        except Retry as failed:
+            first = failed
+        return self._executor.run(attempt, after=first, on_retry=self.counts.retries.inc)
 
     # -- reads -----------------------------------------------------------------
 
@@ -248,6 +253,11 @@ class Core:
             node, version[0] = self.choose_writer(failover_deadline)
             return self.run_on(node, op, work, phase=phase, keep=keep)
 
+        try:  # the first attempt outside the executor: a write that succeeds costs no tenacity
+            return attempt()
+        except Retry as failed:
+            first = failed
+
         def keep_going(last: Retry) -> bool:
             return time.monotonic() < failover_deadline
 
@@ -266,8 +276,8 @@ class Core:
                 time.sleep(seconds)
 
         try:
-            return self._executor.run(attempt, deadline=deadline, keep_going=keep_going, give_up=give_up,
-                                      pause=pause, on_retry=self.counts.retries.inc)
+            return self._executor.run(attempt, after=first, deadline=deadline, keep_going=keep_going,
+                                      give_up=give_up, pause=pause, on_retry=self.counts.retries.inc)
         except Retry as failed:
             last = failed
         cause = last.cause

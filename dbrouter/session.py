@@ -26,6 +26,7 @@ from .transactions import Results, Transaction, transaction
 if TYPE_CHECKING:
     from .lease import Lease
     from .routing import Core
+    from .topology import Node
 
 __all__ = ["Session"]
 
@@ -74,8 +75,10 @@ class Session(Results):
         lease, count = core.on_primary(write_keeping_lease, Work.IDEMPOTENT if idempotent else Work.WRITE, keep=True)
         try:
             self._wrote(lease)
-        except Exception as exc:  # noqa: BLE001 - the write is done; reads go to the primary (see _wrote)
+        except BaseException as exc:  # the write is done; reads go to the primary (see _wrote)
             lease.release_after(exc, Phase.SENT, Work.READ)
+            if not isinstance(exc, Exception):
+                raise
             return count
         lease.release()
         return count
@@ -88,7 +91,7 @@ class Session(Results):
         if routing.sticky_seconds is not None:
             if time.monotonic() < self._sticky_until:
                 core.counts.reads.inc()
-                return core.read_with(primary, _execute(sql, params))
+                return self._read_on(primary, sql, params)
             return core.read(sql, params)
         position = self._position
         if position is None:
@@ -117,7 +120,19 @@ class Session(Results):
         elif position == _UNKNOWN:
             core.counts.causal_primary_reads.inc()
             node = primary
-        return core.read_with(node, _execute(sql, params))
+        return self._read_on(node, sql, params, fallback=primary)
+
+    def _read_on(self, node: Node, sql: str, params: Any, fallback: Node | None = None) -> Rows:
+        """A read that must be served by ``node`` (the primary, or a replica known to have
+        the session's writes), else by ``fallback``: never by a node that may lack them."""
+        targets = [node] if fallback is None or fallback is node else [node, fallback]
+        for target in targets:
+            try:
+                rows, _ = self._core.run_on(target, _execute(sql, params), Work.READ)
+                return rows or []
+            except Retry as failed:
+                last = failed
+        raise last.cause
 
     @contextmanager
     def transaction(self) -> Iterator[Transaction]:

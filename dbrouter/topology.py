@@ -254,36 +254,43 @@ class Topology:
     def _run(self) -> None:
         while True:
             try:
-                message = self._inbox.get(timeout=self._next_timer())
+                if self._step():
+                    return
+            except Exception:  # noqa: BLE001 - the control plane must outlive any bug
+                log.exception("control plane: a step failed")
+
+    def _step(self) -> bool:
+        """Fold what is in the inbox, publish, then act; True when told to stop."""
+        try:
+            message = self._inbox.get(timeout=self._next_timer())
+        except queue.Empty:
+            message = ("tick",)
+        batch = [message]
+        while True:
+            try:
+                batch.append(self._inbox.get_nowait())
             except queue.Empty:
-                message = ("tick",)
-            batch = [message]
-            while True:
-                try:
-                    batch.append(self._inbox.get_nowait())
-                except queue.Empty:
-                    break
-            effects = _Effects()
-            rounds = 0
-            stop = False
-            for item in batch:
-                kind = item[0]
-                try:
-                    if kind == "round":
-                        self._apply(item[1], effects)
-                        rounds += 1
-                    elif kind == "breaker":
-                        self._breaker_changed(item[1], item[2], item[3], effects)
-                    elif kind == "demoted":
-                        effects.actions.append(self._prober.wake)
-                    elif kind == "stop":
-                        stop = True
-                except Exception:  # noqa: BLE001 - the control plane must outlive any bug
-                    log.exception("control plane: handling %s failed", kind)
-            self._publish(effects, rounds)
-            self._run_effects(effects)
-            if stop:
-                return
+                break
+        effects = _Effects()
+        rounds = 0
+        stop = False
+        for item in batch:
+            kind = item[0]
+            try:
+                if kind == "round":
+                    self._apply(item[1], effects)
+                    rounds += 1
+                elif kind == "breaker":
+                    self._breaker_changed(item[1], item[2], item[3], effects)
+                elif kind == "demoted":
+                    effects.actions.append(self._prober.wake)
+                elif kind == "stop":
+                    stop = True
+            except Exception:  # noqa: BLE001 - the control plane must outlive any bug
+                log.exception("control plane: handling %s failed", kind)
+        self._publish(effects, rounds)
+        self._run_effects(effects)
+        return stop
 
     def _next_timer(self) -> float:
         """Until an open breaker's ``reset_timeout`` runs out (the node becomes eligible
@@ -292,14 +299,14 @@ class Topology:
         now = time.monotonic()
         for node in self.nodes:
             due = node.breaker.trial_due()
-            if due is not None and due > now - self._interval:
-                wait = min(wait, max(0.01, due - now))
+            if due is not None and due > now:
+                wait = min(wait, due - now + 0.001)
         return wait
 
     def _publish(self, effects: _Effects, rounds: int) -> None:
         old = self.snapshot
         max_lag = self._routing.max_replica_lag
-        readable = tuple(n for n in old.replicas if n.why_not_serving(max_lag) is None)
+        readable = tuple(n for n in self._state_replicas if n.why_not_serving(max_lag) is None)
         if readable and self._falling_back:
             self._falling_back = False
             effects.emit("replicas_restored", None,

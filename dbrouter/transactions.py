@@ -145,12 +145,15 @@ def transaction(core: Core, work: Work = Work.BLOCK,
 def _settle(core: Core, lease: Lease, tx: Transaction, exc: BaseException, phase: Phase, work: Work) -> None:
     """Release a failed transaction's lease; raise what the decision table says instead of ``exc``."""
     node = lease.node
-    if phase is Phase.SENT and exc is not tx._failed:
-        # Not this connection's error: the ROLLBACK tells whether the connection is fine.
+    if phase is Phase.SENT and exc is not tx._failed and lease.foreign(exc):
+        # Not this connection's error (another node's, raised by a nested call): the
+        # ROLLBACK tells whether the connection is fine.
         try:
             lease.run(lambda adapter, conn: adapter.rollback(conn))
         except BaseException as rollback_error:
             lease.release_after(rollback_error, Phase.SENT, Work.BLOCK)
+            if not isinstance(rollback_error, Exception):
+                raise
             return
         lease.release()
         return

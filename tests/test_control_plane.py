@@ -565,7 +565,10 @@ def test_keyboard_interrupt_in_failure_is_not_swallowed() -> None:
                 breaker.failure(OSError("refused"))
             finally:
                 armed = False
-        assert time.monotonic() - started < 1.5  # interrupted, not finished
+        # Not timed: after earlier tests loaded the drivers' C libraries, the signal is sometimes
+        # handled only once the storage's sleep returns, still inside failure(); either way the
+        # interrupt must come out of failure(), which the original swallowed.
+        assert time.monotonic() - started < storage.delay + 1.0
     finally:
         sender.join(6)
         signal.signal(signal.SIGINT, previous)

@@ -135,3 +135,79 @@ def test_retrying_stops_at_the_deadline() -> None:
                 calls.append(1)
                 raise ConnectionError()
     assert 1 < len(calls) < 10
+
+
+def test_the_trial_is_one_call_and_only_its_holder_abandons_it() -> None:
+    from dbrouter.resilience import ADMITTED, REFUSED, TRIAL
+
+    breaker, clock, _ = make(fail_max=1, reset_timeout=5.0)
+    assert breaker.admit() is ADMITTED
+    breaker.failure(OSError())
+    assert breaker.admit() is REFUSED
+    clock.now += 5.1
+    assert breaker.admit() is TRIAL
+    assert breaker.admit() is REFUSED and not breaker.available()
+    breaker.abandon_trial()  # the trial's checkout failed: another call may try
+    assert breaker.available() and breaker.admit() is TRIAL
+
+
+def test_a_lost_trial_ages_out_of_available_too() -> None:
+    """Routing asks available() first: a trial that never reported back must not keep the
+    node out of rotation for good."""
+    breaker, clock, _ = make(fail_max=1, reset_timeout=5.0)
+    breaker.failure(OSError())
+    clock.now += 5.1
+    assert breaker.allow()
+    assert not breaker.available()
+    clock.now += 5.1
+    assert breaker.available()
+
+
+def test_a_successful_probe_closes_a_half_open_breaker_and_an_open_one_past_its_timeout() -> None:
+    breaker, clock, changes = make(fail_max=1, reset_timeout=5.0)
+    breaker.failure(OSError())
+    breaker.probe_succeeded()
+    assert breaker.state == "open"  # before reset_timeout a probe changes nothing
+    clock.now += 5.1
+    breaker.probe_succeeded()
+    assert breaker.state == "closed" and breaker.clean
+    breaker.failure(OSError())
+    clock.now += 5.1
+    assert breaker.allow() and breaker.state == "half-open"
+    breaker.probe_succeeded()
+    assert breaker.state == "closed"
+    assert changes[-2:] == [("open", "half-open"), ("half-open", "closed")]
+
+
+def test_a_shared_closed_breaker_is_read_from_the_cache() -> None:
+    """With shared (Redis) state, a closed breaker costs no round trip per call."""
+    import pybreaker
+
+    class Counting(pybreaker.CircuitMemoryStorage):
+        reads = 0
+
+        @property
+        def state(self) -> str:
+            Counting.reads += 1
+            return super().state
+
+        @state.setter
+        def state(self, value: str) -> None:
+            pybreaker.CircuitMemoryStorage.state.fset(self, value)  # type: ignore[attr-defined]
+
+    clock = Clock()
+    breaker = NodeBreaker("n1", BreakerPolicy(fail_max=3, breaker_refresh=0.5), clock=clock,
+                          storage=Counting(pybreaker.STATE_CLOSED))
+    Counting.reads = 0
+    for _ in range(1000):
+        assert breaker.allow()
+        breaker.success()
+    assert Counting.reads <= 2
+    clock.now += 0.6
+    assert breaker.allow() and Counting.reads <= 3
+
+
+def test_failure_does_not_swallow_what_it_is_not_given() -> None:
+    breaker, _, _ = make(fail_max=1)
+    breaker.failure(KeyboardInterrupt())  # not a node failure: not counted, not raised
+    assert breaker.state == "closed" and breaker.failures == 0

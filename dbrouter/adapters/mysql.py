@@ -63,7 +63,9 @@ _UNREACHABLE_ERRNOS = frozenset(
     }
 )
 _CONFLICT_ERRNOS = frozenset({1205, 1213})  # lock wait timeout, deadlock
-_READ_ONLY_ERRNOS = frozenset({1290, 1792, 1836})
+# 1290 --read-only / --super-read-only, 1836 read-only mode. Not 1792 (a write in a transaction
+# the caller started READ ONLY): that says nothing about the node.
+_READ_ONLY_ERRNOS = frozenset({1290, 1836})
 _TIMEOUT_ERRNOS = frozenset({1969, 3024})  # MariaDB max_statement_time, MySQL max_execution_time
 
 # The connector's server-status flags (also mysql.connector.constants.ServerFlag).

@@ -1,0 +1,105 @@
+"""The control plane without servers: probe rounds folded into snapshots (pure logic).
+
+Nodes are built with their adapters and unopened pools (no I/O); probe results are
+handed to the control thread's step function directly.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from dbrouter.adapters import make_adapter
+from dbrouter.config import BreakerPolicy, ConnectOptions, MonitorConfig, PoolConfig, RoutingConfig
+from dbrouter.events import Events
+from dbrouter.monitor import ProbeResult
+from dbrouter.pool import Pool
+from dbrouter.resilience import NodeBreaker
+from dbrouter.topology import Node, Topology
+from dbrouter.url import parse_address
+from dbrouter.watchdog import Watchdog
+
+
+def make_topology() -> tuple[Topology, list[Node], Events]:
+    events = Events()
+    watchdog = Watchdog()
+    nodes = []
+    for index, name in enumerate(("p", "r1", "r2")):
+        address = parse_address(f"postgresql://u@127.0.0.1:{20000 + index}/db")
+        adapter = make_adapter(address, ConnectOptions())
+        pool = Pool(adapter, PoolConfig(min_size=0), name=name, open=False)
+        holder: list[Node] = []
+        breaker = NodeBreaker(name, BreakerPolicy(fail_max=1, reset_timeout=60),
+                              on_change=lambda old, new, h=holder: h[0].breaker_changed(old, new))
+        node = Node(name, address, adapter, pool, breaker, "primary" if index == 0 else "replica", watchdog=watchdog)
+        holder.append(node)
+        nodes.append(node)
+    topology = Topology(nodes, RoutingConfig(), MonitorConfig(health_interval=60), events, probe_timeout=1.0)
+    return topology, nodes, events
+
+
+def round_of(nodes: list[Node], writable: str, down: tuple[str, ...] = ()) -> list[ProbeResult]:
+    return [ProbeResult(n, ok=n.name not in down, writable=(n.name == writable) if n.name not in down else None,
+                        position="0/1" if n.name == writable else None, lag=0.0) for n in nodes]
+
+
+def fold(topology: Topology, *messages: Any) -> None:
+    for message in messages:
+        topology._inbox.put(message)
+    topology._step()
+
+
+def test_a_failover_publishes_the_new_roles_and_readable_replicas_at_once() -> None:
+    topology, (p, r1, r2), events = make_topology()
+    seen: list[str] = []
+    events.on("failover", lambda event: seen.append(event.node or ""))
+    fold(topology, ("round", round_of([p, r1, r2], "p")))
+    assert topology.snapshot.primary is p and topology.snapshot.readable == (r1, r2)
+    version = topology.snapshot.version
+    fold(topology, ("round", round_of([p, r1, r2], "r1", down=("p",))))
+    snapshot = topology.snapshot
+    assert snapshot.version > version and snapshot.primary is r1
+    assert set(snapshot.replicas) == {p, r2} and snapshot.readable == (r2,)  # not r1, not p (down)
+    assert seen == ["r1"] and r1.role == "primary" and p.role == "replica"
+    fold(topology, ("round", round_of([p, r1, r2], "r1")))
+    assert p.healthy and topology.snapshot.readable == (r2,)  # p's breaker keeps it out for reset_timeout
+
+
+def test_a_breaker_change_is_published_by_the_control_thread_with_no_lock_held() -> None:
+    """The listener runs after the snapshot is published, and may wait for the next one
+    from another thread without a deadlock (the old code ran listeners under its lock)."""
+    topology, (p, r1, r2), events = make_topology()
+    fold(topology, ("round", round_of([p, r1, r2], "p")))
+    waited: list[bool] = []
+
+    def listener(event: Any) -> None:
+        version = topology.snapshot.version
+        assert r1 not in topology.snapshot.readable  # published before the listener runs
+        other = threading.Thread(target=lambda: waited.append(topology.wait_for_change(version - 1, 0)))
+        other.start()
+        other.join(2)
+
+    events.on("breaker_open", listener)
+    r1.breaker.failure(OSError("refused"))  # the listener only queues the change
+    assert r1 in topology.snapshot.readable
+    fold(topology)
+    assert waited == [True] and r1 not in topology.snapshot.readable
+
+
+def test_two_writable_nodes_stop_writes_until_one_is_read_only() -> None:
+    topology, (p, r1, r2), _ = make_topology()
+    fold(topology, ("round", round_of([p, r1, r2], "p")))
+    both = round_of([p, r1, r2], "p")
+    both[1].writable = True
+    fold(topology, ("round", both))
+    assert topology.snapshot.split_brain == ("p", "r1")
+    assert "split brain" in (topology.primary_problem() or "")
+    fold(topology, ("round", round_of([p, r1, r2], "p")))
+    assert topology.snapshot.split_brain == () and topology.primary_problem() is None
+
+
+def test_a_round_counts_and_wakes_waiters() -> None:
+    topology, nodes, _ = make_topology()
+    rounds = topology.rounds
+    fold(topology, ("round", round_of(nodes, "p")), ("round", round_of(nodes, "p")))
+    assert topology.rounds == rounds + 2

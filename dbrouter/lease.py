@@ -15,11 +15,13 @@ transactions, sessions, bulk writes, integrations) counts the same way::
     else:
         lease.release()
 
-A lease that is garbage-collected without a release gives its connection back
-as unknown: the pool discards it at its next housekeeping and logs where it was
-borrowed (with ``leak_threshold`` set), the node is not blamed, and a trial it
-carried is abandoned. One held but never released is reported by the pool's
-leak detection (``leak_threshold``).
+A lease handed to the caller (`HeldLease`, from `Router.lease`) that is
+garbage-collected without a release gives its connection back as unknown: the
+pool discards it at its next housekeeping and logs where it was borrowed (with
+``leak_threshold`` set), the node is not blamed, and a trial it carried is
+abandoned. dbrouter's own paths release every lease in ``try``/``except
+BaseException``, and spare the hot path the finalizer. A lease held but never
+released is reported by the pool's leak detection (``leak_threshold``).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ if TYPE_CHECKING:
     from .pool import _Entry
     from .topology import Node
 
-__all__ = ["Lease", "Outcome", "take"]
+__all__ = ["HeldLease", "Lease", "Outcome", "take"]
 
 T = TypeVar("T")
 
@@ -93,14 +95,6 @@ class Lease:
 
     def __repr__(self) -> str:
         return f"<Lease {self.node.name}{'' if self._entry is not None else ' released'}>"
-
-    def __del__(self) -> None:
-        entry = self._entry
-        if entry is not None:  # dropped without a release: the pool discards it later (lock-free here)
-            self._entry = None
-            self.node.pool.reclaim(entry)
-            if self._trial:
-                self.node.breaker.abandon_trial()
 
     def execute(self, sql: str, params: Any = None) -> Result:
         """Run one statement under the hung-statement guard; raises `Hung` when it was cut."""
@@ -196,13 +190,30 @@ class Lease:
         return self._entry is None
 
 
+class HeldLease(Lease):
+    """A lease handed to the caller (`Router.lease`), who may drop it without releasing it.
+
+    dbrouter's own paths release every lease they take, so only these pay for a finalizer.
+    """
+
+    __slots__ = ()
+
+    def __del__(self) -> None:
+        entry = self._entry
+        if entry is not None:  # dropped without a release: the pool discards it later (lock-free here)
+            self._entry = None
+            self.node.pool.reclaim(entry)
+            if self._trial:
+                self.node.breaker.abandon_trial()
+
+
 _OK = Outcome.OK
 _CALLER_ERROR = Outcome.CALLER_ERROR
 _FOREIGN = Decision(Action.RAISE)
 _JUDGED = "_dbrouter_lease"  # set on an exception by the lease that judged it
 
 
-def take(node: Node, timeout: float | None = None) -> Lease:
+def take(node: Node, timeout: float | None = None, kind: type[Lease] = Lease) -> Lease:
     """A lease on ``node`` if its breaker admits the call.
 
     Raises `BreakerOpen` (nothing sent, nothing counted), `ConnectError` (counted
@@ -225,4 +236,4 @@ def take(node: Node, timeout: float | None = None) -> Lease:
         if trial:
             breaker.abandon_trial()  # a trial that never reached the node must not hold it out
         raise
-    return Lease(node, entry, trial)
+    return kind(node, entry, trial)

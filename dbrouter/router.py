@@ -24,7 +24,7 @@ from .config import SECTIONS, RouterConfig, build_router_config, load_router_con
 from .decisions import Phase, Work
 from .errors import ConfigurationError, PoolError
 from .events import Event, Events
-from .lease import Lease, Outcome, take
+from .lease import HeldLease, Lease, Outcome, take
 from .pool import Pool
 from .resilience import NodeBreaker, shared_storage
 from .retrying import RetryExecutor
@@ -261,7 +261,7 @@ class Router(Core):
                 node = self.choose_reader()
             else:
                 node = self.choose_writer(time.monotonic() + self.config.routing.failover_wait)[0]
-        lease = take(node)
+        lease = take(node, kind=HeldLease)
         (self.counts.reads if intent == "read" else self.counts.writes).inc()
         return lease
 

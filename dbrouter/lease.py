@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from .pool import _Entry
     from .topology import Node
 
-__all__ = ["HeldLease", "Lease", "Outcome", "take"]
+__all__ = ["HeldLease", "Lease", "Outcome", "answered", "not_taken", "take"]
 
 T = TypeVar("T")
 
@@ -137,12 +137,7 @@ class Lease:
         node = self.node
         breaker = node.breaker
         if outcome is _OK or outcome is _CALLER_ERROR:
-            returned = node.pool.give_back(entry, broken=self._aborted)
-            if self._timed:  # a single statement: its time is the node's latency (the latency policy)
-                elapsed, latency = returned - entry.borrowed_at, node.latency
-                node.latency = elapsed if latency == 0.0 else latency + _LATENCY_ALPHA * (elapsed - latency)
-            if not breaker.clean:
-                breaker.success()
+            answered(node, entry, self._timed, self._aborted)
             return
         if outcome is Outcome.DEMOTED:
             node.pool.give_back(entry, broken=self._aborted)
@@ -213,6 +208,26 @@ _FOREIGN = Decision(Action.RAISE)
 _JUDGED = "_dbrouter_lease"  # set on an exception by the lease that judged it
 
 
+def answered(node: Node, entry: _Entry, timed: bool, aborted: bool = False) -> None:
+    """Give back a connection whose node answered: the pool takes it, a single statement's
+    time feeds ``Node.latency`` (the latency policy), and a breaker that counted failures
+    learns of the success. `Lease.release` does this, and so does `Core.read`'s fast path,
+    which borrows the entry without a lease object while the breaker is clean."""
+    returned = node.pool.give_back(entry, broken=aborted)
+    if timed:
+        elapsed, latency = returned - entry.borrowed_at, node.latency
+        node.latency = elapsed if latency == 0.0 else latency + _LATENCY_ALPHA * (elapsed - latency)
+    breaker = node.breaker
+    if not breaker.clean:
+        breaker.success()
+
+
+def not_taken(node: Node, exc: BaseException) -> None:
+    """A checkout that failed: a refused connect counts against the node."""
+    if isinstance(exc, ConnectError):
+        node.breaker.failure(exc)
+
+
 def take(node: Node, timeout: float | None = None, kind: type[Lease] = Lease) -> Lease:
     """A lease on ``node`` if its breaker admits the call.
 
@@ -229,11 +244,9 @@ def take(node: Node, timeout: float | None = None, kind: type[Lease] = Lease) ->
         trial = admitted is TRIAL
     try:
         entry = node.pool.borrow(timeout)
-    except ConnectError as exc:
-        breaker.failure(exc)
-        raise
-    except BaseException:
-        if trial:
+    except BaseException as exc:
+        not_taken(node, exc)
+        if trial and not isinstance(exc, ConnectError):
             breaker.abandon_trial()  # a trial that never reached the node must not hold it out
         raise
     return kind(node, entry, trial)

@@ -40,7 +40,7 @@ from .config import RouterConfig
 from .decisions import Action, Failure, Phase, Work, decide, failure_of
 from .errors import NoPrimaryAvailable, NoReplicaAvailable, SplitBrain, WriteOutcomeUnknown
 from .events import Events
-from .lease import Lease, take
+from .lease import Lease, answered, not_taken, take
 from .retrying import Retry, RetryExecutor
 from .topology import Node, Topology
 
@@ -175,23 +175,27 @@ class Core:
         """
         self.counts.reads.inc()
         node = self.choose_reader()
-        # run_on inlined: this is the hot path.
+        if not node.breaker.clean or node.guard is not None:
+            return self.read_with(node, _execute(sql, params))
+        # The hot path: run_on inlined, the entry borrowed without a lease object while the
+        # breaker is clean (nothing to admit, no trial); a failure gets its lease and its rules.
         try:
-            lease = take(node)
+            entry = node.pool.borrow()
         except Exception as exc:
+            not_taken(node, exc)
             first = _not_taken(node, exc, Work.READ)
             if not isinstance(first, Retry):
                 raise
             return self.read_again(first, _execute(sql, params))
         try:
-            rows, _ = lease.execute(sql, params)
+            rows, _ = node.adapter.execute(entry.conn, sql, params)
         except BaseException as exc:
-            decision = lease.release_after(exc, Phase.SENT, Work.READ)
+            decision = Lease(node, entry).release_after(exc, Phase.SENT, Work.READ)
             if decision.action is not Action.RETRY:
                 raise
             first = Retry(node, exc, failure_of(exc, node.adapter), Phase.SENT, decision)
             return self.read_again(first, _execute(sql, params))
-        lease.release()
+        answered(node, entry, True)
         return rows or []
 
     def read_with(self, node: Node, op: Callable[[Lease], tuple[Any, int]]) -> Rows:

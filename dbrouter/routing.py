@@ -132,7 +132,7 @@ class Core:
         try:
             lease = take(node)
         except Exception as exc:
-            retry = _not_taken(node, exc, work)
+            retry = _retry_or_raise(node, exc, work)
             if retry is exc:
                 raise
             raise retry from exc
@@ -183,7 +183,7 @@ class Core:
             entry = node.pool.borrow()
         except Exception as exc:
             not_taken(node, exc)
-            first = _not_taken(node, exc, Work.READ)
+            first = _retry_or_raise(node, exc, Work.READ)
             if not isinstance(first, Retry):
                 raise
             return self.read_again(first, _execute(sql, params))
@@ -295,7 +295,7 @@ class Core:
         raise cause  # a deadlock or serialization failure that outlived the retries
 
 
-def _not_taken(node: Node, exc: Exception, work: Work) -> Exception:
+def _retry_or_raise(node: Node, exc: Exception, work: Work) -> Exception:
     """What a failure to take a lease becomes: a `Retry` when the table allows, else itself."""
     failure = failure_of(exc, node.adapter)
     decision = decide(failure, Phase.CONNECT, work)

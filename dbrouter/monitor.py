@@ -1,10 +1,15 @@
-"""The prober: every node's role, replication position and lag, every ``health_interval``.
+"""The prober: every node's role, replication position and lag, each on its own cadence.
 
 Each node is probed on a connection of its own (not a pooled one, so probes
-neither take connections from the application nor skew pool statistics).
-Probes run in parallel, each bounded by ``probe_timeout``: a node that hangs is
-reported down after that long and never stalls the others. The prober decides
-nothing: each round's results go to the control plane (`dbrouter.topology`).
+neither take connections from the application nor skew pool statistics), once
+per ``health_interval``, and every result goes to the control plane
+(`dbrouter.topology`) as soon as it is in: a node that answers again is seen
+within one interval even while another node hangs. A probe that has not
+answered within ``probe_timeout`` is reported failed (the probe itself is cut
+by the watchdog or the read timeout). Roles are decided per round: a round
+ends once every node has reported for it (an answer, or no answer in time), so
+a failover or a split brain is never judged on a mix of old and new answers.
+The prober decides nothing.
 """
 
 from __future__ import annotations
@@ -12,9 +17,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from .adapters.base import Adapter
 
@@ -29,7 +34,7 @@ log = logging.getLogger("dbrouter.monitor")
 
 @dataclass
 class ProbeResult:
-    """What one probe round learned about one node."""
+    """What one probe learned about one node."""
 
     node: Node
     ok: bool = False
@@ -40,14 +45,27 @@ class ProbeResult:
     latency: float | None = None  # seconds the role probe took
 
 
+class _Lane:
+    """One node's probing state (guarded by the monitor's lock)."""
+
+    __slots__ = ("future", "started", "round", "reported")
+
+    def __init__(self) -> None:
+        self.future: Future[None] | None = None
+        self.started = 0.0
+        self.round = -1  # the round the probe in flight belongs to
+        self.reported = -1  # the last round this node reported for
+
+
 class Monitor:
-    """Background prober; hands every finished round to ``on_results``."""
+    """Background prober; hands each result to ``on_result`` and each finished round to ``on_round``."""
 
     def __init__(
         self,
         nodes: Callable[[], Sequence[Node]],
         interval: float,
-        on_results: Callable[[list[ProbeResult]], None],
+        on_result: Callable[[ProbeResult], None],
+        on_round: Callable[[], None],
         *,
         probe_timeout: float,
         watchdog: Watchdog | None = None,
@@ -55,13 +73,18 @@ class Monitor:
     ) -> None:
         self._nodes = nodes
         self._interval = interval
-        self._on_results = on_results
+        self._on_result = on_result
+        self._on_round = on_round
         self._probe_timeout = probe_timeout
         self._watchdog = watchdog
-        self._probes: dict[str, Any] = {}
-        self._probes_lock = threading.Lock()  # guards _probes only; nothing is called under it
+        self._probes: dict[str, Any] = {}  # an idle probe connection per node
+        self._lock = threading.Lock()  # guards _probes, _lanes and _round; nothing is called under it
+        self._lanes: dict[str, _Lane] = {}
+        self._round = 0
+        self._primary_position: str | None = None
         self._stop = threading.Event()
-        self._wake = threading.Event()
+        self._signal = threading.Event()  # a result came in, or wake() was called
+        self._forced = False
         self._executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix=f"{name}-worker")
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
@@ -70,15 +93,17 @@ class Monitor:
 
     def wake(self) -> None:
         """Probe now instead of at the next interval (a write found no primary)."""
-        self._wake.set()
+        self._forced = True
+        self._signal.set()
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
-        self._wake.set()
+        self._signal.set()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout)
+        # Probes in flight end within probe_timeout (the watchdog or the read timeout cuts them).
         self._executor.shutdown(wait=True, cancel_futures=True)
-        with self._probes_lock:
+        with self._lock:
             probes, self._probes = self._probes, {}
         for node in self._nodes():
             conn = probes.get(node.name)
@@ -86,70 +111,91 @@ class Monitor:
                 node.adapter.close(conn)
 
     def _run(self) -> None:
+        next_tick = time.monotonic()
         while not self._stop.is_set():
-            started = time.monotonic()
+            now = time.monotonic()
+            if now >= next_tick or self._forced:
+                self._forced = False
+                try:
+                    self._tick(now)
+                except Exception:  # noqa: BLE001 - the prober must outlive any bug
+                    log.exception("probe tick failed")
+                next_tick = now + self._interval
+            self._end_round_if_complete()
+            self._signal.wait(max(0.0, next_tick - time.monotonic()))
+            self._signal.clear()
+
+    def _tick(self, now: float) -> None:
+        """Start a probe of every node that has none in flight; report the ones stuck too long."""
+        late: list[Node] = []
+        start: list[tuple[Node, int]] = []
+        with self._lock:
+            current = self._round
+            for node in self._nodes():
+                lane = self._lanes.setdefault(node.name, _Lane())
+                if lane.future is None or lane.future.done():
+                    lane.started, lane.round = now, current
+                    start.append((node, current))
+                    lane.future = Future()  # reserved until submitted below
+                elif now - lane.started > self._probe_timeout and lane.reported < current:
+                    lane.reported = current
+                    late.append(node)
+        for node, round_ in start:
             try:
-                results = self.probe_once()
-            except Exception:  # noqa: BLE001 - the prober must outlive any bug in a round
-                log.exception("probe round failed")
-                results = []
-            if self._stop.is_set():
+                future = self._executor.submit(self._probe, node, round_)
+            except RuntimeError:  # shut down while stopping
                 return
-            self._on_results(results)
-            elapsed = time.monotonic() - started
-            self._wake.wait(max(0.0, self._interval - elapsed))
-            self._wake.clear()
+            with self._lock:
+                self._lanes[node.name].future = future
+        for node in late:
+            log.debug("probe of %s: no answer within %.3gs", node.name, self._probe_timeout)
+            self._on_result(ProbeResult(node, ok=False, error=f"no answer within {self._probe_timeout:.3g}s"))
 
-    def probe_once(self) -> list[ProbeResult]:
-        """One round: roles and positions of all nodes, then lag of the read-only ones."""
-        results = {node.name: ProbeResult(node) for node in self._nodes()}
-        self._parallel(results.values(), self._probe_role)
-        writable = [r for r in results.values() if r.ok and r.writable]
-        primary_position = writable[0].position if len(writable) == 1 else None
-        followers = [r for r in results.values() if r.ok and r.writable is False]
-        self._parallel(followers, lambda r: self._probe_lag(r, primary_position))
-        return list(results.values())
+    def _end_round_if_complete(self) -> None:
+        with self._lock:
+            lanes = [self._lanes.get(node.name) for node in self._nodes()]
+            if not lanes or any(lane is None or lane.reported < self._round for lane in lanes):
+                return
+            self._round += 1
+        self._on_round()
 
-    def _parallel(self, results: Iterable[ProbeResult], probe: Callable[[ProbeResult], None]) -> None:
-        try:
-            futures = {self._executor.submit(probe, r): r for r in results}
-        except RuntimeError:  # shut down while stopping
+    def _probe(self, node: Node, round_: int) -> None:
+        result = ProbeResult(node)
+        self._ask(result)
+        if self._stop.is_set():
             return
-        if not futures:
-            return
-        _, late = wait(futures, timeout=self._probe_timeout)
-        for future in late:
-            result = futures[future]
-            result.ok = False
-            result.error = f"no answer within {self._probe_timeout:.3g}s"
-            # The late probe still owns its connection: the watchdog or the read timeout
-            # breaks it, and the probe closes it when it returns.
-            log.debug("probe of %s timed out", result.node.name)
+        with self._lock:
+            lane = self._lanes[node.name]
+            lane.reported = max(lane.reported, round_)
+        self._on_result(result)
+        self._signal.set()
 
-    def _probe_role(self, result: ProbeResult) -> None:
-        def ask(adapter: Adapter, conn: Any) -> None:
-            started = time.monotonic()
-            result.writable = adapter.is_writable(conn)
-            result.latency = time.monotonic() - started
-            if result.writable:
-                result.position = adapter.replication_position(conn)
+    def _ask(self, result: ProbeResult) -> None:
+        """Role and position, and for a read-only node the lag where the server must say it.
 
-        self._ask(result, ask)
-
-    def _probe_lag(self, result: ProbeResult, primary_position: str | None) -> None:
-        def ask(adapter: Adapter, conn: Any) -> None:
-            result.position = adapter.replication_position(conn)
-            if primary_position is not None and adapter.position_covers(result.position, primary_position) is None:
-                # Positions this engine cannot compare client-side (MySQL GTID sets): ask the server.
-                result.lag = adapter.replica_lag(conn, primary_position)
-
-        self._ask(result, ask)
-
-    def _ask(self, result: ProbeResult, ask: Callable[[Adapter, Any], None]) -> None:
+        A kept probe connection that fails is replaced once at once: after a network blip
+        or a server restart the old connection is dead while the node answers again, and a
+        failure then would take the node out of rotation for another ``reset_timeout``.
+        """
         node = result.node
         adapter = node.adapter
-        with self._probes_lock:
-            conn = self._probes.pop(node.name, None)  # held by this probe only
+        with self._lock:
+            kept = self._probes.pop(node.name, None)  # held by this probe only
+        started = time.monotonic()
+        conn = self._attempt(adapter, kept, result)
+        if (conn is None and kept is not None and not self._stop.is_set()
+                and time.monotonic() - started < self._probe_timeout / 2):  # failed fast: not a hang
+            conn = self._attempt(adapter, None, result)
+        if conn is not None:
+            with self._lock:
+                keep = not self._stop.is_set() and node.name not in self._probes
+                if keep:
+                    self._probes[node.name] = conn
+            if not keep:
+                adapter.close(conn)
+
+    def _attempt(self, adapter: Adapter, conn: Any, result: ProbeResult) -> Any:
+        """One try on ``conn`` (a new connection when None); the connection if it is still good."""
         token = None
         watchdog = self._watchdog if adapter.needs_watchdog else None
         try:
@@ -158,8 +204,8 @@ class Monitor:
             if watchdog is not None:
                 probe_conn = conn
                 token = watchdog.arm(time.monotonic() + self._probe_timeout, lambda: adapter.abort(probe_conn))
-            ask(adapter, conn)
-            result.ok = True
+            self._ask_node(adapter, conn, result)
+            result.ok, result.error = True, None
         except Exception as exc:  # noqa: BLE001 - any probe failure marks the node down
             result.ok = False
             result.error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -170,10 +216,17 @@ class Monitor:
             if token is not None and watchdog is not None and not watchdog.disarm(token) and conn is not None:
                 adapter.close(conn)
                 conn = None
-        if conn is not None:
-            with self._probes_lock:
-                keep = not self._stop.is_set() and node.name not in self._probes
-                if keep:
-                    self._probes[node.name] = conn
-            if not keep:
-                adapter.close(conn)
+        return conn
+
+    def _ask_node(self, adapter: Adapter, conn: Any, result: ProbeResult) -> None:
+        started = time.monotonic()
+        result.writable = adapter.is_writable(conn)
+        result.latency = time.monotonic() - started
+        result.position = adapter.replication_position(conn)
+        if result.writable:
+            self._primary_position = result.position
+            return
+        primary_position = self._primary_position
+        if primary_position is not None and adapter.position_covers(result.position, primary_position) is None:
+            # Positions this engine cannot compare client-side (MySQL GTID sets): ask the server.
+            result.lag = adapter.replica_lag(conn, primary_position)

@@ -6,7 +6,7 @@ attribute load, and report what they learn (a breaker changed state, a write
 was refused as read-only) by putting a message in the control plane's inbox.
 
 The control thread (``dbrouter-monitor``) is the only writer of roles, health,
-lag and readability. It folds probe rounds (from `dbrouter.monitor`) and
+lag and readability. It folds probe results and rounds (from `dbrouter.monitor`) and
 reports into the next snapshot, publishes it, and only then, holding no lock,
 emits events (listeners and log handlers run there), drives breakers
 (pybreaker, possibly Redis I/O) and invalidates pools.
@@ -160,7 +160,10 @@ class Topology:
         self._falling_back = False
         # (first seen, position) of the primary, oldest first: the yardstick for replica lag.
         self._history: deque[tuple[float, str]] = deque(maxlen=_HISTORY)
-        self._prober = Monitor(lambda: self.nodes, monitor.health_interval, self._round_done,
+        self._latest: dict[str, ProbeResult] = {}  # each node's last probe result
+        self._prober = Monitor(lambda: self.nodes, monitor.health_interval,
+                               lambda result: self._inbox.put(("probe", result)),
+                               lambda: self._inbox.put(("round",)),
                                probe_timeout=probe_timeout, watchdog=watchdog)
         self._thread = threading.Thread(target=self._run, name="dbrouter-monitor", daemon=True)
         self._started = False
@@ -248,9 +251,6 @@ class Topology:
 
     # -- the control thread ---------------------------------------------------------
 
-    def _round_done(self, results: list[ProbeResult]) -> None:
-        self._inbox.put(("round", results))
-
     def _run(self) -> None:
         while True:
             try:
@@ -277,8 +277,11 @@ class Topology:
         for item in batch:
             kind = item[0]
             try:
-                if kind == "round":
+                if kind == "probe":
                     self._apply(item[1], effects)
+                elif kind == "round":
+                    if self._auto:
+                        self._discover_roles(list(self._latest.values()), effects)
                     rounds += 1
                 elif kind == "breaker":
                     self._breaker_changed(item[1], item[2], item[3], effects)
@@ -337,20 +340,17 @@ class Topology:
         effects.emit(_BREAKER_EVENTS[new], node.name, f"circuit breaker {old} -> {new}", level,
                      old=old, new=new, failures=node.breaker.failures)
 
-    def _apply(self, results: list[ProbeResult], effects: _Effects) -> None:
-        """Fold one probe round into health, lag exclusion and roles."""
+    def _apply(self, result: ProbeResult, effects: _Effects) -> None:
+        """Fold one probe result into the node's health and lag (roles wait for the round)."""
         now = time.monotonic()
-        if self._auto:
-            self._discover_roles(results, effects)
-        writable = [r for r in results if r.ok and r.writable]
-        if len(writable) == 1 and writable[0].node is self._state_primary and writable[0].position:
-            self._note_primary_position(writable[0].position, now)
-        for result in results:
-            self._set_health(result, effects)
-            node = result.node
-            if result.ok and result.writable is False:
-                node.lag = result.lag if result.lag is not None else self._lag_of(node, result.position, now)
-                self._set_lag_exclusion(node, effects)
+        node = result.node
+        self._latest[node.name] = result
+        if result.ok and result.writable and node is self._state_primary and result.position:
+            self._note_primary_position(result.position, now)
+        self._set_health(result, effects)
+        if result.ok and result.writable is False:
+            node.lag = result.lag if result.lag is not None else self._lag_of(node, result.position, now)
+            self._set_lag_exclusion(node, effects)
 
     def _note_primary_position(self, position: str, now: float) -> None:
         """Remember when the primary was first seen at each position (one entry per change)."""

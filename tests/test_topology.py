@@ -1,4 +1,4 @@
-"""The control plane without servers: probe rounds folded into snapshots (pure logic).
+"""The control plane without servers: probe results and rounds folded into snapshots (pure logic).
 
 Nodes are built with their adapters and unopened pools (no I/O); probe results are
 handed to the control thread's step function directly.
@@ -7,6 +7,7 @@ handed to the control thread's step function directly.
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 from dbrouter.adapters import make_adapter
@@ -44,8 +45,14 @@ def round_of(nodes: list[Node], writable: str, down: tuple[str, ...] = ()) -> li
 
 
 def fold(topology: Topology, *messages: Any) -> None:
+    """Hand the control thread's step what the prober would: each result, then the round's end."""
     for message in messages:
-        topology._inbox.put(message)
+        if message[0] == "round":
+            for result in message[1]:
+                topology._inbox.put(("probe", result))
+            topology._inbox.put(("round",))
+        else:
+            topology._inbox.put(message)
     topology._step()
 
 
@@ -103,3 +110,63 @@ def test_a_round_counts_and_wakes_waiters() -> None:
     rounds = topology.rounds
     fold(topology, ("round", round_of(nodes, "p")), ("round", round_of(nodes, "p")))
     assert topology.rounds == rounds + 2
+
+
+class FakeAdapter:
+    """What the prober asks a node, answered from memory; ``hang`` blocks its answers."""
+
+    needs_watchdog = False
+
+    def __init__(self, writable: bool) -> None:
+        self.writable = writable
+        self.hang = threading.Event()
+        self.release = threading.Event()
+
+    def connect(self, *, read_timeout: float | None = None) -> object:
+        return object()
+
+    def is_writable(self, conn: object) -> bool:
+        if self.hang.is_set():
+            self.release.wait(5)
+        return self.writable
+
+    def replication_position(self, conn: object) -> str:
+        return "0/1"
+
+    def position_covers(self, have: str, want: str) -> bool:
+        return True
+
+    def close(self, conn: object) -> None:
+        pass
+
+
+class FakeNode:
+    def __init__(self, name: str, adapter: FakeAdapter) -> None:
+        self.name = name
+        self.adapter = adapter
+
+
+def test_a_hung_node_does_not_hold_up_the_others_results() -> None:
+    """Each node is probed on its own cadence: while one hangs, the others still report every
+    interval, and the hung one is reported failed after probe_timeout; rounds still end."""
+    from dbrouter.monitor import Monitor
+
+    healthy, hung = FakeNode("a", FakeAdapter(True)), FakeNode("b", FakeAdapter(False))
+    hung.adapter.hang.set()
+    results: list[tuple[float, str, bool]] = []
+    rounds: list[float] = []
+    monitor = Monitor(lambda: [healthy, hung], 0.05,  # type: ignore[arg-type, list-item]
+                      lambda r: results.append((time.monotonic(), r.node.name, r.ok)),
+                      lambda: rounds.append(time.monotonic()), probe_timeout=0.5)
+    started = time.monotonic()
+    monitor.start()
+    try:
+        time.sleep(1.2)
+    finally:
+        hung.adapter.release.set()
+        monitor.stop()
+    from_a = [t - started for t, name, ok in results if name == "a" and ok]
+    late_b = [t - started for t, name, ok in results if name == "b" and not ok]
+    assert len(from_a) >= 12, from_a  # about every 0.05 s, not every 0.5 s
+    assert late_b and 0.5 <= late_b[0] < 0.75, late_b
+    assert len(rounds) >= 2

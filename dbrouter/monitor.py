@@ -48,13 +48,14 @@ class ProbeResult:
 class _Lane:
     """One node's probing state (guarded by the monitor's lock)."""
 
-    __slots__ = ("future", "started", "round", "reported")
+    __slots__ = ("future", "started", "round", "reported", "read_only")
 
     def __init__(self) -> None:
         self.future: Future[None] | None = None
         self.started = 0.0
         self.round = -1  # the round the probe in flight belongs to
         self.reported = -1  # the last round this node reported for
+        self.read_only = False  # its last answer said read-only
 
 
 class Monitor:
@@ -152,10 +153,18 @@ class Monitor:
             self._on_result(ProbeResult(node, ok=False, error=f"no answer within {self._probe_timeout:.3g}s"))
 
     def _end_round_if_complete(self) -> None:
+        """A round ends when every node has reported for it, except that a node whose last
+        answer said read-only and whose probe is slower than the interval holds nothing up:
+        it cannot be a primary the router does not know of (it would need a promotion it has
+        not answered about), and waiting for it would delay a failover by up to probe_timeout."""
+        now = time.monotonic()
         with self._lock:
             lanes = [self._lanes.get(node.name) for node in self._nodes()]
-            if not lanes or any(lane is None or lane.reported < self._round for lane in lanes):
-                return
+            for lane in lanes:
+                if lane is None:
+                    return
+                if lane.reported < self._round and not (lane.read_only and now - lane.started > self._interval):
+                    return
             self._round += 1
         self._on_round()
 
@@ -167,6 +176,7 @@ class Monitor:
         with self._lock:
             lane = self._lanes[node.name]
             lane.reported = max(lane.reported, round_)
+            lane.read_only = result.ok and result.writable is False
         self._on_result(result)
         self._signal.set()
 

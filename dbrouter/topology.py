@@ -348,7 +348,9 @@ class Topology:
         if result.ok and result.writable and node is self._state_primary and result.position:
             self._note_primary_position(result.position, now)
         self._set_health(result, effects)
-        if result.ok and result.writable is False:
+        if result.ok and result.writable is False and self._state_primary.healthy:
+            # While the primary is down its last positions cannot be replayed by anyone: lag
+            # measured against them would take every replica out of rotation with it.
             node.lag = result.lag if result.lag is not None else self._lag_of(node, result.position, now)
             self._set_lag_exclusion(node, effects)
 

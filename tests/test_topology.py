@@ -117,8 +117,10 @@ class FakeAdapter:
 
     needs_watchdog = False
 
-    def __init__(self, writable: bool) -> None:
+    def __init__(self, writable: bool, hang_after: int = 1_000_000) -> None:
         self.writable = writable
+        self.calls = 0
+        self.hang_after = hang_after
         self.hang = threading.Event()
         self.release = threading.Event()
 
@@ -126,7 +128,8 @@ class FakeAdapter:
         return object()
 
     def is_writable(self, conn: object) -> bool:
-        if self.hang.is_set():
+        self.calls += 1
+        if self.hang.is_set() or self.calls > self.hang_after:
             self.release.wait(5)
         return self.writable
 
@@ -170,3 +173,22 @@ def test_a_hung_node_does_not_hold_up_the_others_results() -> None:
     assert len(from_a) >= 12, from_a  # about every 0.05 s, not every 0.5 s
     assert late_b and 0.5 <= late_b[0] < 0.75, late_b
     assert len(rounds) >= 2
+
+
+def test_a_replica_that_hangs_does_not_hold_up_role_decisions() -> None:
+    """A node whose last answer was read-only cannot be a primary the router does not know
+    of: once its probe is slower than the interval, rounds (and so failovers) go on without it."""
+    from dbrouter.monitor import Monitor
+
+    primary, replica = FakeNode("a", FakeAdapter(True)), FakeNode("b", FakeAdapter(False, hang_after=1))
+    rounds: list[float] = []
+    monitor = Monitor(lambda: [primary, replica], 0.05,  # type: ignore[arg-type, list-item]
+                      lambda r: None, lambda: rounds.append(time.monotonic()), probe_timeout=2.0)
+    started = time.monotonic()
+    monitor.start()
+    try:
+        time.sleep(0.6)
+    finally:
+        replica.adapter.release.set()
+        monitor.stop()
+    assert len([t for t in rounds if t - started < 0.6]) >= 5, rounds  # not one round per probe_timeout

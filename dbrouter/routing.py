@@ -44,7 +44,7 @@ from .lease import Lease, answered, not_taken, take
 from .retrying import Retry, RetryExecutor
 from .topology import Node, Topology
 
-__all__ = ["Core", "Counts", "Rows", "short"]
+__all__ = ["Core", "Counts", "Rows", "short", "statement"]
 
 log = logging.getLogger("dbrouter.router")
 
@@ -176,7 +176,7 @@ class Core:
         self.counts.reads.inc()
         node = self.choose_reader()
         if not node.breaker.clean or node.guard is not None:
-            return self.read_with(node, _execute(sql, params))
+            return self.read_with(node, statement(sql, params))
         # The hot path: run_on inlined, the entry borrowed without a lease object while the
         # breaker is clean (nothing to admit, no trial); a failure gets its lease and its rules.
         try:
@@ -186,7 +186,7 @@ class Core:
             first = _retry_or_raise(node, exc, Work.READ)
             if not isinstance(first, Retry):
                 raise
-            return self.read_again(first, _execute(sql, params))
+            return self.read_again(first, statement(sql, params))
         try:
             rows, _ = node.adapter.execute(entry.conn, sql, params)
         except BaseException as exc:
@@ -194,7 +194,7 @@ class Core:
             if decision.action is not Action.RETRY:
                 raise
             first = Retry(node, exc, failure_of(exc, node.adapter), Phase.SENT, decision)
-            return self.read_again(first, _execute(sql, params))
+            return self.read_again(first, statement(sql, params))
         answered(node, entry, True)
         return rows or []
 
@@ -240,7 +240,7 @@ class Core:
         (unless ``idempotent=True``, which allows a retry).
         """
         self.counts.writes.inc()
-        _, count = self.on_primary(_execute(sql, params), Work.IDEMPOTENT if idempotent else Work.WRITE)
+        _, count = self.on_primary(statement(sql, params), Work.IDEMPOTENT if idempotent else Work.WRITE)
         return count
 
     def on_primary(self, op: Callable[[Lease], T], work: Work, *, phase: Phase = Phase.SENT,
@@ -304,7 +304,8 @@ def _retry_or_raise(node: Node, exc: Exception, work: Work) -> Exception:
     return exc
 
 
-def _execute(sql: str, params: Any) -> Callable[[Lease], tuple[Any, int]]:
+def statement(sql: str, params: Any) -> Callable[[Lease], tuple[Any, int]]:
+    """One statement as an operation on a lease (for `Core.run_on` and the read rules)."""
     def execute(lease: Lease) -> tuple[Any, int]:
         return lease.execute(sql, params)
 

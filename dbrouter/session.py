@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 from .adapters.base import Rows
 from .decisions import Phase, Work
 from .retrying import Retry
+from .routing import statement
 from .statements import is_read_statement
 from .transactions import Results, Transaction, transaction
 
@@ -128,7 +129,7 @@ class Session(Results):
         targets = [node] if fallback is None or fallback is node else [node, fallback]
         for target in targets:
             try:
-                rows, _ = self._core.run_on(target, _execute(sql, params), Work.READ)
+                rows, _ = self._core.run_on(target, statement(sql, params), Work.READ)
                 return rows or []
             except Retry as failed:
                 last = failed
@@ -150,9 +151,3 @@ class Session(Results):
         self._keep(None)
         return self.write(sql, params)
 
-
-def _execute(sql: str, params: Any) -> Any:
-    def execute(lease: Lease) -> tuple[Any, int]:
-        return lease.execute(sql, params)
-
-    return execute

@@ -15,10 +15,7 @@ from typing import Any, Callable, TypeVar
 from tenacity import (
     RetryCallState,
     Retrying,
-    retry_if_exception,
     retry_if_exception_type,
-    stop_after_attempt,
-    stop_after_delay,
     wait_exponential,
     wait_random,
 )
@@ -27,7 +24,7 @@ from tenacity.wait import wait_base
 from .config import RetryPolicy
 from .decisions import Decision, Failure, Phase
 
-__all__ = ["Retry", "RetryExecutor", "backoff", "build_retrying"]
+__all__ = ["Retry", "RetryExecutor", "backoff"]
 
 T = TypeVar("T")
 
@@ -48,27 +45,6 @@ def backoff(policy: RetryPolicy) -> wait_base:
     """backoff, 2 x backoff, 4 x backoff ... plus up to one backoff of jitter, never above the max."""
     return (wait_exponential(multiplier=policy.retry_backoff, max=max(0.0, policy.retry_backoff_max - policy.retry_backoff))
             + wait_random(0, min(policy.retry_backoff, policy.retry_backoff_max)))
-
-
-def build_retrying(
-    policy: RetryPolicy,
-    should_retry: Callable[[BaseException], bool],
-    *,
-    deadline: float | None = None,
-    sleep: Callable[[float], None] = time.sleep,
-    before_sleep: Callable[[Any], None] | None = None,
-) -> Retrying:
-    """A tenacity controller: backoff with jitter, stopped by attempts or the deadline
-    (seconds from now), retrying only what ``should_retry`` accepts, re-raising the last error."""
-    budget = policy.retry_deadline if deadline is None else deadline
-    return Retrying(
-        stop=stop_after_attempt(policy.retry_attempts) | stop_after_delay(max(0.0, budget)),
-        wait=backoff(policy),
-        retry=retry_if_exception(should_retry),
-        reraise=True,
-        sleep=sleep,
-        before_sleep=before_sleep,
-    )
 
 
 class RetryExecutor:

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import threading
 
-import pytest
-
-from dbrouter.config import BreakerPolicy, RetryPolicy
+from dbrouter.config import BreakerPolicy
 from dbrouter.resilience import NodeBreaker
-from dbrouter.retrying import build_retrying
 
 
 class Clock:
@@ -100,41 +97,6 @@ def test_force_open_and_reset() -> None:
     breaker.reset()
     assert breaker.state == "closed"
     assert changes == [("closed", "open"), ("open", "closed")]
-
-
-def test_retrying_is_bounded_by_attempts_and_retries_only_what_the_predicate_accepts() -> None:
-    sleeps: list[float] = []
-    policy = RetryPolicy(retry_attempts=4, retry_deadline=60, retry_backoff=0.1, retry_backoff_max=0.3)
-    calls = []
-
-    def flaky() -> None:
-        calls.append(1)
-        raise ConnectionError("down")
-
-    with pytest.raises(ConnectionError):
-        for attempt in build_retrying(policy, lambda e: isinstance(e, ConnectionError), sleep=sleeps.append):
-            with attempt:
-                flaky()
-    assert len(calls) == 4 and len(sleeps) == 3
-    assert all(0.1 <= s <= 0.3 + 1e-9 for s in sleeps)
-    calls.clear()
-    with pytest.raises(ValueError):
-        for attempt in build_retrying(policy, lambda e: isinstance(e, ConnectionError), sleep=sleeps.append):
-            with attempt:
-                calls.append(1)
-                raise ValueError("caller error")
-    assert len(calls) == 1
-
-
-def test_retrying_stops_at_the_deadline() -> None:
-    policy = RetryPolicy(retry_attempts=100, retry_deadline=0.05, retry_backoff=0.02, retry_backoff_max=0.02)
-    calls = []
-    with pytest.raises(ConnectionError):
-        for attempt in build_retrying(policy, lambda e: True):
-            with attempt:
-                calls.append(1)
-                raise ConnectionError()
-    assert 1 < len(calls) < 10
 
 
 def test_the_trial_is_one_call_and_only_its_holder_abandons_it() -> None:

@@ -373,8 +373,13 @@ def in_rotation(router: Router, workload: Workload, name: str, port: int, primar
             problems.append(f"role {node['role']}")
         if node["lag_excluded"]:
             problems.append(f"excluded for lag ({node['lag']})")
+        if not node["serving_reads"]:
+            problems.append("not in the router's readable set")
         if workload.last_ok.get(("read", port), 0.0) < since:
-            problems.append("no read served by it since it answered")
+            latest = max((t for (what, _), t in workload.last_ok.items() if what == "read"), default=0.0)
+            anywhere = f"the latest read answered anywhere began {time.monotonic() - latest:.2f}s ago" if latest else \
+                "no read answered anywhere yet"
+            problems.append(f"no read served by it since it answered ({anywhere})")
     return "; ".join(problems) or None
 
 

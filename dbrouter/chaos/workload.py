@@ -42,6 +42,12 @@ OPERATIONS: dict[str, float] = {
     "sqlalchemy": 8.0,
 }
 
+# One worker in READER_SHARE only reads, as an application's read-only request paths do:
+# while the primary is down every mixed worker soon waits in a write for the failover, and
+# without these no read would show that a recovered replica serves again.
+READER_SHARE = 8
+READ_ONLY: dict[str, float] = {"read": 1.0}
+
 ACKED = "acked"
 UNKNOWN = "unknown"
 FAILED = "failed"
@@ -141,8 +147,9 @@ class Workload:
 
     def _work(self, index: int) -> None:
         rng = random.Random(self.seed * 1_000_003 + index)
-        ops = list(OPERATIONS)
-        weights = [OPERATIONS[o] for o in ops]
+        mix = READ_ONLY if index < max(1, self.threads // READER_SHARE) else OPERATIONS
+        ops = list(mix)
+        weights = [mix[o] for o in ops]
         ids = iter(range((index + 1) * 10_000_000, (index + 2) * 10_000_000))
         run: dict[str, Callable[[random.Random, Any], None]] = {
             "read": self._read, "write": self._write, "transaction": self._transaction,

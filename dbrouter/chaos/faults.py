@@ -31,7 +31,8 @@ log = logging.getLogger("dbrouter.chaos")
 # probe's own round trip and the next read or write reaching the node under this load.
 SLACK = 0.5
 DIAGNOSE_FOR = 10.0  # after a missed deadline, keep watching this long to say when it came back
-ANSWER_TIMEOUT = 15.0  # a restarted server must answer within this long
+ANSWER_TIMEOUT = 15.0  # a restarted server must answer (and a replica catch up) within this long
+NO_READ = "no read served by it since it answered"
 
 
 @dataclass
@@ -300,6 +301,15 @@ class FaultScheduler:
                 return  # the run is stopping (a stall): no verdict
             run.error = f"{node.name} did not answer within {ANSWER_TIMEOUT:.0f}s after the fault ended"
             return
+        if self.cluster.primary is not node:
+            # A replica that was down or cut off is behind until it has replayed what it
+            # missed (a restarted standby may wait seconds to stream again), and the router
+            # rightly keeps it out for lag meanwhile: the clock starts once it has caught up.
+            try:
+                self.cluster.wait_caught_up(node, timeout=ANSWER_TIMEOUT)
+                answered = self.now()
+            except ClusterError as exc:
+                log.info("%s: not waiting for it to catch up (%s)", node.name, exc)
         check = RotationCheck(node.name, "?", answered, self.bound)
         with self._lock:
             run.checks.append(check)
@@ -314,6 +324,10 @@ class FaultScheduler:
             if reason is None:
                 check.back_after = max(0.0, now - answered)
                 break
+            if reason.startswith(NO_READ):
+                # All else is back, but no worker's read reached it yet (the readers may be
+                # held by a hung node): a read of the checker's own shows whether reads go there.
+                self.workload.read_once()
             if now <= deadline:
                 check.reason = reason
             else:
@@ -379,7 +393,7 @@ def in_rotation(router: Router, workload: Workload, name: str, port: int, primar
             latest = max((t for (what, _), t in workload.last_ok.items() if what == "read"), default=0.0)
             anywhere = f"the latest read answered anywhere began {time.monotonic() - latest:.2f}s ago" if latest else \
                 "no read answered anywhere yet"
-            problems.append(f"no read served by it since it answered ({anywhere})")
+            problems.append(f"{NO_READ} ({anywhere})")
     return "; ".join(problems) or None
 
 

@@ -216,6 +216,16 @@ class Workload:
                                 (rng.randrange(10_000_000, 330_000_000),))
         self._seen("read", rows[0][0], start)
 
+    def read_once(self) -> None:
+        """One read through the router, outside the mix (the rotation checks use it); its
+        failure is not counted: the workers' own reads are what invariant f judges."""
+        start = time.monotonic()
+        try:
+            rows = self.router.read(f"SELECT {self.port_sql}")
+        except Exception:  # noqa: BLE001 - a failed read simply shows no node serving
+            return
+        self._seen("read", rows[0][0], start)
+
     def _write(self, rng: random.Random, ids: Any) -> None:
         record = self._new(ids, "write", time.monotonic())
         try:

@@ -769,6 +769,13 @@ class LocalCluster:
         for node in self._active_replicas():
             self._wait_caught_up(node, target, deadline)
 
+    def wait_caught_up(self, node: LocalNode, timeout: float = 10.0) -> None:
+        """Block until ``node`` has replayed everything the primary has written so far.
+        Raises ClusterError after ``timeout`` s, or when the primary cannot be read."""
+        deadline = Deadline(timeout)
+        self._require_running(self.primary, "read the position of primary")
+        self._wait_caught_up(node, self._primary_position(self.primary), deadline)
+
     def promote(self, node: LocalNode, timeout: float = 30.0) -> None:
         """Make ``node`` the primary and re-point the other running replicas to it.
 

@@ -20,7 +20,8 @@ storage; `NodeBreaker` decides admission around it:
 
 Lock order: pybreaker's lock is never taken while ``_trial_lock`` is held, and
 ``_trial_lock`` is held only for attribute accesses (and the memory storage's, which
-are attribute loads too); no other lock of dbrouter's is ever held with either.
+are attribute loads too); no other lock of dbrouter's is ever held with either. With
+any storage but the local one, nothing reads the storage under ``_trial_lock``.
 """
 
 from __future__ import annotations
@@ -93,8 +94,10 @@ class NodeBreaker:
         self.policy = policy
         self._on_change = on_change
         self._clock = clock
-        # Shared (Redis) state is read at most every breaker_refresh seconds; local
-        # state is an attribute read and needs no cache.
+        # Any storage given is treated as shared (Redis: I/O), read at most every
+        # breaker_refresh seconds and never under _trial_lock; the local state is an
+        # attribute read and needs no cache.
+        self._external = storage is not None
         self._ttl = policy.breaker_refresh if storage is not None else 0.0
         self._cached: tuple[str, int] = (CLOSED, 0)
         self._cached_at = float("-inf")
@@ -124,7 +127,7 @@ class NodeBreaker:
 
     def _read(self) -> tuple[str, int]:
         """(state, failure count), from the shared storage at most every ``breaker_refresh`` s."""
-        if not self._ttl:
+        if not self._external:
             return self._cb.current_state, self._cb.fail_counter
         now = self._clock()
         if now - self._cached_at >= self._ttl:
@@ -189,7 +192,7 @@ class NodeBreaker:
         state = self._read()[0]  # shared state: the cached copy, refreshed every breaker_refresh
         if state == CLOSED:
             return ADMITTED
-        if self._ttl:
+        if self._external and self._ttl:
             self._refresh(self._clock())  # not closed: decide on the current shared state
             state = self._cached[0]
             if state == CLOSED:
@@ -294,7 +297,7 @@ class NodeBreaker:
 
     def _after_change(self) -> None:
         self._cached_at = float("-inf")
-        if self._ttl == 0.0:
+        if not self._external:
             # Local storage: reading it is two attribute loads. Under the lock, so that a
             # failure recorded meanwhile (which clears the flag under it) is never overwritten.
             with self._trial_lock:

@@ -42,7 +42,7 @@ def _cluster_up(args: argparse.Namespace) -> int:
     cluster = make_cluster(args.engine, replicas=args.replicas, sync=args.sync,
                            base_dir=Path(args.dir) if args.dir else None)
     cluster.start()
-    state.parent.mkdir(parents=True, exist_ok=True)
+    state.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     cluster.save_state(state)
     config = state.with_suffix(".toml")
     write_router_config(cluster, config)
@@ -54,7 +54,8 @@ def _cluster_up(args: argparse.Namespace) -> int:
 
 
 def write_router_config(cluster, path: Path) -> None:  # type: ignore[no-untyped-def]
-    """A dbrouter TOML config for a local cluster (mode 0600: it holds the password)."""
+    """A dbrouter TOML config for a local cluster (mode 0600 from the start, whatever the
+    umask: it holds the password)."""
     replicas = ", ".join(f'"{node.url}"' for node in cluster.replicas)
     text = (
         "# written by dbrouter cluster up\n"
@@ -62,8 +63,10 @@ def write_router_config(cluster, path: Path) -> None:  # type: ignore[no-untyped
         f"replicas = [{replicas}]\n\n"
         "[monitor]\nhealth_interval = 1.0\n"
     )
-    path.write_text(text)
-    path.chmod(0o600)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        os.fchmod(f.fileno(), 0o600)  # an existing file keeps its old mode through O_CREAT
+        f.write(text)
 
 
 def _load(args: argparse.Namespace):  # type: ignore[no-untyped-def]

@@ -234,7 +234,10 @@ class BreakerPolicy:
     breaker_redis_url: str | None = None
     """``redis://host:port/db``: share every node's breaker state with the other
     processes of the application through Redis, so that one process finding a node
-    down spares the others (extra ``redis``). None: each process on its own."""
+    down spares the others (extra ``redis``). None: each process on its own. Nothing
+    connects at construction; while Redis does not answer, each process's breakers
+    work on their own (one warning), and bad values in Redis are ignored and
+    overwritten (see `dbrouter.fleet`)."""
     breaker_refresh: float = 0.5
     """With shared state, seconds a process trusts its copy of a breaker's state
     before reading it from Redis again (keeps Redis off the query path)."""

@@ -18,9 +18,15 @@ storage; `NodeBreaker` decides admission around it:
   back another way) ages out after ``reset_timeout``, in `allow` and
   `available` alike. A successful monitor probe counts as a successful trial.
 
+- With shared state (`dbrouter.fleet`), the time an open breaker has been open is
+  taken from the shared state at every refresh, not from when this process last saw it
+  open: a process never offers a node for a trial early because another process opened
+  it again (and never writes half-open for everyone early).
+
 Lock order: pybreaker's lock is never taken while ``_trial_lock`` is held, and
 ``_trial_lock`` is held only for attribute accesses (and the memory storage's, which
-are attribute loads too); no other lock of dbrouter's is ever held with either.
+are attribute loads too); no other lock of dbrouter's is ever held with either. With
+any storage but the local one, nothing reads the storage under ``_trial_lock``.
 """
 
 from __future__ import annotations
@@ -33,8 +39,9 @@ from typing import Any, Callable
 import pybreaker
 
 from .config import BreakerPolicy
+from .fleet import RedisBreakerStorage, SharedView
 
-__all__ = ["ADMITTED", "CLOSED", "HALF_OPEN", "OPEN", "REFUSED", "STATE_CODES", "TRIAL", "NodeBreaker", "shared_storage"]
+__all__ = ["ADMITTED", "CLOSED", "HALF_OPEN", "OPEN", "REFUSED", "STATE_CODES", "TRIAL", "NodeBreaker"]
 
 log = logging.getLogger("dbrouter.resilience")
 
@@ -93,8 +100,11 @@ class NodeBreaker:
         self.policy = policy
         self._on_change = on_change
         self._clock = clock
-        # Shared (Redis) state is read at most every breaker_refresh seconds; local
-        # state is an attribute read and needs no cache.
+        # Any storage given is treated as shared (Redis: I/O), read at most every
+        # breaker_refresh seconds and never under _trial_lock; the local state is an
+        # attribute read and needs no cache.
+        self._external = storage is not None
+        self._shared = storage if isinstance(storage, RedisBreakerStorage) else None
         self._ttl = policy.breaker_refresh if storage is not None else 0.0
         self._cached: tuple[str, int] = (CLOSED, 0)
         self._cached_at = float("-inf")
@@ -116,6 +126,8 @@ class NodeBreaker:
             state_storage=storage,
             throw_new_error_on_trip=False,
         )
+        if self._shared is not None:
+            self._shared.go_live()  # after pybreaker's constructor, which reads the state
 
     def __repr__(self) -> str:
         return f"<NodeBreaker {self.name} {self.state} failures={self.failures}>"
@@ -124,7 +136,7 @@ class NodeBreaker:
 
     def _read(self) -> tuple[str, int]:
         """(state, failure count), from the shared storage at most every ``breaker_refresh`` s."""
-        if not self._ttl:
+        if not self._external:
             return self._cb.current_state, self._cb.fail_counter
         now = self._clock()
         if now - self._cached_at >= self._ttl:
@@ -132,11 +144,33 @@ class NodeBreaker:
         return self._cached
 
     def _refresh(self, now: float) -> None:
-        try:
-            self._cached = (self._cb.current_state, self._cb.fail_counter)
-        except Exception as exc:  # noqa: BLE001 - an unreachable Redis must not stop queries
-            log.warning("breaker %s: shared state unavailable (%s); keeping the last known state", self.name, exc)
+        if self._shared is not None:
+            view = self._shared.snapshot()  # validated; never raises (Redis down: the local copy)
+            self._cached = (view.state, view.failures)
+            self._track_opening(view, now)
+        else:
+            try:
+                self._cached = (self._cb.current_state, self._cb.fail_counter)
+            except Exception as exc:  # noqa: BLE001 - an unreachable storage must not stop queries
+                log.warning("breaker %s: shared state unavailable (%s); keeping the last known state", self.name, exc)
         self._cached_at = now
+
+    def _track_opening(self, view: SharedView, now: float) -> None:
+        """Time an open breaker from the shared state's opening, not from this process's memory."""
+        if view.state != OPEN:
+            self._opened_at = None  # a later opening is timed afresh, never from this one
+            return
+        stamp, server_time = view.opened_stamp, view.server_time
+        if stamp is None or server_time is None:
+            if self._opened_at is None:  # opened at an unknown time: a full reset_timeout from now
+                self._opened_at = now
+            return
+        if stamp == view.own_stamp and self._opened_at is not None:
+            return  # this process's own opening, which it timed exactly
+        # Another process's opening (or a later one than this process saw). The stamp is a
+        # whole second of the server's clock: the opening was in [stamp, stamp + 1); count
+        # from the end of that second, so as to be late by under a second, never early.
+        self._opened_at = now - max(0.0, server_time - (stamp + 1))
 
     @property
     def state(self) -> str:
@@ -189,7 +223,7 @@ class NodeBreaker:
         state = self._read()[0]  # shared state: the cached copy, refreshed every breaker_refresh
         if state == CLOSED:
             return ADMITTED
-        if self._ttl:
+        if self._external and self._ttl:
             self._refresh(self._clock())  # not closed: decide on the current shared state
             state = self._cached[0]
             if state == CLOSED:
@@ -239,6 +273,11 @@ class NodeBreaker:
         with self._trial_lock:
             self.clean = False
         self._end_trial()
+        if self._shared is not None and self._read()[0] == OPEN and not self._elapsed_open(self._clock()):
+            # Open, and not for reset_timeout yet by the shared opening time (pybreaker would
+            # judge it by its own clock): nothing more to count.
+            self._cached_at = float("-inf")
+            return
         try:
             self._cb.call(_fail, exc)
         except pybreaker.CircuitBreakerError:
@@ -294,7 +333,7 @@ class NodeBreaker:
 
     def _after_change(self) -> None:
         self._cached_at = float("-inf")
-        if self._ttl == 0.0:
+        if not self._external:
             # Local storage: reading it is two attribute loads. Under the lock, so that a
             # failure recorded meanwhile (which clears the flag under it) is never overwritten.
             with self._trial_lock:
@@ -322,15 +361,3 @@ class _Listener(pybreaker.CircuitBreakerListener):
         old = old_state.name if old_state is not None else CLOSED
         self._owner._changed(old, new_state.name)
 
-
-def shared_storage(url: str, node_key: str) -> pybreaker.CircuitBreakerStorage:
-    """pybreaker's Redis storage for one node, keyed by the node's address so that every
-    process of the application that talks to that node shares one breaker."""
-    try:
-        import redis
-    except ImportError as exc:  # pragma: no cover - depends on the installed extras
-        from .errors import ConfigurationError
-
-        raise ConfigurationError("breaker_redis_url needs the redis package: pip install 'dbrouter[redis]'") from exc
-    client = redis.Redis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0)
-    return pybreaker.CircuitRedisStorage(CLOSED, client, namespace=f"dbrouter:{node_key}")

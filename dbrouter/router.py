@@ -24,9 +24,10 @@ from .config import SECTIONS, RouterConfig, build_router_config, load_router_con
 from .decisions import Phase, Work
 from .errors import ConfigurationError, PoolError
 from .events import Event, Events
+from .fleet import shared_storage
 from .lease import HeldLease, Lease, Outcome, take
 from .pool import Pool
-from .resilience import NodeBreaker, shared_storage
+from .resilience import NodeBreaker
 from .retrying import RetryExecutor
 from .routing import Core, Counts
 from .session import Session

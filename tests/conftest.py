@@ -86,7 +86,7 @@ def tagged(cluster: LocalCluster) -> Iterator[Tagged]:
     node = cluster.primary
     url = node.url
     if cluster.engine == "mariadb":
-        node.query(f"CREATE DATABASE {tag}")
+        cluster.create_database(tag)  # the application user's, as the cluster's own database
         address = parse_address(url)
         url = url.rsplit("/", 1)[0] + f"/{tag}"
         assert parse_address(url).port == address.port

@@ -173,3 +173,25 @@ def test_failure_does_not_swallow_what_it_is_not_given() -> None:
     breaker, _, _ = make(fail_max=1)
     breaker.failure(KeyboardInterrupt())  # not a node failure: not counted, not raised
     assert breaker.state == "closed" and breaker.failures == 0
+
+
+def test_a_shared_breaker_read_every_time_keeps_reading_the_shared_state() -> None:
+    """breaker_refresh = 0 with shared storage: two breakers on one storage stand for two
+    processes. Before: after a failure then a success, the first one computed its "clean"
+    flag from the storage (a Redis read under its lock) and from then on ignored the shared
+    state: the other's trip never reached it."""
+    import pybreaker
+
+    shared = pybreaker.CircuitMemoryStorage(pybreaker.STATE_CLOSED)
+    clock = Clock()
+    policy = BreakerPolicy(fail_max=1, reset_timeout=5.0, breaker_refresh=0)
+    first = NodeBreaker("n1", BreakerPolicy(fail_max=2, reset_timeout=5.0, breaker_refresh=0), clock=clock,
+                        storage=shared)
+    second = NodeBreaker("n1", policy, clock=clock, storage=shared)
+    first.failure(OSError("refused"))
+    first.success()
+    assert first.allow() and first.state == "closed"
+    second.failure(OSError("refused"))
+    assert second.state == "open"
+    assert first.state == "open"
+    assert not first.allow() and not first.available()

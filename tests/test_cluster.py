@@ -232,7 +232,7 @@ def test_servers_confirm_who_is_primary(mcluster: LocalCluster) -> None:
     assert mcluster.primary is primary and mcluster.replicas == [r1, r2]
     assert len({n.port for n in mcluster.nodes}) == 3
     for node in mcluster.nodes:
-        assert node.url == f"{scheme}://dbrouter:dbrouter-pw@127.0.0.1:{node.port}/dbrouter"
+        assert node.url == f"{scheme}://dbrouter:{mcluster.password}@127.0.0.1:{node.port}/dbrouter"
         assert node.running and node.pid and alive(node.pid)
         assert identity(node) == (node.port, node is not primary)
     status = mcluster.status()
@@ -472,3 +472,76 @@ def test_cli_cluster_down_reads_the_engine_from_the_state(scratch: Path) -> None
     assert down.stdout.strip() == "mariadb cluster stopped and removed"
     assert wait_gone(pids, timeout=5) == []
     assert not state.exists()
+
+
+# ------------------------------------------------------------- other local users
+
+
+def no_password_login(engine: str, node: LocalNode, user: str, *, socket_dir: Path | None, as_nobody: bool,
+                      password: str | None = None) -> subprocess.CompletedProcess[str]:
+    """``SELECT 1`` with the engine's command-line client, with no password unless given, in a
+    clean environment (no option files, no PGPASSWORD) as ``nobody`` or as this process's user;
+    over TCP, or over the unix socket in ``socket_dir``."""
+    env = ["env", "-i", "PATH=/usr/bin:/bin", "HOME=/nonexistent"]
+    if engine == "postgres":
+        host = str(socket_dir) if socket_dir else node.host
+        if password is not None:
+            env.append(f"PGPASSWORD={password}")
+        argv = ["psql", "-X", "-w", "-h", host, "-p", str(node.port), "-U", user, "-d", "postgres", "-c", "SELECT 1"]
+    else:
+        where = ["-S", str(socket_dir / "mysqld.sock")] if socket_dir else ["-h", node.host, "-P", str(node.port),
+                                                                          "--protocol=TCP"]
+        argv = ["mariadb", "--no-defaults", *where, "-u", user, "-e", "SELECT 1"]
+        if password is not None:
+            argv.append(f"--password={password}")
+    command = [*env, *argv]
+    if as_nobody:
+        command = ["runuser", "-u", "nobody", "--", *command]
+    return subprocess.run(command, capture_output=True, text=True, timeout=30, cwd="/")
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_cluster_up_leaves_nothing_open_to_other_local_users(engine: str, scratch: Path) -> None:
+    """`dbrouter cluster up`, even under umask 000: no account of any node lets anyone in
+    without its generated password, over TCP (as another OS user) or over the unix socket
+    (whose directory only the servers' owner can enter; and even the owner needs the password);
+    state, config, base, node and data directories are the owner's only. Before: PostgreSQL
+    trusted the unix socket, MariaDB's root had no password (also over TCP from 127.0.0.1),
+    the directories were 0755 and the application role a superuser with a fixed password."""
+    assert os.geteuid() == 0, "runs the clients as nobody through runuser"
+    state = scratch / f"{engine}.json"
+    cli = [sys.executable, "-m", "dbrouter.cli", "cluster"]
+    up = subprocess.run(cli + ["up", "--engine", engine, "--replicas", "1", "--state", str(state)],
+                        capture_output=True, text=True, timeout=120, preexec_fn=lambda: os.umask(0))
+    assert up.returncode == 0, up.stderr
+    try:
+        cluster = LocalCluster.load_state(state)
+        assert cluster.password != "dbrouter-pw" and len(cluster.password) >= 16
+        for path in (state, state.with_suffix(".toml")):
+            assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+        directories = [cluster.base_dir, *(d for n in cluster.nodes for d in (n.node_dir, n.datadir))]
+        for directory in directories:
+            assert stat.S_IMODE(directory.stat().st_mode) == 0o700, directory
+
+        primary = cluster.primary
+        if engine == "postgres":
+            users = {row[0] for row in primary.query("SELECT rolname FROM pg_roles WHERE rolcanlogin")}
+            assert primary.query("SELECT rolsuper FROM pg_roles WHERE rolname = %s", (cluster.user,)) == [(False,)]
+        else:
+            users = {row[0] for row in primary.query("SELECT user FROM mysql.user")}
+            assert not primary.query("SELECT 1 FROM mysql.user WHERE user = %s AND Super_priv = 'Y'", (cluster.user,))
+        users |= {"root", "postgres", "mysql", "nobody", cluster.user, ""}
+        for node in cluster.nodes:
+            for user in sorted(users):
+                tcp = no_password_login(engine, node, user, socket_dir=None, as_nobody=True)
+                assert tcp.returncode != 0, f"{user!r} logged in over TCP without a password: {tcp.stdout}"
+                for as_nobody in (True, False):
+                    unix = no_password_login(engine, node, user, socket_dir=node.node_dir, as_nobody=as_nobody)
+                    assert unix.returncode != 0, (f"{user!r} logged in over the unix socket without a password "
+                                                  f"(as {'nobody' if as_nobody else 'its owner'}): {unix.stdout}")
+            # The generated password works, from another OS user too.
+            ok = no_password_login(engine, node, cluster.user, socket_dir=None, as_nobody=True, password=cluster.password)
+            assert ok.returncode == 0, ok.stderr
+    finally:
+        down = subprocess.run(cli + ["down", "--state", str(state)], capture_output=True, text=True, timeout=120)
+        assert down.returncode == 0, down.stderr

@@ -22,7 +22,7 @@ from dbrouter.workload import Workload
 
 from .conftest import ENGINES, wait_until
 
-PASSWORD = "dbrouter-pw"  # the local clusters' password: must never show up
+PASSWORD = "observed-pw-4242"  # the password of the clusters this module starts: must never show up
 
 
 def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -45,7 +45,7 @@ def value(samples: dict, name: str, **labels: str) -> float:
 @pytest.mark.parametrize("engine", ENGINES)
 def test_exporter_numbers_move_through_a_workload_and_two_failovers(engine: str, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG, logger="dbrouter")
-    cluster = make_cluster("postgres" if engine == "postgres" else "mariadb", replicas=2).start()
+    cluster = make_cluster("postgres" if engine == "postgres" else "mariadb", replicas=2, password=PASSWORD).start()
     events: list[str] = []
     try:
         router = Router(cluster.primary.url, [n.url for n in cluster.replicas], health_interval=0.2,
@@ -113,7 +113,7 @@ def test_stats_snapshot_has_every_number(cluster: Any) -> None:
             assert {"size", "idle", "in_use", "waiting", "acquired", "timeouts", "connect_errors", "opened", "closed",
                     "discarded", "acquire_wait_p50", "acquire_wait_p99"} <= set(info["pool"])
             assert info["healthy"] and info["breaker"] == "closed"
-        assert PASSWORD not in repr(router) and PASSWORD not in json.dumps(stats, default=str)
+        assert cluster.password not in repr(router) and cluster.password not in json.dumps(stats, default=str)
 
 
 def test_pool_exhaustion_and_leak_events(cluster: Any) -> None:
@@ -135,7 +135,7 @@ def test_pool_exhaustion_and_leak_events(cluster: Any) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", ENGINES)
 def test_status_command_shows_roles_before_and_after_a_promotion(engine: str, tmp_path: Path) -> None:
-    cluster = make_cluster("postgres" if engine == "postgres" else "mariadb", replicas=2).start()
+    cluster = make_cluster("postgres" if engine == "postgres" else "mariadb", replicas=2, password=PASSWORD).start()
     try:
         config = tmp_path / "dbrouter.toml"
         write_router_config(cluster, config)

@@ -272,7 +272,7 @@ def test_connections_go_back_to_dbrouter_pools_and_no_server_session_leaks(clust
         options: dict[str, Any] = {"application_name": tag}
         cluster.primary.query(f"CREATE TABLE {tag} (id bigint primary key, port int)")
     else:
-        cluster.primary.query(f"CREATE DATABASE {tag}")
+        cluster.create_database(tag)
         cluster.primary.query(f"CREATE TABLE {tag}.{tag} (id bigint primary key, port int)")
         urls = [n.url.rsplit("/", 1)[0] + f"/{tag}" for n in nodes]
         options = {}

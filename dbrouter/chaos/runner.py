@@ -133,7 +133,7 @@ class _Chaos:
             # MariaDB lists no connection attributes: the router's sessions are told apart by
             # their database, one made for this run.
             database = self.tag
-            cluster.primary.query(f"CREATE DATABASE {database}")
+            cluster.create_database(database)
         self.database = database
         urls = {}
         for node in cluster.nodes:

@@ -5,6 +5,12 @@ instead of mocks. Most of this module is about never leaking a server: every
 process is tracked by pid (and its command line checked before it is
 signalled, so a recycled pid is never hit), every wait has a deadline, and an
 atexit hook tears down whatever a crashed test left behind.
+
+Nothing of a cluster is open to the other users of the machine: every account
+has a password generated for the cluster (the application's, the admin's, the
+replication's), on the unix socket as over TCP; the base, node (socket) and data
+directories are the servers' owner's only (0700), and files holding a password
+are created 0600 whatever the umask.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import math
 import os
 import pwd
 import random
+import secrets
 import shutil
 import signal
 import socket
@@ -42,7 +49,7 @@ HOST = "127.0.0.1"
 # servers get ports below it.
 PORT_RANGE = (20000, 32000)
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: admin and replication passwords (1: trusted unix socket, no admin password)
 SHM_MIN_FREE = 2 << 30  # bytes free on /dev/shm before clusters go there by default
 
 _T = TypeVar("_T")
@@ -106,9 +113,19 @@ def chown_to(path: Path, user: str, *, recursive: bool = False) -> None:
                 os.lchown(os.path.join(root, name), entry.pw_uid, entry.pw_gid)
 
 
+def new_password() -> str:
+    """A random password: 32 characters of ``[A-Za-z0-9_-]``, safe in URLs, SQL and config files."""
+    return secrets.token_urlsafe(24)
+
+
 def write_file(path: Path, text: str, *, owner: str | None, mode: int = 0o600) -> None:
-    path.write_text(text)
-    os.chmod(path, mode)
+    """Write ``text`` to ``path`` with ``mode``. The file is 0600 from the moment it exists
+    (or is truncated), whatever the umask: it may hold a password."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        os.fchmod(f.fileno(), 0o600)  # an existing file keeps its old mode through O_CREAT
+        f.write(text)
+        os.fchmod(f.fileno(), mode)
     if owner:
         chown_to(path, owner)
 
@@ -557,11 +574,16 @@ class LocalCluster:
     Use as a context manager, or call :meth:`start` and :meth:`destroy`. Every
     server started is destroyed at interpreter exit unless :meth:`detach` was
     called (the CLI's ``cluster up``), so nothing outlives a crashed test run.
+
+    ``password`` is the application user's (``user``, no superuser); None generates one.
+    The admin and replication passwords are always generated (see the module).
     """
 
     engine: ClassVar[str] = ""
     node_prefix: ClassVar[str] = "node"
     node_class: ClassVar[type[LocalNode]] = LocalNode
+    os_user: ClassVar[str] = ""  # the servers run as this OS user when started as root
+    reserved_users: ClassVar[frozenset[str]] = frozenset()  # the cluster's own accounts
     _engines: ClassVar[dict[str, type[LocalCluster]]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -575,7 +597,7 @@ class LocalCluster:
         base_dir: str | os.PathLike[str] | None = None,
         sync: bool = False,
         user: str = "dbrouter",
-        password: str = "dbrouter-pw",
+        password: str | None = None,
         database: str = "dbrouter",
         *,
         keep: bool = False,
@@ -586,12 +608,19 @@ class LocalCluster:
         for field, value in (("user", user), ("database", database)):
             if not value.isidentifier() or not value.isascii():
                 raise ClusterError(f"{field} must be a plain identifier, got {value!r}")
-        if not password:
+        if user in self.reserved_users:
+            raise ClusterError(f"user {user!r} is one of the cluster's own accounts {sorted(self.reserved_users)}")
+        if password is not None and not password:
             raise ClusterError("password must not be empty")
         self.replica_count = replicas
         self.sync = bool(sync)
         self.user = user
-        self.password = password
+        self.password = password if password is not None else new_password()
+        """The application user's password (generated unless given)."""
+        self.admin_password = new_password()
+        """The servers' superuser's (PostgreSQL ``postgres``, MariaDB ``root``): admin queries only."""
+        self.replication_password = new_password()
+        """The replication user's."""
         self.database = database
         self.keep = keep
         self.start_timeout = start_timeout
@@ -706,8 +735,10 @@ class LocalCluster:
                 # destroy() removes base_dir: never adopt a directory with someone's files in it.
                 self._base_dir = None
                 raise ClusterError("base_dir must be empty or not exist yet")
-        # The servers run as postgres/mysql and must traverse it.
-        os.chmod(self._base_dir, 0o755)
+        # Only the servers' owner may enter it: it holds the sockets, the logs and the data.
+        # As root, the servers run as os_user and must traverse it, so it is theirs.
+        os.chmod(self._base_dir, 0o700)
+        chown_to(self._base_dir, self.os_user)
 
     def detach(self) -> None:
         """Let the servers outlive this Python process (the CLI's ``cluster up``).
@@ -888,8 +919,8 @@ class LocalCluster:
     # -- persistence for the CLI
 
     def save_state(self, path: str | os.PathLike[str]) -> None:
-        """Write what :meth:`load_state` needs to find and stop the servers (mode 0600:
-        it contains the password)."""
+        """Write what :meth:`load_state` needs to find and stop the servers (mode 0600 from
+        the start, whatever the umask: it contains the passwords)."""
         if not self.nodes:
             raise ClusterError("nothing to save: the cluster is not started")
         state = {
@@ -898,7 +929,13 @@ class LocalCluster:
             "base_dir": str(self.base_dir),
             "sync": self.sync,
             "keep": self.keep,
-            "credentials": {"user": self.user, "password": self.password, "database": self.database},
+            "credentials": {
+                "user": self.user,
+                "password": self.password,
+                "database": self.database,
+                "admin_password": self.admin_password,
+                "replication_password": self.replication_password,
+            },
             "primary": self._primary.name if self._primary else None,
             "nodes": [n._state() for n in self.nodes],
         }
@@ -906,6 +943,7 @@ class LocalCluster:
         tmp = path.with_name(path.name + ".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
+            os.fchmod(f.fileno(), 0o600)  # a leftover tmp file keeps its old mode through O_CREAT
             json.dump(state, f, indent=2)
         os.replace(tmp, path)
 
@@ -920,7 +958,7 @@ class LocalCluster:
             state = json.loads(Path(path).read_text())
         except (OSError, ValueError) as exc:
             raise ClusterError(f"cannot read cluster state {path}: {exc}") from exc
-        if state.get("version") != STATE_VERSION:
+        if state.get("version") not in (1, STATE_VERSION):
             raise ClusterError(f"{path}: unsupported state version {state.get('version')!r}")
         engine_cls = cls._engines.get(state.get("engine", ""))
         if engine_cls is None:
@@ -937,6 +975,10 @@ class LocalCluster:
             database=creds["database"],
             keep=state.get("keep", False),
         )
+        # Version 1 clusters trusted their unix socket (PostgreSQL) or had no root password
+        # (MariaDB): an empty admin password still logs in there, so they can be stopped.
+        cluster.admin_password = creds.get("admin_password", "")
+        cluster.replication_password = creds.get("replication_password", creds["password"])
         cluster._started = True
         cluster._detached = True
         cluster._db_ready = True
@@ -949,9 +991,20 @@ class LocalCluster:
             _ports_in_use.update(n.port for n in cluster.nodes)
         return cluster
 
+    def create_database(self, name: str) -> None:
+        """Create database ``name`` on the primary for the application user (its owner on
+        PostgreSQL; every privilege on it on MariaDB). Replication carries it to the replicas."""
+        if not name.isidentifier() or not name.isascii():
+            raise ClusterError(f"database must be a plain identifier, got {name!r}")
+        self._require_running(self.primary, "create a database on")
+        self._create_database(name)
+
     # -- engine hooks
 
     def _bootstrap(self, deadline: Deadline) -> None:
+        raise NotImplementedError
+
+    def _create_database(self, name: str) -> None:
         raise NotImplementedError
 
     def _primary_position(self, primary: LocalNode) -> str:

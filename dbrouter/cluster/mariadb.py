@@ -5,6 +5,12 @@ and its own mariadbd (own port, socket, server id). Replicas follow the
 primary with ``MASTER_USE_GTID=slave_pos``. Because every node starts from
 the same empty template and the users are created on the primary before the
 replicas connect, replication itself carries the users and the database.
+
+Every account has a password generated for the cluster: ``root@localhost`` (the
+only root account left in the template, reachable on the unix socket only: admin
+queries), ``dbrouter_repl`` (replication) and the application user, who is no
+superuser: every privilege on its database (and on those `create_database` makes),
+and SLAVE MONITOR to read replication status, nothing else.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from dbrouter.cluster._base import (
     run_parallel,
     signal_pids,
     wait_pids_gone,
+    write_file,
 )
 from dbrouter.errors import ClusterError
 
@@ -244,7 +251,7 @@ class MariaDBNode(LocalNode):
         return _connector().connect(
             unix_socket=str(self.socket_path),
             user="root",
-            password="",
+            password=self.cluster.admin_password,
             collation=COLLATION,
             connection_timeout=max(1, round(timeout)),
             autocommit=True,
@@ -288,6 +295,8 @@ class MariaDBCluster(LocalCluster):
     engine: ClassVar[str] = "mariadb"
     node_prefix: ClassVar[str] = "maria"
     node_class: ClassVar[type[LocalNode]] = MariaDBNode
+    os_user: ClassVar[str] = OS_USER
+    reserved_users: ClassVar[frozenset[str]] = frozenset({"root", REPL_USER})
 
     @property
     def template_dir(self) -> Path:
@@ -297,36 +306,52 @@ class MariaDBCluster(LocalCluster):
 
     def _bootstrap(self, deadline: Deadline) -> None:
         template = self.template_dir
-        template.mkdir()
+        template.mkdir(mode=0o700)
         chown_to(template, OS_USER)
+        # Run by mariadb-install-db (as this process's user) once the system tables exist:
+        # "normal" makes root@localhost, root@127.0.0.1, root@::1 and root@<hostname> with
+        # no password; only root@localhost (the unix socket) stays, with the admin password.
+        secure = self.base_dir / "secure.sql"
+        admin_password = self.admin_password.replace("\\", "\\\\").replace("'", "\\'")
+        write_file(secure, (
+            "FLUSH PRIVILEGES;\n"
+            "DELETE FROM mysql.global_priv WHERE User = '' OR (User = 'root' AND Host <> 'localhost');\n"
+            "DELETE FROM mysql.proxies_priv WHERE User = '' OR (User = 'root' AND Host <> 'localhost');\n"
+            "FLUSH PRIVILEGES;\n"
+            f"ALTER USER 'root'@'localhost' IDENTIFIED BY '{admin_password}';\n"
+        ), owner=None)
         argv = [
             install_db_binary(),
             "--no-defaults",
             f"--datadir={template}",
             "--auth-root-authentication-method=normal",
             "--skip-test-db",
+            f"--extra-file={secure}",
             *_common_args(),
         ]
         if is_root():
             argv.append(f"--user={OS_USER}")
-        run_command(argv, what="mariadb-install-db", timeout=deadline.remaining(1.0), cwd=self.base_dir)
+        try:
+            run_command(argv, what="mariadb-install-db", timeout=deadline.remaining(1.0), cwd=self.base_dir)
+        finally:
+            secure.unlink(missing_ok=True)
         for node in self.nodes:
             self._copy_template(node)  # type: ignore[arg-type]
 
         run_parallel(lambda n: n.start(timeout=deadline.remaining(1.0)), self.nodes)
 
         primary = self.nodes[0]
-        pw = (self.password,)
-        for host in (HOST, "localhost"):
-            account = f"'{self.user}'@'{host}'"
-            primary._admin(f"CREATE USER {account} IDENTIFIED BY %s", pw)
-            primary._admin(f"GRANT ALL PRIVILEGES ON *.* TO {account} WITH GRANT OPTION")
-            # ALL includes READ ONLY ADMIN, which lets a user write on a
-            # read_only server; the application user must be refused there.
-            primary._admin(f"REVOKE READ_ONLY ADMIN ON *.* FROM {account}")
-        primary._admin(f"CREATE USER '{REPL_USER}'@'{HOST}' IDENTIFIED BY %s", pw)
+        for account in self._app_accounts():
+            primary._admin(f"CREATE USER {account} IDENTIFIED BY %s", (self.password,))
+            # SHOW SLAVE STATUS, for the router's lag probes; no global privilege beyond it
+            # (no SUPER, no READ ONLY ADMIN: read_only replicas refuse its writes, 1290).
+            try:
+                primary._admin(f"GRANT SLAVE MONITOR ON *.* TO {account}")
+            except ClusterError:  # before MariaDB 10.5.9, REPLICATION CLIENT allowed it
+                primary._admin(f"GRANT REPLICATION CLIENT ON *.* TO {account}")
+        primary._admin(f"CREATE USER '{REPL_USER}'@'{HOST}' IDENTIFIED BY %s", (self.replication_password,))
         primary._admin(f"GRANT REPLICATION SLAVE ON *.* TO '{REPL_USER}'@'{HOST}'")
-        primary._admin(f"CREATE DATABASE `{self.database}`")
+        self._create_database(self.database)
 
         replicas = self.nodes[1:]
         for node in replicas:
@@ -334,9 +359,19 @@ class MariaDBCluster(LocalCluster):
         self._wait_following(primary, replicas, deadline)
         self._configure_sync(primary)  # type: ignore[arg-type]
 
+    def _app_accounts(self) -> list[str]:
+        # TCP from 127.0.0.1 (--skip-name-resolve) and the unix socket.
+        return [f"'{self.user}'@'{host}'" for host in (HOST, "localhost")]
+
+    def _create_database(self, name: str) -> None:
+        primary = self.primary
+        primary._admin(f"CREATE DATABASE `{name}`")
+        for account in self._app_accounts():
+            primary._admin(f"GRANT ALL PRIVILEGES ON `{name}`.* TO {account}")
+
     def _copy_template(self, node: MariaDBNode) -> None:
         node.node_dir.mkdir(parents=True, exist_ok=True)
-        os.chmod(node.node_dir, 0o755)
+        os.chmod(node.node_dir, 0o700)  # the unix socket's directory: the server's owner's only
         chown_to(node.node_dir, OS_USER)
         if len(str(node.socket_path)) > 100:
             raise ClusterError(f"{node.node_dir} is too long for a unix socket path; use a shorter base_dir")
@@ -349,7 +384,7 @@ class MariaDBCluster(LocalCluster):
         node._admin(
             "CHANGE MASTER TO MASTER_HOST=%s, MASTER_PORT=%s, MASTER_USER=%s, MASTER_PASSWORD=%s,"
             " MASTER_USE_GTID=slave_pos, MASTER_CONNECT_RETRY=1",
-            (HOST, primary.port, REPL_USER, self.password),
+            (HOST, primary.port, REPL_USER, self.replication_password),
         )
         if start:
             # A paused replica keeps receiving but does not apply.

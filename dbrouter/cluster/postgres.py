@@ -4,6 +4,12 @@ initdb makes the primary, pg_basebackup clones each replica, pg_ctl starts
 and stops them, pg_rewind turns an old primary into a replica. PostgreSQL
 refuses to run as root, so as root every tool runs as the ``postgres`` user and
 the directories belong to it.
+
+Three roles, each with a password generated for the cluster, asked for on the unix
+socket as over TCP (scram-sha-256; no trust, no peer): the superuser ``postgres``
+(admin queries, pg_rewind), ``dbrouter_repl`` (replication only: pg_basebackup and
+the replicas' streaming) and the application user, who is no superuser: it owns its
+database and may use the tables the admin creates there (default privileges).
 """
 
 from __future__ import annotations
@@ -37,13 +43,14 @@ from dbrouter.cluster._base import (
 from dbrouter.errors import ClusterError
 
 OS_USER = "postgres"
-SUPERUSER = "postgres"  # initdb -U; admin queries use it over the unix socket (trust)
+SUPERUSER = "postgres"  # initdb -U; admin queries and pg_rewind, with the admin password
+REPL_USER = "dbrouter_repl"  # pg_basebackup and the replicas' streaming
 NODE_CONF = "dbrouter_node.conf"
 
 _HBA = """\
-# dbrouter local cluster: trust on the unix socket (admin), passwords over TCP
-local   all             all                                     trust
-local   replication     all                                     trust
+# dbrouter local cluster: a password for every role, on the unix socket as over TCP
+local   all             all                                     scram-sha-256
+local   replication     all                                     scram-sha-256
 host    all             all             127.0.0.1/32            scram-sha-256
 host    replication     all             127.0.0.1/32            scram-sha-256
 """
@@ -237,6 +244,7 @@ class PostgresNode(LocalNode):
             host=str(self.node_dir),
             port=self.port,
             user=SUPERUSER,
+            password=self.cluster.admin_password,
             dbname=database or "postgres",
             connect_timeout=ceil_seconds(timeout),
             application_name="dbrouter-cluster-admin",
@@ -256,20 +264,24 @@ class PostgresCluster(LocalCluster):
     engine: ClassVar[str] = "postgres"
     node_prefix: ClassVar[str] = "pg"
     node_class: ClassVar[type[LocalNode]] = PostgresNode
+    os_user: ClassVar[str] = OS_USER
+    reserved_users: ClassVar[frozenset[str]] = frozenset({REPL_USER})
 
     # -- setup
 
     def _bootstrap(self, deadline: Deadline) -> None:
         bindir = pg_bindir()
         primary = self.nodes[0]
+        if self.user == SUPERUSER:  # the application asked to be the superuser: one password
+            self.admin_password = self.password
         self._prepare_node_dir(primary)
         pwfile = primary.node_dir / ".pwfile"
-        write_file(pwfile, self.password + "\n", owner=OS_USER)
+        write_file(pwfile, self.admin_password + "\n", owner=OS_USER)
         try:
             run_command(
                 [
                     bindir / "initdb", "-D", primary.datadir, "-U", SUPERUSER,
-                    "--auth-local=trust", "--auth-host=scram-sha-256", f"--pwfile={pwfile}",
+                    "--auth-local=scram-sha-256", "--auth-host=scram-sha-256", f"--pwfile={pwfile}",
                     "-N", "-E", "UTF8", "--locale=C",
                 ],
                 what=f"initdb of {primary.name}",
@@ -285,11 +297,10 @@ class PostgresCluster(LocalCluster):
         self._write_node_conf(primary)
         primary.start(timeout=deadline.remaining(1.0))
 
-        if self.user == SUPERUSER:
-            primary._admin(f'ALTER ROLE "{self.user}" PASSWORD %s', (self.password,))
-        else:
-            primary._admin(f'CREATE ROLE "{self.user}" LOGIN SUPERUSER REPLICATION PASSWORD %s', (self.password,))
-        primary._admin(f'CREATE DATABASE "{self.database}" OWNER "{self.user}"')
+        if self.user != SUPERUSER:
+            primary._admin(f'CREATE ROLE "{self.user}" LOGIN NOSUPERUSER PASSWORD %s', (self.password,))
+        primary._admin(f'CREATE ROLE "{REPL_USER}" LOGIN REPLICATION PASSWORD %s', (self.replication_password,))
+        self._create_database(self.database)
 
         replicas = self.nodes[1:]
 
@@ -340,21 +351,37 @@ include_if_exists = '{NODE_CONF}'
 
     def _prepare_node_dir(self, node: LocalNode) -> None:
         node.node_dir.mkdir(parents=True, exist_ok=True)
-        os.chmod(node.node_dir, 0o755)
+        os.chmod(node.node_dir, 0o700)  # the unix socket's directory: the server's owner's only
         chown_to(node.node_dir, OS_USER)
         # unix socket paths are limited to 107 bytes
         if len(f"{node.node_dir}/.s.PGSQL.{node.port}") > 100:
             raise ClusterError(f"{node.node_dir} is too long for a unix socket path; use a shorter base_dir")
 
-    def _conninfo(self, primary: LocalNode, application_name: str, *, password: bool = True) -> str:
+    def _create_database(self, name: str) -> None:
+        primary = self.primary
+        primary._admin(f'CREATE DATABASE "{name}" OWNER "{self.user}"')
+        if self.user != SUPERUSER:
+            # Tables, sequences and functions the admin creates there (tests, drills) are the
+            # application's to use, as they were when it was a superuser.
+            primary.query(
+                f'ALTER DEFAULT PRIVILEGES FOR ROLE "{SUPERUSER}" GRANT ALL ON TABLES TO "{self.user}";'
+                f' ALTER DEFAULT PRIVILEGES FOR ROLE "{SUPERUSER}" GRANT ALL ON SEQUENCES TO "{self.user}";'
+                f' ALTER DEFAULT PRIVILEGES FOR ROLE "{SUPERUSER}" GRANT ALL ON FUNCTIONS TO "{self.user}"',
+                database=name,
+            )
+
+    def _conninfo(self, primary: LocalNode, application_name: str, *, user: str = REPL_USER,
+                  password: str | None = None) -> str:
+        """How ``primary`` is reached: as the replication user with its password unless told
+        otherwise (pg_rewind passes its password in the environment)."""
         parts = {
             "host": HOST,
             "port": str(primary.port),
-            "user": self.user,
+            "user": user,
             "application_name": application_name,
         }
-        if password:
-            parts["password"] = self.password
+        if password is not None:
+            parts["password"] = password
         return " ".join(f"{k}={_libpq_quote(v)}" for k, v in parts.items())
 
     def _clone(self, node: LocalNode, source: LocalNode, deadline: Deadline) -> None:
@@ -364,13 +391,13 @@ include_if_exists = '{NODE_CONF}'
             shutil.rmtree(node.datadir)
         run_command(
             [
-                pg_bindir() / "pg_basebackup", "-h", HOST, "-p", str(source.port), "-U", self.user,
+                pg_bindir() / "pg_basebackup", "-h", HOST, "-p", str(source.port), "-U", REPL_USER,
                 "-D", node.datadir, "-X", "stream", "-c", "fast", "-N", "-w",
             ],
             what=f"pg_basebackup of {node.name} from {source.name}",
             timeout=deadline.remaining(1.0),
             as_user=OS_USER,
-            env=clean_env(PGPASSWORD=self.password, PGAPPNAME=f"{node.name}-basebackup"),
+            env=clean_env(PGPASSWORD=self.replication_password, PGAPPNAME=f"{node.name}-basebackup"),
             cwd=node.node_dir,
         )
         self._make_standby(node, source)
@@ -381,7 +408,7 @@ include_if_exists = '{NODE_CONF}'
         _write_auto_conf(
             node.datadir,
             {
-                "primary_conninfo": self._conninfo(primary, node.name),
+                "primary_conninfo": self._conninfo(primary, node.name, password=self.replication_password),
                 "synchronous_standby_names": None,
             },
         )
@@ -485,7 +512,8 @@ include_if_exists = '{NODE_CONF}'
         # primary_conninfo is reloadable since PG 13: the walreceiver restarts
         # with it and follows the new timeline (recovery_target_timeline=latest).
         replica._admin(
-            "ALTER SYSTEM SET primary_conninfo = %s", (self._conninfo(primary, replica.name),)
+            "ALTER SYSTEM SET primary_conninfo = %s",
+            (self._conninfo(primary, replica.name, password=self.replication_password),),
         )
         replica._admin("SELECT pg_reload_conf()")
         logger.info("%s: now follows %s", replica.name, primary.name)
@@ -503,13 +531,13 @@ include_if_exists = '{NODE_CONF}'
             run_command(
                 [
                     pg_bindir() / "pg_rewind", "-D", node.datadir, "-N",
-                    "--source-server", self._conninfo(primary, f"{node.name}-rewind", password=False)
+                    "--source-server", self._conninfo(primary, f"{node.name}-rewind", user=SUPERUSER)
                     + " dbname=postgres",
                 ],
                 what=f"pg_rewind of {node.name} from {primary.name}",
                 timeout=deadline.remaining(1.0),
                 as_user=OS_USER,
-                env=clean_env(PGPASSWORD=self.password),
+                env=clean_env(PGPASSWORD=self.admin_password),
                 cwd=node.node_dir,
             )
         except ClusterError as exc:

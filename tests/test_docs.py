@@ -47,3 +47,40 @@ def test_ci_runs_the_readme_test_command() -> None:
     demo, tests = commands
     assert demo.endswith("dbrouter demo")
     assert tests in (ROOT / ".ci" / "run").read_text()
+
+
+def test_the_ranges_in_the_configuration_reference_are_the_code_s() -> None:
+    """Each numeric option's documented bounds are accepted, and just beyond them refused."""
+    import math
+
+    from dbrouter import ConfigurationError
+    from dbrouter.config import build_router_config
+
+    def builds(name: str, value: float) -> bool:
+        try:
+            build_router_config("postgresql://app@db1/app", (), {name: value, **({"min_size": 0} if name == "max_size" else {})})
+        except ConfigurationError:
+            return False
+        return True
+
+    rows = re.findall(r"^\| `([a-z_]+)` \| \w+ \| [^|]+ \| ([^|]+) \|", section("Configuration reference"), re.M)
+    checked = 0
+    for name, text in rows:
+        inclusive = re.fullmatch(r"([\d.]+) to ([\d.]+)(, or none)?", text.strip())
+        open_low = re.fullmatch(r"> ([\d.]+), <= ([\d.]+)(, or none)?", text.strip())
+        if not (inclusive or open_low):
+            continue
+        low, high = (float(g) for g in (inclusive or open_low).groups()[:2])  # type: ignore[union-attr]
+        integer = name in ("max_size", "keepalive_count", "fail_max", "retry_attempts")
+        cast = int if integer else float
+        step = 1 if integer else max(1e-6, high * 1e-9)
+        assert builds(name, cast(high)), name
+        assert not builds(name, cast(high + step)), name
+        assert not builds(name, math.inf) and not builds(name, math.nan), name
+        if inclusive:
+            assert builds(name, cast(low)), name
+            assert not builds(name, cast(low - step)), name
+        else:
+            assert not builds(name, cast(low)) and builds(name, cast(low + step)), name
+        checked += 1
+    assert checked == 24  # every numeric option but min_size (0 to max_size)

@@ -169,3 +169,12 @@ def test_environment_numbers_are_checked_too(key: str, text: str) -> None:
 def test_numeric_url_options_are_bounded_and_name_the_node(url: str, message: str) -> None:
     with pytest.raises(ConfigurationError, match=message):
         Router(url, open=False)
+
+
+@pytest.mark.parametrize("url", ["redis://:Redis/pw-secret@localhost:6379/0", "redis://:Redis-pw-secret@localhost:6379/0?socket_timeout=soon",
+                                 "unix://:Redis-pw-secret@/tmp/redis.sock?db=zz"])
+def test_a_bad_redis_url_is_a_configuration_error_without_the_password(url: str) -> None:
+    # Refused before pybreaker's storage would talk to Redis.
+    with pytest.raises(ConfigurationError, match="breaker_redis_url is not a valid Redis URL") as info:
+        Router(PRIMARY, open=False, breaker_redis_url=url)
+    assert "pw-secret" not in str(info.value) and "Redis" not in str(info.value).replace("Redis URL", "")

@@ -100,24 +100,26 @@ def check_range(
 ) -> None:
     """Raise `ConfigurationError` unless ``value`` is a number in range.
 
-    The message names ``owner.name``, ``where`` (the node, for a per-node option) and
-    the allowed range. Booleans, NaN and infinities are refused: every option that
-    takes a number has a finite upper bound.
+    The message names ``owner.name`` (``name`` alone when ``owner`` is empty, as for a
+    command-line flag), ``where`` (the node, for a per-node option) and the allowed
+    range. Booleans, NaN and infinities are refused: every option that takes a number
+    has a finite upper bound.
     """
     if value is None and optional:
         return
+    label = f"{owner}.{name}" if owner else name
     allowed = describe_range(low, high, low_open=low_open, optional=optional)
     at = f" for {where}" if where else ""
     kinds = (int,) if integer else (int, float)
     if isinstance(value, bool) or not isinstance(value, kinds) or value != value:  # value != value: NaN
         what = "an integer" if integer else "a number"
-        raise ConfigurationError(f"{owner}.{name} must be {what} {allowed}{at}, got {_shown(value)}")
+        raise ConfigurationError(f"{label} must be {what} {allowed}{at}, got {_shown(value)}")
     if (
         (low is not None and (value <= low if low_open else value < low))
         or (high is not None and value > high)
         or value in (float("inf"), float("-inf"))
     ):
-        raise ConfigurationError(f"{owner}.{name} must be {allowed}{at}, got {_shown(value)}")
+        raise ConfigurationError(f"{label} must be {allowed}{at}, got {_shown(value)}")
 
 
 def from_mapping(cls: Any, owner: str, values: Mapping[str, Any]) -> Any:

@@ -159,8 +159,8 @@ class ConnectOptions:
         check_range(owner, "keepalive_idle", self.keepalive_idle, low=1, high=MAX_KEEPALIVE_SECONDS)
         check_range(owner, "keepalive_interval", self.keepalive_interval, low=1, high=MAX_KEEPALIVE_SECONDS)
         check_range(owner, "keepalive_count", self.keepalive_count, low=1, high=MAX_KEEPALIVE_COUNT, integer=True)
-        if not isinstance(self.application_name, str):
-            raise ConfigurationError("ConnectOptions.application_name must be a string")
+        if not isinstance(self.application_name, str) or "\x00" in self.application_name:
+            raise ConfigurationError("ConnectOptions.application_name must be a string without NUL characters")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -58,6 +58,16 @@ class NodeAddress:
     options: Mapping[str, str] = field(default_factory=dict)
     scheme: str = ""
 
+    def __post_init__(self) -> None:
+        # The drivers pass every part as a C string: a NUL would fail each connect (psycopg2 and
+        # mysql-connector raise ValueError) instead of the configuration, once.
+        parts = [("host", self.host), ("user name", self.user), ("password", self.password),
+                 ("database name", self.database)]
+        parts += [("options", f"{key}={value}") for key, value in self.options.items()]
+        for what, value in parts:
+            if value is not None and "\x00" in value:
+                raise ConfigurationError(f"the {what} of a database address contains a NUL character (%00)")
+
     @property
     def name(self) -> str:
         """Short node name for logs and errors: ``host:port``."""

@@ -178,3 +178,8 @@ def test_a_bad_redis_url_is_a_configuration_error_without_the_password(url: str)
     with pytest.raises(ConfigurationError, match="breaker_redis_url is not a valid Redis URL") as info:
         Router(PRIMARY, open=False, breaker_redis_url=url)
     assert "pw-secret" not in str(info.value) and "Redis" not in str(info.value).replace("Redis URL", "")
+
+
+def test_an_application_name_with_a_nul_is_refused() -> None:
+    with pytest.raises(ConfigurationError, match="application_name must be a string without NUL"):
+        build_router_config(PRIMARY, (), {"application_name": "app\x00"})

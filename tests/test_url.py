@@ -159,3 +159,14 @@ def test_mask_password_hides_everything_up_to_the_last_at(text: str) -> None:
     masked = mask_password(text)
     assert SECRET not in masked, masked
     assert "***" in masked
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["postgresql://app:a%00b@db1/app", "mysql://a%00@db1/app", "postgresql://app@db1/x%00y", "postgresql://db1/x?sslmode=a%00",
+     "host=db1 password=a\x00b"],
+)
+def test_a_nul_is_refused_when_parsed_not_at_every_connect(text: str) -> None:
+    # psycopg2 and mysql-connector raise ValueError (embedded null character) at connect time.
+    with pytest.raises(ConfigurationError, match="contains a NUL character"):
+        parse_address(text)

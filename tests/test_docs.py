@@ -1,9 +1,13 @@
-"""The README's references match the code: every option, error and event, and the CI command."""
+"""The README's references match the code: every option and its range, every error and event, the
+bad-input table, and the CI command."""
 
 from __future__ import annotations
 
 import re
+import shlex
 from pathlib import Path
+
+import pytest
 
 import dbrouter.errors
 from dbrouter.config import FLAT_OPTIONS
@@ -84,3 +88,42 @@ def test_the_ranges_in_the_configuration_reference_are_the_code_s() -> None:
             assert not builds(name, cast(low)) and builds(name, cast(low + step)), name
         checked += 1
     assert checked == 24  # every numeric option but min_size (0 to max_size)
+
+
+def bad_input_rows() -> list[tuple[str, str, str]]:
+    text = section("Error reference")
+    table = text.split("### Bad input", 1)[1]
+    rows = re.findall(r"^\| `(.+?)` \| `(\w+)` \| `(.+)` \|$", table, re.M)
+    assert len(rows) >= 25, rows
+    return rows
+
+
+@pytest.mark.parametrize(("given", "error", "message"), bad_input_rows())
+def test_the_bad_input_table_is_what_the_code_raises(given: str, error: str, message: str,
+                                                     monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import functools
+
+    import dbrouter
+    import dbrouter.chaos.runner
+    import dbrouter.cluster
+    import dbrouter.drill.runner
+    from dbrouter import cli
+    from dbrouter.config import load_router_config
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError(f"{given!r} started something instead of failing")
+
+    monkeypatch.setattr(dbrouter.cluster, "make_cluster", refuse)
+    monkeypatch.setattr(dbrouter.drill.runner.Drill, "run", refuse)
+    monkeypatch.setattr(dbrouter.chaos.runner, "_Chaos", refuse)
+    monkeypatch.setenv("DBROUTER_HOME", str(tmp_path))
+    expected = getattr(dbrouter, error)
+    with pytest.raises(expected) as info:
+        if given.startswith("dbrouter "):
+            cli.run(cli.build_parser().parse_args(shlex.split(given)[1:]))
+        elif given.startswith("DBROUTER_"):
+            load_router_config(None, env=dict(pair.split("=", 1) for pair in shlex.split(given)))
+        else:  # a Python call; open=False, so that a row that fails to fail connects to nothing
+            eval(given, {"Router": functools.partial(dbrouter.Router, open=False)})  # noqa: S307 - the README's own rows
+    assert type(info.value) is expected
+    assert message in str(info.value), str(info.value)

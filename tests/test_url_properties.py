@@ -177,7 +177,7 @@ def error_texts(exc: BaseException) -> list[str]:
 # -- the properties -----------------------------------------------------------------------------
 
 
-@settings(max_examples=400, deadline=timedelta(seconds=5), database=None)
+@settings(max_examples=200, deadline=timedelta(seconds=5), database=None)
 @given(case=cases())
 def test_a_url_parses_to_what_was_written_or_is_refused_and_never_shows_the_password(case: Case) -> None:
     url = case.url()
@@ -237,7 +237,7 @@ def test_a_url_parses_to_what_was_written_or_is_refused_and_never_shows_the_pass
 
 @pytest.mark.parametrize("engine", [pytest.param("postgres", marks=pytest.mark.postgres),
                                     pytest.param("mysql", marks=pytest.mark.mysql)])
-@settings(max_examples=6, deadline=timedelta(seconds=30), database=None,
+@settings(max_examples=5, deadline=timedelta(seconds=30), database=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(drawn=passwords())
 def test_a_wrong_password_never_shows_in_errors_events_logs_stats_or_metrics(

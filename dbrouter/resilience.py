@@ -33,7 +33,6 @@ from typing import Any, Callable
 import pybreaker
 
 from .config import BreakerPolicy
-from .errors import ConfigurationError
 
 __all__ = ["ADMITTED", "CLOSED", "HALF_OPEN", "OPEN", "REFUSED", "STATE_CODES", "TRIAL", "NodeBreaker", "shared_storage"]
 
@@ -330,14 +329,8 @@ def shared_storage(url: str, node_key: str) -> pybreaker.CircuitBreakerStorage:
     try:
         import redis
     except ImportError as exc:  # pragma: no cover - depends on the installed extras
+        from .errors import ConfigurationError
+
         raise ConfigurationError("breaker_redis_url needs the redis package: pip install 'dbrouter[redis]'") from exc
-    try:
-        client = redis.Redis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0)
-    except ValueError:
-        # redis-py's messages quote parts of the URL (its port, for one): with an unencoded
-        # '/' in the password, that would be part of the password.
-        raise ConfigurationError(
-            "breaker_redis_url is not a valid Redis URL: check its port, database number and options, "
-            "and percent-encode the password"
-        ) from None
+    client = redis.Redis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0)
     return pybreaker.CircuitRedisStorage(CLOSED, client, namespace=f"dbrouter:{node_key}")

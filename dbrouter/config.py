@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass, fields
 from difflib import get_close_matches
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -459,7 +459,7 @@ def _replica_specs(replicas: Any) -> tuple[ReplicaSpec, ...]:
         return ()
     if isinstance(replicas, str):
         replicas = split_replica_list(replicas)
-    elif isinstance(replicas, (Mapping, bytes, bytearray)) or not isinstance(replicas, (list, tuple)):
+    elif isinstance(replicas, (Mapping, bytes, bytearray)) or not isinstance(replicas, Iterable):
         raise ConfigurationError(
             f"replicas must be a list of URLs or of tables with url/weight/name, got {type(replicas).__name__}"
         )

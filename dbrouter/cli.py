@@ -14,7 +14,9 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import dbrouter  # noqa: F401 - loads the mysql C extension before anything imports ssl
 
-from .errors import DbRouterError
+from ._files import write_private
+from .config import check_range
+from .errors import ConfigurationError, DbRouterError
 
 if TYPE_CHECKING:
     from .cluster import LocalCluster
@@ -54,19 +56,15 @@ def _cluster_up(args: argparse.Namespace) -> int:
 
 
 def write_router_config(cluster, path: Path) -> None:  # type: ignore[no-untyped-def]
-    """A dbrouter TOML config for a local cluster (mode 0600 from the start, whatever the
-    umask: it holds the password)."""
-    replicas = ", ".join(f'"{node.url}"' for node in cluster.replicas)
+    """A dbrouter TOML config for a local cluster, created with mode 0600 (it holds the password)."""
+    replicas = ", ".join(json.dumps(node.url) for node in cluster.replicas)  # a JSON string is a TOML string
     text = (
         "# written by dbrouter cluster up\n"
-        f'primary = "{cluster.primary.url}"\n'
+        f"primary = {json.dumps(cluster.primary.url)}\n"
         f"replicas = [{replicas}]\n\n"
         "[monitor]\nhealth_interval = 1.0\n"
     )
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        os.fchmod(f.fileno(), 0o600)  # an existing file keeps its old mode through O_CREAT
-        f.write(text)
+    write_private(path, text)
 
 
 def _load(args: argparse.Namespace):  # type: ignore[no-untyped-def]
@@ -99,15 +97,18 @@ def _print_status(cluster: LocalCluster, *, as_json: bool) -> None:
     if as_json:
         print(json.dumps(rows, indent=2))
         return
-    print(f"{'node':<10} {'role':<8} {'port':>6} {'pid':>8}  url")
+    print(f"{'node':<10} {'role':<8} {'port':>6} {'pid':>8}  url (the password is in the router config)")
     for row, node in zip(rows, cluster.nodes, strict=True):  # status() has one row per node
-        print(f"{row['name']:<10} {row['role']:<8} {row['port']:>6} {row['pid'] or '-':>8}  {node.url}")
+        print(f"{row['name']:<10} {row['role']:<8} {row['port']:>6} {row['pid'] or '-':>8}  {node.redacted_url}")
 
 
 def _status(args: argparse.Namespace) -> int:
     """Probe every node of a configured cluster and print the table (or JSON)."""
     from .router import Router
     from .status import node_rows, render_table
+
+    check_range("", "--watch", args.watch, low=0, high=86400)
+    check_range("", "--count", args.count, low=1, high=10**9, integer=True)
 
     # Pools stay empty (min_size 0): the status probes nodes, it does not load them.
     router = Router.from_config(args.config, min_size=0)
@@ -155,7 +156,7 @@ def _drill_options(args: argparse.Namespace) -> Any:
             try:
                 limits.append(Limit(name.replace("_", "-"), parse(text)))
             except ValueError:
-                raise DbRouterError(f"--{name.replace('_', '-')}: cannot read {text!r} as a number") from None
+                raise ConfigurationError(f"--{name.replace('_', '-')}: cannot read {text!r} as a number") from None
     try:
         return DrillOptions(
             scenario=args.scenario, local=args.local, config=args.config, replicas=args.replicas, sync=args.sync,
@@ -167,7 +168,7 @@ def _drill_options(args: argparse.Namespace) -> Any:
             live=not args.quiet, limits=limits,
         )
     except ValueError as exc:
-        raise DbRouterError(f"cannot read a duration: {exc}") from None
+        raise ConfigurationError(f"cannot read a duration: {exc}") from None
 
 
 def _drill(args: argparse.Namespace) -> int:
@@ -187,7 +188,7 @@ def _chaos(args: argparse.Namespace) -> int:
     try:
         duration = _seconds(args.duration)
     except ValueError:
-        raise DbRouterError(f"--duration: cannot read {args.duration!r} as a duration") from None
+        raise ConfigurationError(f"--duration: cannot read {args.duration!r} as a duration") from None
     if not logging.getLogger().handlers:
         # The router logs every breaker and failover event: hundreds of lines under chaos.
         logging.basicConfig(level=logging.ERROR, format="%(name)s: %(message)s")
@@ -274,20 +275,26 @@ def _exit_on_sigterm() -> None:
         signal.signal(signal.SIGTERM, handler)
 
 
+def run(args: argparse.Namespace) -> int:
+    """Run a parsed command; raises `DbRouterError` (a `ConfigurationError` for bad input,
+    before anything is started) where `main` prints it."""
+    handlers = {"up": _cluster_up, "down": _cluster_down, "status": _cluster_status}
+    if args.command == "cluster":
+        if args.action == "up":
+            check_range("", "--replicas", args.replicas, low=0, high=16, integer=True)
+        return handlers[args.action](args)
+    if args.command == "status":
+        return _status(args)
+    if args.command == "chaos":
+        return _chaos(args)
+    return _drill(args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _exit_on_sigterm()
-    handlers = {"up": _cluster_up, "down": _cluster_down, "status": _cluster_status}
     try:
-        if args.command == "cluster":
-            if args.action == "up" and args.replicas < 0:
-                raise DbRouterError("--replicas must be >= 0")
-            return handlers[args.action](args)
-        if args.command == "status":
-            return _status(args)
-        if args.command == "chaos":
-            return _chaos(args)
-        return _drill(args)
+        return run(args)
     except DbRouterError as exc:
         print(f"dbrouter: {exc}", file=sys.stderr)
         return 1

@@ -8,11 +8,12 @@ construction, never halfway through a request.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from dataclasses import dataclass, fields
 from difflib import get_close_matches
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -20,7 +21,7 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 from .errors import ConfigurationError
-from .url import mask_password
+from .url import mask_password, parse_address
 
 __all__ = [
     "BreakerPolicy",
@@ -37,6 +38,54 @@ __all__ = [
 ]
 
 
+# Upper bounds. Where a driver or the server has a limit, the bound is that limit; elsewhere it
+# is far above any sensible value, so that inf, 1e308 or a typo fails here, naming the option,
+# instead of overflowing a thread wait (threading.TIMEOUT_MAX, about 9.2e9 s), a C int in a
+# driver, or building a router that waits forever.
+MAX_WAIT = 86400.0
+"""A day: the bound of every time a caller or a thread waits or sleeps."""
+MAX_AGE = 31536000.0
+"""A year: the bound of ages and thresholds that are only compared, never waited on."""
+MAX_STATEMENT_TIMEOUT = 2147483.647
+"""PostgreSQL's statement_timeout is an int of milliseconds (at most 2^31 - 1); MariaDB's
+max_statement_time (a year) and MySQL's max_execution_time (2^32 - 1 ms) allow more."""
+MIN_STATEMENT_TIMEOUT = 0.001
+"""One millisecond: MariaDB's max_statement_time is sent with 3 decimals, and 0 means no limit."""
+MAX_KEEPALIVE_SECONDS = 32767
+"""Linux's TCP_KEEPIDLE and TCP_KEEPINTVL maximum."""
+MAX_KEEPALIVE_COUNT = 127
+"""Linux's TCP_KEEPCNT maximum."""
+MAX_POOL_SIZE = 100000
+"""MariaDB's max_connections maximum (PostgreSQL's is 262143)."""
+MAX_WEIGHT = 1e6
+MAX_FAIL_MAX = 1000000
+
+
+def _number(value: float) -> str:
+    """A bound as people write it: 86400, 0.01, 2147483.647."""
+    return str(int(value)) if float(value).is_integer() else repr(value)
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 10**18:
+        return f"an integer of {len(str(abs(value))) if value.bit_length() < 10000 else 'thousands of'} digits"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def describe_range(
+    low: float | None, high: float | None, *, low_open: bool = False, optional: bool = False
+) -> str:
+    """``> 0 and <= 86400``, ``>= 1 and <= 100 or None``: the range as a message states it."""
+    parts = []
+    if low is not None:
+        parts.append(f"> {_number(low)}" if low_open else f">= {_number(low)}")
+    if high is not None:
+        parts.append(f"<= {_number(high)}")
+    text = " and ".join(parts)
+    return f"{text} or None" if optional else text
+
+
 def check_range(
     owner: str,
     name: str,
@@ -47,27 +96,36 @@ def check_range(
     low_open: bool = False,
     optional: bool = False,
     integer: bool = False,
+    where: str | None = None,
 ) -> None:
-    """Raise `ConfigurationError` unless ``value`` is a number in range."""
+    """Raise `ConfigurationError` unless ``value`` is a number in range.
+
+    The message names ``owner.name`` (``name`` alone when ``owner`` is empty, as for a
+    command-line flag), ``where`` (the node, for a per-node option) and the allowed
+    range. Booleans, NaN and infinities are refused: every option that takes a number
+    has a finite upper bound.
+    """
     if value is None and optional:
         return
+    label = f"{owner}.{name}" if owner else name
+    allowed = describe_range(low, high, low_open=low_open, optional=optional)
+    at = f" for {where}" if where else ""
     kinds = (int,) if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kinds):
+    if isinstance(value, bool) or not isinstance(value, kinds) or value != value:  # value != value: NaN
         what = "an integer" if integer else "a number"
-        raise ConfigurationError(f"{owner}.{name} must be {what}, got {value!r}")
-    if value != value:  # NaN
-        raise ConfigurationError(f"{owner}.{name} must be a number, got NaN")
-    if low is not None and (value <= low if low_open else value < low):
-        bound = f"> {low}" if low_open else f">= {low}"
-        raise ConfigurationError(f"{owner}.{name} must be {bound}, got {value!r}")
-    if high is not None and value > high:
-        raise ConfigurationError(f"{owner}.{name} must be <= {high}, got {value!r}")
+        raise ConfigurationError(f"{label} must be {what} {allowed}{at}, got {_shown(value)}")
+    if (
+        (low is not None and (value <= low if low_open else value < low))
+        or (high is not None and value > high)
+        or value in (float("inf"), float("-inf"))
+    ):
+        raise ConfigurationError(f"{label} must be {allowed}{at}, got {_shown(value)}")
 
 
 def from_mapping(cls: Any, owner: str, values: Mapping[str, Any]) -> Any:
     """Build a config dataclass from a mapping, rejecting unknown keys by name."""
     known = {f.name for f in fields(cls)}
-    unknown = sorted(set(values) - known)
+    unknown = sorted(map(str, set(values) - known))
     if unknown:
         raise ConfigurationError(
             f"unknown option(s) {', '.join(unknown)} in {owner}; known: {', '.join(sorted(known))}"
@@ -95,15 +153,14 @@ class ConnectOptions:
 
     def __post_init__(self) -> None:
         owner = "ConnectOptions"
-        check_range(owner, "connect_timeout", self.connect_timeout, low=0, low_open=True)
-        check_range(
-            owner, "statement_timeout", self.statement_timeout, low=0, low_open=True, optional=True
-        )
-        check_range(owner, "keepalive_idle", self.keepalive_idle, low=1)
-        check_range(owner, "keepalive_interval", self.keepalive_interval, low=1)
-        check_range(owner, "keepalive_count", self.keepalive_count, low=1, integer=True)
-        if not isinstance(self.application_name, str):
-            raise ConfigurationError("ConnectOptions.application_name must be a string")
+        check_range(owner, "connect_timeout", self.connect_timeout, low=0, low_open=True, high=MAX_WAIT)
+        check_range(owner, "statement_timeout", self.statement_timeout, low=MIN_STATEMENT_TIMEOUT,
+                    high=MAX_STATEMENT_TIMEOUT, optional=True)
+        check_range(owner, "keepalive_idle", self.keepalive_idle, low=1, high=MAX_KEEPALIVE_SECONDS)
+        check_range(owner, "keepalive_interval", self.keepalive_interval, low=1, high=MAX_KEEPALIVE_SECONDS)
+        check_range(owner, "keepalive_count", self.keepalive_count, low=1, high=MAX_KEEPALIVE_COUNT, integer=True)
+        if not isinstance(self.application_name, str) or "\x00" in self.application_name:
+            raise ConfigurationError("ConnectOptions.application_name must be a string without NUL characters")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -129,17 +186,17 @@ class PoolConfig:
 
     def __post_init__(self) -> None:
         owner = "PoolConfig"
-        check_range(owner, "min_size", self.min_size, low=0, integer=True)
-        check_range(owner, "max_size", self.max_size, low=1, integer=True)
+        check_range(owner, "min_size", self.min_size, low=0, high=MAX_POOL_SIZE, integer=True)
+        check_range(owner, "max_size", self.max_size, low=1, high=MAX_POOL_SIZE, integer=True)
         if self.min_size > self.max_size:
             raise ConfigurationError(
                 f"PoolConfig.min_size ({self.min_size}) must be <= max_size ({self.max_size})"
             )
-        check_range(owner, "acquire_timeout", self.acquire_timeout, low=0, low_open=True)
-        check_range(owner, "max_lifetime", self.max_lifetime, low=0, low_open=True, optional=True)
-        check_range(owner, "max_idle", self.max_idle, low=0, low_open=True, optional=True)
-        check_range(owner, "validation_bypass", self.validation_bypass, low=0)
-        check_range(owner, "leak_threshold", self.leak_threshold, low=0, low_open=True, optional=True)
+        check_range(owner, "acquire_timeout", self.acquire_timeout, low=0, low_open=True, high=MAX_WAIT)
+        check_range(owner, "max_lifetime", self.max_lifetime, low=0, low_open=True, high=MAX_AGE, optional=True)
+        check_range(owner, "max_idle", self.max_idle, low=0, low_open=True, high=MAX_AGE, optional=True)
+        check_range(owner, "validation_bypass", self.validation_bypass, low=0, high=MAX_AGE)
+        check_range(owner, "leak_threshold", self.leak_threshold, low=0, low_open=True, high=MAX_AGE, optional=True)
         check_range(owner, "maintenance_interval", self.maintenance_interval, low=0.01, high=3600)
 
 
@@ -176,9 +233,9 @@ class RoutingConfig:
             )
         if not isinstance(self.fallback_to_primary, bool):
             raise ConfigurationError(f"{owner}.fallback_to_primary must be true or false")
-        check_range(owner, "max_replica_lag", self.max_replica_lag, low=0, optional=True)
+        check_range(owner, "max_replica_lag", self.max_replica_lag, low=0, high=MAX_AGE, optional=True)
         check_range(owner, "causal_wait", self.causal_wait, low=0, high=60)
-        check_range(owner, "sticky_seconds", self.sticky_seconds, low=0, low_open=True, optional=True)
+        check_range(owner, "sticky_seconds", self.sticky_seconds, low=0, low_open=True, high=MAX_AGE, optional=True)
         check_range(owner, "failover_wait", self.failover_wait, low=0, high=3600)
 
 
@@ -217,9 +274,9 @@ class RetryPolicy:
     def __post_init__(self) -> None:
         owner = "RetryPolicy"
         check_range(owner, "retry_attempts", self.retry_attempts, low=1, high=100, integer=True)
-        check_range(owner, "retry_deadline", self.retry_deadline, low=0, low_open=True)
-        check_range(owner, "retry_backoff", self.retry_backoff, low=0)
-        check_range(owner, "retry_backoff_max", self.retry_backoff_max, low=0)
+        check_range(owner, "retry_deadline", self.retry_deadline, low=0, low_open=True, high=MAX_WAIT)
+        check_range(owner, "retry_backoff", self.retry_backoff, low=0, high=MAX_WAIT)
+        check_range(owner, "retry_backoff_max", self.retry_backoff_max, low=0, high=MAX_WAIT)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -243,14 +300,38 @@ class BreakerPolicy:
     before reading it from Redis again (keeps Redis off the query path)."""
 
     def __post_init__(self) -> None:
-        check_range("BreakerPolicy", "fail_max", self.fail_max, low=1, integer=True)
-        check_range("BreakerPolicy", "reset_timeout", self.reset_timeout, low=0, low_open=True)
+        check_range("BreakerPolicy", "fail_max", self.fail_max, low=1, high=MAX_FAIL_MAX, integer=True)
+        check_range("BreakerPolicy", "reset_timeout", self.reset_timeout, low=0, low_open=True, high=MAX_WAIT)
         check_range("BreakerPolicy", "breaker_refresh", self.breaker_refresh, low=0, high=60)
         url = self.breaker_redis_url
         if url is not None and not (isinstance(url, str) and url.startswith(("redis://", "rediss://", "unix://"))):
+            shown = mask_password(url) if isinstance(url, str) else type(url).__name__
             raise ConfigurationError(
-                f"BreakerPolicy.breaker_redis_url must be a redis://, rediss:// or unix:// URL, got {mask_password(str(url))!r}"
+                f"BreakerPolicy.breaker_redis_url must be a redis://, rediss:// or unix:// URL, got {shown!r}"
             )
+
+    def __repr__(self) -> str:
+        # The Redis URL may carry a password (redis://:secret@host): never shown.
+        url = None if self.breaker_redis_url is None else mask_password(self.breaker_redis_url)
+        return (
+            f"BreakerPolicy(fail_max={self.fail_max!r}, reset_timeout={self.reset_timeout!r}, "
+            f"breaker_redis_url={url!r}, breaker_refresh={self.breaker_refresh!r})"
+        )
+
+
+def _shown_url(url: Any) -> str:
+    """A node URL for a repr: redacted when it parses, masked when it does not."""
+    if not isinstance(url, str):
+        return f"<{type(url).__name__}>"
+    try:
+        return parse_address(url).redacted
+    except ConfigurationError:
+        return mask_password(url)
+
+
+def _check_name(owner: str, name: Any) -> None:
+    if name is not None and not (isinstance(name, str) and name.strip()):
+        raise ConfigurationError(f"{owner} name must be a non-empty string or None, got {_shown(name)}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -262,12 +343,17 @@ class ReplicaSpec:
     name: str | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.url, str) or not self.url.strip():
+        _check_name("replica", self.name)
+        if not isinstance(self.url, str):
+            raise ConfigurationError(f"replica URL must be a string, got {type(self.url).__name__}")
+        if not self.url.strip():
             raise ConfigurationError("replica URL is empty")
-        check_range("replica", "weight", self.weight, low=0, low_open=True)
+        address = parse_address(self.url)
+        node = f"replica {self.name or address.name}"
+        check_range("replica", "weight", self.weight, low=0, low_open=True, high=MAX_WEIGHT, where=node)
 
     def __repr__(self) -> str:
-        return f"ReplicaSpec(url={mask_password(self.url)!r}, weight={self.weight!r}, name={self.name!r})"
+        return f"ReplicaSpec(url={_shown_url(self.url)!r}, weight={self.weight!r}, name={self.name!r})"
 
 
 SECTIONS: dict[str, type] = {
@@ -298,13 +384,28 @@ class RouterConfig:
     breaker: BreakerPolicy = BreakerPolicy()
 
     def __repr__(self) -> str:
-        parts = [f"primary={mask_password(self.primary)!r}", f"replicas={self.replicas!r}"]
+        parts = [f"primary={_shown_url(self.primary)!r}", f"primary_name={self.primary_name!r}",
+                 f"replicas={self.replicas!r}"]
         parts += [f"{name}={getattr(self, name)!r}" for name in SECTIONS]
         return f"RouterConfig({', '.join(parts)})"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.primary, str) or not self.primary.strip():
+        if self.primary is not None and not isinstance(self.primary, str):
+            raise ConfigurationError(
+                f"primary must be a URL string (or a table with url and name), got {type(self.primary).__name__}"
+            )
+        if not self.primary or not self.primary.strip():
             raise ConfigurationError("primary URL is empty: give the primary's URL, e.g. postgresql://app@db1/app")
+        _check_name("primary", self.primary_name)
+        try:
+            parse_address(self.primary)
+        except ConfigurationError as exc:
+            raise ConfigurationError(f"primary: {exc}") from None
+        if not (isinstance(self.replicas, tuple) and all(isinstance(r, ReplicaSpec) for r in self.replicas)):
+            object.__setattr__(self, "replicas", _replica_specs(self.replicas))  # frozen: set once, here
+        for section, cls in SECTIONS.items():
+            if not isinstance(getattr(self, section), cls):
+                raise ConfigurationError(f"RouterConfig.{section} must be a {cls.__name__}")
 
 
 def build_router_config(
@@ -329,36 +430,59 @@ def build_router_config(
     for name, value in (options or {}).items():
         target = FLAT_OPTIONS.get(name)
         if target is None:
-            close = get_close_matches(name, FLAT_OPTIONS, n=1)
+            close = get_close_matches(str(name), FLAT_OPTIONS, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigurationError(f"unknown option {name!r}{hint}; known: {', '.join(sorted(FLAT_OPTIONS))}")
         grouped[target][name] = value
     built = {name: from_mapping(SECTIONS[name], f"[{name}]", values) for name, values in grouped.items()}
     primary_name = None
     if isinstance(primary, Mapping):  # {url = "...", name = "db1"}
-        unknown = sorted(set(primary) - {"url", "name"})
+        unknown = sorted(map(str, set(primary) - {"url", "name"}))
         if unknown:
-            raise ConfigurationError(f"unknown key(s) {', '.join(unknown)} for primary; use url and name")
+            raise ConfigurationError(f"unknown key(s) {', '.join(map(str, unknown))} for primary; use url and name")
         primary_name = primary.get("name")
         primary = primary.get("url")
-    return RouterConfig(primary=primary or "", replicas=_replica_specs(replicas), primary_name=primary_name, **built)
+    return RouterConfig(primary="" if primary is None else primary, replicas=_replica_specs(replicas), primary_name=primary_name, **built)
+
+
+# In DBROUTER_REPLICAS, a comma starts a new entry only where a URL (scheme://) follows, so that
+# a password may hold a comma. A list of libpq key=value strings splits where a key= follows.
+_NEXT_URL = re.compile(r",(?=\s*[A-Za-z][A-Za-z0-9+.-]*://)")
+_NEXT_KEYWORDS = re.compile(r",(?=\s*[A-Za-z_][A-Za-z0-9_]*\s*=)")
+
+
+def split_replica_list(text: str) -> list[str]:
+    """Split a comma-separated list of replica URLs (``DBROUTER_REPLICAS``)."""
+    pattern = _NEXT_URL if "://" in text else _NEXT_KEYWORDS
+    return [part for part in (p.strip() for p in pattern.split(text)) if part]
 
 
 def _replica_specs(replicas: Any) -> tuple[ReplicaSpec, ...]:
     if replicas is None:
         return ()
     if isinstance(replicas, str):
-        replicas = [part for part in (p.strip() for p in replicas.split(",")) if part]
+        replicas = split_replica_list(replicas)
+    elif isinstance(replicas, (Mapping, bytes, bytearray)) or not isinstance(replicas, Iterable):
+        raise ConfigurationError(
+            f"replicas must be a list of URLs or of tables with url/weight/name, got {type(replicas).__name__}"
+        )
     specs = []
-    for item in replicas:
-        if isinstance(item, ReplicaSpec):
-            specs.append(item)
-        elif isinstance(item, str):
-            specs.append(ReplicaSpec(url=item))
-        elif isinstance(item, Mapping):
-            specs.append(from_mapping(ReplicaSpec, "replica", item))
-        else:
-            raise ConfigurationError(f"a replica must be a URL or a table with url/weight/name, got {type(item).__name__}")
+    for index, item in enumerate(replicas, 1):
+        try:
+            if isinstance(item, ReplicaSpec):
+                specs.append(item)
+            elif isinstance(item, str):
+                specs.append(ReplicaSpec(url=item))
+            elif isinstance(item, Mapping):
+                if "url" not in item:
+                    raise ConfigurationError("a replica table needs a url")
+                specs.append(from_mapping(ReplicaSpec, "replica", item))
+            else:
+                raise ConfigurationError(
+                    f"a replica must be a URL or a table with url/weight/name, got {type(item).__name__}"
+                )
+        except ConfigurationError as exc:
+            raise ConfigurationError(f"replica #{index}: {exc}") from None
     return tuple(specs)
 
 
@@ -368,7 +492,8 @@ def load_router_config(source: Any, env: Mapping[str, str] | None = None) -> Rou
     Mapping / TOML layout: ``primary``, ``replicas`` (URLs or tables with
     ``url``, ``weight``, ``name``), flat options at the top level, or sections
     ``[pool]``, ``[connect]``, ``[routing]``, ``[monitor]``, ``[retry]``, ``[breaker]``. Environment:
-    ``DBROUTER_PRIMARY``, ``DBROUTER_REPLICAS`` (comma-separated) and
+    ``DBROUTER_PRIMARY``, ``DBROUTER_REPLICAS`` (comma-separated: a comma followed by
+    ``scheme://`` starts the next URL, so passwords may contain commas) and
     ``DBROUTER_<OPTION>`` for every flat option, e.g. ``DBROUTER_MAX_SIZE=20``.
     """
     if source is None:

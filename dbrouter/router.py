@@ -136,7 +136,17 @@ class Router(Core):
         storage = None
         if config.breaker.breaker_redis_url:
             key = f"{address.engine}:{address.name}/{address.database or ''}"
-            storage = shared_storage(config.breaker.breaker_redis_url, key)
+            try:
+                storage = shared_storage(config.breaker.breaker_redis_url, key)
+            except ValueError as exc:
+                if isinstance(exc, ConfigurationError):
+                    raise
+                # redis-py's messages quote parts of the URL (its port, for one): with an
+                # unencoded '/' in the password, that would be part of the password.
+                raise ConfigurationError(
+                    "breaker_redis_url is not a valid Redis URL: check its port, database number and "
+                    "options, and percent-encode the password"
+                ) from None
         # The breaker reports its changes to the node, which hands them to the control plane.
         holder: list[Node] = []
         breaker = NodeBreaker(node_name, config.breaker, storage=storage,

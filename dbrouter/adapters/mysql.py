@@ -20,7 +20,7 @@ try:  # the C extension's own errors: its connection's commit() and rollback() r
 except ImportError:  # pure Python only
     _CExtensionError = myerrors.Error
 
-from ..config import ConnectOptions  # noqa: E402
+from ..config import MAX_WAIT, ConnectOptions  # noqa: E402
 from ..errors import ConfigurationError, ConnectError  # noqa: E402
 from ..url import NodeAddress  # noqa: E402
 from ._text import first_line, scrub, split_insert_values  # noqa: E402
@@ -86,8 +86,13 @@ def _bool(text: str) -> bool:
     raise ValueError(f"expected true or false, got {text!r}")
 
 
-def _int(text: str) -> int:
-    return int(text)
+def _seconds(text: str) -> int:
+    """A socket timeout in whole seconds: the connector hands it to the socket, where inf
+    overflows and 0 or less is refused (or means no timeout at all)."""
+    value = int(text) if text.strip().isdigit() else None
+    if value is None or not 1 <= value <= MAX_WAIT:
+        raise ValueError(f"expected whole seconds from 1 to {MAX_WAIT:.0f}, got {text!r}")
+    return value
 
 
 def _list(text: str) -> list[str]:
@@ -107,8 +112,8 @@ URL_OPTIONS: dict[str, Callable[[str], Any]] = {
     "charset": str,
     "collation": str,
     "use_pure": _bool,
-    "read_timeout": _int,
-    "write_timeout": _int,
+    "read_timeout": _seconds,
+    "write_timeout": _seconds,
     "auth_plugin": str,
     "compress": _bool,
     "unix_socket": str,

@@ -13,7 +13,7 @@ from typing import Any, Mapping, Sequence
 import psycopg2
 import psycopg2.extensions as ext
 
-from ..config import ConnectOptions
+from ..config import MAX_KEEPALIVE_COUNT, MAX_KEEPALIVE_SECONDS, MAX_WAIT, ConnectOptions
 from ..errors import ConfigurationError, ConnectError
 from ..url import NodeAddress
 from ._text import first_line, scrub, split_insert_values
@@ -31,6 +31,18 @@ _STATUS_IDLE = ext.TRANSACTION_STATUS_IDLE
 _CLEAN = ReturnState.CLEAN
 _STATUS_UNKNOWN = ext.TRANSACTION_STATUS_UNKNOWN
 _STATUS_ACTIVE = ext.TRANSACTION_STATUS_ACTIVE
+
+# libpq's integer options that a URL query may set, with the range dbrouter accepts: libpq reads
+# them only when it connects (so a typo would fail every connect under load), and
+# connect_timeout=0 there means waiting forever.
+_INT_OPTIONS: Mapping[str, tuple[int, int]] = {
+    "connect_timeout": (1, int(MAX_WAIT)),
+    "keepalives": (0, 1),
+    "keepalives_idle": (1, MAX_KEEPALIVE_SECONDS),
+    "keepalives_interval": (1, MAX_KEEPALIVE_SECONDS),
+    "keepalives_count": (1, MAX_KEEPALIVE_COUNT),
+    "tcp_user_timeout": (0, 2147483647),  # milliseconds, an int; 0: the system's default
+}
 
 # Wait for replay by polling: PostgreSQL 15 has no server-side wait for an LSN.
 _REPLAY_POLL = 0.005
@@ -91,6 +103,13 @@ class PostgresAdapter(Adapter):
             params["user"] = self.address.user
         if self.address.database:
             params["dbname"] = self.address.database
+        for key, (low, high) in _INT_OPTIONS.items():
+            text = self.address.options.get(key)
+            if text is not None and not (text.isascii() and text.isdigit() and low <= int(text) <= high):
+                raise ConfigurationError(
+                    f"invalid value for option {key!r} of postgres node {self.node}: "
+                    f"expected a whole number from {low} to {high}, got {text!r}"
+                )
         params.update(self.address.options)
         if opts.statement_timeout is not None:
             ms = max(1, round(opts.statement_timeout * 1000))

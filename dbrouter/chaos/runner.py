@@ -15,6 +15,7 @@ import uuid
 from typing import Any, Callable, TextIO
 from urllib.parse import quote
 
+from ..config import check_range
 from ..errors import ClusterError, ConfigurationError
 from .faults import SLACK, FaultScheduler, in_rotation
 from .invariants import Invariant, StallDetector, check_writes, leftover_threads, primary_intervals
@@ -43,6 +44,9 @@ ROUTER_OPTIONS: dict[str, Any] = {
     "causal_wait": 0.2,
 }
 
+MAX_DURATION = 86400.0  # a day
+MAX_THREADS = 1024
+
 CONNECTION_SETTLE = 2.0  # a server ends a session shortly after its client closed it
 THREAD_SETTLE = 1.0  # close() joins its threads; a thread may still be leaving its last frame
 FAULT_JOIN = 120.0  # a rejoin (pg_rewind or a MariaDB rebuild) can take a while
@@ -60,10 +64,11 @@ def run_chaos(engine: str, duration: float, seed: int, threads: int = 32, *, max
     """
     if engine not in ("postgres", "mariadb", "mysql"):
         raise ConfigurationError(f"engine must be postgres or mariadb, got {engine!r}")
-    if not duration >= MIN_DURATION:
-        raise ConfigurationError(f"duration must be at least {MIN_DURATION:g}s, got {duration:g}")
-    if threads < 1 or max_concurrent < 1 or not stall_timeout > 0:
-        raise ConfigurationError("threads and max_concurrent must be >= 1 and stall_timeout > 0")
+    # Bounded: an infinite duration would plan faults forever before anything starts.
+    check_range("", "duration", duration, low=MIN_DURATION, high=MAX_DURATION)
+    check_range("", "threads", threads, low=1, high=MAX_THREADS, integer=True)
+    check_range("", "max_concurrent", max_concurrent, low=1, high=MAX_THREADS, integer=True)
+    check_range("", "stall_timeout", stall_timeout, low=0, low_open=True, high=3600)
     options = {**ROUTER_OPTIONS, **router_options}
     chaos = _Chaos(engine, duration, seed, threads, max_concurrent, stall_timeout, options, stream)
     try:

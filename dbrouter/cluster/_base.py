@@ -38,6 +38,7 @@ from types import TracebackType
 from typing import Any, ClassVar, TypeVar
 from urllib.parse import quote
 
+from dbrouter._files import write_private
 from dbrouter.errors import ClusterError
 
 logger = logging.getLogger("dbrouter.cluster")
@@ -119,13 +120,8 @@ def new_password() -> str:
 
 
 def write_file(path: Path, text: str, *, owner: str | None, mode: int = 0o600) -> None:
-    """Write ``text`` to ``path`` with ``mode``. The file is 0600 from the moment it exists
-    (or is truncated), whatever the umask: it may hold a password."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        os.fchmod(f.fileno(), 0o600)  # an existing file keeps its old mode through O_CREAT
-        f.write(text)
-        os.fchmod(f.fileno(), mode)
+    """Write a server file (password file, configuration) created with ``mode`` from the start."""
+    write_private(path, text, mode=mode)
     if owner:
         chown_to(path, owner)
 
@@ -398,6 +394,12 @@ class LocalNode:
             f"{self.scheme}://{quote(c.user, safe='')}:{quote(c.password, safe='')}"
             f"@{self.host}:{self.port}/{quote(c.database, safe='')}"
         )
+
+    @property
+    def redacted_url(self) -> str:
+        """`url` with the password shown as ``***``: what to print."""
+        c = self.cluster
+        return f"{self.scheme}://{quote(c.user, safe='')}:***@{self.host}:{self.port}/{quote(c.database, safe='')}"
 
     @property
     def pid(self) -> int | None:
@@ -939,13 +941,7 @@ class LocalCluster:
             "primary": self._primary.name if self._primary else None,
             "nodes": [n._state() for n in self.nodes],
         }
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            os.fchmod(f.fileno(), 0o600)  # a leftover tmp file keeps its old mode through O_CREAT
-            json.dump(state, f, indent=2)
-        os.replace(tmp, path)
+        write_private(path, json.dumps(state, indent=2))
 
     @classmethod
     def load_state(cls, path: str | os.PathLike[str]) -> LocalCluster:

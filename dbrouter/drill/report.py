@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from .._files import write_private
 from ..workload import Op
 
 __all__ = ["DrillReport", "Limit", "build_timeline", "summarise"]
@@ -147,7 +148,8 @@ class DrillReport:
         }
 
     def write_json(self, path: Path) -> None:
-        path.write_text(json.dumps(self.to_json(), indent=1, default=str))
+        """Write `to_json`, created with mode 0600 (it names your hosts and what was done to them)."""
+        write_private(path, json.dumps(self.to_json(), indent=1, default=str))
 
     def human(self) -> str:
         r = self.results

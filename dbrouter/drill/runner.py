@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
+from .._files import write_private
+from ..config import check_range
 from ..errors import ConfigurationError, DbRouterError
 from ..router import Router
 from ..workload import Workload
@@ -30,6 +32,17 @@ if TYPE_CHECKING:
 __all__ = ["Drill", "DrillOptions", "run_drill"]
 
 log = logging.getLogger("dbrouter.drill")
+
+MAX_DRILL_SECONDS = 86400.0
+"""A day: the bound of every duration and delay of a drill."""
+MAX_THREADS = 1024
+MAX_REPLICAS = 16
+LIMIT_RANGES: dict[str, tuple[float, float]] = {
+    "min-read-availability": (0.0, 100.0),
+    "min-write-availability": (0.0, 100.0),
+    "max-lost-writes": (0.0, 1e12),
+}
+"""Limits not listed here are seconds, 0 to `MAX_DRILL_SECONDS`."""
 
 # Router settings for drills on a local cluster: fast detection, bounded hangs.
 LOCAL_ROUTER_OPTIONS: dict[str, Any] = {
@@ -71,6 +84,11 @@ class DrillOptions:
     table: str = "dbrouter_drill"
 
     def validate(self) -> None:
+        """Raise `ConfigurationError` for any bad option, naming its flag and the allowed range.
+
+        Called by `run_drill` before anything starts: every number is checked here (finite,
+        in range), so that nothing can fail on it after the fault was injected.
+        """
         if self.scenario not in SCENARIOS:
             raise ConfigurationError(f"unknown scenario {self.scenario!r}; choose one of {', '.join(sorted(SCENARIOS))}")
         if (self.local is None) == (self.config is None):
@@ -82,18 +100,21 @@ class DrillOptions:
                                      "--scenario shell with --inject CMD and --recover CMD")
         if self.scenario == "shell" and not self.inject:
             raise ConfigurationError("--scenario shell needs --inject CMD")
-        if not self.duration > 0:
-            raise ConfigurationError(f"--duration must be > 0 seconds, got {self.duration:g}")
-        if not 0 <= self.fault_at < self.duration:
+        check_range("", "--duration", self.duration, low=0, low_open=True, high=MAX_DRILL_SECONDS)
+        check_range("", "--fault-at", self.fault_at, low=0, high=MAX_DRILL_SECONDS)
+        if not self.fault_at < self.duration:
             raise ConfigurationError(f"--fault-at must be within the duration (0 to {self.duration:g}s), got {self.fault_at:g}")
-        if self.recover_after is not None and self.recover_after < 0:
-            raise ConfigurationError(f"--recover-after must be >= 0, got {self.recover_after:g}")
-        if self.threads < 1 or not 0 <= self.write_ratio <= 1:
-            raise ConfigurationError("--threads must be >= 1 and --write-ratio between 0 and 1")
-        if self.rate is not None and self.rate <= 0:
-            raise ConfigurationError(f"--rate must be > 0, got {self.rate:g}")
-        if self.replicas < 0:
-            raise ConfigurationError(f"--replicas must be >= 0, got {self.replicas}")
+        check_range("", "--recover-after", self.recover_after, low=0, high=MAX_DRILL_SECONDS, optional=True)
+        check_range("", "--promote-after", self.promote_after, low=0, high=MAX_DRILL_SECONDS)
+        check_range("", "--latency", self.latency, low=0, high=60)
+        check_range("", "--failover-wait", self.failover_wait, low=0, high=3600)  # the router's failover_wait
+        check_range("", "--threads", self.threads, low=1, high=MAX_THREADS, integer=True)
+        check_range("", "--write-ratio", self.write_ratio, low=0, high=1)
+        check_range("", "--rate", self.rate, low=0, low_open=True, high=1e6, optional=True)
+        check_range("", "--replicas", self.replicas, low=0, high=MAX_REPLICAS, integer=True)
+        for limit in self.limits:
+            low, high = LIMIT_RANGES.get(limit.name, (0.0, MAX_DRILL_SECONDS))
+            check_range("", f"--{limit.name}", limit.limit, low=low, high=high)
         if self.config is not None and not Path(self.config).is_file():
             raise ConfigurationError(f"config file {self.config} does not exist")
 
@@ -270,7 +291,7 @@ def run_drill(options: DrillOptions, stream: TextIO | None = None) -> DrillRepor
     json_path = options.out / f"dbrouter-drill-{options.scenario}.json"
     html_path = options.out / f"dbrouter-drill-{options.scenario}.html"
     report.write_json(json_path)
-    html_path.write_text(render_html(report))
+    write_private(html_path, render_html(report))
     drill.say(report.human())
     drill.say(f"report: {json_path}\nchart:  {html_path}")
     return report

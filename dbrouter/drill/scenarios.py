@@ -10,13 +10,13 @@ commands, for example a Patroni switchover or a cloud failover.
 from __future__ import annotations
 
 import logging
-import shlex
 import subprocess
 import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..errors import ConfigurationError
+from ..url import mask_password
 
 if TYPE_CHECKING:
     from ..cluster import LocalCluster, LocalNode
@@ -73,15 +73,22 @@ class DrillTarget:
             timer.join(timeout)
 
     def run_command(self, command: str, what: str) -> None:
-        """Run a user's shell command; a failure stops the drill with its output."""
-        log.info("%s: %s", what, command)
-        done = subprocess.run(command, shell=True, capture_output=True, text=True, timeout=self.command_timeout)
+        """Run a user's shell command (``what`` is ``inject`` or ``recover``); a failure stops the
+        drill with its exit code and the tail of its output.
+
+        The command itself is never repeated in a note, a log line or an error (it may carry a
+        password, e.g. a URL or ``PGPASSWORD=...``), and the output is shown with anything
+        that looks like a password masked, only in the error.
+        """
+        log.info("running the --%s command", what)
+        try:
+            done = subprocess.run(command, shell=True, capture_output=True, text=True, timeout=self.command_timeout)
+        except subprocess.TimeoutExpired:  # its message quotes the command
+            raise ConfigurationError(f"the --{what} command did not finish within {self.command_timeout:g}s") from None
         if done.returncode != 0:
-            raise ConfigurationError(
-                f"{what} command failed with exit code {done.returncode}: {shlex.quote(command)}\n"
-                f"{(done.stderr or done.stdout).strip()[-2000:]}"
-            )
-        self.notes.append(f"{what}: {command}")
+            output = mask_password((done.stderr or done.stdout).strip()[-2000:])
+            raise ConfigurationError(f"the --{what} command failed with exit code {done.returncode}:\n{output}")
+        self.notes.append(f"{what}: the --{what} command succeeded")
 
 
 @dataclass(frozen=True)

@@ -14,13 +14,15 @@ of it can have been applied.
 failure                   CONNECT     BEFORE_SEND  SENT                        COMMIT
 ========================  ==========  ===========  ==========================  ==================
 NODE_DOWN / HUNG          retry *     retry *      read, idempotent, rerun:    unknown *
-                                                   retry *; write: unknown *;  (idempotent:
-                                                   block: raise *              retry *)
+                                                   retry *; write, unchecked:  (idempotent:
+                                                   unknown *; block: raise *   retry *)
 REFUSED (breaker open)    retry       -            -                           -
-BUSY (pool timeout)       read: retry, else raise  -                           -
-CONFLICT                  -           retry        retry (block: raise)        retry (block: raise)
-READ_ONLY                 -           write: retry d; read, rerun, block: raise
-                                                   (the caller may have asked for read-only)
+BUSY (pool timeout)       read, unchecked: retry,  -                           -
+                          else raise
+CONFLICT                  -           retry        retry (block, unchecked:    retry (block: raise)
+                                                   raise)
+READ_ONLY                 -           write: retry d; read, unchecked, rerun, block:
+                                                   raise (the caller may have asked for read-only)
 TIMEOUT, CALLER           raise       raise        raise                       raise
 INTERRUPTED               raise, connection discarded, node not blamed
 UNROUTABLE                raise
@@ -63,6 +65,9 @@ class Work(enum.Enum):
 
     READ = "read"
     """A read: may run again on any node."""
+    UNCHECKED = "unchecked"
+    """``read(sql, unchecked=True)``: run like a read, but dbrouter cannot tell that it only
+    reads, so once sent it never runs again (``idempotent=True`` makes it a `READ`)."""
     WRITE = "write"
     """One autocommit write: runs again only if it provably never applied."""
     IDEMPOTENT = "idempotent"
@@ -171,13 +176,15 @@ def decide(failure: Failure, phase: Phase, work: Work) -> Decision:
             return _LOST_UNKNOWN
         if work is Work.RERUN:
             return _LOST_RETRY  # not committed: the server rolled it back
-        return _LOST_UNKNOWN if work is Work.WRITE else _LOST_RAISE
+        return _LOST_UNKNOWN if work is Work.WRITE or work is Work.UNCHECKED else _LOST_RAISE
     if failure is Failure.REFUSED:
         return _RETRY if phase is Phase.CONNECT else _RAISE
     if failure is Failure.BUSY:
-        return _RETRY if work is Work.READ else _RAISE
+        return _RETRY if work is Work.READ or (work is Work.UNCHECKED and phase is Phase.CONNECT) else _RAISE
     if failure is Failure.CONFLICT:
-        return _RAISE if work is Work.BLOCK else _RETRY
+        if work is Work.BLOCK or (work is Work.UNCHECKED and phase is not Phase.BEFORE_SEND):
+            return _RAISE  # unchecked: the statements before the one that conflicted may have committed
+        return _RETRY
     if failure is Failure.READ_ONLY:
         # Only a statement dbrouter sent as a write proves the node demoted: in the caller's
         # own transaction or connection it may be the caller's doing (SET TRANSACTION READ

@@ -16,6 +16,7 @@ __all__ = [
     "NoPrimaryAvailable",
     "NoReplicaAvailable",
     "NodeUnavailable",
+    "NotAReadStatement",
     "PoolClosed",
     "PoolError",
     "PoolTimeout",
@@ -71,6 +72,18 @@ class RoutingError(DbRouterError):
 
 class NoPrimaryAvailable(RoutingError):
     """No writable node is known or reachable."""
+
+
+class NotAReadStatement(RoutingError, ValueError):
+    """`Router.read` or `Session.read` was given something that is not one read statement.
+
+    Raised before anything is sent; ``reason`` says which part of the rule
+    (`dbrouter.statements`) it broke.
+    """
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class NoReplicaAvailable(RoutingError):

@@ -31,7 +31,7 @@ from .resilience import NodeBreaker
 from .retrying import RetryExecutor
 from .routing import Core, Counts
 from .session import Session
-from .statements import is_read_statement
+from .statements import is_read_statement, verdicts
 from .topology import PRIMARY, REPLICA, Node, Topology
 from .transactions import Transaction, run_transaction, transaction
 from .url import NodeAddress, parse_address
@@ -78,6 +78,7 @@ class Router(Core):
         nodes = self._build_nodes(config)
         self.topology = Topology(nodes, config.routing, config.monitor, self.events,
                                  probe_timeout=max(1.0, config.connect.connect_timeout), watchdog=self._watchdog)
+        self._read_verdicts = verdicts(nodes[0].adapter.engine)
         self._balancer = make_balancer(config.routing.policy)
         self._executor = RetryExecutor(config.retry)
         if open:
@@ -228,7 +229,9 @@ class Router(Core):
         ``"read"`` (a replica) or ``"write"`` (the primary).
 
         The connection is in autocommit mode; anything left open is rolled back on return.
-        The node's breaker is honoured and fed, as for `read` and `write`. With
+        The node's breaker is honoured and fed, as for `read` and `write`. dbrouter does not
+        see the statements run on it: the read rule of `read` does not apply, and nothing
+        is retried (a lost connection raises the driver's error). With
         mysql-connector, ``conn.cursor()`` pings the server first (a driver habit): for
         single statements `read` and `write` make one round trip instead of two.
         """

@@ -9,6 +9,11 @@ the one executor (`dbrouter.retrying`).
 
 Failure rules (the table has the detail):
 
+- `Core.read` runs only one read statement (the rule is in `dbrouter.statements`):
+  anything else raises `NotAReadStatement` before it is sent, so that a read is
+  never a write on the primary and is never replayed. ``unchecked=True`` skips the
+  rule; such a statement is not run again once it was sent (it may have written)
+  unless the caller also passes ``idempotent=True``.
 - A read that fails because its node failed (connection refused or lost, no
   answer within the statement timeout, breaker open) is retried on another
   node, with backoff, bounded by ``retry_attempts`` and ``retry_deadline``.
@@ -21,9 +26,9 @@ Failure rules (the table has the detail):
   or waits up to ``failover_wait`` seconds for the control plane to find one.
 
 The hot path (`Core.read`, `Core.write`) is a breaker check, a pool checkout,
-one statement and a return: no lock is held across I/O, no extra round trip is
-made when the connection is warm and clean, and retries cost nothing until
-something fails. Routing reads the control plane's snapshot with no lock.
+one statement and a return (a read first looks its statement's verdict up in a
+dictionary): no lock is held across I/O, no extra round trip is made when the
+connection is warm and clean, and retries cost nothing until something fails. Routing reads the control plane's snapshot with no lock.
 """
 
 from __future__ import annotations
@@ -38,13 +43,14 @@ from .adapters.base import Rows
 from .balancing import Balancer
 from .config import RouterConfig
 from .decisions import Action, Failure, Phase, Work, decide, failure_of
-from .errors import NoPrimaryAvailable, NoReplicaAvailable, SplitBrain, WriteOutcomeUnknown
+from .errors import NoPrimaryAvailable, NoReplicaAvailable, NotAReadStatement, SplitBrain, WriteOutcomeUnknown
 from .events import Events
 from .lease import Lease, answered, not_taken, take
 from .retrying import Retry, RetryExecutor
+from .statements import QUOTED_PLACEHOLDER, UNSEEN, Verdicts
 from .topology import Node, Topology
 
-__all__ = ["Core", "Counts", "Rows", "short", "statement"]
+__all__ = ["Core", "Counts", "Rows", "refuse_read", "short", "statement"]
 
 log = logging.getLogger("dbrouter.router")
 
@@ -75,6 +81,8 @@ class Core:
     counts: Counts
     _balancer: Balancer
     _executor: RetryExecutor
+    _read_verdicts: Verdicts
+    """The read rule's verdicts for this cluster's engine (`dbrouter.statements`)."""
 
     # -- who serves -----------------------------------------------------------
 
@@ -143,17 +151,21 @@ class Core:
             if decision.action is Action.RETRY:
                 raise Retry(node, exc, failure_of(exc, node.adapter), phase, decision) from exc
             if decision.action is Action.UNKNOWN:
+                if work is Work.UNCHECKED:
+                    raise self.outcome_unknown(
+                        node, exc, "after a statement read() did not check (unchecked=True) was sent",
+                        "; pass idempotent=True too if it may run twice") from exc
                 raise self.outcome_unknown(node, exc, "after the write was sent") from exc
             raise
         if not keep:
             lease.release()
         return result
 
-    def outcome_unknown(self, node: Node, exc: BaseException, when: str) -> WriteOutcomeUnknown:
+    def outcome_unknown(self, node: Node, exc: BaseException, when: str, hint: str = "") -> WriteOutcomeUnknown:
         self.counts.write_outcome_unknown.inc()
         return WriteOutcomeUnknown(
-            f"connection to primary {node.name} broke {when}: it may or may not have been applied "
-            f"({short(exc)}); not retried"
+            f"connection to {node.role} {node.name} broke {when}: it may or may not have been applied "
+            f"({short(exc)}); not retried{hint}"
         )
 
     def retry(self, attempt: Callable[[], T]) -> T:
@@ -167,12 +179,29 @@ class Core:
 
     # -- reads -----------------------------------------------------------------
 
-    def read(self, sql: str, params: Any = None) -> Rows:
-        """Run a read on a replica chosen by the policy; returns the rows (a list of tuples).
+    def read(self, sql: str, params: Any = None, *, unchecked: bool = False, idempotent: bool = False) -> Rows:
+        """Run one read statement on a replica chosen by the policy; returns the rows (a list of tuples).
 
         Retried on another node when a node fails. Falls back to the primary when
         no replica can serve (if ``fallback_to_primary``), else raises `NoReplicaAvailable`.
+
+        ``sql`` must be one read statement by the rule in `dbrouter.statements` (one
+        statement, starting with SELECT, WITH, VALUES, TABLE, SHOW, EXPLAIN or DESCRIBE,
+        without a data-modifying CTE, a locking clause, INTO or a known state-changing
+        function); anything else raises `NotAReadStatement` before it is sent.
+        ``unchecked=True`` runs a statement you know only reads although the rule refuses
+        it: it goes where a read goes, but once it was sent it is never run again (a lost
+        connection raises `WriteOutcomeUnknown`) unless ``idempotent=True`` says it may.
         """
+        if unchecked:
+            return self.read_as(sql, params, Work.READ if idempotent else Work.UNCHECKED)
+        verdicts = self._read_verdicts
+        problem = verdicts.get(sql, UNSEEN)
+        if problem is not None:
+            if problem is UNSEEN:
+                problem = verdicts.judge(sql)
+            if problem is not None:
+                refuse_read(problem, params)
         self.counts.reads.inc()
         node = self.choose_reader()
         if not node.breaker.clean or node.guard is not None:
@@ -198,15 +227,31 @@ class Core:
         answered(node, entry, True)
         return rows or []
 
-    def read_with(self, node: Node, op: Callable[[Lease], tuple[Any, int]]) -> Rows:
-        """``op(lease)`` as a read on ``node``, retried on other nodes by the read rules."""
+    def check_read(self, sql: str, params: Any) -> None:
+        """Raise `NotAReadStatement` unless ``sql`` (with ``params``) is one read statement."""
+        problem = self._read_verdicts.problem(sql)
+        if problem is not None:
+            refuse_read(problem, params)
+
+    def is_read(self, sql: str) -> bool:
+        """Whether ``sql`` is one read statement by the read rule (parameters aside)."""
+        problem = self._read_verdicts.problem(sql)
+        return problem is None or problem is QUOTED_PLACEHOLDER
+
+    def read_as(self, sql: str, params: Any, work: Work) -> Rows:
+        """``sql`` as a read with ``work``'s rules (`Work.READ` or `Work.UNCHECKED`), not checked."""
+        self.counts.reads.inc()
+        return self.read_with(self.choose_reader(), statement(sql, params), work)
+
+    def read_with(self, node: Node, op: Callable[[Lease], tuple[Any, int]], work: Work = Work.READ) -> Rows:
+        """``op(lease)`` as a read on ``node``, retried on other nodes by ``work``'s rules."""
         try:
-            rows, _ = self.run_on(node, op, Work.READ)
+            rows, _ = self.run_on(node, op, work)
         except Retry as first:
-            return self.read_again(first, op)
+            return self.read_again(first, op, work)
         return rows or []
 
-    def read_again(self, first: Retry, op: Callable[[Lease], tuple[Any, int]]) -> Rows:
+    def read_again(self, first: Retry, op: Callable[[Lease], tuple[Any, int]], work: Work = Work.READ) -> Rows:
         """Retry a read that failed on ``first.node`` on the other nodes."""
         tried: list[Node] = [first.node]
         errors = {first.node.name: first.cause}
@@ -215,7 +260,7 @@ class Core:
         def attempt() -> Any:
             node = self.choose_reader(exclude=tried)
             try:
-                return self.run_on(node, op, Work.READ)
+                return self.run_on(node, op, work)
             except Retry as again:
                 tried.append(node)
                 errors[node.name] = again.cause
@@ -302,6 +347,19 @@ def _retry_or_raise(node: Node, exc: Exception, work: Work) -> Exception:
     if decision.action is Action.RETRY:
         return Retry(node, exc, failure, Phase.CONNECT, decision)
     return exc
+
+
+def refuse_read(problem: str, params: Any) -> None:
+    """Raise `NotAReadStatement` for ``problem`` (a verdict of `dbrouter.statements`), unless
+    it is only a placeholder inside quotes and there are no parameters to put there."""
+    if problem is QUOTED_PLACEHOLDER and params is None:
+        return
+    raise NotAReadStatement(
+        f"read() refused the statement, nothing was sent: {problem}. Run writes with write() or "
+        "in a transaction(); for a statement you know only reads, pass unchecked=True "
+        "(see dbrouter.statements for the rule)",
+        problem,
+    )
 
 
 def statement(sql: str, params: Any) -> Callable[[Lease], tuple[Any, int]]:

@@ -21,7 +21,6 @@ from .adapters.base import Rows
 from .decisions import Phase, Work
 from .retrying import Retry
 from .routing import statement
-from .statements import is_read_statement
 from .transactions import Results, Transaction, transaction
 
 if TYPE_CHECKING:
@@ -84,19 +83,26 @@ class Session(Results):
         lease.release()
         return count
 
-    def read(self, sql: str, params: Any = None) -> Rows:
-        """Run a read that sees this session's writes: on a replica that has them, else on the primary."""
+    def read(self, sql: str, params: Any = None, *, unchecked: bool = False, idempotent: bool = False) -> Rows:
+        """Run a read that sees this session's writes: on a replica that has them, else on the primary.
+
+        The statement rule, ``unchecked`` and ``idempotent`` are those of `Router.read`:
+        `NotAReadStatement` is raised before anything is sent.
+        """
         core = self._core
+        if not unchecked:
+            core.check_read(sql, params)
+        work = Work.UNCHECKED if unchecked and not idempotent else Work.READ
         routing = core.config.routing
         primary = core.topology.snapshot.primary
         if routing.sticky_seconds is not None:
             if time.monotonic() < self._sticky_until:
                 core.counts.reads.inc()
-                return self._read_on(primary, sql, params)
-            return core.read(sql, params)
+                return self._read_on(primary, sql, params, work)
+            return core.read(sql, params, unchecked=unchecked, idempotent=idempotent)
         position = self._position
         if position is None:
-            return core.read(sql, params)
+            return core.read(sql, params, unchecked=unchecked, idempotent=idempotent)
         core.counts.reads.inc()
         node = core.choose_reader()
         if position != _UNKNOWN and node is not primary and node.name not in self._confirmed:
@@ -109,7 +115,7 @@ class Session(Results):
                 return lease.run(run, extra=routing.causal_wait)
 
             try:
-                result = core.run_on(node, read_if_replayed, Work.READ)
+                result = core.run_on(node, read_if_replayed, work)
             except Retry:
                 result = _NOT_REPLAYED  # that replica failed: the primary is certain to have the write
             if result is not _NOT_REPLAYED:
@@ -121,15 +127,15 @@ class Session(Results):
         elif position == _UNKNOWN:
             core.counts.causal_primary_reads.inc()
             node = primary
-        return self._read_on(node, sql, params, fallback=primary)
+        return self._read_on(node, sql, params, work, fallback=primary)
 
-    def _read_on(self, node: Node, sql: str, params: Any, fallback: Node | None = None) -> Rows:
+    def _read_on(self, node: Node, sql: str, params: Any, work: Work, fallback: Node | None = None) -> Rows:
         """A read that must be served by ``node`` (the primary, or a replica known to have
         the session's writes), else by ``fallback``: never by a node that may lack them."""
         targets = [node] if fallback is None or fallback is node else [node, fallback]
         for target in targets:
             try:
-                rows, _ = self._core.run_on(target, statement(sql, params), Work.READ)
+                rows, _ = self._core.run_on(target, statement(sql, params), work)
                 return rows or []
             except Retry as failed:
                 last = failed
@@ -142,9 +148,10 @@ class Session(Results):
             yield tx
 
     def execute(self, sql: str, params: Any = None) -> int:
-        """A read (SELECT, SHOW, EXPLAIN: rows via fetchone / fetchall, returns their count)
-        or a write (anything else, on the primary: returns the rowcount)."""
-        if is_read_statement(sql):
+        """A read (one read statement by the rule of `Router.read`: rows via fetchone /
+        fetchall, returns their count) or a write (anything else, on the primary, with the
+        rules of `write`: returns the rowcount)."""
+        if self._core.is_read(sql):
             rows = self.read(sql, params)
             self._keep(rows)
             return len(rows)

@@ -91,7 +91,10 @@ class Transaction(Results):
         return count
 
     def read(self, sql: str, params: Any = None) -> Rows:
-        """Run a query on the primary, inside the transaction; returns its rows."""
+        """Run a query on the primary, inside the transaction; returns its rows.
+
+        Not held to the read rule of `Router.read`: it runs where the transaction runs,
+        is never run again on its own, and ``SELECT ... FOR UPDATE`` belongs here."""
         self.execute(sql, params)
         return self.fetchall()
 

@@ -26,13 +26,16 @@ def test_every_cell_is_decided_and_consistent(failure: Failure, phase: Phase, wo
 
 @pytest.mark.parametrize(("failure", "phase", "work"), ALL, ids=lambda v: v.value)
 def test_nothing_that_may_have_been_applied_runs_again(failure: Failure, phase: Phase, work: Work) -> None:
-    """A plain write or a transaction block runs again only while nothing of it reached the server."""
+    """A plain write, an unchecked read or a transaction block runs again only while nothing of
+    it reached the server."""
     decision = decide(failure, phase, work)
-    if work in (Work.WRITE, Work.BLOCK) and phase in (Phase.SENT, Phase.COMMIT):
+    if work in (Work.WRITE, Work.BLOCK, Work.UNCHECKED) and phase in (Phase.SENT, Phase.COMMIT):
         # A conflict or a read-only refusal is the server's own "not applied".
         assert decision.action is not Action.RETRY or (work is Work.WRITE and failure in (Failure.CONFLICT, Failure.READ_ONLY))
     if phase is Phase.COMMIT and failure in LOST and work not in (Work.IDEMPOTENT, Work.READ):
         assert decision.action is Action.UNKNOWN
+    if work is Work.UNCHECKED and phase is Phase.SENT and failure in LOST:
+        assert decision.action is Action.UNKNOWN  # issue 13 item 3: never replayed, like a write
 
 
 @pytest.mark.parametrize("phase", list(Phase), ids=lambda v: v.value)
@@ -62,6 +65,15 @@ def test_reads_go_elsewhere_after_any_node_failure_and_writes_only_when_safe() -
     assert decide(Failure.BUSY, Phase.CONNECT, Work.WRITE).action is Action.RAISE
     assert decide(Failure.READ_ONLY, Phase.SENT, Work.WRITE).demoted
     assert not decide(Failure.READ_ONLY, Phase.SENT, Work.READ).demoted  # nextval() on a replica
+
+
+def test_an_unchecked_read_goes_elsewhere_only_until_it_was_sent() -> None:
+    for failure in (Failure.NODE_DOWN, Failure.HUNG, Failure.REFUSED, Failure.BUSY):
+        assert decide(failure, Phase.CONNECT, Work.UNCHECKED).action is Action.RETRY, failure
+    for failure in (Failure.NODE_DOWN, Failure.HUNG):
+        assert decide(failure, Phase.SENT, Work.UNCHECKED).action is Action.UNKNOWN
+    assert decide(Failure.CONFLICT, Phase.SENT, Work.UNCHECKED).action is Action.RAISE
+    assert not decide(Failure.READ_ONLY, Phase.SENT, Work.UNCHECKED).demoted
 
 
 class Clock:

@@ -14,7 +14,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from dbrouter import NoPrimaryAvailable, Router, SplitBrain, WriteOutcomeUnknown
+from dbrouter import NoPrimaryAvailable, NotAReadStatement, Router, SplitBrain, WriteOutcomeUnknown
 from dbrouter.cluster import make_cluster
 from dbrouter.faultproxy import FaultProxy
 from dbrouter.workload import Workload
@@ -217,6 +217,50 @@ def test_write_cut_after_sending_is_outcome_unknown_and_never_resent(engine: str
             proxy.cut_after_client_sends()
             router.write(f"INSERT INTO {table} VALUES (2)", idempotent=True)
             assert cluster.primary.query(f"SELECT count(*) FROM {table} WHERE v = 2") == [(2,)]
+    cluster.primary.query(f"DROP TABLE {table}")
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_read_cut_after_sending_is_run_again_only_when_it_is_a_read(engine: str, request: pytest.FixtureRequest) -> None:
+    """Issue 13 item 3: read("INSERT ... RETURNING") cut after it was sent was retried (the retry
+    excludes the failed node, then falls back to the primary anyway) and inserted two rows."""
+    cluster = request.getfixturevalue("pg_cluster" if engine == "postgres" else "maria_cluster")
+    table = "dbr_rcut_" + uuid.uuid4().hex[:8]
+    cluster.primary.query(f"CREATE TABLE {table} (v int)")  # no key: a second insert would show
+    insert = f"INSERT INTO {table} VALUES (%s) RETURNING v"
+
+    def count(v: int) -> int:
+        return int(cluster.primary.query(f"SELECT count(*) FROM {table} WHERE v = {v}")[0][0])
+
+    def cut_next_statement(router: Router, proxy: FaultProxy) -> None:
+        # The pool's one connection open and idle first: a refill after the last cut must
+        # not be the connection that the cut hits.
+        router.primary.pool.wait_ready(5)
+        assert router.read("SELECT 1") == [(1,)]
+        proxy.cut_after_client_sends()
+
+    with FaultProxy(upstream=("127.0.0.1", cluster.primary.port)) as proxy:
+        url = cluster.primary.url.replace(f":{cluster.primary.port}/", f":{proxy.port}/")
+        with Router(url, health_interval=60, min_size=1, max_size=1, validation_bypass=60) as router:
+            assert router.wait_for_probes(1, timeout=10)
+            cut_next_statement(router, proxy)
+            with pytest.raises(NotAReadStatement):
+                router.read(insert, (1,))
+            # Nothing was sent: the cut is still armed, and a real read it cuts runs again.
+            assert router.read("SELECT 2") == [(2,)]
+            assert proxy.mode == "pass_through" and router.stats()["retries"] == 1
+            # Unchecked: sent once, never again.
+            cut_next_statement(router, proxy)
+            with pytest.raises(WriteOutcomeUnknown, match="unchecked=True") as info:
+                router.read(insert, (2,), unchecked=True)
+            assert "idempotent=True" in str(info.value) and info.value.__cause__ is not None
+            assert wait_until(lambda: count(2) == 1, 3)
+            # Unchecked and idempotent: run again like a read, as the caller allowed.
+            cut_next_statement(router, proxy)
+            assert router.read(insert, (3,), unchecked=True, idempotent=True) == [(3,)]
+            assert wait_until(lambda: count(3) == 2, 3)
+            time.sleep(0.3)
+            assert (count(1), count(2), count(3)) == (0, 1, 2)
     cluster.primary.query(f"DROP TABLE {table}")
 
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 import dbrouter
-from dbrouter import ConfigurationError, NoReplicaAvailable, Router
+from dbrouter import ConfigurationError, NoReplicaAvailable, NotAReadStatement, Router
 
 from .conftest import port_sql
 
@@ -117,6 +117,45 @@ def test_no_replicas_reads_from_the_primary(cluster: Any) -> None:
         assert router.stats()["fallbacks"] == 0
 
 
+def test_read_refuses_what_is_not_one_read_statement_before_sending(cluster: Any, table: str) -> None:
+    """Issue 13 item 3: read("SELECT 1; DELETE FROM t") deleted every row when it reached the
+    primary (no replica, or the replicas down). Now nothing is sent: with or without replicas,
+    through Router.read and Session.read."""
+    cluster.primary.query(f"INSERT INTO {table} (id, port) VALUES (1, 0), (2, 0)")
+    cluster.wait_replicated()
+    refused: list[tuple[str, Any]] = [
+        (f"SELECT 1; DELETE FROM {table}", None),
+        (f"INSERT INTO {table} (id, port) VALUES (%s, 0) RETURNING id", (3,)),
+        (f"SELECT id FROM {table} FOR UPDATE", None),
+        (f"EXPLAIN ANALYZE DELETE FROM {table}", None),
+        (f"WITH gone AS (DELETE FROM {table} RETURNING id) SELECT id FROM gone", None),
+        (f"SELECT id FROM {table} WHERE port = '%s'", ("0; DELETE",)),  # the driver's quotes would end the literal
+    ]
+    with Router(cluster.primary.url, **FAST) as alone, make_router(cluster) as routed:
+        for router in (alone, routed):
+            for sql, params in refused:
+                with pytest.raises(NotAReadStatement, match="nothing was sent") as info:
+                    router.read(sql, params)
+                assert isinstance(info.value, ValueError) and info.value.reason in str(info.value)
+                with router.session() as session, pytest.raises(NotAReadStatement):
+                    session.read(sql, params)
+            assert router.stats()["reads"] == 0
+    assert cluster.primary.query(f"SELECT id FROM {table} ORDER BY id") == [(1,), (2,)]
+
+
+def test_read_unchecked_runs_a_read_the_rule_refuses_on_a_replica(cluster: Any) -> None:
+    """The escape hatch: two reads in one text are refused, and run where a read goes when
+    the caller says unchecked=True (MariaDB answers the first, PostgreSQL the last)."""
+    sql = f"SELECT {port_sql(cluster)}; SELECT {port_sql(cluster)}"
+    with make_router(cluster) as router:
+        with pytest.raises(NotAReadStatement, match="2 statements"):
+            router.read(sql)
+        assert router.read(sql, unchecked=True)[0][0] in replica_ports(cluster)
+        with router.session() as session:
+            assert session.read(sql, unchecked=True, idempotent=True)[0][0] in replica_ports(cluster)
+        assert router.stats()["reads"] == 2
+
+
 def lag_until_excluded(router: Router, cluster: Any, table: str, replicas: list[Any], max_lag: float) -> float:
     """Pause replay on ``replicas``, write once, and return when the write happened."""
     for node in replicas:
@@ -217,6 +256,9 @@ def test_session_execute_and_fetch(cluster: Any, table: str) -> None:
         with s.transaction() as tx:
             tx.execute(f"INSERT INTO {table} (id, port) VALUES (8, 0)")
         assert s.read(f"SELECT id FROM {table} WHERE id = 8") == [(8,)]
+        # Not one read statement: a write, on the primary, with the write rules.
+        s.execute(f"SELECT 1 FROM {table}; DELETE FROM {table} WHERE id = 7")
+        assert s.read(f"SELECT id FROM {table} ORDER BY id") == [(8,)]
 
 
 def test_sticky_sessions_read_from_the_primary_after_a_write(cluster: Any, table: str) -> None:

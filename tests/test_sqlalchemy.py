@@ -240,6 +240,27 @@ def test_locking_reads_text_writes_and_explicit_binds(cluster: Any, make: Make, 
         assert forced == cluster.primary.port
 
 
+def test_text_is_routed_by_the_read_rule(cluster: Any, make: Make, table: str) -> None:
+    """Issue 13 item 3: text("SELECT 1; DELETE ...") was routed as a read (to a replica, or to
+    the primary by fallback). Now text() that is not one read statement goes to the primary,
+    and a WITH that only reads goes to a replica."""
+    engines = make()
+    Session = routing_sessionmaker(engines)
+    port_sql = "inet_server_port()" if cluster.engine == "postgres" else "@@port"
+    writes = [
+        f"SELECT 1; DELETE FROM {table}",
+        f"WITH gone AS (DELETE FROM {table} RETURNING id) SELECT id FROM gone",
+        f"SELECT id FROM {table} LOCK IN SHARE MODE",
+        f"EXPLAIN ANALYZE DELETE FROM {table}",
+    ]
+    for sql in writes:
+        with Session() as session:
+            assert session.get_bind(clause=text(sql)) is engines.writer, sql
+    with Session() as session:
+        read = f"WITH x AS (SELECT 1 AS one) SELECT {port_sql}, 'a;b' /* ; DELETE */ FROM x"
+        assert session.execute(text(read)).one()[0] in replica_ports(cluster)
+
+
 def test_sticky_sessions_read_from_the_primary_after_a_commit(cluster: Any, make: Make, table: str) -> None:
     Row = model_for(table)
     Session = routing_sessionmaker(make(sticky_seconds=0.5))

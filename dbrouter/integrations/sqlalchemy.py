@@ -39,8 +39,9 @@ node until it is closed.
 **Session routing** (`RoutingSession`), per transaction:
 
 1. Writes go to the primary: flushes, INSERT / UPDATE / DELETE, SELECT ... FOR UPDATE
-   or FOR SHARE, a SELECT with a data-modifying CTE, ``text()`` that is not a plain
-   SELECT / SHOW / EXPLAIN, and ``Session.connection()`` without a statement.
+   or FOR SHARE, a SELECT with a data-modifying CTE, ``text()`` that is not one read
+   statement by the rule of `Router.read` (`dbrouter.statements`: ``"SELECT 1; DELETE
+   ..."`` is a write), and ``Session.connection()`` without a statement.
 2. Once a transaction has used the primary for a write, everything else in it goes
    to the primary too, so its reads see its own uncommitted changes. Autoflush runs
    before a query is routed, so a query that flushes pending objects reads from the
@@ -304,15 +305,15 @@ def create_engines(router: Router, **engine_options: Any) -> RoutingEngines:
     return RoutingEngines(router, **engine_options)
 
 
-def _is_read(clause: Any) -> bool:
+def _is_read(clause: Any, engine: str) -> bool:
     """True for a statement a replica can run: a plain SELECT without locking or writes."""
     if clause is None:
         return False
     if isinstance(clause, TextClause):
-        return is_read_statement(clause.text)
+        return is_read_statement(clause.text, engine)
     if isinstance(clause, TextualSelect):
         sql = getattr(clause.element, "text", None)  # None for SQLAlchemy 2.1's template strings
-        return isinstance(sql, str) and is_read_statement(sql)
+        return isinstance(sql, str) and is_read_statement(sql, engine)
     if not getattr(clause, "is_select", False):
         return False
     return not _writes(clause)
@@ -385,7 +386,7 @@ class RoutingSession(Session):
             if bind is engines.writer:
                 self._tx_wrote = True
             return bind
-        if self._tx_wrote or self._flushing or not _is_read(clause):
+        if self._tx_wrote or self._flushing or not _is_read(clause, engines._engine):
             self._tx_wrote = True
             return engines.writer
         if self._tx_reader is None:

@@ -32,6 +32,7 @@ EVENT_NAMES = frozenset(
         "failover",  # another node now reports itself writable and is the primary
         "split_brain",  # more than one node accepts writes: writes stop
         "split_brain_resolved",  # one writable node again
+        "same_server",  # two configured nodes are one server (a configuration error): writes stop
         "pool_exhausted",  # a caller timed out waiting for a connection
         "leak",  # a connection was held longer than leak_threshold
     }

@@ -9,6 +9,8 @@ answered within ``probe_timeout`` is reported failed (the probe itself is cut
 by the watchdog or the read timeout). Roles are decided per round: a round
 ends once every node has reported for it (an answer, or no answer in time), so
 a failover or a split brain is never judged on a mix of old and new answers.
+A new probe connection first asks which server it reached (`Adapter.server_identity`,
+once per connection), so the control plane can tell one server named twice.
 The prober decides nothing.
 """
 
@@ -43,6 +45,7 @@ class ProbeResult:
     lag: float | None = None
     error: str | None = None
     latency: float | None = None  # seconds the role probe took
+    identity: str | None = None  # the server behind the probe connection (Adapter.server_identity)
 
 
 class _Lane:
@@ -78,7 +81,7 @@ class Monitor:
         self._on_round = on_round
         self._probe_timeout = probe_timeout
         self._watchdog = watchdog
-        self._probes: dict[str, Any] = {}  # an idle probe connection per node
+        self._probes: dict[str, tuple[Any, str | None]] = {}  # an idle probe connection per node, and its server
         self._lock = threading.Lock()  # guards _probes, _lanes and _round; nothing is called under it
         self._lanes: dict[str, _Lane] = {}
         self._round = 0
@@ -107,9 +110,9 @@ class Monitor:
         with self._lock:
             probes, self._probes = self._probes, {}
         for node in self._nodes():
-            conn = probes.get(node.name)
-            if conn is not None:
-                node.adapter.close(conn)
+            kept = probes.get(node.name)
+            if kept is not None:
+                node.adapter.close(kept[0])
 
     def _run(self) -> None:
         next_tick = time.monotonic()
@@ -200,20 +203,28 @@ class Monitor:
             with self._lock:
                 keep = not self._stop.is_set() and node.name not in self._probes
                 if keep:
-                    self._probes[node.name] = conn
+                    self._probes[node.name] = (conn, result.identity)
             if not keep:
                 adapter.close(conn)
 
-    def _attempt(self, adapter: Adapter, conn: Any, result: ProbeResult) -> Any:
-        """One try on ``conn`` (a new connection when None); the connection if it is still good."""
+    def _attempt(self, adapter: Adapter, kept: tuple[Any, str | None] | None, result: ProbeResult) -> Any:
+        """One try on the ``kept`` connection (a new one when None); the connection if it is still good.
+
+        A new connection first asks which server it reached (once per connection: a
+        connection stays on its server), so that one server named twice is found.
+        """
         token = None
         watchdog = self._watchdog if adapter.needs_watchdog else None
+        conn, identity = kept if kept is not None else (None, None)
         try:
             if conn is None:
                 conn = adapter.connect(read_timeout=self._probe_timeout)
             if watchdog is not None:
                 probe_conn = conn
                 token = watchdog.arm(time.monotonic() + self._probe_timeout, lambda: adapter.abort(probe_conn))
+            if kept is None:
+                identity = self._identity(adapter, conn)
+            result.identity = identity
             self._ask_node(adapter, conn, result)
             result.ok, result.error = True, None
         except Exception as exc:  # noqa: BLE001 - any probe failure marks the node down
@@ -227,6 +238,14 @@ class Monitor:
                 adapter.close(conn)
                 conn = None
         return conn
+
+    @staticmethod
+    def _identity(adapter: Adapter, conn: Any) -> str | None:
+        try:
+            return adapter.server_identity(conn)
+        except Exception as exc:  # noqa: BLE001 - unknown identity: the node is still probed
+            log.debug("probe of %s: server identity unknown: %s", adapter.node, exc)
+            return None
 
     def _ask_node(self, adapter: Adapter, conn: Any, result: ProbeResult) -> None:
         started = time.monotonic()

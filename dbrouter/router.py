@@ -52,7 +52,9 @@ class Router(Core):
     ``fail_max``, ``failover_wait``); see `RouterConfig` and the README's
     configuration reference. Raises `ConfigurationError` at construction for
     any invalid value. The pools and the control plane start at once unless
-    ``open=False``; then call `open`.
+    ``open=False``; then call `open`. Neither waits for the servers: a problem
+    found by probing them (two nodes that are one server) is raised by
+    `wait_for_probes` and by writes.
     """
 
     def __init__(
@@ -184,8 +186,17 @@ class Router(Core):
         return self.events.on(event, listener)
 
     def wait_for_probes(self, rounds: int = 1, timeout: float = 10.0) -> bool:
-        """Block until ``rounds`` more probe rounds have been folded in; False on timeout."""
-        return self.topology.wait_rounds(rounds, timeout)
+        """Block until ``rounds`` more probe rounds have been folded in; False on timeout.
+
+        Raises `ConfigurationError` when probing found two configured nodes to be one
+        server (the same server under two names): call it at start-up to learn of it
+        before the first write does.
+        """
+        done = self.topology.wait_rounds(rounds, timeout)
+        error = self.topology.configuration_error()
+        if error is not None:
+            raise error
+        return done
 
     # -- transactions, sessions, bulk ------------------------------------------------
 
@@ -306,6 +317,7 @@ class Router(Core):
             "nodes": nodes,
             "primary": snapshot.primary.name,
             "split_brain": list(snapshot.split_brain),
+            "same_server": [list(group) for group in snapshot.same_server],
             "reads": counts.reads.value,
             "writes": counts.writes.value,
             "retries": counts.retries.value,

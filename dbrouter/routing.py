@@ -24,6 +24,7 @@ Failure rules (the table has the detail):
   applied, and it is never replayed silently.
 - Without a usable primary a write fails at once with `NoPrimaryAvailable`,
   or waits up to ``failover_wait`` seconds for the control plane to find one.
+  While two configured nodes are one server, writes raise `ConfigurationError`.
 
 The hot path (`Core.read`, `Core.write`) is a breaker check, a pool checkout,
 one statement and a return (a read first looks its statement's verdict up in a
@@ -48,7 +49,7 @@ from .events import Events
 from .lease import Lease, answered, not_taken, take
 from .retrying import Retry, RetryExecutor
 from .statements import QUOTED_PLACEHOLDER, UNSEEN, Verdicts
-from .topology import Node, Topology
+from .topology import Node, Topology, same_server_error
 
 __all__ = ["Core", "Counts", "Rows", "refuse_read", "short", "statement"]
 
@@ -111,10 +112,14 @@ class Core:
         return snapshot.primary
 
     def choose_writer(self, failover_deadline: float) -> tuple[Node, int]:
-        """The primary and the snapshot version, waiting up to the deadline for one that can take writes."""
+        """The primary and the snapshot version, waiting up to the deadline for one that can take writes.
+
+        Raises `ConfigurationError` at once while two configured nodes are one server."""
         topology = self.topology
         while True:
             snapshot = topology.snapshot
+            if snapshot.same_server:
+                raise same_server_error(snapshot.same_server)
             problem = topology.primary_problem(snapshot)
             if problem is None:
                 return snapshot.primary, snapshot.version

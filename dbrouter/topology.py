@@ -6,7 +6,7 @@ attribute load, and report what they learn (a breaker changed state, a write
 was refused as read-only) by putting a message in the control plane's inbox.
 
 The control thread (``dbrouter-monitor``) is the only writer of roles, health,
-lag and readability. It folds probe results and rounds (from `dbrouter.monitor`) and
+lag, readability and the servers behind the nodes. It folds probe results and rounds (from `dbrouter.monitor`) and
 reports into the next snapshot, publishes it, and only then, holding no lock,
 emits events (listeners and log handlers run there), drives breakers
 (pybreaker, possibly Redis I/O) and invalidates pools.
@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 from ._counter import Counter
 from .adapters.base import Adapter
 from .config import MonitorConfig, RoutingConfig
+from .errors import ConfigurationError
 from .events import Events
 from .monitor import Monitor, ProbeResult
 from .pool import Pool
@@ -41,7 +42,7 @@ if TYPE_CHECKING:
     from .resilience import NodeBreaker
     from .watchdog import Watchdog
 
-__all__ = ["Node", "Snapshot", "Topology"]
+__all__ = ["Node", "Snapshot", "Topology", "same_server_error"]
 
 log = logging.getLogger("dbrouter.topology")
 
@@ -117,6 +118,17 @@ class Snapshot:
     readable: tuple[Node, ...]
     split_brain: tuple[str, ...] = ()
     failovers: int = 0
+    same_server: tuple[tuple[str, ...], ...] = ()
+    """Groups of configured nodes that turned out to be one server (a configuration error)."""
+
+
+def same_server_error(groups: tuple[tuple[str, ...], ...]) -> ConfigurationError:
+    """The error for nodes that are one server named more than once."""
+    named = "; ".join(f"nodes {', '.join(group[:-1])} and {group[-1]} are one server" for group in groups)
+    return ConfigurationError(
+        f"{named} (the same server reached under different names): list each server once; "
+        "writes stop until then"
+    )
 
 
 @dataclass
@@ -137,6 +149,14 @@ class Topology:
     that reports itself writable is the primary, and a reachable read-only
     node is a replica. Two writable nodes at once is a split brain: writes stop
     (`SplitBrain`) until one of them is read-only again.
+
+    Also with ``"auto"``, each node's server is identified by the first probe on each
+    new probe connection (`Adapter.server_identity`). Two nodes on one server (one
+    address as primary, another as replica) would look like a split brain forever:
+    instead writes raise `ConfigurationError` naming both, until the configuration
+    (or what the names point to) changes. With ``"static"`` something else owns the
+    addresses (a proxy, a virtual IP may move onto a server also listed as a replica),
+    so nothing is checked.
     """
 
     def __init__(self, nodes: list[Node], routing: RoutingConfig, monitor: MonitorConfig, events: Events, *,
@@ -155,6 +175,8 @@ class Topology:
         self._state_primary = nodes[0]
         self._state_replicas = tuple(nodes[1:])
         self._state_split_brain: tuple[str, ...] = ()
+        self._state_same_server: tuple[tuple[str, ...], ...] = ()
+        self._identities: dict[str, str] = {}  # node name -> its server, as of its probe connection
         self._published = threading.Condition()
         self.rounds = 0  # probe rounds folded in
         self._falling_back = False
@@ -237,6 +259,11 @@ class Topology:
             )
         return None
 
+    def configuration_error(self) -> ConfigurationError | None:
+        """The configuration error found by probing (one server named twice), or None."""
+        groups = self.snapshot.same_server
+        return same_server_error(groups) if groups else None
+
     def wait_for_change(self, version: int, deadline: float) -> bool:
         """Wait until a snapshot newer than ``version`` is published or the deadline passes."""
         with self._published:
@@ -315,9 +342,9 @@ class Topology:
             effects.emit("replicas_restored", None,
                          f"replicas serving reads again: {', '.join(n.name for n in readable)}")
         new = Snapshot(old.version + 1, self._state_primary, self._state_replicas, readable, self._state_split_brain,
-                       self.failovers.value)
-        changed = (new.primary, new.replicas, new.readable, new.split_brain) != (
-            old.primary, old.replicas, old.readable, old.split_brain)
+                       self.failovers.value, self._state_same_server)
+        changed = (new.primary, new.replicas, new.readable, new.split_brain, new.same_server) != (
+            old.primary, old.replicas, old.readable, old.split_brain, old.same_server)
         # A probe round always publishes: health the snapshot does not hold (the primary's)
         # may have changed, and writers waiting for a usable primary look again.
         if changed or rounds:
@@ -345,6 +372,9 @@ class Topology:
         now = time.monotonic()
         node = result.node
         self._latest[node.name] = result
+        if self._auto and result.identity is not None and self._identities.get(node.name) != result.identity:
+            self._identities[node.name] = result.identity
+            self._check_same_server(effects)
         if result.ok and result.writable and node is self._state_primary and result.position:
             self._note_primary_position(result.position, now)
         self._set_health(result, effects)
@@ -379,6 +409,35 @@ class Topology:
                 break
             oldest_missing = seen_at
         return 0.0 if oldest_missing is None else max(0.0, now - oldest_missing)
+
+    def _check_same_server(self, effects: _Effects) -> None:
+        """Group the nodes by the server behind them: more than one node on a server is a
+        configuration error, published in the snapshot (writes raise it)."""
+        by_server: dict[str, list[str]] = {}
+        for node in self.nodes:
+            identity = self._identities.get(node.name)
+            if identity is not None:
+                by_server.setdefault(identity, []).append(node.name)
+        groups = tuple(tuple(names) for names in by_server.values() if len(names) > 1)
+        if groups == self._state_same_server:
+            return
+        self._state_same_server = groups
+        if groups:
+            effects.emit("same_server", None, str(same_server_error(groups)), logging.ERROR,
+                         nodes=[list(group) for group in groups])
+        else:
+            log.info("no two configured nodes are the same server any more: writes resume")
+
+    def _distinct_servers(self, nodes: list[Node]) -> list[Node]:
+        """``nodes`` with one node per server (the current primary kept where it is one)."""
+        seen: set[object] = set()
+        distinct = []
+        for node in sorted(nodes, key=lambda n: n is not self._state_primary):
+            server = self._identities.get(node.name, node)
+            if server not in seen:
+                seen.add(server)
+                distinct.append(node)
+        return distinct
 
     def _set_health(self, result: ProbeResult, effects: _Effects) -> None:
         node = result.node
@@ -419,7 +478,8 @@ class Topology:
             effects.emit("lag_restored", node.name, f"replica lag {lag}: reads resume", lag=node.lag)
 
     def _discover_roles(self, results: list[ProbeResult], effects: _Effects) -> None:
-        writable = [r.node for r in results if r.ok and r.writable]
+        # One server named twice is not a split brain (see _check_same_server).
+        writable = self._distinct_servers([r.node for r in results if r.ok and r.writable])
         if len(writable) > 1:
             names = tuple(sorted(n.name for n in writable))
             if names != self._state_split_brain:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 
@@ -9,7 +10,10 @@ import pytest
 
 import dbrouter
 from dbrouter import ConfigurationError, ConnectError, PoolConfig, connect_pool
+from dbrouter.faultproxy import FaultProxy
 from dbrouter.url import parse_address
+
+from .conftest import wait_until
 
 SECRET = "s3cr3t-Pa55"
 
@@ -71,6 +75,49 @@ def test_wrong_password(cluster, caplog: pytest.LogCaptureFixture) -> None:
     assert_no_secret(message, repr(pool), repr(pool.adapter), repr(pool.adapter.address), str(pool.adapter.address))
     assert_no_secret(*(r.getMessage() for r in caplog.records))
     assert info.value.__cause__ is None and info.value.__context__ is None or SECRET not in str(info.value.__context__)
+
+
+@pytest.mark.parametrize("alias", ["localhost", "proxy"])
+def test_one_server_named_twice_is_a_configuration_error(cluster, alias: str) -> None:
+    """Issue 13 item 7: 127.0.0.1:port as primary and localhost:port as replica was accepted,
+    and then every write raised SplitBrain. The server behind each probe connection is
+    identified (PostgreSQL: system identifier, port, postmaster start; MariaDB: server id,
+    host name, port, data directory), so a second name (another host name, or a TCP proxy
+    in front of a replica) is a ConfigurationError naming both nodes."""
+    primary, replica = cluster.primary, cluster.replicas[0]
+    password = parse_address(primary.url).password
+    with contextlib.ExitStack() as stack:
+        if alias == "localhost":
+            twice, second = primary, primary.url.replace("@127.0.0.1:", "@localhost:")
+        else:
+            proxy = stack.enter_context(FaultProxy(upstream=("127.0.0.1", replica.port)))
+            twice, second = replica, replica.url.replace(f":{replica.port}/", f":{proxy.port}/")
+        assert second != twice.url
+        seen: list[dbrouter.Event] = []
+        router = stack.enter_context(dbrouter.Router(
+            primary.url, [second, *(n.url for n in cluster.replicas)], health_interval=0.1, open=False))
+        router.on("same_server", seen.append)
+        router.open()
+        # The nodes, in order: primary, second, the replicas: the pair is (primary, second) or (second, replica 0).
+        pair = router.nodes[0:2] if twice is primary else router.nodes[1:3]
+        names = sorted(n.name for n in pair)
+        with pytest.raises(ConfigurationError) as info:
+            router.wait_for_probes(2, timeout=10)
+        message = str(info.value)
+        assert len(names) == 2 and all(name in message for name in names), (names, message)
+        assert "one server" in message and password not in message
+        with pytest.raises(ConfigurationError, match="one server"):  # not SplitBrain, and nothing sent
+            router.write("INSERT INTO nowhere VALUES (1)")
+        assert [sorted(group) for group in router.stats()["same_server"]] == [names]
+        assert wait_until(lambda: len(seen) == 1) and sorted(seen[0].data["nodes"][0]) == names
+        assert router.read("SELECT 1") == [(1,)]  # reads go on
+    # Distinct servers are fine; with static discovery the addresses are someone else's to manage.
+    with dbrouter.Router(primary.url, [n.url for n in cluster.replicas], health_interval=0.1) as router:
+        assert router.wait_for_probes(2, timeout=10) and router.stats()["same_server"] == []
+    with dbrouter.Router(primary.url, [primary.url.replace("@127.0.0.1:", "@localhost:")],
+                         health_interval=0.1, primary_discovery="static") as router:
+        assert router.wait_for_probes(2, timeout=10)
+        assert router.write("SELECT 1") in (-1, 0, 1)
 
 
 def test_unreachable_port(cluster) -> None:

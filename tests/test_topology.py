@@ -10,6 +10,9 @@ import threading
 import time
 from typing import Any
 
+import pytest
+
+from dbrouter import ConfigurationError
 from dbrouter.adapters import make_adapter
 from dbrouter.config import BreakerPolicy, ConnectOptions, MonitorConfig, PoolConfig, RoutingConfig
 from dbrouter.events import Events
@@ -21,7 +24,7 @@ from dbrouter.url import parse_address
 from dbrouter.watchdog import Watchdog
 
 
-def make_topology() -> tuple[Topology, list[Node], Events]:
+def make_topology(discovery: str = "auto") -> tuple[Topology, list[Node], Events]:
     events = Events()
     watchdog = Watchdog()
     nodes = []
@@ -35,7 +38,8 @@ def make_topology() -> tuple[Topology, list[Node], Events]:
         node = Node(name, address, adapter, pool, breaker, "primary" if index == 0 else "replica", watchdog=watchdog)
         holder.append(node)
         nodes.append(node)
-    topology = Topology(nodes, RoutingConfig(), MonitorConfig(health_interval=60), events, probe_timeout=1.0)
+    topology = Topology(nodes, RoutingConfig(), MonitorConfig(health_interval=60, primary_discovery=discovery), events,
+                        probe_timeout=1.0)
     return topology, nodes, events
 
 
@@ -105,6 +109,61 @@ def test_two_writable_nodes_stop_writes_until_one_is_read_only() -> None:
     assert topology.snapshot.split_brain == () and topology.primary_problem() is None
 
 
+@pytest.mark.parametrize("discovery", ["auto", "static"])
+def test_one_server_named_twice_is_a_configuration_error_not_a_split_brain(discovery: str) -> None:
+    """Issue 13 item 7: p and r1 are one server under two names; both answer writable. That
+    was a split brain for ever; now it is a configuration error (auto discovery only: with
+    static discovery something else owns the addresses), until the names part again."""
+    topology, (p, r1, r2), events = make_topology(discovery)
+    seen: list[Any] = []
+    events.on("same_server", seen.append)
+    both = round_of([p, r1, r2], "p")
+    both[1].writable = True
+    for result, identity in zip(both, ("server-a", "server-a", "server-b"), strict=True):
+        result.identity = identity
+    fold(topology, ("round", both))
+    snapshot = topology.snapshot
+    if discovery == "static":
+        assert snapshot.same_server == () and topology.configuration_error() is None and seen == []
+        return
+    assert snapshot.same_server == (("p", "r1"),) and snapshot.split_brain == ()
+    assert snapshot.primary is p
+    error = topology.configuration_error()
+    assert isinstance(error, ConfigurationError) and "nodes p and r1 are one server" in str(error)
+    assert [event.data["nodes"] for event in seen] == [[["p", "r1"]]]
+    fold(topology, ("round", both))  # told once
+    assert len(seen) == 1
+    apart = round_of([p, r1, r2], "p")
+    for result, identity in zip(apart, ("server-a", "server-c", "server-b"), strict=True):
+        result.identity = identity
+    fold(topology, ("round", apart))
+    assert topology.snapshot.same_server == () and topology.configuration_error() is None
+
+
+def test_the_server_identity_is_asked_once_per_probe_connection() -> None:
+    from dbrouter.monitor import Monitor
+
+    node = FakeNode("a", FakeAdapter(True))
+    identities: list[str | None] = []
+    monitor = Monitor(lambda: [node], 0.02, lambda r: identities.append(r.identity),  # type: ignore[list-item]
+                      lambda: None, probe_timeout=0.5)
+    monitor.start()
+    try:
+        assert wait_for(lambda: len(identities) >= 5)
+    finally:
+        monitor.stop()
+    assert node.adapter.identities == 1 and set(identities) == {"server-of-a"}
+
+
+def wait_for(predicate: Any, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return False
+
+
 def test_a_round_counts_and_wakes_waiters() -> None:
     topology, nodes, _ = make_topology()
     rounds = topology.rounds
@@ -120,6 +179,7 @@ class FakeAdapter:
     def __init__(self, writable: bool, hang_after: int = 1_000_000) -> None:
         self.writable = writable
         self.calls = 0
+        self.identities = 0
         self.hang_after = hang_after
         self.hang = threading.Event()
         self.release = threading.Event()
@@ -132,6 +192,10 @@ class FakeAdapter:
         if self.hang.is_set() or self.calls > self.hang_after:
             self.release.wait(5)
         return self.writable
+
+    def server_identity(self, conn: object) -> str:
+        self.identities += 1
+        return "server-of-a"
 
     def replication_position(self, conn: object) -> str:
         return "0/1"

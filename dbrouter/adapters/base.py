@@ -141,6 +141,11 @@ class Adapter(ABC):
         """The port the server says it listens on: proves which node answered."""
 
     @abstractmethod
+    def server_identity(self, conn: Any) -> str:
+        """What tells the server behind ``conn`` from every other server, whatever address
+        reached it: two configured nodes with the same identity are one server named twice."""
+
+    @abstractmethod
     def replication_position(self, conn: Any) -> str:
         """This node's position: WAL LSN (PostgreSQL) or GTID position / set (MySQL family).
 

@@ -287,6 +287,14 @@ class MySQLAdapter(Adapter):
         rows, _ = self.execute(conn, "SELECT @@port")
         return int(self._first_column(rows))
 
+    def server_identity(self, conn: Any) -> str:
+        # MySQL has a UUID per data directory. MariaDB has none: servers that replicate from
+        # each other must have distinct server ids, and host name, port and data directory
+        # tell apart the ones that do not.
+        mariadb = "SELECT CONCAT_WS('/', @@server_id, @@hostname, @@port, @@datadir)"
+        rows, _ = self.execute(conn, mariadb if self.is_mariadb else "SELECT @@server_uuid")
+        return str(self._first_column(rows))
+
     def replication_position(self, conn: Any) -> str:
         sql = "SELECT @@global.gtid_current_pos" if self.is_mariadb else "SELECT @@global.gtid_executed"
         rows, _ = self.execute(conn, sql)

@@ -11,6 +11,7 @@ from itertools import chain
 from typing import Any, Mapping, Sequence
 
 import psycopg2
+import psycopg2.errors
 import psycopg2.extensions as ext
 
 from ..config import MAX_KEEPALIVE_COUNT, MAX_KEEPALIVE_SECONDS, MAX_WAIT, ConnectOptions
@@ -232,6 +233,17 @@ class PostgresAdapter(Adapter):
     def server_port(self, conn: Any) -> int:
         rows, _ = self.execute(conn, "SELECT inet_server_port()")
         return int(self._first_column(rows))
+
+    def server_identity(self, conn: Any) -> str:
+        # A primary and its streaming replicas share the system identifier; the postmaster's
+        # start time (to the microsecond) and port tell them apart. Where a hosted service
+        # keeps pg_control_system() from the user, start time and port alone still do.
+        started = "current_setting('port') || '/' || extract(epoch FROM pg_postmaster_start_time())::text"
+        try:
+            rows, _ = self.execute(conn, f"SELECT system_identifier::text || '/' || {started} FROM pg_control_system()")
+        except psycopg2.errors.InsufficientPrivilege:
+            rows, _ = self.execute(conn, f"SELECT {started}")
+        return str(self._first_column(rows))
 
     def replication_position(self, conn: Any) -> str:
         rows, _ = self.execute(

@@ -93,7 +93,9 @@ _LOCKING = "it has a locking clause (FOR UPDATE, FOR SHARE, LOCK IN SHARE MODE),
 _PLACEHOLDER = re.compile(r"(?<!%)(?:%%)*%[s(]")
 
 # Tokens the rule looks at: words (lowercased), ";", "(", ")", and "'" for anything quoted.
-# Everything else (numbers, operators, commas, whitespace) is skipped by the search.
+# Everything else (numbers, operators, commas, whitespace) is skipped: in runs by _SKIP (a
+# long IN list of numbers costs one match), one character at a time by "other".
+_SKIP = r"[0-9\s,.+*=<>!%&|^~@:?\[\]{}\\]*"
 _WORD = r"(?P<word>[^\W\d][\w$]*)"
 _POSTGRES_TOKENS = (
     r"(?P<line>--[^\n]*)"
@@ -105,6 +107,7 @@ _POSTGRES_TOKENS = (
     r"|" + _WORD +
     r"|(?P<punct>[;()])"
     r"|(?P<open>['\"])"
+    r"|(?P<other>.)"
 )
 _MYSQL_TOKENS = (
     r"(?P<line>(?:\#|--(?=[\x00-\x20]|\Z))[^\n]*)"
@@ -115,15 +118,16 @@ _MYSQL_TOKENS = (
     r"|" + _WORD +
     r"|(?P<punct>[;()])"
     r"|(?P<open>['\"`]|/\*)"
+    r"|(?P<other>.)"
 )
 _LEXERS = {
-    # (engine, backslash escapes in plain strings): the token pattern
-    (_POSTGRES, False): re.compile(_POSTGRES_TOKENS, re.S),
-    (_POSTGRES, True): re.compile(_POSTGRES_TOKENS.replace(r"(?P<str>'(?:[^']|'')*')",
-                                                           r"(?P<str>'(?:[^'\\]|\\.|'')*')"), re.S),
-    (_MYSQL, True): re.compile(_MYSQL_TOKENS, re.S),
-    (_MYSQL, False): re.compile(_MYSQL_TOKENS.replace(r"'(?:[^'\\]|\\.|'')*'|\"(?:[^\"\\]|\\.|\"\")*\"",
-                                                      r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\""), re.S),
+    # (engine, backslash escapes in plain strings): the token pattern, after a skipped run
+    (_POSTGRES, False): re.compile(f"{_SKIP}(?:{_POSTGRES_TOKENS})", re.S),
+    (_POSTGRES, True): re.compile(f"{_SKIP}(?:{_POSTGRES_TOKENS})".replace(
+        r"(?P<str>'(?:[^']|'')*')", r"(?P<str>'(?:[^'\\]|\\.|'')*')"), re.S),
+    (_MYSQL, True): re.compile(f"{_SKIP}(?:{_MYSQL_TOKENS})", re.S),
+    (_MYSQL, False): re.compile(f"{_SKIP}(?:{_MYSQL_TOKENS})".replace(
+        r"'(?:[^'\\]|\\.|'')*'|\"(?:[^\"\\]|\\.|\"\")*\"", r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\""), re.S),
 }
 _NESTED_COMMENT = re.compile(r"/\*|\*/")
 
@@ -143,23 +147,27 @@ def _tokens(sql: str, engine: str, backslashes: bool) -> tuple[list[str], bool]:
     pos = 0
     end = len(sql)
     while pos < end:
-        match = pattern.search(sql, pos)
+        match = pattern.match(sql, pos)
         if match is None:
-            break
+            break  # only skipped characters were left
         kind = match.lastgroup
         pos = match.end()
+        if kind == "other":
+            continue
+        token = match.group(kind)  # type: ignore[arg-type]
         if kind == "word":
-            tokens.append(match.group().lower())
+            tokens.append(token.lower())
             continue
         if kind == "punct":
-            tokens.append(match.group())
+            tokens.append(token)
             continue
         if kind == "code":
             continue  # MySQL runs the inside of /*! */: read on as code (the */ is skipped)
         if kind == "open":
-            what = "comment" if match.group() == "/*" else "quoted string or identifier"
+            what = "comment" if token == "/*" else "quoted string or identifier"
             raise _Unterminated(f"it has an unterminated {what}")
         if kind == "block":  # PostgreSQL: comments nest
+            start = pos - 2
             depth = 1
             while depth:
                 mark = _NESTED_COMMENT.search(sql, pos)
@@ -167,9 +175,9 @@ def _tokens(sql: str, engine: str, backslashes: bool) -> tuple[list[str], bool]:
                     raise _Unterminated("it has an unterminated comment")
                 depth += 1 if mark.group() == "/*" else -1
                 pos = mark.end()
-            text = sql[match.start():pos]
+            text = sql[start:pos]
         elif kind == "dollar":
-            tag = match.group()
+            tag = token
             close = sql.find(tag, pos)
             if close < 0:
                 raise _Unterminated("it has an unterminated dollar-quoted string")
@@ -177,7 +185,7 @@ def _tokens(sql: str, engine: str, backslashes: bool) -> tuple[list[str], bool]:
             pos = close + len(tag)
             tokens.append("'")
         else:  # a string, a quoted identifier or a comment
-            text = match.group()
+            text = token
             if kind in ("str", "estr", "ident"):
                 tokens.append("'")
         if not quoted_placeholder and "%" in text and _PLACEHOLDER.search(text):

@@ -33,6 +33,7 @@ SLACK = 0.5
 DIAGNOSE_FOR = 10.0  # after a missed deadline, keep watching this long to say when it came back
 ANSWER_TIMEOUT = 15.0  # a restarted server must answer (and a replica catch up) within this long
 NO_READ = "no read served by it since it answered"
+PROBE_READS = 4  # a rotation check's own reads in flight at once
 
 
 @dataclass
@@ -114,6 +115,7 @@ class FaultScheduler:
         self.say = say
         self.node_events = node_events
         self._lock = threading.Lock()
+        self._probe_reads: list[threading.Thread] = []
         self._thread = threading.Thread(target=self._run, name="chaos-scheduler", daemon=True)
 
     def now(self) -> float:
@@ -127,6 +129,8 @@ class FaultScheduler:
         deadline = time.monotonic() + timeout
         self._thread.join(max(0.0, deadline - time.monotonic()))
         threads = [self._thread] + [r.thread for r in self.runs if r.thread is not None]
+        with self._lock:
+            threads += self._probe_reads
         for thread in threads:
             thread.join(max(0.0, deadline - time.monotonic()))
         return [t for t in threads if t.is_alive()]
@@ -315,6 +319,7 @@ class FaultScheduler:
             run.checks.append(check)
         port = node.port
         deadline = answered + self.bound
+        probes: list[threading.Thread] = []
         reason: str | None = "not checked"
         while not self.stop.is_set():
             check.role = "primary" if self.cluster.primary is node else "replica"
@@ -325,9 +330,11 @@ class FaultScheduler:
                 check.back_after = max(0.0, now - answered)
                 break
             if reason.startswith(NO_READ):
-                # All else is back, but no worker's read reached it yet (the readers may be
-                # held by a hung node): a read of the checker's own shows whether reads go there.
-                self.workload.read_once()
+                # All else is back, but no worker's read reached it yet: the readers may all
+                # be held by another node that hangs until its timeout. Reads of the checker's
+                # own, each on its own thread so that one held the same way does not stop the
+                # next, show whether the router sends reads there.
+                self._read_through_router(probes)
             if now <= deadline:
                 check.reason = reason
             else:
@@ -348,6 +355,17 @@ class FaultScheduler:
             self.say(f"{self.now():7.2f}s  {check.describe()}")
         else:
             self.say(f"{self.now():7.2f}s  FAIL (seed {self.workload.seed}): {check.describe()}")
+
+    def _read_through_router(self, probes: list[threading.Thread]) -> None:
+        """Start one more read through the router, with at most PROBE_READS in flight."""
+        probes[:] = [t for t in probes if t.is_alive()]
+        if len(probes) >= PROBE_READS:
+            return
+        thread = threading.Thread(target=self.workload.read_once, name="chaos-probe-read", daemon=True)
+        thread.start()
+        probes.append(thread)
+        with self._lock:
+            self._probe_reads = [t for t in self._probe_reads if t.is_alive()] + [thread]
 
     def _refaulted(self, run: FaultRun, name: str) -> bool:
         return any(r is not run and r.node == name and r.started is not None and r.ended is None for r in self.runs)

@@ -80,6 +80,7 @@ class FaultRun:
     notes: list[str] = field(default_factory=list)
     checks: list[RotationCheck] = field(default_factory=list)
     thread: threading.Thread | None = None
+    awaiting: set[str] = field(default_factory=set)  # nodes whose rotation check has not begun
 
     def describe(self) -> str:
         head = self.spec.describe()
@@ -149,8 +150,7 @@ class FaultScheduler:
             if run.ended is None:
                 busy.add(run.node)
             busy.update(c.node for c in run.checks if not c.decided)
-            if run.ended is not None and not run.checks:
-                busy.add(run.node)  # waiting for it to answer
+            busy.update(run.awaiting)  # waiting for it to answer (and a replica to catch up)
         return busy
 
     def _run(self) -> None:
@@ -182,6 +182,7 @@ class FaultScheduler:
                 run.skipped = f"{spec.target} already has a fault"
                 continue
             run.node = node.name
+            run.awaiting.add(node.name)
             run.started = self.now()
             run.thread = threading.Thread(target=self._execute, args=(run, node), name=f"chaos-fault-{spec.index}",
                                           daemon=True)
@@ -271,6 +272,9 @@ class FaultScheduler:
                  + (f" with an error: {run.error}" if run.error else ""))
         if run.error is None:
             self._check(run, node)
+        else:
+            with self._lock:
+                run.awaiting.discard(node.name)
         for thread in checks:
             thread.join(ANSWER_TIMEOUT + self.bound + DIAGNOSE_FOR + 5)
 
@@ -299,6 +303,15 @@ class FaultScheduler:
     # -- invariant b ----------------------------------------------------------------------
 
     def _check(self, run: FaultRun, node: LocalNode) -> None:
+        with self._lock:
+            run.awaiting.add(node.name)
+        try:
+            self._check_rotation(run, node)
+        finally:
+            with self._lock:
+                run.awaiting.discard(node.name)
+
+    def _check_rotation(self, run: FaultRun, node: LocalNode) -> None:
         answered = self._answers(node)
         if answered is None:
             if self.stop.is_set():
@@ -317,6 +330,7 @@ class FaultScheduler:
         check = RotationCheck(node.name, "?", answered, self.bound)
         with self._lock:
             run.checks.append(check)
+            run.awaiting.discard(node.name)  # the check keeps it busy until decided
         port = node.port
         deadline = answered + self.bound
         probes: list[threading.Thread] = []

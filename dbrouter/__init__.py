@@ -30,6 +30,7 @@ from .errors import (  # noqa: E402
     PoolTimeout,
     RoutingError,
     SplitBrain,
+    UsageError,
     WriteOutcomeUnknown,
 )
 from .events import Event  # noqa: E402
@@ -66,6 +67,7 @@ __all__ = [
     "Session",
     "SplitBrain",
     "Transaction",
+    "UsageError",
     "WriteOutcomeUnknown",
     "connect_pool",
     "is_read_statement",

@@ -15,8 +15,12 @@ if TYPE_CHECKING:
 __all__ = ["write_many"]
 
 
-def write_many(core: Core, sql: str, rows: Sequence[Any], *, batch_size: int = 1000, workers: int = 4) -> int:
+def write_many(core: Core, sql: str, rows: Sequence[Any], *, batch_size: int = 1000, workers: int = 4,
+               outside_transaction: bool = False) -> int:
     """See `Router.write_many`."""
+    # Checked here, on the caller's thread: the batches run on worker threads, which have no
+    # transaction open, and would wait for the caller's locks without a word.
+    core.refuse_in_transaction("router.write_many()", outside_transaction)
     if batch_size < 1 or workers < 1:
         raise ConfigurationError(f"write_many needs batch_size >= 1 and workers >= 1, got {batch_size} and {workers}")
     rows = list(rows)

@@ -22,6 +22,7 @@ __all__ = [
     "PoolTimeout",
     "RoutingError",
     "SplitBrain",
+    "UsageError",
     "WriteOutcomeUnknown",
 ]
 
@@ -92,6 +93,14 @@ class NoReplicaAvailable(RoutingError):
 
 class SplitBrain(RoutingError):
     """More than one node reports itself writable; writes stop rather than guess."""
+
+
+class UsageError(DbRouterError, RuntimeError):
+    """dbrouter was called in a way that cannot work; raised at once, before any I/O.
+
+    A write beside the transaction this thread has open on the same router (it would wait
+    for that transaction's locks).
+    """
 
 
 class WriteOutcomeUnknown(DbRouterError):

@@ -29,7 +29,7 @@ from .lease import HeldLease, Lease, Outcome, take
 from .pool import Pool
 from .resilience import NodeBreaker
 from .retrying import RetryExecutor
-from .routing import Core, Counts
+from .routing import Core, Counts, OpenTransactions
 from .session import Session
 from .statements import is_read_statement, verdicts
 from .topology import PRIMARY, REPLICA, Node, Topology
@@ -73,6 +73,7 @@ class Router(Core):
         self.config = config
         self.events = Events()
         self.counts = Counts()
+        self.open_transactions = OpenTransactions()
         self._closed = False
         self._opened = False
         self._leases: dict[int, Lease] = {}  # checkout() -> checkin(): by id of the connection
@@ -200,22 +201,30 @@ class Router(Core):
 
     # -- transactions, sessions, bulk ------------------------------------------------
 
-    def run_transaction(self, fn: Callable[[Transaction], T]) -> T:
+    def run_transaction(self, fn: Callable[[Transaction], T], *, outside_transaction: bool = False) -> T:
         """Run ``fn(tx)`` in a transaction on the primary and return its result, retrying the
         whole function on serialization failures and deadlocks, and when the connection
         was lost before the commit (the server rolled it back). A failure during the
-        commit itself raises `WriteOutcomeUnknown`.
+        commit itself raises `WriteOutcomeUnknown`. Raises `UsageError` inside another
+        transaction of this router on the same thread, as `transaction` does.
         """
-        return run_transaction(self, fn)
+        return run_transaction(self, fn, outside_transaction=outside_transaction)
 
     @contextmanager
-    def transaction(self) -> Iterator[Transaction]:
+    def transaction(self, *, outside_transaction: bool = False) -> Iterator[Transaction]:
         """A transaction on the primary: reads inside it go to the primary too.
 
         Commits when the block ends, rolls back if it raises. If the connection is
         lost during the commit, raises `WriteOutcomeUnknown`.
+
+        While the block runs, `write`, `write_many`, `run_transaction`, another
+        `transaction` and a session's writes on the same thread raise `UsageError` at
+        once: they would run on another connection, outside this transaction, and wait
+        for its locks. Use ``tx.execute``. Pass ``outside_transaction=True`` to one of
+        them to run it on a connection of its own anyway, committed apart. Reads,
+        `connection`, `checkout` and `lease` are not checked.
         """
-        with transaction(self) as tx:
+        with transaction(self, outside_transaction=outside_transaction) as tx:
             yield tx
 
     @contextmanager
@@ -223,15 +232,18 @@ class Router(Core):
         """A unit of work whose reads see its own writes (see `dbrouter.session`)."""
         yield Session(self)
 
-    def write_many(self, sql: str, rows: Sequence[Any], *, batch_size: int = 1000, workers: int = 4) -> int:
+    def write_many(self, sql: str, rows: Sequence[Any], *, batch_size: int = 1000, workers: int = 4,
+                   outside_transaction: bool = False) -> int:
         """Run ``sql`` for every parameter row, in batches spread over pooled primary connections.
 
         Each batch is its own transaction: a failed batch is rolled back alone, the
         others commit. Returns the total rowcount; when a batch fails, raises
         `BulkWriteError` carrying the failed batch indexes, their errors and the
-        rowcount of the batches that committed.
+        rowcount of the batches that committed. Raises `UsageError` inside a
+        `transaction` of this router on the same thread, unless ``outside_transaction=True``.
         """
-        return write_many(self, sql, rows, batch_size=batch_size, workers=workers)
+        return write_many(self, sql, rows, batch_size=batch_size, workers=workers,
+                          outside_transaction=outside_transaction)
 
     # -- connections for other libraries ------------------------------------------
 

@@ -35,6 +35,7 @@ connection is warm and clean, and retries cost nothing until something fails. Ro
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence, TypeVar
@@ -44,14 +45,14 @@ from .adapters.base import Rows
 from .balancing import Balancer
 from .config import RouterConfig
 from .decisions import Action, Failure, Phase, Work, decide, failure_of
-from .errors import NoPrimaryAvailable, NoReplicaAvailable, NotAReadStatement, SplitBrain, WriteOutcomeUnknown
+from .errors import NoPrimaryAvailable, NoReplicaAvailable, NotAReadStatement, SplitBrain, UsageError, WriteOutcomeUnknown
 from .events import Events
 from .lease import Lease, answered, not_taken, take
 from .retrying import Retry, RetryExecutor
 from .statements import QUOTED_PLACEHOLDER, UNSEEN, Verdicts
 from .topology import Node, Topology, same_server_error
 
-__all__ = ["Core", "Counts", "Rows", "refuse_read", "short", "statement"]
+__all__ = ["Core", "Counts", "OpenTransactions", "Rows", "refuse_read", "short", "statement"]
 
 log = logging.getLogger("dbrouter.router")
 
@@ -73,6 +74,13 @@ class Counts:
     write_outcome_unknown: Counter = field(default_factory=Counter)
 
 
+class OpenTransactions(threading.local):
+    """Per thread: how many transactions (`dbrouter.transactions.transaction`) it has open
+    on one router. Read by the calls that write on a connection of their own."""
+
+    count = 0
+
+
 class Core:
     """Routing over one cluster's `Topology`; see the module docstring."""
 
@@ -80,6 +88,7 @@ class Core:
     events: Events
     topology: Topology
     counts: Counts
+    open_transactions: OpenTransactions
     _balancer: Balancer
     _executor: RetryExecutor
     _read_verdicts: Verdicts
@@ -281,17 +290,31 @@ class Core:
 
     # -- writes ----------------------------------------------------------------------
 
-    def write(self, sql: str, params: Any = None, *, idempotent: bool = False) -> int:
+    def write(self, sql: str, params: Any = None, *, idempotent: bool = False, outside_transaction: bool = False) -> int:
         """Run one statement on the primary in its own committed transaction; returns the rowcount.
 
         Raises `NoPrimaryAvailable` when no primary can take it (after waiting up to
         ``failover_wait``), `SplitBrain` when two nodes accept writes, and
         `WriteOutcomeUnknown` when the connection broke after the statement was sent
-        (unless ``idempotent=True``, which allows a retry).
+        (unless ``idempotent=True``, which allows a retry). Raises `UsageError` at once
+        when this thread has a `transaction` of this router open (see
+        `refuse_in_transaction`), unless ``outside_transaction=True``.
         """
+        self.refuse_in_transaction("router.write()", outside_transaction)
         self.counts.writes.inc()
         _, count = self.on_primary(statement(sql, params), Work.IDEMPOTENT if idempotent else Work.WRITE)
         return count
+
+    def refuse_in_transaction(self, call: str, outside_transaction: bool) -> None:
+        """Raise `UsageError` when this thread has a transaction of this router open and
+        ``call`` would write on another connection of the primary: it would run outside the
+        transaction and wait for the transaction's own row locks, which the transaction
+        cannot release while its thread waits (on PostgreSQL until ``statement_timeout``, forever
+        without one; on MySQL until ``innodb_lock_wait_timeout``). ``outside_transaction=True`` is
+        the caller saying that a write committed apart is what it wants. One thread-local read:
+        reads never pay it."""
+        if not outside_transaction and self.open_transactions.count:
+            raise _in_transaction(call)
 
     def on_primary(self, op: Callable[[Lease], T], work: Work, *, phase: Phase = Phase.SENT,
                    keep: bool = False) -> T:
@@ -343,6 +366,18 @@ class Core:
             what = "not sent" if last.phase is not Phase.SENT else "failed"
             raise NoPrimaryAvailable(f"write {what}: primary {last.node.name}: {short(cause)}") from cause
         raise cause  # a deadlock or serialization failure that outlived the retries
+
+
+def _in_transaction(call: str) -> UsageError:
+    """The error for ``call`` made beside an open transaction (see `Core.refuse_in_transaction`)."""
+    return UsageError(
+        f"{call} while this thread has a transaction of this router open: it would run on another "
+        "connection of the primary, outside the transaction, and wait for the transaction's own locks "
+        "(on PostgreSQL until statement_timeout, forever without one; on MySQL until "
+        "innodb_lock_wait_timeout). Use tx.execute() inside the "
+        "transaction, or pass outside_transaction=True to run it on a connection of its own, committed "
+        "apart from the transaction"
+    )
 
 
 def _retry_or_raise(node: Node, exc: Exception, work: Work) -> Exception:

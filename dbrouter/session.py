@@ -60,12 +60,13 @@ class Session(Results):
         self._position = _UNKNOWN  # until read: a failure below leaves the session on the primary
         self._position = lease.run(lambda adapter, conn: adapter.replication_position(conn))
 
-    def write(self, sql: str, params: Any = None, *, idempotent: bool = False) -> int:
+    def write(self, sql: str, params: Any = None, *, idempotent: bool = False, outside_transaction: bool = False) -> int:
         """Run a write on the primary (committed at once) and remember where it landed.
 
-        Same failure rules as `Router.write`.
+        Same failure rules as `Router.write`, `UsageError` beside an open transaction included.
         """
         core = self._core
+        core.refuse_in_transaction("session.write()", outside_transaction)
         core.counts.writes.inc()
 
         def write_keeping_lease(lease: Lease) -> tuple[Lease, int]:
@@ -142,9 +143,13 @@ class Session(Results):
         raise last.cause
 
     @contextmanager
-    def transaction(self) -> Iterator[Transaction]:
-        """A transaction on the primary; later reads in the session see what it committed."""
-        with transaction(self._core, Work.BLOCK, after_commit=self._wrote) as tx:
+    def transaction(self, *, outside_transaction: bool = False) -> Iterator[Transaction]:
+        """A transaction on the primary; later reads in the session see what it committed.
+
+        As `Router.transaction`: `UsageError` beside another transaction of the router on this thread.
+        """
+        with transaction(self._core, Work.BLOCK, after_commit=self._wrote, call="session.transaction()",
+                         outside_transaction=outside_transaction) as tx:
             yield tx
 
     def execute(self, sql: str, params: Any = None) -> int:

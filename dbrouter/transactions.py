@@ -110,17 +110,25 @@ def _begin(lease: Lease) -> Lease:
 
 @contextmanager
 def transaction(core: Core, work: Work = Work.BLOCK,
-                after_commit: Callable[[Lease], None] | None = None) -> Iterator[Transaction]:
+                after_commit: Callable[[Lease], None] | None = None, *,
+                call: str = "router.transaction()", outside_transaction: bool = False) -> Iterator[Transaction]:
     """A transaction on the primary (see `Router.transaction`).
 
     ``work`` is `Work.RERUN` under `run_transaction`: failures that allow it raise
     `Retry`. ``after_commit(lease)`` runs once the COMMIT returned, on the same
     connection; it records its own failure (the connection is then judged and
     released here): a committed transaction never becomes an unknown one.
+
+    While the block runs, the thread counts as having a transaction of this router
+    open (`Core.open_transactions`): a second one started beside it (``call``) raises
+    `UsageError` unless ``outside_transaction``.
     """
+    core.refuse_in_transaction(call, outside_transaction)
     lease = core.on_primary(_begin, work, phase=Phase.BEFORE_SEND, keep=True)
     tx = Transaction(lease)
     phase = Phase.SENT
+    opened = core.open_transactions
+    opened.count += 1
     try:
         yield tx
         tx._closed = True
@@ -130,6 +138,8 @@ def transaction(core: Core, work: Work = Work.BLOCK,
         tx._closed = True
         _settle(core, lease, tx, exc, phase, work)
         raise
+    finally:
+        opened.count -= 1
     core.counts.writes.inc()
     if after_commit is None:
         lease.release()
@@ -167,13 +177,14 @@ def _settle(core: Core, lease: Lease, tx: Transaction, exc: BaseException, phase
         raise Retry(node, exc, failure_of(exc, node.adapter), phase, decision) from exc
 
 
-def run_transaction(core: Core, fn: Callable[[Transaction], T]) -> T:
+def run_transaction(core: Core, fn: Callable[[Transaction], T], *, outside_transaction: bool = False) -> T:
     """Run ``fn(tx)`` in a transaction and return its result, running it again on
     serialization failures and deadlocks, and when the connection was lost before the
     COMMIT (the server rolled it back). A failure during the COMMIT raises `WriteOutcomeUnknown`."""
 
     def attempt() -> T:
-        with transaction(core, Work.RERUN) as tx:
+        with transaction(core, Work.RERUN, call="router.run_transaction()",
+                         outside_transaction=outside_transaction) as tx:
             return fn(tx)
 
     try:

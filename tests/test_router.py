@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 import dbrouter
-from dbrouter import ConfigurationError, NoReplicaAvailable, NotAReadStatement, Router
+from dbrouter import ConfigurationError, NoReplicaAvailable, NotAReadStatement, Router, UsageError
 
 from .conftest import port_sql
 
@@ -92,6 +92,80 @@ def test_reads_in_a_transaction_go_to_the_primary(cluster: Any, table: str) -> N
                 tx.write(f"INSERT INTO {table} (id, port) VALUES (2, 0)")
                 raise ZeroDivisionError
         assert cluster.primary.query(f"SELECT id FROM {table} ORDER BY id") == [(1,)]
+
+
+LOCK_WAIT = 3.0  # statement_timeout: how long a write would wait for the transaction's lock without the check
+
+
+def test_a_write_beside_an_open_transaction_raises_at_once(cluster: Any, table: str) -> None:
+    """Issue 13, item 6. router.write() inside router.transaction() on a row the transaction had
+    locked took a second connection of the primary, which waited for the first: forever on
+    PostgreSQL, innodb_lock_wait_timeout (50 s) on MariaDB. Every call that would write on a
+    connection of its own now raises UsageError before any I/O; other threads are not affected."""
+    update = f"UPDATE {table} SET port = port + 1 WHERE id = %s"
+
+    def nested_transaction() -> None:
+        with router.transaction() as inner:
+            inner.execute(update, (1,))
+
+    def session_write() -> None:
+        with router.session() as s:
+            s.write(update, (1,))
+
+    def session_transaction() -> None:
+        with router.session() as s, s.transaction() as inner:
+            inner.execute(update, (1,))
+
+    with make_router(cluster, statement_timeout=LOCK_WAIT) as router:
+        router.write(f"INSERT INTO {table} (id, port) VALUES (1, 0)")
+        calls = {
+            "router.write()": lambda: router.write(update, (1,)),
+            "router.write_many()": lambda: router.write_many(update, [(1,)]),
+            "router.transaction()": nested_transaction,
+            "router.run_transaction()": lambda: router.run_transaction(lambda inner: inner.execute(update, (1,))),
+            "session.write()": session_write,
+            "session.transaction()": session_transaction,
+        }
+        with router.transaction() as tx:
+            tx.execute(update, (1,))  # row 1 is locked by this transaction from here on
+            for name, call in calls.items():
+                start = time.monotonic()
+                with pytest.raises(UsageError, match="tx.execute") as info:
+                    call()
+                assert time.monotonic() - start < 1.0, name
+                assert str(info.value).startswith(name)
+            other: list[Any] = []  # the check is per thread: another thread writes elsewhere at once
+            worker = threading.Thread(target=lambda: other.append(router.write(
+                f"INSERT INTO {table} (id, port) VALUES (2, 0)")))
+            worker.start()
+            worker.join(timeout=LOCK_WAIT * 2)
+            assert other == [1]
+            tx.execute(update, (1,))  # the transaction is still usable
+        with pytest.raises(ZeroDivisionError), router.transaction():
+            raise ZeroDivisionError
+        assert router.write(update, (1,)) == 1  # no transaction open on this thread any more
+        assert cluster.primary.query(f"SELECT id, port FROM {table} ORDER BY id") == [(1, 3), (2, 0)]
+
+
+def test_outside_transaction_writes_on_a_connection_of_its_own(cluster: Any, table: str) -> None:
+    """The opt-out: each call runs on its own connection and commits apart from the open
+    transaction, which then rolls back alone."""
+    insert = f"INSERT INTO {table} (id, port) VALUES (%s, 0)"
+    with make_router(cluster, statement_timeout=LOCK_WAIT) as router:
+        with pytest.raises(ZeroDivisionError), router.transaction() as tx:
+            tx.execute(insert, (1,))
+            assert router.write(insert, (2,), outside_transaction=True) == 1
+            assert router.write_many(insert, [(3,), (4,)], outside_transaction=True) == 2
+            with router.transaction(outside_transaction=True) as other:
+                other.execute(insert, (5,))
+            router.run_transaction(lambda other: other.execute(insert, (6,)), outside_transaction=True)
+            with router.session() as s:
+                s.write(insert, (7,), outside_transaction=True)
+                with s.transaction(outside_transaction=True) as other:
+                    other.execute(insert, (8,))
+                assert s.read(f"SELECT count(*) FROM {table} WHERE id IN (7, 8)") == [(2,)]
+            raise ZeroDivisionError
+        assert cluster.primary.query(f"SELECT id FROM {table} ORDER BY id") == [(i,) for i in range(2, 9)]
 
 
 def test_connection_by_intent(cluster: Any) -> None:

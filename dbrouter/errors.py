@@ -99,7 +99,7 @@ class UsageError(DbRouterError, RuntimeError):
     """dbrouter was called in a way that cannot work; raised at once, before any I/O.
 
     A write beside the transaction this thread has open on the same router (it would wait
-    for that transaction's locks).
+    for that transaction's locks), or a `Session` used by a thread other than its own.
     """
 
 

@@ -9,16 +9,24 @@ polling on PostgreSQL 15); otherwise the primary serves it. When the position
 could not be read after a write (the connection broke just after COMMIT), the
 session reads from the primary until its next write. With ``sticky_seconds``
 set, sessions instead read from the primary for that long after their last write.
+
+A session belongs to the thread that opened it: its position, the replicas known to
+have it and the rows that `Session.fetchone` hands out are one caller's state, which
+two threads would interleave (a read ordered before another thread's write, or that
+thread's rows). A call from any other thread raises `UsageError`; open one session
+per thread.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Iterator
 
 from .adapters.base import Rows
 from .decisions import Phase, Work
+from .errors import UsageError
 from .retrying import Retry
 from .routing import statement
 from .transactions import Results, Transaction, transaction
@@ -36,13 +44,24 @@ _UNKNOWN = "unknown"  # the position after the last write could not be read: rea
 
 
 class Session(Results):
-    """Reads that see this session's writes; see the module docstring."""
+    """Reads that see this session's writes, for the thread that opened it (others get
+    `UsageError`); see the module docstring."""
 
     def __init__(self, core: Core) -> None:
         self._core = core
         self._position: str | None = None
         self._confirmed: set[str] = set()  # replicas known to have replayed _position
         self._sticky_until = 0.0
+        self._owner = threading.get_ident()  # checked on every call: one C call
+        self._owner_name = threading.current_thread().name
+
+    def _check_thread(self) -> None:
+        if threading.get_ident() != self._owner:
+            raise UsageError(
+                f"a Session belongs to the thread that opened it ({self._owner_name!r}) and was used from "
+                f"{threading.current_thread().name!r}: its read-your-writes position and its fetchone() rows "
+                "are one thread's; open a session in each thread (router.session())"
+            )
 
     @property
     def position(self) -> str | None:
@@ -65,6 +84,7 @@ class Session(Results):
 
         Same failure rules as `Router.write`, `UsageError` beside an open transaction included.
         """
+        self._check_thread()
         core = self._core
         core.refuse_in_transaction("session.write()", outside_transaction)
         core.counts.writes.inc()
@@ -90,6 +110,7 @@ class Session(Results):
         The statement rule, ``unchecked`` and ``idempotent`` are those of `Router.read`:
         `NotAReadStatement` is raised before anything is sent.
         """
+        self._check_thread()
         core = self._core
         if not unchecked:
             core.check_read(sql, params)
@@ -148,6 +169,7 @@ class Session(Results):
 
         As `Router.transaction`: `UsageError` beside another transaction of the router on this thread.
         """
+        self._check_thread()
         with transaction(self._core, Work.BLOCK, after_commit=self._wrote, call="session.transaction()",
                          outside_transaction=outside_transaction) as tx:
             yield tx
@@ -156,6 +178,7 @@ class Session(Results):
         """A read (one read statement by the rule of `Router.read`: rows via fetchone /
         fetchall, returns their count) or a write (anything else, on the primary, with the
         rules of `write`: returns the rowcount)."""
+        self._check_thread()
         if self._core.is_read(sql):
             rows = self.read(sql, params)
             self._keep(rows)
@@ -163,3 +186,12 @@ class Session(Results):
         self._keep(None)
         return self.write(sql, params)
 
+    def fetchone(self) -> tuple[Any, ...] | None:
+        """The next row of the last statement, or None."""
+        self._check_thread()
+        return super().fetchone()
+
+    def fetchall(self) -> Rows:
+        """The remaining rows of the last statement."""
+        self._check_thread()
+        return super().fetchall()

@@ -168,6 +168,39 @@ def test_outside_transaction_writes_on_a_connection_of_its_own(cluster: Any, tab
         assert cluster.primary.query(f"SELECT id FROM {table} ORDER BY id") == [(i,) for i in range(2, 9)]
 
 
+def test_a_session_used_from_another_thread_raises(cluster: Any, table: str) -> None:
+    """A session's position, confirmed replicas and fetchone() rows are one thread's state:
+    another thread's calls raise UsageError naming both threads, and change nothing."""
+    with make_router(cluster) as router, router.session() as s:
+        s.write(f"INSERT INTO {table} (id, port) VALUES (1, 0)")
+        position = s.position
+        s.execute(f"SELECT id FROM {table}")
+        errors: list[str] = []
+
+        def intruder() -> None:
+            def enter_transaction() -> None:
+                with s.transaction() as tx:
+                    tx.execute(f"INSERT INTO {table} (id, port) VALUES (3, 0)")
+
+            calls = [lambda: s.read(f"SELECT id FROM {table}"),
+                     lambda: s.write(f"INSERT INTO {table} (id, port) VALUES (2, 0)"),
+                     lambda: s.execute(f"SELECT id FROM {table}"), s.fetchone, s.fetchall, enter_transaction]
+            for call in calls:
+                try:
+                    call()
+                except UsageError as exc:
+                    errors.append(str(exc))
+
+        thread = threading.Thread(target=intruder, name="intruder")
+        thread.start()
+        thread.join(timeout=30)
+        assert len(errors) == 6, errors
+        assert all("'MainThread'" in e and "'intruder'" in e for e in errors), errors[0]
+        assert s.position == position
+        assert s.fetchone() == (1,)  # the owner's rows were not taken
+        assert s.read(f"SELECT id FROM {table}") == [(1,)]
+
+
 def test_connection_by_intent(cluster: Any) -> None:
     with make_router(cluster) as router:
         with router.connection("write") as conn:

@@ -12,6 +12,8 @@ import random
 import threading
 from typing import Callable, Protocol, Sequence
 
+from . import _fork
+
 __all__ = [
     "Balancer",
     "LatencyAware",
@@ -50,6 +52,10 @@ class RoundRobin:
         self._lock = threading.Lock()
         self._current: dict[str, float] = {}
         self._turn = itertools.count()
+        _fork.register(self)
+
+    def _after_fork_in_child(self) -> None:
+        self._lock = threading.Lock()  # a thread of the parent may have held it at the fork
 
     def choose(self, nodes: Sequence[Weighted]) -> Weighted:
         if len(nodes) == 1:

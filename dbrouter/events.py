@@ -12,6 +12,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from . import _fork
 from .errors import ConfigurationError
 
 __all__ = ["EVENT_NAMES", "Event", "Events"]
@@ -55,6 +56,10 @@ class Events:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._listeners: dict[str, list[Callable[[Event], None]]] = {}
+        _fork.register(self)
+
+    def _after_fork_in_child(self) -> None:
+        self._lock = threading.Lock()  # a thread of the parent may have held it at the fork
 
     def on(self, name: str, listener: Callable[[Event], None]) -> Callable[[], None]:
         """Call ``listener(event)`` for each event ``name``; returns a function that unsubscribes."""

@@ -29,6 +29,7 @@ while it calls the storage (its design): only writes and validated reads happen 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from datetime import datetime, timezone
@@ -58,6 +59,16 @@ _SHOWN = 40
 _warned: set[tuple[str, str]] = set()
 _warned_lock = threading.Lock()
 _down_until: dict[str, float] = {}
+
+
+def _renew_lock() -> None:
+    """In a forked child: a thread of the parent may have held the lock at the fork."""
+    global _warned_lock
+    _warned_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_renew_lock)
 
 
 def _first(kind: str, what: str) -> bool:

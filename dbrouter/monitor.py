@@ -23,6 +23,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
+from . import _fork
 from .adapters.base import Adapter
 
 if TYPE_CHECKING:
@@ -82,18 +83,39 @@ class Monitor:
         self._probe_timeout = probe_timeout
         self._watchdog = watchdog
         self._probes: dict[str, tuple[Any, str | None]] = {}  # an idle probe connection per node, and its server
-        self._lock = threading.Lock()  # guards _probes, _lanes and _round; nothing is called under it
+        self._in_flight: dict[str, Any] = {}  # the connection each running probe uses (for a forked child)
+        self._lock = threading.Lock()  # guards _probes, _in_flight, _lanes and _round; nothing is called under it
         self._lanes: dict[str, _Lane] = {}
         self._round = 0
         self._primary_position: str | None = None
         self._stop = threading.Event()
         self._signal = threading.Event()  # a result came in, or wake() was called
         self._forced = False
+        self._name = name
         self._executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix=f"{name}-worker")
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     def start(self) -> None:
         self._thread.start()
+
+    def _after_fork_in_child(self) -> None:
+        """In a forked child (called by the topology): abandon the parent's probe connections,
+        kept and in flight, and start over with new locks, lanes and threads (not started:
+        the topology starts them at the router's first use in the child)."""
+        inherited = [*((name, kept[0]) for name, kept in self._probes.items()), *self._in_flight.items()]
+        self._probes, self._in_flight, self._lanes = {}, {}, {}
+        self._lock = threading.Lock()
+        stopped = self._stop.is_set()
+        self._stop = threading.Event()
+        if stopped:
+            self._stop.set()
+        self._signal = threading.Event()
+        self._executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix=f"{self._name}-worker")
+        self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+        adapters = {node.name: node.adapter for node in self._nodes()}
+        for name, conn in inherited:
+            adapter = adapters.get(name)
+            _fork.abandon(conn, adapter.socket_fd(conn) if adapter is not None else None)
 
     def wake(self) -> None:
         """Probe now instead of at the next interval (a write found no primary)."""
@@ -194,18 +216,20 @@ class Monitor:
         adapter = node.adapter
         with self._lock:
             kept = self._probes.pop(node.name, None)  # held by this probe only
+            if kept is not None:
+                self._in_flight[node.name] = kept[0]
         started = time.monotonic()
         conn = self._attempt(adapter, kept, result)
         if (conn is None and kept is not None and not self._stop.is_set()
                 and time.monotonic() - started < self._probe_timeout / 2):  # failed fast: not a hang
             conn = self._attempt(adapter, None, result)
-        if conn is not None:
-            with self._lock:
-                keep = not self._stop.is_set() and node.name not in self._probes
-                if keep:
-                    self._probes[node.name] = (conn, result.identity)
-            if not keep:
-                adapter.close(conn)
+        with self._lock:
+            self._in_flight.pop(node.name, None)
+            keep = conn is not None and not self._stop.is_set() and node.name not in self._probes
+            if keep:
+                self._probes[node.name] = (conn, result.identity)
+        if conn is not None and not keep:
+            adapter.close(conn)
 
     def _attempt(self, adapter: Adapter, kept: tuple[Any, str | None] | None, result: ProbeResult) -> Any:
         """One try on the ``kept`` connection (a new one when None); the connection if it is still good.
@@ -219,6 +243,8 @@ class Monitor:
         try:
             if conn is None:
                 conn = adapter.connect(read_timeout=self._probe_timeout)
+                with self._lock:
+                    self._in_flight[result.node.name] = conn
             if watchdog is not None:
                 probe_conn = conn
                 token = watchdog.arm(time.monotonic() + self._probe_timeout, lambda: adapter.abort(probe_conn))

@@ -18,6 +18,13 @@ popping, so every connection is taken by exactly one thread.
 
 New connections are opened one at a time by a short-lived connector thread;
 housekeeping (retire, prune, refill, leak check) runs on a daemon thread.
+
+In a forked child (`dbrouter._fork`) the pool starts over empty, with new locks; the
+connections it inherited are the parent's and are abandoned, never closed, reset or
+handed out. A connection borrowed before the fork and given back in the child is
+abandoned too (its generation is older than the fork's). Housekeeping and ``min_size``
+start again at the pool's first checkout in the child, on the slow path (the pool is
+empty): a child that never uses the pool opens nothing.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from bisect import bisect_left
 from collections import deque
 from typing import TYPE_CHECKING, Any, Callable
 
+from . import _fork
 from ._counter import Counter
 from .adapters.base import Adapter, ErrorKind, ReturnState
 from .config import PoolConfig
@@ -151,6 +159,9 @@ class Pool:
     ``acquire()`` waits at most ``acquire_timeout`` and raises `PoolTimeout`
     naming the node, its size and the waiters; it raises `ConnectError`
     at once when the node cannot be reached and the pool holds no connection.
+
+    In a child forked after it was opened, the pool starts over empty and wakes up at
+    its first checkout there, calling ``after_fork()`` once (see the module docstring).
     """
 
     def __init__(
@@ -162,12 +173,14 @@ class Pool:
         watchdog: Watchdog | None = None,
         on_event: Callable[..., None] | None = None,
         open: bool = True,  # noqa: A002 - the psycopg_pool spelling
+        after_fork: Callable[[], None] | None = None,
     ) -> None:
         self.adapter = adapter
         # Liveness pings on a node that hangs are cut short by the watchdog
         # (drivers without a read timeout only).
         self._watchdog = watchdog if adapter.needs_watchdog else None
         self._generation = 0  # bumped by invalidate(): older connections are not reused
+        self._forked_at = 0  # the generation a forked child started at: older ones are the parent's
         self.config = config or PoolConfig()
         # Read on every checkout and return: bound once (the config is frozen).
         self._return_state = adapter.return_state
@@ -178,6 +191,7 @@ class Pool:
         self._idle: deque[_Entry] = deque()
         self._in_use: dict[int, _Entry] = {}
         self._dropped: deque[_Entry] = deque()  # borrowed entries whose borrower vanished (`reclaim`)
+        self._inherited: dict[int, _Entry] = {}  # in a forked child: borrowed before the fork (`entry_of`)
         self._waiters: deque[_Waiter] = deque()
         self._open = 0  # connections that exist: idle + in use
         self._connecting = 0
@@ -194,17 +208,68 @@ class Pool:
         self._on_event = on_event  # (name, message, **data): pool_exhausted and leak events
         self._last_exhausted_event = 0.0
         self._stop = threading.Event()
-        self._maint = threading.Thread(
+        self._maint = self._maintenance_thread()
+        # A pool dropped without close(): close its idle connections when it is collected
+        # (a psycopg2 connection keeps a cursor that refers back to it, so it would
+        # otherwise stay open until the cycle collector runs). Also at interpreter exit: so
+        # a forked child empties this very deque rather than replacing it (_after_fork_in_child).
+        weakref.finalize(self, _close_idle, self._idle, adapter)
+        self._opened = False
+        self._dormant = False  # in a forked child, until its first use there (_revive)
+        self._after_fork = after_fork
+        _fork.register(self)
+        if open:
+            self.open()
+
+    def _maintenance_thread(self) -> threading.Thread:
+        return threading.Thread(
             target=_maintain, args=(weakref.ref(self), self._stop, self.config.maintenance_interval),
             name=f"dbrouter-{self.name}-maint", daemon=True,
         )
-        # A pool dropped without close(): close its idle connections when it is collected
-        # (a psycopg2 connection keeps a cursor that refers back to it, so it would
-        # otherwise stay open until the cycle collector runs).
-        weakref.finalize(self, _close_idle, self._idle, adapter)
-        self._opened = False
-        if open:
-            self.open()
+
+    def _after_fork_in_child(self) -> None:
+        """In a forked child: abandon every connection of the parent's (idle, borrowed,
+        dropped) and start over empty, with new locks. No thread starts here (another
+        library's fork handler may not have run yet): housekeeping and ``min_size``
+        connections of the child's own wait for the first use in the child (`_revive`)."""
+        inherited = [*_take_all(self._idle), *self._in_use.values(), *_take_all(self._dropped)]
+        self._inherited = dict(self._in_use)
+        self._lock = threading.Lock()  # a thread of the parent may have held it at the fork
+        self._drained = threading.Condition(self._lock)
+        self._in_use = {}
+        self._waiters = deque()  # the parent's threads: none of them exists here
+        self._open = self._connecting = 0
+        self._growing = False  # a connector thread of the parent's will never finish here
+        self._generation += 1
+        self._forked_at = self._generation
+        self._counts = dict.fromkeys(self._counts, 0)
+        self._retried = 0
+        self._wait_buckets = [0] * len(self._wait_buckets)
+        self._unwaited = Counter()
+        self._wait_sum = 0.0
+        self._last_connect_error = None
+        self._failing = False
+        self._stop = threading.Event()
+        if self._closed:
+            self._stop.set()
+        self._maint = self._maintenance_thread()
+        self._dormant = self._opened and not self._closed
+        for entry in inherited:
+            _fork.abandon(entry.conn, self.adapter.socket_fd(entry.conn))
+
+    def _revive(self, tell_owner: bool = True) -> None:
+        """The first use of the pool in a forked child: start housekeeping and open ``min_size``
+        connections again, then tell the owner (``after_fork``: the router wakes up its control
+        plane and its other pools). Idempotent; called on the slow path only (the child's pool
+        starts empty)."""
+        with self._lock:
+            if not self._dormant:
+                return
+            self._dormant = False
+            self._maint.start()
+            self._grow_locked()
+        if tell_owner and self._after_fork is not None:
+            self._after_fork()
 
     def open(self) -> Pool:
         """Start housekeeping and open ``min_size`` connections (in the background); idempotent.
@@ -238,7 +303,7 @@ class Pool:
 
     def entry_of(self, conn: Any) -> _Entry:
         """The pool's record of a borrowed connection (raises `PoolError` for a stranger)."""
-        entry = self._in_use.get(id(conn))
+        entry = self._in_use.get(id(conn)) or self._inherited.get(id(conn))
         if entry is None or entry.conn is not conn:
             raise PoolError(f"connection returned to pool {self.name} does not belong to it or was returned twice")
         return entry
@@ -253,6 +318,8 @@ class Pool:
 
     def wait_ready(self, timeout: float = 30.0) -> None:
         """Block until ``min_size`` connections are open; raise `PoolTimeout` otherwise."""
+        if self._dormant:
+            self._revive()
         deadline = time.monotonic() + timeout
         while True:
             with self._lock:
@@ -320,6 +387,8 @@ class Pool:
     def _queue(self, deadline: float, timeout: float, front: bool = False) -> _Entry:
         """The slow way in: queue behind earlier waiters (or ahead of them, ``front``), open a
         connection if there is room."""
+        if self._dormant:
+            self._revive()
         waiter = _Waiter(time.monotonic())
         with self._lock:
             if self._closed:
@@ -401,6 +470,9 @@ class Pool:
         """Take a borrowed entry back (``broken=True`` discards it); returns the time it was
         returned (monotonic), so that callers can tell how long they held it."""
         conn = entry.conn
+        if entry.generation != self._generation:  # invalidated (no reset: it is closed), or the parent's
+            self._retire_stale(entry)
+            return time.monotonic()
         state = _BROKEN if broken else self._return_state(conn)
         if state is _DIRTY:
             try:
@@ -409,7 +481,7 @@ class Pool:
                 log.debug("pool %s: reset failed, discarding connection: %s", self.name, exc)
                 state = _BROKEN
         now = time.monotonic()
-        if state is _BROKEN or now >= entry.expires or entry.generation != self._generation:
+        if state is _BROKEN or now >= entry.expires:
             self._discard(entry, "broken" if state is _BROKEN else "retired")
             return now
         entry.last_used = now
@@ -419,6 +491,16 @@ class Pool:
         if self._waiters or self._closed:  # looked at after the append: see the module docstring
             self._after_return()
         return now
+
+    def _retire_stale(self, entry: _Entry) -> None:
+        """A returned connection of an older generation: invalidated since it was borrowed
+        (closed), or borrowed before a fork and given back in the child (the parent's:
+        abandoned, never closed or reset)."""
+        if entry.generation < self._forked_at:
+            self._inherited.pop(entry.key, None)
+            _fork.abandon(entry.conn, self.adapter.socket_fd(entry.conn))
+            return
+        self._discard(entry, "invalidated")
 
     def _after_return(self) -> None:
         """A return found waiters (serve them) or a closed pool (close what is idle)."""
@@ -665,6 +747,7 @@ class Pool:
             if self._closed:
                 return
             self._closed = True
+            self._dormant = False
             idle = self._drain_idle_locked()
             while self._waiters:
                 self._waiters.popleft().serve(None, PoolClosed(f"pool {self.name} was closed while waiting"))

@@ -38,6 +38,7 @@ from typing import Any, Callable
 
 import pybreaker
 
+from . import _fork
 from .config import BreakerPolicy
 from .fleet import RedisBreakerStorage, SharedView
 
@@ -128,6 +129,17 @@ class NodeBreaker:
         )
         if self._shared is not None:
             self._shared.go_live()  # after pybreaker's constructor, which reads the state
+        _fork.register(self)
+
+    def _after_fork_in_child(self) -> None:
+        """In a forked child: new locks (a thread of the parent may have held one at the
+        fork: pybreaker's while calling our listener or the storage), and no trial in flight
+        (the parent's trial reports to the parent). The state stays: what the parent knew of
+        the node is still true. A Redis client resets its own connection pool in the child,
+        never touching the parent's sockets (redis-py's ``ConnectionPool._checkpid``)."""
+        self._trial_lock = threading.Lock()
+        self._trial_started = None
+        self._cb._lock = threading.RLock()  # pybreaker's own, which it offers no way to renew
 
     def __repr__(self) -> str:
         return f"<NodeBreaker {self.name} {self.state} failures={self.failures}>"

@@ -55,6 +55,10 @@ class Router(Core):
     ``open=False``; then call `open`. Neither waits for the servers: a problem
     found by probing them (two nodes that are one server) is raised by
     `wait_for_probes` and by writes.
+
+    A router built before ``os.fork()`` is the child's own in a forked child: fresh pools,
+    its threads started again at its first use there; the parent's connections are left
+    alone (see `dbrouter._fork`).
     """
 
     def __init__(
@@ -157,7 +161,8 @@ class Router(Core):
                               on_change=lambda old, new: holder[0].breaker_changed(old, new))
         pool = Pool(adapter, config.pool, name=node_name, watchdog=self._watchdog, open=False,
                     on_event=lambda event, message, **data: self.events.emit(
-                        event, node_name, message, level=logging.WARNING, **data))
+                        event, node_name, message, level=logging.WARNING, **data),
+                    after_fork=self._revive)
         node = Node(node_name, address, adapter, pool, breaker, role, weight, watchdog=self._watchdog)
         holder.append(node)
         return node
@@ -347,6 +352,14 @@ class Router(Core):
         self.topology.stop(timeout)
         self._close_pools(timeout)
         self._watchdog.stop()
+
+    def _revive(self) -> None:
+        """In a forked child, the first checkout from any pool: the whole router wakes up
+        there, with its control plane and every pool's housekeeping and ``min_size``
+        connections (see `dbrouter._fork`)."""
+        self.topology.revive()
+        for node in self.topology.nodes:
+            node.pool._revive(tell_owner=False)
 
     def _close_pools(self, timeout: float) -> None:
         for node in self.topology.nodes:

@@ -15,7 +15,9 @@ Lock order: the control plane holds no lock while it works. ``_published`` (a
 Condition) is held only to bump the round count and notify waiters, and
 nothing is called under it. pybreaker's lock may be held while a breaker
 listener puts a message in the inbox (a `queue.SimpleQueue`, which never
-blocks). See `dbrouter.resilience` and `dbrouter.pool` for theirs.
+blocks). ``_revive_lock`` is held only in a forked child, to start the control thread
+and the prober once (see `dbrouter._fork`). See `dbrouter.resilience` and
+`dbrouter.pool` for theirs.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
+from . import _fork
 from ._counter import Counter
 from .adapters.base import Adapter
 from .config import MonitorConfig, RoutingConfig
@@ -190,6 +193,37 @@ class Topology:
         self._thread = threading.Thread(target=self._run, name="dbrouter-monitor", daemon=True)
         self._started = False
         self._stopped = False
+        self._dormant = False  # in a forked child, until the router's first use there (revive)
+        self._revive_lock = threading.Lock()
+        _fork.register(self)
+
+    def _after_fork_in_child(self) -> None:
+        """In a forked child (see `dbrouter._fork`): a new inbox and condition (the parent's
+        threads may have held their locks) and a prober that starts over. The control thread
+        and the prober start again at the router's first use in the child (`revive`), not
+        here: another library's fork handler may not have run yet. The snapshot and what the
+        control thread knew stay; if the fork caught the control thread in the middle of a
+        step, the next probe round decides the roles again."""
+        self._inbox = queue.SimpleQueue()
+        for node in self.nodes:
+            node._report = self._inbox.put
+        self._published = threading.Condition()
+        self._revive_lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="dbrouter-monitor", daemon=True)
+        self._prober._after_fork_in_child()
+        self._dormant = self._started and not self._stopped
+
+    def revive(self) -> None:
+        """In a forked child, at the router's first use there: start the control thread and
+        the prober again (if they were running in the parent). Idempotent, cheap otherwise."""
+        if not self._dormant:
+            return
+        with self._revive_lock:
+            if not self._dormant:
+                return
+            self._dormant = False
+            self._thread.start()
+            self._prober.start()
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -203,6 +237,8 @@ class Topology:
         if self._stopped:
             return
         self._stopped = True
+        with self._revive_lock:
+            self._dormant = False  # a child that closes the router before using it starts nothing
         self._prober.stop(timeout)
         self._inbox.put(("stop",))
         if self._thread.is_alive() and self._thread is not threading.current_thread():
@@ -232,6 +268,7 @@ class Topology:
 
     def wake(self) -> None:
         """Probe every node now rather than at the next interval."""
+        self.revive()
         self._prober.wake()
 
     def reasons(self, nodes: Sequence[Node]) -> str:
@@ -266,12 +303,14 @@ class Topology:
 
     def wait_for_change(self, version: int, deadline: float) -> bool:
         """Wait until a snapshot newer than ``version`` is published or the deadline passes."""
+        self.revive()
         with self._published:
             return self._published.wait_for(lambda: self.snapshot.version != version,
                                             max(0.0, deadline - time.monotonic()))
 
     def wait_rounds(self, count: int = 1, timeout: float = 10.0) -> bool:
         """Block until ``count`` more probe rounds have been folded in (tests, start-up)."""
+        self.revive()
         with self._published:
             target = self.rounds + count
             return self._published.wait_for(lambda: self.rounds >= target, timeout)

@@ -13,6 +13,8 @@ import threading
 import time
 from typing import Callable
 
+from . import _fork
+
 __all__ = ["Watchdog"]
 
 log = logging.getLogger("dbrouter.watchdog")
@@ -36,6 +38,19 @@ class Watchdog:
         # never needs the thread.
         self._thread: threading.Thread | None = None
         self._name = name
+        _fork.register(self)
+
+    def _after_fork_in_child(self) -> None:
+        """In a forked child: forget the parent's armed statements (their aborts would shut
+        down the parent's sockets, which the child shares), take new locks, and start the
+        thread again on the next `arm`."""
+        self._armed = {}
+        self._start_lock = threading.Lock()
+        stopped = self._stop.is_set()
+        self._stop = threading.Event()
+        if stopped:
+            self._stop.set()
+        self._thread = None
 
     def arm(self, deadline: float, abort: Callable[[], None]) -> object:
         if self._thread is None:

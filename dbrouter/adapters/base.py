@@ -77,6 +77,11 @@ class Adapter(ABC):
     def abort(self, conn: Any) -> None:  # noqa: B027 - an optional hook: by default there is nothing to break
         """Break a connection from another thread so that a blocked call returns now."""
 
+    def socket_fd(self, conn: Any) -> int | None:
+        """The descriptor of ``conn``'s socket, when the driver tells it (None otherwise);
+        a forked child points it elsewhere before abandoning the connection (`dbrouter._fork`)."""
+        return None
+
     @property
     def node(self) -> str:
         """The node's name for messages (``host:port``)."""

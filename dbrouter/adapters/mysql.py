@@ -209,6 +209,16 @@ class MySQLAdapter(Adapter):
             ) from None
         return conn
 
+    def socket_fd(self, conn: Any) -> int | None:
+        # The pure-Python connection's socket; the C extension does not tell its descriptor.
+        sock = getattr(getattr(conn, "_socket", None), "sock", None)
+        if sock is None:
+            return None
+        try:
+            return int(sock.fileno())
+        except (OSError, ValueError):
+            return None
+
     def ping(self, conn: Any) -> None:
         conn.ping(reconnect=False)
 

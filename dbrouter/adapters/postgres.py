@@ -152,6 +152,12 @@ class PostgresAdapter(Adapter):
         finally:
             sock.close()
 
+    def socket_fd(self, conn: Any) -> int | None:
+        try:
+            return int(conn.fileno())
+        except (psycopg2.Error, TypeError, ValueError):  # closed
+            return None
+
     def ping(self, conn: Any) -> None:
         conn.statement_cursor.execute("SELECT 1")
 

@@ -82,6 +82,7 @@ from sqlalchemy.pool import NullPool
 from sqlalchemy.sql.elements import TextClause
 from sqlalchemy.sql.selectable import CTE, Join, TextualSelect
 
+from .. import _fork
 from ..adapters.base import ErrorKind
 from ..decisions import Phase, Work
 from ..errors import ConfigurationError, DbRouterError
@@ -130,6 +131,12 @@ class _Checkouts:
         self._lock = threading.Lock()
         self._owners: dict[int, Node] = {}
         self._lost: dict[int, BaseException] = {}  # connections SQLAlchemy saw fail, by id
+        _fork.register(self)
+
+    def _after_fork_in_child(self) -> None:
+        # A new lock; connections borrowed before the fork go back to their pools, which
+        # abandon them (SQLAlchemy's own pool here is a NullPool: it keeps none).
+        self._lock = threading.Lock()
 
     def owner(self, conn: Any) -> Node | None:
         """The node ``conn`` was borrowed from, while it is borrowed."""
@@ -258,6 +265,7 @@ class RoutingEngines:
         self._options = engine_options
         self._lock = threading.Lock()
         self._by_node: dict[str, Engine] = {}
+        _fork.register(self)
         self.writer: Engine = self._make("primary", "write")
         """Bound to the primary (the current one, after a failover)."""
         self.reader: Engine = self._make("reader", "read")
@@ -265,6 +273,9 @@ class RoutingEngines:
 
     def __repr__(self) -> str:
         return f"<RoutingEngines {self.router!r}>"
+
+    def _after_fork_in_child(self) -> None:
+        self._lock = threading.Lock()  # a thread of the parent may have held it at the fork
 
     def _make(self, name: str, intent: str, node: Node | None = None) -> Engine:
         options = {"logging_name": f"dbrouter-{name}", "pool_logging_name": f"dbrouter-{name}", **self._options}

@@ -11,6 +11,7 @@ write raised WriteOutcomeUnknown.
 
 from __future__ import annotations
 
+import gc
 import json
 import multiprocessing
 import os
@@ -23,13 +24,14 @@ import textwrap
 import threading
 import time
 import urllib.request
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from dbrouter import PoolConfig, Router, connect_pool
+from dbrouter import PoolConfig, Router, _fork, connect_pool
 
 ROOT = Path(__file__).resolve().parent.parent
 OPTIONS = {"health_interval": 0.2, "min_size": 2, "max_size": 4, "statement_timeout": 3, "connect_timeout": 3}
@@ -281,3 +283,14 @@ def test_gunicorn_preload_workers_each_get_their_own_answers(cluster: Any) -> No
     assert len(by_worker) == 2, by_worker.keys()
     first, second = by_worker.values()
     assert not first & second, (first, second)  # no server session shared by the two workers
+
+
+def test_the_fork_registry_keeps_no_router_alive() -> None:
+    """os.register_at_fork has no unregister: the registry holds weak references only."""
+    router = Router("postgresql://app@127.0.0.1:1/app", ["postgresql://app@127.0.0.2:1/app"], open=False)
+    ref = weakref.ref(router)
+    registered = len(_fork._registry)
+    del router
+    gc.collect()
+    assert ref() is None
+    assert len(_fork._registry) < registered

@@ -16,8 +16,8 @@ from urllib.parse import parse_qs
 
 import dbrouter
 
-router = dbrouter.Router.from_config(None, health_interval=0.2, min_size=2, max_size=4, statement_timeout=3,
-                                     connect_timeout=3)
+router = dbrouter.Router.from_config(None, health_interval=0.2, min_size=2, max_size=4, statement_timeout=10,
+                                     connect_timeout=5)
 # The server session that answers: its server's port and its id there.
 BACKEND = ("inet_server_port(), pg_backend_pid()" if router.primary.adapter.engine == "postgres"
            else "@@port, CONNECTION_ID()")

@@ -34,7 +34,8 @@ import pytest
 from dbrouter import PoolConfig, Router, _fork, connect_pool
 
 ROOT = Path(__file__).resolve().parent.parent
-OPTIONS = {"health_interval": 0.2, "min_size": 2, "max_size": 4, "statement_timeout": 3, "connect_timeout": 3}
+# statement_timeout bounds a statement that would wait forever for an answer another process took.
+OPTIONS = {"health_interval": 0.2, "min_size": 2, "max_size": 4, "statement_timeout": 10, "connect_timeout": 5}
 SECONDS = 1.5  # how long parent and child query at the same time
 
 
@@ -176,7 +177,7 @@ EXIT_SCRIPT = textwrap.dedent("""
     # validation_bypass: the parent reuses its idle connections without a liveness ping, as it
     # does when it is busy: a connection the child closed fails the next statement on it.
     router = dbrouter.Router(primary, replicas, health_interval=0.2, min_size=2, max_size=4,
-                             statement_timeout=3, connect_timeout=3, validation_bypass=3600)
+                             statement_timeout=10, connect_timeout=5, validation_bypass=3600)
     for _ in range(3):
         router.write("SELECT 1")
         router.read("SELECT 1")
@@ -212,7 +213,7 @@ def test_a_child_that_exits_normally_leaves_the_parents_connections_alone(cluste
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
-        out, err = proc.communicate(timeout=60)
+        out, err = proc.communicate(timeout=90)
     finally:
         if proc.poll() is None:  # the script and its forked child share the session we started
             os.killpg(proc.pid, signal.SIGKILL)
@@ -233,7 +234,7 @@ def gunicorn_port() -> int:
 
 
 def get(url: str) -> dict[str, Any]:
-    with urllib.request.urlopen(url, timeout=10) as response:
+    with urllib.request.urlopen(url, timeout=30) as response:
         answer: dict[str, Any] = json.loads(response.read())
         return answer
 
@@ -247,19 +248,19 @@ def test_gunicorn_preload_workers_each_get_their_own_answers(cluster: Any) -> No
     env["DBROUTER_PRIMARY"] = cluster.primary.url
     env["DBROUTER_REPLICAS"] = ",".join(n.url for n in cluster.replicas)
     command = [sys.executable, "-m", "gunicorn", "--preload", "--workers", "2", "--bind", f"127.0.0.1:{port}",
-               "--timeout", "30", "--graceful-timeout", "5", "tests.gunicorn_app:app"]
+               "--timeout", "60", "--graceful-timeout", "5", "tests.gunicorn_app:app"]
     server = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                               text=True, start_new_session=True)
     base = f"http://127.0.0.1:{port}/"
     try:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 60
         while True:
             assert server.poll() is None, f"gunicorn exited {server.returncode}: {server.communicate()[1][-3000:]}"
             try:
                 get(base)
                 break
             except OSError:
-                assert time.monotonic() < deadline, "gunicorn did not answer within 30 s"
+                assert time.monotonic() < deadline, "gunicorn did not answer within 60 s"
                 time.sleep(0.1)
         with ThreadPoolExecutor(max_workers=4) as clients:  # keep both workers busy at once
             try:

@@ -473,7 +473,11 @@ class Pool:
         if entry.generation != self._generation:  # invalidated (no reset: it is closed), or the parent's
             self._retire_stale(entry)
             return time.monotonic()
-        state = _BROKEN if broken else self._return_state(conn)
+        try:
+            state = _BROKEN if broken else self._return_state(conn)
+        except Exception:  # an adapter that cannot read a connection's state must not keep it out
+            log.exception("pool %s: cannot tell the state of a returned connection; discarding it", self.name)
+            state = _BROKEN
         if state is _DIRTY:
             try:
                 self.adapter.reset(conn)

@@ -351,3 +351,27 @@ def test_unreachable_node_fails_fast_not_after_acquire_timeout(cluster) -> None:
     assert time.monotonic() - start < 5
     assert pool.stats()["connect_errors"] == 1
     pool.close()
+
+
+def test_connection_whose_state_cannot_be_read_is_discarded_not_kept(tagged: Tagged,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """An adapter that fails to classify a returned connection (as the MySQL adapter once did
+    on every pure-Python connection) costs a reconnect per call, never a connection kept out
+    of the pool forever and, after max_size calls, a PoolTimeout for everyone."""
+    adapter = make_adapter(parse_address(tagged.url), tagged.connect_options)
+
+    def unreadable(conn: object) -> dbrouter.adapters.ReturnState:
+        raise AttributeError("no _server_status")
+
+    adapter.return_state = unreadable  # type: ignore[method-assign]
+    pool = Pool(adapter, PoolConfig(min_size=0, max_size=2, acquire_timeout=1))
+    try:
+        for _ in range(5):
+            with pool.connection() as conn:
+                pool.adapter.execute(conn, "SELECT 1")
+        stats = pool.stats()
+        assert stats["timeouts"] == 0 and stats["discarded"] == 5 and stats["size"] == 0, stats
+        assert wait_until(lambda: tagged.sessions() == 0, timeout=5)
+        assert "cannot tell the state of a returned connection" in caplog.text
+    finally:
+        pool.close()

@@ -310,7 +310,7 @@ class Router(Core):
     # -- observation and shutdown ---------------------------------------------------
 
     def stats(self) -> dict[str, Any]:
-        """A snapshot: per node role, health, breaker, lag, latency and pool numbers; router totals."""
+        """A snapshot: per node role, health, breaker, lag, latency, pool numbers and driver; router totals."""
         nodes = {}
         snapshot = self.topology.snapshot
         for node in self.topology.nodes:
@@ -328,6 +328,7 @@ class Router(Core):
                 "last_error": node.last_error,
                 "serving_reads": node in snapshot.readable,
                 "pool": node.pool.stats(),
+                "driver": node.pool.adapter.driver,
             }
         counts = self.counts
         return {

@@ -27,6 +27,7 @@ def node_rows(router: Router) -> list[dict[str, Any]]:
                 "breaker": info["breaker"],
                 "pool": {"in_use": pool["in_use"], "idle": pool["idle"], "size": pool["size"], "max_size": pool["max_size"]},
                 "error": info["last_error"],
+                "driver": info["driver"],
             }
         )
     return rows
@@ -46,7 +47,8 @@ def _cell(column: str, row: dict[str, Any]) -> str:
 
 
 def render_table(rows: list[dict[str, Any]], *, split_brain: list[str] | None = None) -> str:
-    """A fixed-width table; unreachable nodes get their last error underneath."""
+    """A fixed-width table; unreachable nodes get their last error underneath, and the
+    driver (with its implementation: mysql-connector's C extension or pure Python) follows."""
     cells = [[_cell(c, row) for c in COLUMNS] for row in rows]
     widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(COLUMNS)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(COLUMNS, widths, strict=True)).rstrip()]
@@ -54,6 +56,11 @@ def render_table(rows: list[dict[str, Any]], *, split_brain: list[str] | None = 
         lines.append("  ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)).rstrip())
         if not row["reachable"] and row.get("error"):
             lines.append(f"    {row['error']}")
+    drivers = sorted({row["driver"] for row in rows})
+    if len(drivers) == 1:
+        lines.append(f"driver: {drivers[0]}")
+    elif drivers:
+        lines.append("drivers: " + ", ".join(f"{row['node']} {row['driver']}" for row in rows))
     if split_brain:
         lines.append(f"SPLIT BRAIN: {', '.join(split_brain)} all accept writes")
     return "\n".join(lines)

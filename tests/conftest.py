@@ -3,6 +3,10 @@
 The clusters are real servers started from the installed binaries (primary +
 2 replicas each). Tests reset what they change (tables they create, paused
 replication) instead of rebuilding clusters. A missing binary fails the run.
+
+``pytest --mysql-pure`` runs every test on mysql-connector's pure-Python connection
+instead of its C extension (see ``tests/_mysql_mode.py``); CI runs the
+``mysql``-marked tests both ways.
 """
 
 from __future__ import annotations
@@ -14,9 +18,35 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-import dbrouter  # noqa: F401 - loads the mysql C extension before anything imports ssl
+import dbrouter  # loads the mysql C extension before anything imports ssl
 from dbrouter.cluster import LocalCluster, LocalNode, MariaDBCluster, PostgresCluster
 from dbrouter.url import parse_address
+
+from . import _mysql_mode
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        _mysql_mode.OPTION, action="store_true",
+        help="run on mysql-connector's pure-Python connection: its C extension is made to fail to load, "
+             "as it does when ssl is imported first on a system with an older libssl",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if config.getoption(_mysql_mode.OPTION):
+        _mysql_mode.block_c_extension()  # before any test module imports mysql.connector
+
+
+def pytest_report_header() -> str:
+    return _mysql_mode.describe()
+
+
+@pytest.fixture(scope="session")
+def mysql_pure(pytestconfig: pytest.Config) -> bool:
+    """True when this run tests mysql-connector's pure-Python connection (``--mysql-pure``)."""
+    return bool(pytestconfig.getoption(_mysql_mode.OPTION))
+
 
 ENGINES = [
     pytest.param("postgres", marks=pytest.mark.postgres, id="postgres"),

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from dbrouter import ConnectError, ConnectOptions
+from dbrouter import ConfigurationError, ConnectError, ConnectOptions
 from dbrouter.adapters import Adapter, ErrorKind, ReturnState, make_adapter
 from dbrouter.url import parse_address
 
@@ -218,15 +221,111 @@ def test_refused_connect(cluster) -> None:
     assert adapter.classify(info.value) is ErrorKind.UNREACHABLE
 
 
+def with_option(url: str, option: str) -> str:
+    return url + ("&" if "?" in url else "?") + option
+
+
 @pytest.mark.mysql
-def test_mysql_uses_c_extension_and_a_mariadb_collation(maria_cluster) -> None:
+def test_mysql_connection_is_the_implementation_under_test(maria_cluster, mysql_pure: bool) -> None:
+    """The C extension's connection in the default run, the pure-Python one with
+    --mysql-pure: otherwise the run would silently test the other one."""
+    from mysql.connector.connection import MySQLConnection
+
+    from dbrouter.adapters.mysql import DRIVER_C, DRIVER_PURE, HAVE_C_EXTENSION
+
     opened = Opened(maria_cluster.primary)
     try:
-        assert type(opened.conn).__name__ == "CMySQLConnection"
+        if mysql_pure:
+            assert not HAVE_C_EXTENSION and "_mysql_connector" not in sys.modules
+            assert isinstance(opened.conn, MySQLConnection)
+            assert type(opened.conn).__mro__[1] is MySQLConnection  # dbrouter's subclass keeps the status flags
+            assert opened.adapter.driver == DRIVER_PURE
+        else:
+            assert HAVE_C_EXTENSION
+            assert type(opened.conn).__name__ == "CMySQLConnection"
+            assert not isinstance(opened.conn, MySQLConnection)
+            assert opened.adapter.driver == DRIVER_C
         assert opened.run("SELECT @@collation_connection") == [("utf8mb4_general_ci",)]
         assert opened.adapter.is_mariadb is True
     finally:
         opened.close()
+
+
+@pytest.mark.mysql
+def test_mysql_use_pure_url_option_chooses_the_implementation(maria_cluster, mysql_pure: bool) -> None:
+    """use_pure=true: pure Python in either run; use_pure=false: the C extension, or a
+    ConfigurationError that says why it is not available."""
+    from mysql.connector.connection import MySQLConnection
+
+    from dbrouter.adapters.mysql import DRIVER_C, DRIVER_PURE
+
+    node = maria_cluster.primary
+    pure = make_adapter(parse_address(with_option(node.url, "use_pure=true")))
+    conn = pure.connect()
+    try:
+        assert isinstance(conn, MySQLConnection) and pure.driver == DRIVER_PURE
+        rows, _ = pure.execute(conn, "SELECT @@port")
+        assert rows == [(node.port,)]
+    finally:
+        pure.close(conn)
+    if mysql_pure:
+        with pytest.raises(ConfigurationError, match="use_pure=false.*blocked by the test suite"):
+            make_adapter(parse_address(with_option(node.url, "use_pure=false")))
+    else:
+        c_ext = make_adapter(parse_address(with_option(node.url, "use_pure=false")))
+        conn = c_ext.connect()
+        try:
+            assert type(conn).__name__ == "CMySQLConnection" and c_ext.driver == DRIVER_C
+        finally:
+            c_ext.close(conn)
+
+
+@pytest.mark.mysql
+def test_mysql_autocommit_switched_off_by_sql_is_seen_and_reset(maria_cluster) -> None:
+    """``SET autocommit = 0`` sent as SQL leaves no transaction open, only a server flag: the
+    connection must still come back dirty and be reset, or the next borrower's writes would
+    never commit. (The pure-Python connection does not keep that flag; dbrouter's subclass does.)"""
+    opened = Opened(maria_cluster.primary)
+    try:
+        assert opened.adapter.return_state(opened.conn) is ReturnState.CLEAN
+        opened.run("SET autocommit = 0")
+        assert opened.adapter.return_state(opened.conn) is ReturnState.DIRTY
+        opened.adapter.reset(opened.conn)
+        assert opened.adapter.return_state(opened.conn) is ReturnState.CLEAN
+        assert opened.run("SELECT @@session.autocommit") == [(1,)]
+    finally:
+        opened.close()
+
+
+_FALLBACK_SCRIPT = """
+import logging, sys
+sys.path.insert(0, {root!r})
+from tests import _mysql_mode
+_mysql_mode.block_c_extension()
+import ssl  # what applications do before dbrouter; here the block stands in for the libssl clash
+import dbrouter
+logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s %(message)s")
+with dbrouter.Router({primary!r}, [{replica!r}], min_size=1, max_size=2, health_interval=5) as router:
+    for _ in range(5):
+        router.read("SELECT 1")
+        router.write("SELECT 1")
+    print("drivers", sorted({{info["driver"] for info in router.stats()["nodes"].values()}}))
+"""
+
+
+@pytest.mark.mysql
+def test_mysql_fallback_to_pure_python_is_logged_once_with_its_cause(maria_cluster) -> None:
+    """An application whose C extension failed to load: every call works, the stats say pure
+    Python, and one warning (for all nodes) names the ImportError."""
+    root = str(Path(__file__).resolve().parent.parent)
+    script = _FALLBACK_SCRIPT.format(root=root, primary=maria_cluster.primary.url, replica=maria_cluster.replicas[0].url)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=root)
+    assert done.returncode == 0, done.stderr
+    assert "drivers ['mysql-connector (pure Python)']" in done.stdout
+    warnings = [line for line in done.stderr.splitlines() if line.startswith("WARNING dbrouter.adapters.mysql")]
+    assert len(warnings) == 1, done.stderr
+    assert "C extension is not in use" in warnings[0] and "OPENSSL_3.2.0" in warnings[0]
+    assert maria_cluster.password not in done.stderr
 
 
 @pytest.mark.postgres

@@ -18,6 +18,7 @@ from dbrouter import PoolTimeout, Router
 from dbrouter.cli import write_router_config
 from dbrouter.cluster import make_cluster
 from dbrouter.metrics import start_http_server
+from dbrouter.status import node_rows, render_table
 from dbrouter.workload import Workload
 
 from .conftest import ENGINES, wait_until
@@ -100,7 +101,11 @@ def test_exporter_numbers_move_through_a_workload_and_two_failovers(engine: str,
     assert all(PASSWORD not in r.getMessage() for r in caplog.records)
 
 
-def test_stats_snapshot_has_every_number(cluster: Any) -> None:
+def test_stats_snapshot_has_every_number(cluster: Any, mysql_pure: bool) -> None:
+    if cluster.engine == "postgres":
+        driver = "psycopg2"
+    else:
+        driver = "mysql-connector (pure Python)" if mysql_pure else "mysql-connector (C extension)"
     with Router(cluster.primary.url, [n.url for n in cluster.replicas], health_interval=0.2) as router:
         router.read("SELECT 1")
         router.write("SELECT 1")
@@ -113,7 +118,11 @@ def test_stats_snapshot_has_every_number(cluster: Any) -> None:
             assert {"size", "idle", "in_use", "waiting", "acquired", "timeouts", "connect_errors", "opened", "closed",
                     "discarded", "acquire_wait_p50", "acquire_wait_p99"} <= set(info["pool"])
             assert info["healthy"] and info["breaker"] == "closed"
+            assert info["driver"] == driver
         assert cluster.password not in repr(router) and cluster.password not in json.dumps(stats, default=str)
+        rows = node_rows(router)  # what `dbrouter status` prints
+        assert [row["driver"] for row in rows] == [driver] * len(rows)
+        assert render_table(rows).splitlines()[-1] == f"driver: {driver}"
 
 
 def test_pool_exhaustion_and_leak_events(cluster: Any) -> None:
@@ -151,8 +160,10 @@ def test_status_command_shows_roles_before_and_after_a_promotion(engine: str, tm
         primary_name = f"127.0.0.1:{cluster.primary.port}"
         assert roles[primary_name] == "primary" and list(roles.values()).count("replica") == 2
         assert all(row["reachable"] for row in doc["nodes"])
+        assert all(row["driver"] for row in doc["nodes"])
         table = status()
         assert table.returncode == 0 and "primary" in table.stdout and PASSWORD not in table.stdout
+        assert "driver: " in table.stdout
 
         old = cluster.primary
         old.kill()

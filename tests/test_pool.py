@@ -10,11 +10,11 @@ import time
 import pytest
 
 import dbrouter
-from dbrouter import ConnectError, Pool, PoolConfig, PoolTimeout, connect_pool
+from dbrouter import ConnectError, Pool, PoolConfig, PoolTimeout, Router, connect_pool
 from dbrouter.adapters import make_adapter
 from dbrouter.url import parse_address
 
-from .conftest import Tagged, backend_id, kill_session, wait_until
+from .conftest import ENGINES, Tagged, backend_id, kill_session, wait_until
 
 
 def make_pool(tagged: Tagged, **config: object) -> Pool:
@@ -351,6 +351,43 @@ def test_unreachable_node_fails_fast_not_after_acquire_timeout(cluster) -> None:
     assert time.monotonic() - start < 5
     assert pool.stats()["connect_errors"] == 1
     pool.close()
+
+
+@pytest.mark.parametrize("cluster", [ENGINES[1]], indirect=True)
+def test_pure_python_connector_gives_every_connection_back(tagged: Tagged) -> None:
+    """mysql-connector's pure-Python connection (what an application gets when the C
+    extension fails to load) has no ``_server_status``: every return raised, no connection
+    came back, and after max_size calls every call was a PoolTimeout. Every kind of call,
+    four times over, on a pool of 3: no timeout, no connection lost, no server session left."""
+    from mysql.connector.connection import MySQLConnection
+
+    max_size = 3
+    url = tagged.url + "?use_pure=true"
+    with Router(url, min_size=0, max_size=max_size, acquire_timeout=2, health_interval=60,
+                connect_timeout=3, application_name=tagged.tag) as router:
+        router.write("CREATE TABLE pure_t (id int primary key, v int)")
+        for i in range(4 * max_size):
+            assert router.read("SELECT 1") == [(1,)]
+            assert router.write("INSERT INTO pure_t VALUES (%s, 0)", (i,)) == 1
+            with router.transaction() as tx:
+                tx.execute("UPDATE pure_t SET v = v + 1 WHERE id = %s", (i,))
+            assert router.write_many("INSERT INTO pure_t VALUES (%s, %s)", [(1000 + 2 * i, 0), (1001 + 2 * i, 0)]) == 2
+            with router.session() as session:
+                session.write("UPDATE pure_t SET v = v + 1 WHERE id = %s", (i,))
+                assert session.read("SELECT v FROM pure_t WHERE id = %s", (i,)) == [(2,)]
+            with router.connection("write") as conn:
+                assert isinstance(conn, MySQLConnection)
+                cur = conn.cursor()
+                cur.execute("SELECT count(*) FROM pure_t")
+                assert cur.fetchall() == [(i + 1 + 2 * (i + 1),)]
+                cur.close()
+            assert tagged.sessions() <= max_size
+        info = router.stats()["nodes"][router.primary.name]
+        assert info["driver"] == "mysql-connector (pure Python)"
+        pool = info["pool"]
+        assert pool["timeouts"] == 0 and pool["discarded"] == 0 and pool["in_use"] == 0, pool
+        assert 1 <= pool["opened"] <= max_size, pool
+    assert wait_until(lambda: tagged.sessions() == 0, timeout=5)
 
 
 def test_connection_whose_state_cannot_be_read_is_discarded_not_kept(tagged: Tagged,

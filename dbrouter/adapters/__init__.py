@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import logging
 import sys
 from typing import TYPE_CHECKING
 
@@ -18,9 +17,7 @@ if TYPE_CHECKING:
     from ..config import ConnectOptions
     from ..url import NodeAddress
 
-__all__ = ["Adapter", "ErrorKind", "ReturnState", "make_adapter", "preload_mysql_extension"]
-
-log = logging.getLogger("dbrouter.adapters")
+__all__ = ["Adapter", "ErrorKind", "ReturnState", "make_adapter", "mysql_extension_error", "preload_mysql_extension"]
 
 _ADAPTERS = {
     "postgres": ("dbrouter.adapters.postgres", "PostgresAdapter"),
@@ -36,25 +33,40 @@ def make_adapter(address: NodeAddress, options: ConnectOptions | None = None) ->
     return cls(address, options)
 
 
+# What the first attempt to load mysql-connector's C extension found: None when it loaded
+# (or was never tried), else why not (the ImportError's text, or that it is not installed).
+_mysql_extension_error: str | None = None
+
+
 def preload_mysql_extension() -> bool:
     """Load mysql-connector's C extension before anything imports ``ssl``.
 
     The extension bundles its own OpenSSL under the system library's name; once
-    Python's ``ssl`` or ``hashlib`` has loaded the system one, the extension fails
-    to import and the connector silently falls back to pure Python (about 50 us
-    slower per query). Returns True when the extension is usable.
+    Python's ``ssl`` or ``hashlib`` has loaded an older system one, the extension
+    fails to import and the connector falls back to pure Python (about 50 us
+    slower per query). Returns True when the extension is usable; otherwise the
+    reason is kept for `mysql_extension_error` (the MySQL adapter logs it once,
+    when a MySQL node is first configured: a PostgreSQL-only application hears
+    nothing of it).
     """
+    global _mysql_extension_error
     if "_mysql_connector" in sys.modules:
         return True
-    if importlib.util.find_spec("_mysql_connector") is None:
-        return False  # not installed: the connector runs in pure Python
     try:
-        importlib.import_module("_mysql_connector")
+        if importlib.util.find_spec("_mysql_connector") is None:
+            reason = "mysql-connector's C extension (_mysql_connector) is not installed"
+        else:
+            importlib.import_module("_mysql_connector")
+            return True
     except ImportError as exc:
-        log.warning(
-            "mysql-connector's C extension did not load (%s): it must load before anything "
-            "loads OpenSSL (the ssl or hashlib modules). Import dbrouter first, or add a .pth "
-            "file as scripts/setup.sh does. Falling back to pure Python.", exc,
-        )
-        return False
-    return True
+        reason = f"import _mysql_connector failed: {exc}"
+    if _mysql_extension_error is None:  # the first failure names the cause; later ones repeat it
+        _mysql_extension_error = reason
+    return False
+
+
+def mysql_extension_error() -> str | None:
+    """Why mysql-connector's C extension is not in use (None when it loaded)."""
+    if "_mysql_connector" in sys.modules:
+        return None
+    return _mysql_extension_error or "mysql-connector's C extension was not loaded"

@@ -1,24 +1,43 @@
-"""MySQL and MariaDB through mysql-connector-python (C extension when available)."""
+"""MySQL and MariaDB through mysql-connector-python: its C extension when it loaded, else
+(or with ``use_pure=true`` in the URL) its pure-Python connection."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import math
+import threading
 from itertools import chain
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol, Sequence
 
-from . import preload_mysql_extension
+from . import mysql_extension_error, preload_mysql_extension
 
-HAVE_C_EXTENSION = preload_mysql_extension()
+preload_mysql_extension()
 
-import mysql.connector  # noqa: E402 - must come after the C extension is loaded
-from mysql.connector import errors as myerrors  # noqa: E402
+from mysql.connector import errors as myerrors  # noqa: E402 - must come after the C extension is loaded
+from mysql.connector.connection import MySQLConnection  # noqa: E402
+
+_CConnection: Callable[..., Any] | None
+_C_EXTENSION_ERROR: str | None
+try:
+    from mysql.connector.connection_cext import CMySQLConnection
+except ImportError as _exc:  # the extension did not load: pure Python only
+    _CConnection = None
+    _C_EXTENSION_ERROR = mysql_extension_error() or str(_exc)
+else:
+    _CConnection = CMySQLConnection
+    _C_EXTENSION_ERROR = None
 
 try:  # the C extension's own errors: its connection's commit() and rollback() raise them as they are
     from _mysql_connector import MySQLError as _CExtensionError  # type: ignore[import-not-found]  # untyped C module
 except ImportError:  # pure Python only
     _CExtensionError = myerrors.Error
+
+HAVE_C_EXTENSION = _CConnection is not None
+"""Whether mysql-connector's C extension loaded in this process."""
+
+DRIVER_C = "mysql-connector (C extension)"
+DRIVER_PURE = "mysql-connector (pure Python)"
 
 from ..config import MAX_WAIT, ConnectOptions  # noqa: E402
 from ..errors import ConfigurationError, ConnectError  # noqa: E402
@@ -26,7 +45,7 @@ from ..url import NodeAddress  # noqa: E402
 from ._text import first_line, scrub, split_insert_values  # noqa: E402
 from .base import Adapter, ErrorKind, ReturnState  # noqa: E402
 
-__all__ = ["HAVE_C_EXTENSION", "MySQLAdapter"]
+__all__ = ["DRIVER_C", "DRIVER_PURE", "HAVE_C_EXTENSION", "MySQLAdapter"]
 
 log = logging.getLogger("dbrouter.adapters.mysql")
 
@@ -75,6 +94,46 @@ _STATUS_MORE_RESULTS = 8  # SERVER_MORE_RESULTS_EXISTS: a multi-statement left r
 
 # MySQL 8's default collation (utf8mb4_0900_ai_ci) is unknown to MariaDB.
 DEFAULT_COLLATION = "utf8mb4_general_ci"
+
+
+class _PureConnection(MySQLConnection):
+    """The connector's pure-Python connection, keeping the server's status flags.
+
+    The C extension's connection exposes the flags of the server's last reply
+    (``_server_status``); the pure-Python one reads them from every OK and EOF
+    packet in ``_handle_server_status`` but keeps only two of them, not the
+    autocommit flag. `MySQLAdapter.return_state` needs all three without a round
+    trip: a session switched to ``SET autocommit = 0`` must not go back into the
+    pool as clean, where the next borrower's writes would never be committed.
+    """
+
+    # Until the first reply: not autocommit, so a connection whose flags were never seen
+    # (a connector that stopped calling the hook) is reset on return, never trusted.
+    _server_status = 0
+
+    def _handle_server_status(self, flags: int) -> None:
+        super()._handle_server_status(flags)
+        self._server_status = flags
+
+
+_fallback_logged = False
+_fallback_lock = threading.Lock()
+
+
+def _log_fallback_once(node: str) -> None:
+    """Say once per process that MySQL connections run in pure Python, and why."""
+    global _fallback_logged
+    with _fallback_lock:
+        if _fallback_logged:
+            return
+        _fallback_logged = True
+    log.warning(
+        "mysql node %s: mysql-connector's C extension is not in use (%s); MySQL connections use the "
+        "connector's pure-Python implementation (about 50 us more per query). The extension must load "
+        "before anything loads OpenSSL: import dbrouter before ssl, hashlib or requests, or add a .pth "
+        "file as scripts/setup.sh does. Add use_pure=true to the node URLs to choose pure Python "
+        "(and silence this warning).", node, _C_EXTENSION_ERROR,
+    )
 
 
 def _bool(text: str) -> bool:
@@ -127,6 +186,11 @@ class MySQLAdapter(Adapter):
 
     ``cursor()`` on the connector pings the server first, so each connection
     keeps the one cursor it was opened with and a read stays one round trip.
+
+    Connections are the C extension's (``CMySQLConnection``) when it loaded, else the
+    connector's pure-Python ones (``MySQLConnection``); the URL option ``use_pure``
+    chooses explicitly (``use_pure=false`` without the extension is a
+    `ConfigurationError` naming why it did not load). `driver` says which.
     """
 
     engine = "mysql"
@@ -134,10 +198,25 @@ class MySQLAdapter(Adapter):
     def __init__(self, address: NodeAddress, options: ConnectOptions | None = None) -> None:
         super().__init__(address, options)
         self._params = self._connect_params()
+        chosen: bool | None = self._params.pop("use_pure", None)
+        if chosen is False and _CConnection is None:
+            raise ConfigurationError(
+                f"mysql node {self.node}: use_pure=false, but mysql-connector's C extension is not "
+                f"available ({_C_EXTENSION_ERROR})"
+            )
+        self._pure = chosen if chosen is not None else _CConnection is None
+        if self._pure and chosen is None:
+            _log_fallback_once(self.node)
+        self.driver = DRIVER_PURE if self._pure else DRIVER_C
+        # The class connect() instantiates: the choice mysql.connector.connect() would make,
+        # made here once, so that `driver` is true of every connection.
+        self._connection_class: Callable[..., Any] = _PureConnection
+        if not self._pure and _CConnection is not None:
+            self._connection_class = _CConnection
         self.is_mariadb: bool | None = None
-        # Statements without parameters go straight to the connection (see execute) when it
-        # is the C extension's; set at the first connect, as every connection is alike.
-        self._direct = False
+        # Statements without parameters go straight to the C extension's connection (see
+        # execute); the pure-Python one refuses a multi-statement there, so it uses the cursor.
+        self._direct = not self._pure
 
     def _connect_params(self) -> dict[str, Any]:
         params: dict[str, Any] = {
@@ -147,7 +226,6 @@ class MySQLAdapter(Adapter):
             "autocommit": True,
             "charset": "utf8mb4",
             "collation": DEFAULT_COLLATION,
-            "use_pure": not HAVE_C_EXTENSION,
             "get_warnings": False,
             "conn_attrs": {"program_name": self.options.application_name},
         }
@@ -182,9 +260,7 @@ class MySQLAdapter(Adapter):
         if read_timeout is not None:
             params = {**params, "read_timeout": max(1, math.ceil(read_timeout))}
         try:
-            # The connector's own annotation is a union that includes its pooled wrapper; with no
-            # pool arguments it returns a CMySQLConnection or MySQLConnection, which gets our cursor.
-            conn: Any = mysql.connector.connect(**params)
+            conn: Any = self._connection_class(**params)
         except (myerrors.Error, OSError) as exc:
             reason = first_line(scrub(str(exc), self.address.password))
             raise ConnectError(
@@ -192,7 +268,6 @@ class MySQLAdapter(Adapter):
             ) from None
         try:
             conn._dbrouter_cursor = conn.cursor()
-            self._direct = type(conn).__name__ == "CMySQLConnection"
             if self.is_mariadb is None:
                 self.is_mariadb = "mariadb" in (conn.server_info or "").lower()
             timeout = self.options.statement_timeout
@@ -225,8 +300,9 @@ class MySQLAdapter(Adapter):
     def return_state(self, conn: Any) -> ReturnState:
         if _is_closed(conn):
             return ReturnState.BROKEN
-        # The server reports both flags in every reply; reading them costs nothing,
-        # whereas conn.autocommit would ask the server.
+        # The server reports its flags in every reply (kept by the C extension's connection
+        # and by _PureConnection); reading them costs nothing, whereas conn.autocommit would
+        # ask the server.
         status = conn._server_status
         if (status & _STATUS_IN_TRANS or not status & _STATUS_AUTOCOMMIT or status & _STATUS_MORE_RESULTS
                 or conn.unread_result):
@@ -239,8 +315,11 @@ class MySQLAdapter(Adapter):
         while conn._server_status & _STATUS_MORE_RESULTS:
             # Results of a multi-statement (or a procedure) nobody read: until they are read,
             # every statement on this connection fails with 2014 "Commands out of sync".
-            # Without next_result (the pure-Python connection) the reset fails: discarded.
-            conn.next_result()
+            # The pure-Python connection has no next_result: its cursors read the next one.
+            if self._pure:
+                conn._dbrouter_cursor.nextset()
+            else:
+                conn.next_result()
             if conn.unread_result:
                 conn.consume_results()
         status = conn._server_status
@@ -271,6 +350,11 @@ class MySQLAdapter(Adapter):
 
     def execute_many(self, conn: Any, sql: str, rows: Sequence[Any]) -> int:
         cur: _Cursor = conn._dbrouter_cursor
+        if self._pure:
+            # The pure-Python connection cannot escape a batch in one call (no
+            # prepare_for_mysql); its executemany makes the same multi-row INSERT.
+            cur.executemany(sql, rows)
+            return cur.rowcount
         insert = split_insert_values(sql)
         width = insert[1] if insert else 0
         if insert and rows and all(not isinstance(row, Mapping) and len(row) == width for row in rows):
@@ -380,8 +464,9 @@ def _is_closed(conn: Any) -> bool:
     is_closed = getattr(conn, "is_closed", None)  # the C extension's connection
     if is_closed is not None:
         return bool(is_closed())
-    sock = getattr(conn, "_socket", None)  # the pure-Python connection
-    return sock is None or getattr(sock, "sock", None) is None
+    sock = getattr(conn, "_socket", None)  # the pure-Python connection: close() keeps its socket
+    sock = getattr(sock, "sock", None)     # objects, but a closed socket has no file descriptor
+    return sock is None or sock.fileno() < 0
 
 
 def gtid_covers(current: str, wanted: str) -> bool:

@@ -81,6 +81,7 @@ class PostgresAdapter(Adapter):
     """psycopg2 connections in autocommit mode, so a plain read is one round trip."""
 
     engine = "postgres"
+    driver = "psycopg2"
     needs_watchdog = True  # libpq has no read timeout
 
     def __init__(self, address: NodeAddress, options: ConnectOptions | None = None) -> None:

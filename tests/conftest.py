@@ -125,6 +125,22 @@ def tagged(cluster: LocalCluster) -> Iterator[Tagged]:
         node.query(f"DROP DATABASE IF EXISTS {tag}")
 
 
+@pytest.fixture
+def maria_file_url(maria_cluster: LocalCluster) -> Iterator[str]:
+    """The MariaDB primary's URL for a user of its own with the FILE privilege (``SELECT ...
+    INTO OUTFILE``), which the cluster's application user lacks; dropped afterwards."""
+    user, password = "f" + uuid.uuid4().hex[:10], uuid.uuid4().hex
+    account = f"'{user}'@'127.0.0.1'"
+    primary = maria_cluster.primary
+    primary.query(f"CREATE USER {account} IDENTIFIED BY %s", (password,))
+    primary.query(f"GRANT FILE ON *.* TO {account}")
+    primary.query(f"GRANT SELECT ON `{maria_cluster.database}`.* TO {account}")
+    try:
+        yield f"mariadb://{user}:{password}@127.0.0.1:{primary.port}/{maria_cluster.database}"
+    finally:
+        primary.query(f"DROP USER IF EXISTS {account}")
+
+
 def engine_of(cluster: LocalCluster) -> str:
     return "postgres" if cluster.engine == "postgres" else "mysql"
 

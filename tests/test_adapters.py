@@ -22,15 +22,15 @@ from .conftest import backend_id, kill_session
 from .test_bad_input import free_port
 
 
-def adapter_for(node: Any, **options: Any) -> Adapter:
-    return make_adapter(parse_address(node.url), ConnectOptions(**options) if options else None)
+def adapter_for(node: Any, url: str | None = None, **options: Any) -> Adapter:
+    return make_adapter(parse_address(url or node.url), ConnectOptions(**options) if options else None)
 
 
 class Opened:
-    """An adapter and one open connection, closed at the end of the test."""
+    """An adapter and one open connection (to ``url``, by default the node's), closed at the end of the test."""
 
-    def __init__(self, node: Any, **options: Any) -> None:
-        self.adapter = adapter_for(node, **options)
+    def __init__(self, node: Any, url: str | None = None, **options: Any) -> None:
+        self.adapter = adapter_for(node, url, **options)
         self.conn = self.adapter.connect()
 
     def run(self, sql: str, params: Any = None) -> list[tuple[Any, ...]] | None:
@@ -103,6 +103,48 @@ def test_write_on_replica_is_classified_read_only(cluster, table: str) -> None:
         assert replica.adapter.classify(info.value) is ErrorKind.READ_ONLY
     finally:
         replica.close()
+
+
+@pytest.mark.mysql
+def test_mysql_1290_is_read_only_only_when_it_names_read_only(maria_cluster, maria_file_url: str) -> None:
+    """MariaDB answers 1290 (ER_OPTION_PREVENTS_STATEMENT) both for a write on a read-only node
+    and for an INTO OUTFILE path refused by --secure-file-priv: only the first says anything
+    about the node. (Taken for read-only, the second opened a healthy primary's breaker.)"""
+    primary, replica = Opened(maria_cluster.primary, maria_file_url), Opened(maria_cluster.replicas[0])
+    try:
+        refused = f"/nonexistent-dbrouter-{uuid.uuid4().hex[:8]}/out.txt"
+        with pytest.raises(Exception) as info:
+            primary.run(f"SELECT 1 INTO OUTFILE '{refused}'")
+        assert getattr(info.value, "errno", None) == 1290 and "--secure-file-priv" in str(info.value)
+        assert primary.adapter.classify(info.value) is ErrorKind.CALLER
+        assert primary.adapter.return_state(primary.conn) is ReturnState.CLEAN
+        with pytest.raises(Exception) as info:
+            replica.run(f"CREATE TABLE dbr_ro_{uuid.uuid4().hex[:8]} (v int)")
+        assert getattr(info.value, "errno", None) == 1290 and "--read-only" in str(info.value)
+        assert replica.adapter.classify(info.value) is ErrorKind.READ_ONLY
+    finally:
+        primary.close()
+        replica.close()
+
+
+@pytest.mark.mysql
+@pytest.mark.parametrize(("message", "kind"), [
+    ("The MySQL server is running with the --super-read-only option so it cannot execute this statement",
+     ErrorKind.READ_ONLY),
+    ("The MySQL server is running with the --read-only option so it cannot execute this statement", ErrorKind.READ_ONLY),
+    ("Der Server läuft mit der Option --read-only und kann diese Anweisung deswegen nicht ausführen",
+     ErrorKind.READ_ONLY),  # lc_messages translates the text, never the option's name
+    ("The MySQL server is running with the --secure-file-priv option so it cannot execute this statement",
+     ErrorKind.CALLER),
+    ("The MariaDB server is running with the --skip-grant-tables option so it cannot execute this statement",
+     ErrorKind.CALLER),
+], ids=["mysql-super-read-only", "mysql-read-only", "localized-read-only", "secure-file-priv", "skip-grant-tables"])
+def test_mysql_1290_messages_servers_send(message: str, kind: ErrorKind) -> None:
+    """The 1290 texts MySQL 8 and other setups send, which the local MariaDB cannot produce."""
+    from mysql.connector import errors
+
+    adapter = make_adapter(parse_address("mysql://app@127.0.0.1:3306/x"))
+    assert adapter.classify(errors.DatabaseError(msg=message, errno=1290, sqlstate="HY000")) is kind
 
 
 def test_caller_errors_are_never_node_failures(cluster, table: str) -> None:

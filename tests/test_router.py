@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from collections import Counter
 from typing import Any
 
@@ -450,3 +451,31 @@ def test_from_config_dict_toml_and_env(cluster: Any, tmp_path: Any) -> None:
         dbrouter.config.load_router_config({"primary": cluster.primary.url, "poool": {"max_size": 3}})
     with pytest.raises(ConfigurationError, match="DBROUTER_MAX_SIZE"):
         dbrouter.config.load_router_config(None, env={**env, "DBROUTER_MAX_SIZE": "three"})
+
+
+@pytest.mark.mysql
+def test_mysql_secure_file_priv_refusal_is_the_callers_error_not_a_demotion(maria_cluster: Any,
+                                                                           maria_file_url: str) -> None:
+    """MariaDB refuses ``SELECT ... INTO OUTFILE`` to a path it may not write with error 1290,
+    the number it also uses for a write on a read-only node. Taken for read-only, it opened the
+    healthy primary's breaker and every write failed for reset_timeout; it is the caller's error,
+    raised as it is, and the primary is left alone."""
+    events: list[str] = []
+    replicas = [n.url for n in maria_cluster.replicas]
+    with Router(maria_file_url, replicas, reset_timeout=30, **FAST) as router:
+        router.on("*", lambda event: events.append(event.name))
+        primary = router.primary.name
+        refused = f"/nonexistent-dbrouter-{uuid.uuid4().hex[:8]}/out.txt"
+        with pytest.raises(Exception) as info:
+            router.write(f"SELECT 1 INTO OUTFILE '{refused}'")
+        assert not isinstance(info.value, dbrouter.DbRouterError)
+        assert getattr(info.value, "errno", None) == 1290 and "--secure-file-priv" in str(info.value)
+        assert router.write("DO 1") == 0
+        with router.transaction() as tx:
+            tx.execute("DO 1")
+        stats = router.stats()
+        node = stats["nodes"][primary]
+        assert node["breaker"] == "closed" and node["breaker_failures"] == 0 and node["healthy"]
+        assert stats["primary"] == primary and stats["retries"] == 0 and stats["failovers"] == 0
+        assert node["pool"]["discarded"] == 0
+    assert not {"breaker_open", "node_down", "failover"} & set(events), events

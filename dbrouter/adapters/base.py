@@ -175,7 +175,9 @@ class Adapter(ABC):
 
     @abstractmethod
     def classify(self, exc: BaseException) -> ErrorKind:
-        """Classify a driver exception by SQLSTATE or error number, never by message."""
+        """Classify a driver exception by SQLSTATE or error number; by the message only where
+        one number means several things (MySQL's 1290 names the server option that refused
+        the statement: only --read-only / --super-read-only is `ErrorKind.READ_ONLY`)."""
 
     @staticmethod
     def _first_column(rows: Sequence[Sequence[Any]] | None) -> Any:

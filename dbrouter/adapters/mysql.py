@@ -82,9 +82,16 @@ _UNREACHABLE_ERRNOS = frozenset(
     }
 )
 _CONFLICT_ERRNOS = frozenset({1205, 1213})  # lock wait timeout, deadlock
-# 1290 --read-only / --super-read-only, 1836 read-only mode. Not 1792 (a write in a transaction
-# the caller started READ ONLY): that says nothing about the node.
-_READ_ONLY_ERRNOS = frozenset({1290, 1836})
+# 1836 read-only mode; 1290 only when it names a read-only option (below). Not 1792 (a write in
+# a transaction the caller started READ ONLY): that says nothing about the node.
+_READ_ONLY_ERRNOS = frozenset({1836})
+# 1290 ER_OPTION_PREVENTS_STATEMENT, "The MariaDB server is running with the %s option so it
+# cannot execute this statement", names the option that refused the statement. --read-only and
+# --super-read-only: the node is read-only (a replica, a demoted primary). Anything else is the
+# caller's: --secure-file-priv (SELECT ... INTO OUTFILE or LOAD DATA with a path the server may
+# not use; MariaDB says it for a missing directory too), --skip-grant-tables, ... The option name
+# is not translated in localized messages (lc_messages), so the text is a safe key.
+_OPTION_PREVENTS_STATEMENT = 1290
 _TIMEOUT_ERRNOS = frozenset({1969, 3024})  # MariaDB max_statement_time, MySQL max_execution_time
 
 # The connector's server-status flags (also mysql.connector.constants.ServerFlag).
@@ -448,6 +455,8 @@ class MySQLAdapter(Adapter):
             return ErrorKind.CONFLICT
         if errno in _READ_ONLY_ERRNOS:
             return ErrorKind.READ_ONLY
+        if errno == _OPTION_PREVENTS_STATEMENT:
+            return ErrorKind.READ_ONLY if _names_read_only_option(exc) else ErrorKind.CALLER
         if errno in _TIMEOUT_ERRNOS:
             return ErrorKind.TIMEOUT
         if errno in _UNREACHABLE_ERRNOS:
@@ -457,6 +466,12 @@ class MySQLAdapter(Adapter):
             # "MySQL Connection not available": the client already knows it is gone.
             return ErrorKind.UNREACHABLE
         return ErrorKind.CALLER
+
+
+def _names_read_only_option(exc: BaseException) -> bool:
+    """Whether a 1290 refusal names --read-only or --super-read-only (not --secure-file-priv, ...)."""
+    text = (getattr(exc, "msg", None) or str(exc)).lower()
+    return "read-only" in text or "read_only" in text
 
 
 def _is_closed(conn: Any) -> bool:

@@ -16,9 +16,10 @@ import pytest
 
 from dbrouter import ConfigurationError, ConnectError, ConnectOptions
 from dbrouter.adapters import Adapter, ErrorKind, ReturnState, make_adapter
+from dbrouter.faultproxy import FaultProxy
 from dbrouter.url import parse_address
 
-from .conftest import backend_id, kill_session
+from .conftest import backend_id, kill_session, wait_until
 from .test_bad_input import free_port
 
 
@@ -320,6 +321,31 @@ def test_mysql_use_pure_url_option_chooses_the_implementation(maria_cluster, mys
             assert type(conn).__name__ == "CMySQLConnection" and c_ext.driver == DRIVER_C
         finally:
             c_ext.close(conn)
+
+
+@pytest.mark.mysql
+def test_mysql_statement_with_parameters_is_the_first_thing_sent(maria_cluster) -> None:
+    """The pure-Python connection asked the server for its sql_mode (a ping, then a SELECT) at
+    its first statement with parameters, before sending it: two more round trips, and a cut
+    after the first bytes sent lost a statement that had never gone out (a write reported as of
+    unknown outcome for nothing). Cut right after the first bytes that follow connect: they are
+    the statement's, and its row is there."""
+    node = maria_cluster.primary
+    table = "dbr_first_" + uuid.uuid4().hex[:8]
+    node.query(f"CREATE TABLE {table} (v int)")
+    try:
+        with FaultProxy(upstream=("127.0.0.1", node.port)) as proxy:
+            opened = Opened(node, node.url.replace(f":{node.port}/", f":{proxy.port}/"))
+            try:
+                proxy.cut_after_client_sends()
+                with pytest.raises(Exception) as info:
+                    opened.run(f"INSERT INTO {table} VALUES (%s)", (1,))
+                assert opened.adapter.classify(info.value) is ErrorKind.UNREACHABLE, info.value
+            finally:
+                opened.close()
+        assert wait_until(lambda: node.query(f"SELECT count(*) FROM {table}") == [(1,)], 3)
+    finally:
+        node.query(f"DROP TABLE {table}")
 
 
 @pytest.mark.mysql

@@ -275,6 +275,11 @@ class MySQLAdapter(Adapter):
             ) from None
         try:
             conn._dbrouter_cursor = conn.cursor()
+            if self._pure:
+                # The pure-Python connection asks for the session's sql_mode (a ping, then a
+                # SELECT) at its first statement with parameters, which it needs to escape them:
+                # asked here, a statement is one round trip and nothing goes out before it.
+                _ = conn.sql_mode
             if self.is_mariadb is None:
                 self.is_mariadb = "mariadb" in (conn.server_info or "").lower()
             timeout = self.options.statement_timeout

@@ -349,6 +349,31 @@ def test_mysql_statement_with_parameters_is_the_first_thing_sent(maria_cluster) 
 
 
 @pytest.mark.mysql
+def test_mysql_statement_while_results_are_unread_is_refused_not_answered_wrongly(maria_cluster) -> None:
+    """A multi-statement leaves its later results unread until the reset on return. Another
+    statement on the connection before that (a session reads the replication position right
+    after its write) is refused with 2014 "Commands out of sync" by the C extension; the
+    pure-Python connection sent it and read the previous statement's result as its answer, and
+    from then on every statement got the answer of the one before."""
+    opened = Opened(maria_cluster.primary)
+    try:
+        assert opened.run("SELECT 1; SELECT 2") == [(1,)]
+        for refused in (lambda: opened.run("SELECT 3"), lambda: opened.adapter.replication_position(opened.conn),
+                        lambda: opened.adapter.commit(opened.conn)):
+            with pytest.raises(Exception) as info:
+                refused()
+            assert getattr(info.value, "errno", None) == 2014, info.value
+            assert opened.adapter.classify(info.value) is ErrorKind.CALLER
+        assert opened.adapter.return_state(opened.conn) is ReturnState.DIRTY
+        opened.adapter.reset(opened.conn)
+        assert opened.adapter.return_state(opened.conn) is ReturnState.CLEAN
+        assert opened.run("SELECT 4") == [(4,)]
+        assert opened.run("SELECT 5") == [(5,)]
+    finally:
+        opened.close()
+
+
+@pytest.mark.mysql
 def test_mysql_autocommit_switched_off_by_sql_is_seen_and_reset(maria_cluster) -> None:
     """``SET autocommit = 0`` sent as SQL leaves no transaction open, only a server flag: the
     connection must still come back dirty and be reset, or the next borrower's writes would

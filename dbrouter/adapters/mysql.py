@@ -104,7 +104,8 @@ DEFAULT_COLLATION = "utf8mb4_general_ci"
 
 
 class _PureConnection(MySQLConnection):
-    """The connector's pure-Python connection, keeping the server's status flags.
+    """The connector's pure-Python connection, keeping the server's status flags, and
+    refusing a command while results are pending, as the C extension's does.
 
     The C extension's connection exposes the flags of the server's last reply
     (``_server_status``); the pure-Python one reads them from every OK and EOF
@@ -112,6 +113,13 @@ class _PureConnection(MySQLConnection):
     autocommit flag. `MySQLAdapter.return_state` needs all three without a round
     trip: a session switched to ``SET autocommit = 0`` must not go back into the
     pool as clean, where the next borrower's writes would never be committed.
+
+    After a multi-statement whose later results are unread, the pure-Python
+    connection sends the next command anyway and takes the oldest unread result
+    for its answer: from then on every statement gets the answer of the one before
+    (a replication position read after ``SELECT ...; DELETE ...`` came back empty,
+    so a session's next read went to a replica without the DELETE). The C
+    extension refuses with error 2014, "Commands out of sync"; so does this class.
     """
 
     # Until the first reply: not autocommit, so a connection whose flags were never seen
@@ -121,6 +129,20 @@ class _PureConnection(MySQLConnection):
     def _handle_server_status(self, flags: int) -> None:
         super()._handle_server_status(flags)
         self._server_status = flags
+
+    def _refuse_out_of_sync(self) -> None:
+        if self._server_status & _STATUS_MORE_RESULTS:
+            raise myerrors.DatabaseError(
+                msg="Commands out of sync; you can't run this command now", errno=2014, sqlstate="HY000"
+            )
+
+    def cmd_query(self, *args: Any, **kwargs: Any) -> Any:
+        self._refuse_out_of_sync()
+        return super().cmd_query(*args, **kwargs)
+
+    def cmd_ping(self) -> Any:
+        self._refuse_out_of_sync()
+        return super().cmd_ping()
 
 
 _fallback_logged = False

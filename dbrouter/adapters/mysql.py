@@ -50,6 +50,34 @@ __all__ = ["DRIVER_C", "DRIVER_PURE", "HAVE_C_EXTENSION", "MySQLAdapter"]
 log = logging.getLogger("dbrouter.adapters.mysql")
 
 
+class _FirstCConnect:
+    """The C client library sets itself up (``mysql_library_init``, its plugins) at the
+    first connect of the process, and threads doing that at once can crash it (a segfault
+    in about 1 of 50 processes that opened their first connections from six threads;
+    none in 600 once one connect had finished first). So connects wait for the first
+    successful one. The wait is bounded by connect_timeout: behind a first connect to a
+    hung node, the others go ahead rather than stall (and a child forked while another
+    thread held the lock waits once, not for ever). The lock is held over I/O only until
+    one connect has succeeded in this process."""
+
+    def __init__(self) -> None:
+        self.ready = False
+        self._lock = threading.Lock()
+
+    def first_connect(self, factory: Callable[..., Any], params: Mapping[str, Any], timeout: float) -> Any:
+        got = self._lock.acquire(timeout=min(timeout, MAX_WAIT))
+        try:
+            conn = factory(**params)
+            self.ready = True
+            return conn
+        finally:
+            if got:
+                self._lock.release()
+
+
+_c_client = _FirstCConnect()
+
+
 if TYPE_CHECKING:
 
     class _Cursor(Protocol):
@@ -289,7 +317,10 @@ class MySQLAdapter(Adapter):
         if read_timeout is not None:
             params = {**params, "read_timeout": max(1, math.ceil(read_timeout))}
         try:
-            conn: Any = self._connection_class(**params)
+            if self._pure or _c_client.ready:
+                conn: Any = self._connection_class(**params)
+            else:
+                conn = _c_client.first_connect(self._connection_class, params, self.options.connect_timeout)
         except (myerrors.Error, OSError) as exc:
             reason = first_line(scrub(str(exc), self.address.password))
             raise ConnectError(

@@ -33,6 +33,7 @@ SLACK = 0.5
 DIAGNOSE_FOR = 10.0  # after a missed deadline, keep watching this long to say when it came back
 ANSWER_TIMEOUT = 15.0  # a restarted server must answer (and a replica catch up) within this long
 NO_READ = "no read served by it since it answered"
+FAULT_WAIT = 60.0  # how long a check waits for another fault on its node to end
 PROBE_READS = 4  # a rotation check's own reads in flight at once
 
 
@@ -327,6 +328,13 @@ class FaultScheduler:
                 answered = self.now()
             except ClusterError as exc:
                 log.info("%s: not waiting for it to catch up (%s)", node.name, exc)
+        if self._refaulted(run, node.name):
+            # Another fault is on the node (a replica under a latency fault promoted, say):
+            # the router cannot see it answer until that fault ends too.
+            until = time.monotonic() + FAULT_WAIT
+            while self._refaulted(run, node.name) and time.monotonic() < until and not self.stop.is_set():
+                time.sleep(0.05)
+            answered = self.now()
         check = RotationCheck(node.name, "?", answered, self.bound)
         with self._lock:
             run.checks.append(check)

@@ -86,6 +86,11 @@ def describe_range(
     return f"{text} or None" if optional else text
 
 
+def check_wait(name: str, value: Any, *, optional: bool = False) -> None:
+    """A timeout argument of a call (not an option): a number of seconds, 0 to `MAX_WAIT`."""
+    check_range("", name, value, low=0.0, high=MAX_WAIT, optional=optional)
+
+
 def check_range(
     owner: str,
     name: str,

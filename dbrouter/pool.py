@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from . import _fork
 from ._counter import Counter
 from .adapters.base import Adapter, ErrorKind, ReturnState
-from .config import PoolConfig
+from .config import PoolConfig, check_wait
 from .errors import ConnectError, PoolClosed, PoolError, PoolTimeout
 
 if TYPE_CHECKING:
@@ -318,6 +318,7 @@ class Pool:
 
     def wait_ready(self, timeout: float = 30.0) -> None:
         """Block until ``min_size`` connections are open; raise `PoolTimeout` otherwise."""
+        check_wait("timeout", timeout)
         if self._dormant:
             self._revive()
         deadline = time.monotonic() + timeout
@@ -343,7 +344,11 @@ class Pool:
         ``acquire_timeout``): `PoolTimeout`, `ConnectError`, `PoolClosed`.
         """
         bypass = self._bypass
-        wait_for = self.config.acquire_timeout if timeout is None else timeout
+        if timeout is None:
+            wait_for = self.config.acquire_timeout
+        else:
+            check_wait("timeout", timeout)
+            wait_for = timeout
         deadline = None  # set on the first wait: discarded connections do not extend it
         while True:
             entry = None
@@ -747,6 +752,7 @@ class Pool:
         Waits up to ``timeout`` seconds for borrowers; connections still out
         after that are logged and closed when they are returned.
         """
+        check_wait("timeout", timeout)
         with self._lock:
             if self._closed:
                 return

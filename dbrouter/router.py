@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
 from .adapters import make_adapter
 from .balancing import make_balancer
 from .bulk import write_many
-from .config import SECTIONS, RouterConfig, build_router_config, load_router_config
+from .config import SECTIONS, RouterConfig, build_router_config, check_range, check_wait, load_router_config
 from .decisions import Phase, Work
 from .errors import ConfigurationError, PoolError
 from .events import Event, Events
@@ -198,6 +198,8 @@ class Router(Core):
         server (the same server under two names): call it at start-up to learn of it
         before the first write does.
         """
+        check_range("", "rounds", rounds, low=1, high=1_000_000, integer=True)
+        check_wait("timeout", timeout)
         done = self.topology.wait_rounds(rounds, timeout)
         error = self.topology.configuration_error()
         if error is not None:
@@ -347,6 +349,7 @@ class Router(Core):
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop the control plane and close every pool (waiting up to ``timeout`` for borrowed connections)."""
+        check_wait("timeout", timeout)
         if self._closed:
             return
         self._closed = True

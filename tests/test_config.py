@@ -134,6 +134,25 @@ def test_router_repr_and_config_repr_show_no_password_with_open_false() -> None:
         router.close()
 
 
+@pytest.mark.parametrize("value", [math.inf, math.nan, -1.0, 1e308, True, "5"], ids=repr)
+def test_timeouts_of_calls_are_checked_before_anything_waits(value: Any) -> None:
+    """Per-call timeouts (not options) are numbers of seconds up to a day: an infinite one
+    used to raise OverflowError from deep in threading (or wait for ever)."""
+    router = Router(PRIMARY, [], open=False)
+    pool = router.topology.snapshot.primary.pool
+    calls = [lambda: router.wait_for_probes(timeout=value), lambda: pool.acquire(timeout=value),
+             lambda: pool.wait_ready(timeout=value), lambda: pool.close(timeout=value),
+             lambda: router.close(timeout=value)]
+    try:
+        for call in calls:
+            with pytest.raises(ConfigurationError, match=r"timeout must be .*86400"):
+                call()
+        with pytest.raises(ConfigurationError, match="rounds"):
+            router.wait_for_probes(rounds=0, timeout=1)
+    finally:
+        router.close()
+
+
 def test_dbrouter_replicas_keeps_commas_inside_passwords() -> None:
     env = {
         "DBROUTER_PRIMARY": PRIMARY,

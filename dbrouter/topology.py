@@ -484,9 +484,18 @@ class Topology:
         if result.ok:
             node.probe_latency = result.latency
             if not breaker.clean:
-                # A probe that got an answer is a successful trial for a half-open breaker
-                # (and for an open one whose reset_timeout has passed).
-                effects.actions.append(breaker.probe_succeeded)
+                if not node.healthy:
+                    # The probes saw it down and now see it answer (a server restarted in
+                    # place, as Patroni does before promoting it again): the same evidence
+                    # that took it out puts it back, whatever the breaker's timer says. Its
+                    # pooled connections are from before: the first one used would fail and
+                    # open the breaker again, this time for reset_timeout.
+                    effects.actions.append(lambda: _invalidate(node.pool, f"{node.name} answers probes again"))
+                    effects.actions.append(breaker.reset)
+                else:
+                    # A probe that got an answer is a successful trial for a half-open breaker
+                    # (and for an open one whose reset_timeout has passed).
+                    effects.actions.append(breaker.probe_succeeded)
         else:
             node.last_error = result.error
             # A failed probe is a node failure like any other: it counts toward the breaker

@@ -124,6 +124,19 @@ def take_down(router: Router, proxy: FaultProxy, name: str, timeout: float = 10.
         unsubscribe()
 
 
+def acquire_soon(pool: Any, timeout: float = 5.0) -> Any:
+    """A connection from ``pool``, retrying the connects that a fault just lifted can still
+    fail (one begun while the proxy refused ends in "server closed the connection")."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return pool.acquire(timeout=max(0.1, deadline - time.monotonic()))
+        except dbrouter.ConnectError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.05)
+
+
 def breaker_of(router: Router, name: str) -> str:
     return str(router.stats()["nodes"][name]["breaker"])
 
@@ -283,7 +296,7 @@ def test_trial_that_times_out_on_the_pool_does_not_strand_the_node(cluster: Any)
             router.on("pool_exhausted", lambda event: exhausted.set() if event.node == "target" else None)
             take_down(router, proxy, "target")
             proxy.pass_through()
-            held = target.pool.acquire(timeout=5)  # by another user of the pool, outside the router
+            held = acquire_soon(target.pool)  # by another user of the pool, outside the router
             try:
                 deadline = time.monotonic() + RESET + 3
                 while not exhausted.is_set() and time.monotonic() < deadline:
@@ -325,6 +338,42 @@ def test_node_that_only_the_monitor_reaches_comes_back(cluster: Any, role: str) 
                 with router.transaction() as tx:
                     tx.execute(f"SELECT {port_sql(cluster)}")
                     assert tx.fetchone()[0] == node.port  # type: ignore[index]
+        finally:
+            assert close_within(router)
+
+
+@pytest.mark.proxy
+def test_primary_back_on_the_same_node_takes_writes_before_its_breaker_timer(cluster: Any) -> None:
+    """Issue 14, first bullet. A primary restarted in place (Patroni restarts a crashed
+    PostgreSQL and promotes it again) answers probes again while its breaker is still open:
+    writes were refused until reset_timeout. The probes that saw it down and now see it
+    answer, writable, are the evidence: it takes writes within a couple of probe intervals.
+    """
+    long_reset = 60.0
+    node = cluster.primary
+    with behind_proxy(node) as (proxy, proxied):
+        router = Router({"url": proxied, "name": "target"}, [r.url for r in cluster.replicas], fail_max=1,
+                        reset_timeout=long_reset, health_interval=INTERVAL, connect_timeout=2, failover_wait=0.5,
+                        min_size=1, max_size=4)
+        try:
+            take_down(router, proxy, "target")
+            assert wait_until(lambda: not router.stats()["nodes"]["target"]["healthy"], timeout=5), \
+                router.stats()["nodes"]["target"]
+            proxy.pass_through()
+            back = time.monotonic()
+
+            def writes() -> bool:
+                try:
+                    with router.transaction() as tx:
+                        tx.execute(f"SELECT {port_sql(cluster)}")
+                        return tx.fetchone()[0] == node.port  # type: ignore[index,no-any-return]
+                except dbrouter.NoPrimaryAvailable:
+                    return False
+
+            assert wait_until(writes, timeout=5.0), f"no write within 5 s: {router.stats()['nodes']['target']}"
+            took = time.monotonic() - back
+            assert took < 10 * INTERVAL + 2.0 < long_reset, took
+            assert breaker_of(router, "target") == "closed"
         finally:
             assert close_within(router)
 

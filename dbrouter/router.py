@@ -111,7 +111,8 @@ class Router(Core):
         config = load_router_config(source)
         if overrides:
             sections = {name: _fields(getattr(config, name)) for name in SECTIONS}
-            config = build_router_config(config.primary, config.replicas, overrides, sections)
+            primary = {"url": config.primary, "name": config.primary_name} if config.primary_name else config.primary
+            config = build_router_config(primary, config.replicas, overrides, sections)
         return cls(config=config)
 
     def _build_nodes(self, config: RouterConfig) -> list[Node]:

@@ -479,3 +479,19 @@ def test_mysql_secure_file_priv_refusal_is_the_callers_error_not_a_demotion(mari
         assert stats["primary"] == primary and stats["retries"] == 0 and stats["failovers"] == 0
         assert node["pool"]["discarded"] == 0
     assert not {"breaker_open", "node_down", "failover"} & set(events), events
+
+
+def test_from_config_with_overrides_keeps_the_names_given(cluster: Any, tmp_path: Any) -> None:
+    """Issue 14: Router.from_config(path, **overrides) dropped the primary's name, so after a
+    failover router.primary.name no longer matched the member names the user gave."""
+    import json
+
+    replicas = ", ".join(f'{{ url = {json.dumps(r.url)}, name = "member{i}" }}' for i, r in enumerate(cluster.replicas, 1))
+    path = tmp_path / "dbrouter.toml"
+    path.write_text(f"primary = {{ url = {json.dumps(cluster.primary.url)}, name = \"member0\" }}\n"
+                    f"replicas = [{replicas}]\n")
+    with Router.from_config(str(path), health_interval=0.5) as router:
+        assert router.primary.name == "member0"
+        assert sorted(n.name for n in router.replicas) == ["member1", "member2"]
+        assert router.config.monitor.health_interval == 0.5
+        assert set(router.stats()["nodes"]) == {"member0", "member1", "member2"}

@@ -164,7 +164,8 @@ def _drill_options(args: argparse.Namespace) -> Any:
             rate=args.rate, fault_at=_seconds(args.fault_at),
             recover_after=None if args.no_recover else _seconds(args.recover_after),
             promote_after=_seconds(args.promote_after), latency=_seconds(args.latency), inject=args.inject,
-            recover=args.recover, failover_wait=_seconds(args.failover_wait), out=Path(args.out),
+            recover=args.recover, failover_wait=None if args.failover_wait is None else _seconds(args.failover_wait),
+            out=Path(args.out),
             live=not args.quiet, limits=limits,
         )
     except ValueError as exc:
@@ -220,7 +221,8 @@ def _add_drill_arguments(p: argparse.ArgumentParser, *, demo: bool) -> None:
     p.add_argument("--latency", default="50ms", help="latency scenario: delay added each way")
     p.add_argument("--inject", help="shell scenario: command that injects the fault")
     p.add_argument("--recover", help="shell scenario: command that recovers")
-    p.add_argument("--failover-wait", default="0", help="router failover_wait: writes wait this long for a new primary")
+    p.add_argument("--failover-wait", default=None,
+                   help="router failover_wait: writes wait this long for a new primary (default: the config's, else 0)")
     p.add_argument("--max-write-downtime", help="limit, e.g. 5s: exit non-zero when exceeded")
     p.add_argument("--min-read-availability", help="limit in percent, e.g. 99.9")
     p.add_argument("--min-write-availability", help="limit in percent")

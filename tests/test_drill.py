@@ -224,3 +224,19 @@ def test_chart_renders_without_a_fault_recovery(tmp_path: Path) -> None:
                          results={"operations": 20}, events=[])
     page = render_html(report)
     assert page.count("marker fault") == 3 and "marker recovery" not in page
+
+
+@pytest.mark.parametrize(("flag", "used"), [([], 7.0), (["--failover-wait", "0"], 0.0), (["--failover-wait", "2s"], 2.0)])
+def test_failover_wait_flag_overrides_the_config_file_and_the_report_says_what_was_used(
+        pg_cluster: Any, flag: list[str], used: float, tmp_path: Path) -> None:
+    """Issue 14: --failover-wait 0 could not override a failover_wait from the config file,
+    while the report recorded 0."""
+    config = tmp_path / "dbrouter.toml"
+    write_router_config(pg_cluster, config)
+    config.write_text(config.read_text() + "\n[routing]\nfailover_wait = 7.0\n")
+    done = subprocess.run([*CLI, "drill", "--config", str(config), "--scenario", "shell", "--inject", "true",
+                           "--no-recover", "--duration", "2s", "--fault-at", "0.5s", "--threads", "2", "--quiet",
+                           "--out", str(tmp_path), *flag], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads((tmp_path / "dbrouter-drill-shell.json").read_text())
+    assert report["settings"]["failover_wait"] == used

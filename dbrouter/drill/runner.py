@@ -77,7 +77,7 @@ class DrillOptions:
     latency: float = 0.05
     inject: str | None = None
     recover: str | None = None
-    failover_wait: float = 0.0
+    failover_wait: float | None = None  # None: the config's (or the default, 0)
     out: Path = field(default_factory=Path.cwd)
     live: bool = True
     limits: list[Limit] = field(default_factory=list)
@@ -107,7 +107,7 @@ class DrillOptions:
         check_range("", "--recover-after", self.recover_after, low=0, high=MAX_DRILL_SECONDS, optional=True)
         check_range("", "--promote-after", self.promote_after, low=0, high=MAX_DRILL_SECONDS)
         check_range("", "--latency", self.latency, low=0, high=60)
-        check_range("", "--failover-wait", self.failover_wait, low=0, high=3600)  # the router's failover_wait
+        check_range("", "--failover-wait", self.failover_wait, low=0, high=3600, optional=True)  # the router's failover_wait
         check_range("", "--threads", self.threads, low=1, high=MAX_THREADS, integer=True)
         check_range("", "--write-ratio", self.write_ratio, low=0, high=1)
         check_range("", "--rate", self.rate, low=0, low_open=True, high=1e6, optional=True)
@@ -164,9 +164,10 @@ class Drill:
             primary = cluster.primary
             replicas = [{"url": urls[n.name], "name": n.name} for n in cluster.replicas]
             router = Router({"url": urls[primary.name], "name": primary.name}, replicas,
-                            **{**LOCAL_ROUTER_OPTIONS, "failover_wait": options.failover_wait})
+                            **{**LOCAL_ROUTER_OPTIONS, "failover_wait": options.failover_wait or 0.0})
         else:
-            router = Router.from_config(options.config, **({"failover_wait": options.failover_wait} if options.failover_wait else {}))
+            given = {} if options.failover_wait is None else {"failover_wait": options.failover_wait}
+            router = Router.from_config(options.config, **given)  # --failover-wait 0 overrides the file too
         self.router = router
         router.wait_for_probes(1, timeout=router.config.connect.connect_timeout + 10)
         problem = router.topology.primary_problem()
@@ -243,7 +244,7 @@ class Drill:
             engine=router.primary.adapter.engine if options.local is None else options.local,
             settings={"threads": options.threads, "write_ratio": options.write_ratio, "rate": options.rate,
                       "replicas": options.replicas if options.local else len(router.replicas), "sync": options.sync,
-                      "failover_wait": options.failover_wait},
+                      "failover_wait": router.config.routing.failover_wait},  # what the router used
             fault_at=round(fault_time - self.start, 3),
             recover_at=recover_at,
             duration=round(end - self.start, 3),

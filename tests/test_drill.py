@@ -24,7 +24,6 @@ from dbrouter.cluster import make_cluster
 from dbrouter.drill import SCENARIOS, Drill, DrillOptions
 from dbrouter.drill.chart import render_html
 
-
 pytestmark = pytest.mark.slow
 
 BUILT_IN = sorted(name for name in SCENARIOS if name != "shell")

@@ -176,9 +176,11 @@ def _drill(args: argparse.Namespace) -> int:
     from .drill import run_drill
 
     report = run_drill(_drill_options(args))
+    for error in report.errors:
+        print(f"dbrouter: {error.splitlines()[0]} (the report was written)", file=sys.stderr)
     for limit in report.violated:
         print(f"dbrouter: limit violated: {limit.describe()}", file=sys.stderr)
-    return 2 if report.violated else 0
+    return 1 if report.errors else 2 if report.violated else 0
 
 
 def _chaos(args: argparse.Namespace) -> int:

@@ -239,3 +239,25 @@ def test_failover_wait_flag_overrides_the_config_file_and_the_report_says_what_w
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads((tmp_path / "dbrouter-drill-shell.json").read_text())
     assert report["settings"]["failover_wait"] == used
+
+
+def test_a_failing_recover_command_still_writes_the_report(pg_cluster: Any, tmp_path: Path) -> None:
+    """Issue 14: a failing --recover aborted the drill with exit 1 and no report, although
+    the fault phase ran. Now the report is written, says so, and the exit code is 1; and
+    with no --recover at all, nothing claims a recovery time."""
+    config = tmp_path / "dbrouter.toml"
+    write_router_config(pg_cluster, config)
+    common = [*CLI, "drill", "--config", str(config), "--scenario", "shell", "--inject", "true", "--duration", "3s",
+              "--fault-at", "0.5s", "--recover-after", "1s", "--threads", "2", "--quiet"]
+    failed = subprocess.run([*common, "--recover", "exit 3", "--out", str(tmp_path / "a")],
+                            capture_output=True, text=True, timeout=120)
+    assert failed.returncode == 1, failed.stdout[-3000:] + failed.stderr[-3000:]
+    assert "--recover command failed with exit code 3" in failed.stderr
+    report = json.loads((tmp_path / "a" / "dbrouter-drill-shell.json").read_text())
+    assert report["errors"] and "exit code 3" in report["errors"][0]
+    assert report["results"]["operations"] > 0
+    plain = subprocess.run([*common, "--out", str(tmp_path / "b")], capture_output=True, text=True, timeout=120)
+    assert plain.returncode == 0, plain.stdout[-3000:] + plain.stderr[-3000:]
+    report = json.loads((tmp_path / "b" / "dbrouter-drill-shell.json").read_text())
+    assert report["recover_at"] is None and report["errors"] == []
+    assert "recovery at" not in (tmp_path / "b" / "dbrouter-drill-shell.html").read_text()

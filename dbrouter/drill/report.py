@@ -127,6 +127,7 @@ class DrillReport:
     events: list[dict[str, Any]]
     notes: list[str] = field(default_factory=list)
     limits: list[Limit] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)  # steps that failed after the fault (a --recover command)
 
     @property
     def violated(self) -> list[Limit]:
@@ -144,6 +145,7 @@ class DrillReport:
             "limits": [{"name": c.name, "limit": c.limit, "measured": c.measured, "ok": c.ok} for c in self.limits],
             "events": self.events,
             "notes": self.notes,
+            "errors": self.errors,
             "timeline": self.timeline,
         }
 
@@ -171,5 +173,6 @@ class DrillReport:
         if r["duplicated_ids"]:
             lines.append(f"  duplicated ids     {r['duplicated_ids'][:20]}")
         lines += [f"  note: {note}" for note in self.notes]
+        lines += [f"  FAILED: {error.splitlines()[0]}" for error in self.errors]
         lines += [f"  limit {limit.describe()}" for limit in self.limits]
         return "\n".join(lines)

@@ -122,6 +122,8 @@ class DrillOptions:
     def recover_at(self) -> float | None:
         if self.recover_after is None or SCENARIOS[self.scenario].recover is None:
             return None
+        if self.scenario == "shell" and not self.recover:
+            return None  # nothing to run: no recovery to mark
         at = self.fault_at + self.recover_after
         return at if at < self.duration else None
 
@@ -218,10 +220,16 @@ class Drill:
             fault_time = time.monotonic()
             live.marks.append(f"fault: {scenario.name}")
             scenario.inject(target)
+            errors: list[str] = []
             if recover_at is not None and scenario.recover is not None:
                 self._sleep_until(recover_at)
                 live.marks.append("recovery")
-                scenario.recover(target)
+                try:
+                    scenario.recover(target)
+                except ConfigurationError as exc:
+                    # The fault phase ran: its numbers are worth a report, which says the recovery failed.
+                    errors.append(str(exc))
+                    self.say(f"dbrouter drill: {exc}")
             self._sleep_until(options.duration)
         finally:
             stopped = workload.stop(timeout=30)
@@ -253,6 +261,7 @@ class Drill:
             events=self.events,
             notes=target.notes,
             limits=options.limits,
+            errors=errors,
         )
 
     def _sleep_until(self, offset: float) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from bisect import bisect_left
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,6 +73,46 @@ def build_timeline(ops: Sequence[Op], start: float, end: float) -> list[dict[str
     return timeline
 
 
+STALL_FLOOR = 1.0  # seconds: a write slower than this (and than 5x the p99 before the fault) stalled
+
+
+def write_outages(writes: Sequence[Op], fault_at: float, run_end: float) -> list[tuple[float, float]]:
+    """The periods (monotonic) in which the application could not get a write acknowledged
+    promptly, from the fault on.
+
+    A write that failed, or that waited and then succeeded but took longer than a stall
+    (5x the p99 of the writes before the fault, at least `STALL_FLOOR`), opens an outage at
+    its start; the outage lasts until the first prompt, acknowledged write that started no
+    earlier ends (or the run ends). Overlapping outages are merged, so two faults with
+    healthy time between them are two outages, not one, and a stall in which writes waited
+    for a failover counts, though none failed.
+    """
+    before = sorted(op.latency for op in writes if op.ok and op.end < fault_at)
+    stall = max(STALL_FLOOR, 5 * before[min(len(before) - 1, int(0.99 * len(before)))]) if before else STALL_FLOOR
+    after = [op for op in writes if op.end >= fault_at]
+    good = sorted((op for op in after if op.ok and op.latency <= stall), key=lambda op: op.start)
+    # earliest_end[i]: the earliest end among good writes that started at or after good[i].start
+    earliest_end = [0.0] * len(good)
+    soonest = run_end
+    for i in range(len(good) - 1, -1, -1):
+        soonest = min(soonest, good[i].end)
+        earliest_end[i] = soonest
+    starts = [op.start for op in good]
+    spans = []
+    for op in after:
+        if op.ok and op.latency <= stall:
+            continue
+        i = bisect_left(starts, op.start)
+        spans.append((op.start, earliest_end[i] if i < len(good) else run_end))
+    merged: list[tuple[float, float]] = []
+    for begin, end in sorted(spans):
+        if merged and begin <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((begin, end))
+    return merged
+
+
 def summarise(
     ops: Sequence[Op],
     *,
@@ -84,14 +125,8 @@ def summarise(
     """The headline numbers. Times are seconds; ``fault_at`` is absolute (monotonic)."""
     reads = [op for op in ops if op.kind == "read"]
     writes = [op for op in ops if op.kind == "write"]
-    failed_writes = [op for op in writes if not op.ok and op.end >= fault_at]
-    unavailable = 0.0
-    if failed_writes:
-        first_failure = min(op.start for op in failed_writes)
-        last_failure = max(op.end for op in failed_writes)
-        recovered = [op.end for op in writes if op.ok and op.start >= last_failure]
-        back = min(recovered) if recovered else max(op.end for op in ops)
-        unavailable = back - first_failure
+    outages = write_outages(writes, fault_at, max((op.end for op in ops), default=fault_at))
+    unavailable = sum(end - begin for begin, end in outages)
     detections = [e["t"] for e in events if e["t"] >= fault_at - start and e["name"] not in ("node_up", "lag_restored",
                                                                                            "breaker_closed", "replicas_restored")]
     detect = (min(detections) - (fault_at - start)) if detections else None
@@ -104,6 +139,7 @@ def summarise(
         "write_availability": 100.0 * sum(op.ok for op in writes) / len(writes) if writes else 100.0,
         "time_to_detect": detect,
         "write_unavailability": unavailable,
+        "write_outages": [[round(begin - start, 3), round(end - start, 3)] for begin, end in outages],
         "errors_by_kind": dict(Counter(op.error for op in ops if op.error)),
         "max_latency": max((op.latency for op in ops), default=0.0),
         "p99_latency": _percentile([op.latency for op in ops], 0.99),

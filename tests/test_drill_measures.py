@@ -1,0 +1,54 @@
+"""The drill's write-outage measure, on operations built by hand (pure logic)."""
+
+from __future__ import annotations
+
+from dbrouter.drill.report import summarise, write_outages
+from dbrouter.workload import Op
+
+
+def steady(begin: float, end: float, step: float = 0.01, latency: float = 0.002) -> list[Op]:
+    ops, t = [], begin
+    while t < end:
+        ops.append(Op("write", t, t + latency))
+        t += step
+    return ops
+
+
+def failing(begin: float, end: float, step: float = 0.01) -> list[Op]:
+    ops, t = [], begin
+    while t < end:
+        ops.append(Op("write", t, t + 0.001, error="NoPrimaryAvailable"))
+        t += step
+    return ops
+
+
+def test_two_outages_with_healthy_time_between_are_two_not_one() -> None:
+    """The old measure ran from the first failure to the first success after the last one:
+    here it said 6 s, merging both outages and the 3 s of healthy writes between them."""
+    ops = steady(0, 5) + failing(5, 7) + steady(7, 10) + failing(10, 11) + steady(11, 15)
+    outages = write_outages(ops, fault_at=5.0, run_end=15.0)
+    assert len(outages) == 2
+    total = sum(end - begin for begin, end in outages)
+    assert 2.9 < total < 3.1, outages
+    assert summarise(ops, start=0.0, fault_at=5.0, events=[], lost=[], duplicated=[])["write_unavailability"] == total
+
+
+def test_a_stall_in_which_writes_waited_and_then_succeeded_counts() -> None:
+    """With failover_wait, writes wait for the new primary and succeed: no write failed, and
+    the old measure said 0 s."""
+    waiting = [Op("write", 5.0 + i * 0.05, 8.0 + i * 0.001) for i in range(60)]  # all acknowledged at ~8 s
+    ops = steady(0, 5) + waiting + steady(8.01, 12)
+    outages = write_outages(ops, fault_at=5.0, run_end=12.0)
+    assert len(outages) == 1
+    begin, end = outages[0]
+    assert begin == 5.0 and 8.0 < end < 8.1
+
+
+def test_healthy_writes_after_the_fault_are_no_outage() -> None:
+    ops = steady(0, 10)
+    assert write_outages(ops, fault_at=5.0, run_end=10.0) == []
+
+
+def test_an_outage_that_never_ends_lasts_to_the_end_of_the_run() -> None:
+    ops = steady(0, 5) + failing(5, 9)
+    assert write_outages(ops, fault_at=5.0, run_end=9.5) == [(5.0, 9.5)]

@@ -225,6 +225,20 @@ def test_chart_renders_without_a_fault_recovery(tmp_path: Path) -> None:
     assert page.count("marker fault") == 3 and "marker recovery" not in page
 
 
+def test_results_table_shows_units_not_raw_floats() -> None:
+    """Issue 14: the HTML table showed 81.30959279355213 and 0.0732368700000281 without units."""
+    from dbrouter.drill.report import DrillReport
+
+    results = {"read_availability": 81.30959279355213, "max_latency": 0.0732368700000281, "time_to_detect": None,
+               "write_unavailability": 1.234567, "write_outages": [[5.0, 6.25]], "errors_by_kind": {"NoPrimaryAvailable": 3}}
+    report = DrillReport(scenario="x", engine="postgres", settings={}, fault_at=1.0, recover_at=None, duration=2.0,
+                         timeline=[], results=results, events=[])
+    page = render_html(report)
+    for shown in ("81.310 %", "73.2 ms", "1.23 s", "5.00 s to 6.25 s", "NoPrimaryAvailable: 3", "time to detect</td><td>none"):
+        assert shown in page, shown
+    assert "81.30959279355213" not in page and "0.0732368700000281" not in page
+
+
 @pytest.mark.parametrize(("flag", "used"), [([], 7.0), (["--failover-wait", "0"], 0.0), (["--failover-wait", "2s"], 2.0)])
 def test_failover_wait_flag_overrides_the_config_file_and_the_report_says_what_was_used(
         pg_cluster: Any, flag: list[str], used: float, tmp_path: Path) -> None:

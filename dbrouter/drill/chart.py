@@ -78,8 +78,9 @@ def render_html(report: DrillReport) -> str:
     colors = {"reads/s": "#1f77b4", "writes/s": "#2ca02c", "p50 ms": "#1f77b4", "p99 ms": "#ff7f0e", "max ms": "#d62728",
               "errors/s": "#999"}
     colors.update({kind: COLORS[i % len(COLORS)] for i, kind in enumerate(kinds)})
-    rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(str(v))}</td></tr>"
+    rows = "".join(f"<tr><td>{html.escape(k.replace('_', ' '))}</td><td>{html.escape(_with_unit(k, v))}</td></tr>"
                    for k, v in report.results.items() if not k.endswith("_ids"))
+    errors_html = "".join(f"<li>{html.escape(error)}</li>" for error in report.errors)
     limits = "".join(f"<li>{html.escape(limit.describe())}</li>" for limit in report.limits)
     notes = "".join(f"<li>{html.escape(note)}</li>" for note in report.notes)
     title = f"dbrouter drill: {report.scenario} on {report.engine}"
@@ -95,5 +96,25 @@ def render_html(report: DrillReport) -> str:
 <h2>Results</h2><table>{rows}</table>
 {f"<h2>Limits</h2><ul>{limits}</ul>" if limits else ""}
 {f"<h2>Notes</h2><ul>{notes}</ul>" if notes else ""}
+{f"<h2>Failed</h2><ul>{errors_html}</ul>" if errors_html else ""}
 </body></html>
 """
+
+
+def _with_unit(key: str, value: Any) -> str:
+    """A result as people read it: availabilities in percent, times in s or ms, outages as spans."""
+    if value is None:
+        return "none"
+    if key.endswith("_availability"):
+        return f"{value:.3f} %"
+    if key in ("max_latency", "p99_latency"):
+        return f"{value * 1000:.1f} ms"
+    if key in ("time_to_detect", "write_unavailability"):
+        return f"{value:.2f} s"
+    if key == "write_outages":
+        return ", ".join(f"{begin:.2f} s to {end:.2f} s" for begin, end in value) or "none"
+    if key == "errors_by_kind":
+        return ", ".join(f"{kind}: {count}" for kind, count in sorted(value.items())) or "none"
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return str(value)

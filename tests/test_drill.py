@@ -239,6 +239,23 @@ def test_results_table_shows_units_not_raw_floats() -> None:
     assert "81.30959279355213" not in page and "0.0732368700000281" not in page
 
 
+def test_chart_marks_the_router_events() -> None:
+    """Issue 14: the chart did not mark the events it knows (breaker close, node down/up)."""
+    from dbrouter.drill.report import DrillReport
+
+    events = [{"t": 1.2, "name": name, "node": "pg1", "message": ""}
+              for name in ("node_down", "breaker_open", "failover", "breaker_closed", "node_up", "lag_excluded")]
+    report = DrillReport(scenario="x", engine="postgres", settings={}, fault_at=1.0, recover_at=None, duration=2.0,
+                         timeline=[{"t": 0.1 * i, "ops": 1, "reads": 1, "writes": 0, "errors": {}, "p50": 0.001,
+                                    "p99": 0.002, "max": 0.003} for i in range(20)],
+                         results={"operations": 20}, events=events)
+    page = render_html(report)
+    for name in ("node_down", "breaker_open", "failover", "breaker_closed", "node_up"):
+        assert page.count(f'class="event {name}"') == 3, name  # on each of the three panels
+        assert f"{name} pg1 at 1.20s" in page
+    assert "event lag_excluded" not in page
+
+
 @pytest.mark.parametrize(("flag", "used"), [([], 7.0), (["--failover-wait", "0"], 0.0), (["--failover-wait", "2s"], 2.0)])
 def test_failover_wait_flag_overrides_the_config_file_and_the_report_says_what_was_used(
         pg_cluster: Any, flag: list[str], used: float, tmp_path: Path) -> None:

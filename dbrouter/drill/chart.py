@@ -11,6 +11,10 @@ from .report import BUCKET, DrillReport
 __all__ = ["render_html"]
 
 WIDTH, HEIGHT, LEFT, RIGHT, TOP, BOTTOM = 900, 170, 60, 20, 22, 28
+# The router's events marked on every chart: a short tick (a tall line for a role change),
+# its name, node and time in the tooltip.
+EVENT_COLORS = {"failover": "#000", "split_brain": "#d62728", "breaker_open": "#d62728", "breaker_closed": "#2ca02c",
+                "node_down": "#9467bd", "node_up": "#17becf"}
 COLORS = ["#d62728", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
 
 
@@ -53,9 +57,16 @@ def _panel(title: str, unit: str, series: dict[str, list[float]], report: DrillR
                          f'stroke="{color}" stroke-width="2" stroke-dasharray="5,3"/>')
             parts.append(f'<text x="{x(at) + 3:.1f}" y="{TOP + 11}" font-size="11" fill="{color}">{label}</text>')
     for event in report.events:
-        if event["name"] in ("failover", "breaker_open", "split_brain"):
-            parts.append(f'<line x1="{x(event["t"]):.1f}" x2="{x(event["t"]):.1f}" y1="{TOP + plot_h - 8}" y2="{TOP + plot_h}" '
-                         f'stroke="#000" stroke-width="2"><title>{html.escape(event["name"] + " " + (event.get("node") or ""))}</title></line>')
+        mark = EVENT_COLORS.get(event["name"])
+        if mark is None:
+            continue
+        at, name = x(event["t"]), event["name"]
+        what = html.escape(f'{name} {event.get("node") or ""} at {event["t"]:.2f}s')
+        tall = name in ("failover", "split_brain")
+        parts.append(f'<line class="event {name}" x1="{at:.1f}" x2="{at:.1f}" y1="{TOP if tall else TOP + plot_h - 10}" '
+                     f'y2="{TOP + plot_h}" stroke="{mark}" stroke-width="{2 if tall else 1.5}"><title>{what}</title></line>')
+        if tall:
+            parts.append(f'<text x="{at + 3:.1f}" y="{TOP + 24}" font-size="10" fill="{mark}">{html.escape(name.replace("_", " "))}</text>')
     legend_x = WIDTH - RIGHT - 10
     for i, name in enumerate(series):
         parts.append(f'<text x="{legend_x}" y="{TOP + 14 + 12 * i}" font-size="10" text-anchor="end" fill="{colors[name]}">{html.escape(name)}</text>')
@@ -93,6 +104,7 @@ def render_html(report: DrillReport) -> str:
 {_panel("Throughput", "ops/s", throughput, report, colors)}
 {_panel("Errors by kind", "errors/s", errors, report, colors)}
 {_panel("Latency", "ms (log)", latency, report, colors, log=True)}
+<p style="font-size:12px">Marks: {" ".join(f'<span style="color:{c}">&#9646; {n.replace("_", " ")}</span>' for n, c in EVENT_COLORS.items())} (hover for node and time)</p>
 <h2>Results</h2><table>{rows}</table>
 {f"<h2>Limits</h2><ul>{limits}</ul>" if limits else ""}
 {f"<h2>Notes</h2><ul>{notes}</ul>" if notes else ""}

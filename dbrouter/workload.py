@@ -47,9 +47,11 @@ class Op:
 class Workload:
     """``threads`` workers issuing reads and writes until `stop` or ``duration``.
 
-    ``write_ratio`` is the share of writes; ``rate`` (operations per second over
-    all threads) paces the workers, None runs them flat out. Bounded: every
-    worker stops at ``duration`` seconds after `start` at the latest.
+    ``write_ratio`` is the share of writes, given to separate workers: that share of
+    the threads only writes and the rest only reads, so that writes waiting out a
+    failover cannot starve the reads unseen (with one thread, it does both). ``rate``
+    (operations per second over all threads) paces the workers, None runs them flat
+    out. Bounded: every worker stops at ``duration`` seconds after `start` at the latest.
     """
 
     router: Router
@@ -79,8 +81,11 @@ class Workload:
     def start(self) -> None:
         self.started_at = time.monotonic()
         self._stop.clear()
+        writers = self.writers
         for index in range(self.threads):
-            worker = threading.Thread(target=self._work, args=(index,), name=f"dbrouter-workload-{index}", daemon=True)
+            role = "mixed" if self.threads == 1 else "write" if index < writers else "read"
+            worker = threading.Thread(target=self._work, args=(index, role), name=f"dbrouter-workload-{index}",
+                                      daemon=True)
             worker.start()
             self._workers.append(worker)
 
@@ -92,7 +97,16 @@ class Workload:
             worker.join(max(0.0, deadline - time.monotonic()))
         return not any(worker.is_alive() for worker in self._workers)
 
-    def _work(self, index: int) -> None:
+    @property
+    def writers(self) -> int:
+        """How many of the threads only write (the others only read)."""
+        if self.write_ratio == 0.0 or self.threads == 1:
+            return 0 if self.write_ratio == 0.0 else 1
+        if self.write_ratio == 1.0:
+            return self.threads
+        return min(self.threads - 1, max(1, round(self.threads * self.write_ratio)))
+
+    def _work(self, index: int, role: str) -> None:
         rng = random.Random(index)
         interval = self.threads / self.rate if self.rate else 0.0
         next_at = time.monotonic()
@@ -103,7 +117,7 @@ class Workload:
                 delay = next_at - time.monotonic()
                 if delay > 0 and self._stop.wait(delay):
                     break
-            if rng.random() < self.write_ratio:
+            if role == "write" or (role == "mixed" and rng.random() < self.write_ratio):
                 self._write(index)
             else:
                 self._read(rng)

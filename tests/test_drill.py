@@ -292,3 +292,29 @@ def test_a_failing_recover_command_still_writes_the_report(pg_cluster: Any, tmp_
     report = json.loads((tmp_path / "b" / "dbrouter-drill-shell.json").read_text())
     assert report["recover_at"] is None and report["errors"] == []
     assert "recovery at" not in (tmp_path / "b" / "dbrouter-drill-shell.html").read_text()
+
+
+def test_writes_waiting_for_a_primary_do_not_starve_the_reads(pg_cluster: Any) -> None:
+    """Issue 14: readers and writers shared threads; with a failover wait every thread ended up
+    blocked in a write, no read ran, and the report said 100% read availability."""
+    from dbrouter import Router
+    from dbrouter.workload import Workload
+
+    from .test_bad_input import free_port
+
+    table = "dbrouter_drill_starve"
+    pg_cluster.primary.query(f"DROP TABLE IF EXISTS {table}")
+    pg_cluster.primary.query(f"CREATE TABLE {table} (id bigint NOT NULL, worker int NOT NULL)")
+    pg_cluster.wait_replicated(timeout=20)
+    nowhere = pg_cluster.primary.url.replace(f":{pg_cluster.primary.port}/", f":{free_port()}/")
+    with Router(nowhere, [r.url for r in pg_cluster.replicas], failover_wait=3.0, connect_timeout=2,
+                health_interval=0.2) as router:
+        workload = Workload(router, threads=4, write_ratio=0.5, duration=2.5, table=table)
+        workload.start()
+        time.sleep(2.5)
+        assert workload.stop(timeout=10)
+        ops = workload.snapshot()
+    late_reads = [op for op in ops if op.kind == "read" and op.ok and op.start > workload.started_at + 1.5]
+    assert len(late_reads) > 20, f"{len(late_reads)} reads in the last second"
+    assert all(not op.ok for op in ops if op.kind == "write")
+    assert workload.writers == 2

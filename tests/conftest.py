@@ -11,6 +11,8 @@ instead of its C extension (see ``tests/_mysql_mode.py``); CI runs the
 
 from __future__ import annotations
 
+import random
+import socket
 import time
 import uuid
 from dataclasses import dataclass
@@ -163,6 +165,20 @@ def kill_session(cluster: LocalCluster, session_id: int) -> None:
 def port_sql(cluster: Any) -> str:
     """The expression that makes a server say which port it listens on: who answered."""
     return "inet_server_port()" if cluster.engine == "postgres" else "@@port"
+
+
+def free_low_port() -> int:
+    """A free loopback port below the ephemeral range: while a proxy refuses, its closed
+    listening port must not be taken by an outgoing connection (see NOTES.md)."""
+    for _ in range(200):
+        port = random.randint(20000, 32000)
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port below 32768")
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 5.0, interval: float = 0.02) -> bool:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import itertools
 import random
 import signal
-import socket
 import sys
 import threading
 import time
@@ -30,7 +29,7 @@ from dbrouter.config import BreakerPolicy
 from dbrouter.faultproxy import FaultProxy
 from dbrouter.resilience import NodeBreaker
 
-from .conftest import backend_id, kill_session, port_sql, wait_until
+from .conftest import backend_id, free_low_port, kill_session, port_sql, wait_until
 
 # Breaker and monitor timings shared by the recovery tests: a node must be back
 # within RESET + 2 x INTERVAL + SLACK seconds of the end of its fault.
@@ -86,20 +85,6 @@ def close_within(router: Router, timeout: float = 10.0) -> bool:
     closer.start()
     closer.join(timeout)
     return not closer.is_alive()
-
-
-def free_low_port() -> int:
-    """A free loopback port below the ephemeral range: while a proxy refuses, its closed
-    listening port must not be taken by an outgoing connection (see NOTES.md)."""
-    for _ in range(200):
-        port = random.randint(20000, 32000)
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port below 32768")
 
 
 @contextmanager

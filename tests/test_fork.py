@@ -15,9 +15,7 @@ import gc
 import json
 import multiprocessing
 import os
-import random
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -33,7 +31,17 @@ import pytest
 
 from dbrouter import PoolConfig, Router, _fork, connect_pool
 
+from .conftest import free_low_port
+
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def reap(child: Any) -> None:
+    """Join a forked child, killing it if it has not exited within 10 s (it hung)."""
+    child.join(timeout=10)
+    if child.is_alive():
+        child.kill()
+        child.join(timeout=10)
 # statement_timeout bounds a statement that would wait forever for an answer another process took.
 OPTIONS = {"health_interval": 0.2, "min_size": 2, "max_size": 4, "statement_timeout": 10, "connect_timeout": 5}
 SECONDS = 1.5  # how long parent and child query at the same time
@@ -96,10 +104,7 @@ def test_parent_and_forked_child_each_get_their_own_answers(cluster: Any, table:
             assert receiver.poll(SECONDS + 30), "the child did not report: it hung"
             theirs = receiver.recv()
         finally:
-            child.join(timeout=10)
-            if child.is_alive():
-                child.kill()
-                child.join(timeout=10)
+            reap(child)
         assert "error" not in theirs, theirs["error"]
         assert child.exitcode == 0
         assert mine["wrong"] == [] and theirs["wrong"] == [], (mine["wrong"][:5], theirs["wrong"][:5])
@@ -157,10 +162,7 @@ def test_a_connection_borrowed_across_the_fork_stays_the_parents(cluster: Any) -
             assert receiver.poll(30), "the child did not report: it hung"
             theirs = receiver.recv()
         finally:
-            child.join(timeout=10)
-            if child.is_alive():
-                child.kill()
-                child.join(timeout=10)
+            reap(child)
         assert "error" not in theirs, theirs["error"]
         assert theirs["size"] == 0 and theirs["own"] == [(1,)]
         assert theirs["stats"] == {"size": 1, "closed": 0, "discarded": 0}  # the inherited one was not closed
@@ -221,18 +223,6 @@ def test_a_child_that_exits_normally_leaves_the_parents_connections_alone(cluste
     assert "child 0 parent 4 unknown 0" in out, out + err
 
 
-def gunicorn_port() -> int:
-    """A loopback port below the ephemeral range that nothing listens on."""
-    for port in random.sample(range(29500, 32000), 200):
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port")
-
-
 def get(url: str) -> dict[str, Any]:
     with urllib.request.urlopen(url, timeout=30) as response:
         answer: dict[str, Any] = json.loads(response.read())
@@ -243,7 +233,7 @@ def get(url: str) -> dict[str, Any]:
 def test_gunicorn_preload_workers_each_get_their_own_answers(cluster: Any) -> None:
     """gunicorn --preload builds the Router in the arbiter, which then forks 2 workers: each
     worker's answers are its own, from server sessions of its own, with its own dbrouter threads."""
-    port = gunicorn_port()
+    port = free_low_port()
     env = {key: value for key, value in os.environ.items() if not key.startswith("DBROUTER_")}
     env["DBROUTER_PRIMARY"] = cluster.primary.url
     env["DBROUTER_REPLICAS"] = ",".join(n.url for n in cluster.replicas)

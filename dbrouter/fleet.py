@@ -320,6 +320,18 @@ class RedisBreakerStorage(pybreaker.CircuitBreakerStorage):
 
     # -- dbrouter's read -------------------------------------------------------------
 
+    def _adopt(self, field: str, raw: Any, parse: Callable[[Any], Any], local: Any, what: str) -> Any:
+        """The shared value of ``field`` when it is valid; else the local copy, written to Redis
+        when the key is missing and healed (with one warning) when its value is bad."""
+        value = parse(raw)
+        if value is not None:
+            return value
+        if raw is None:
+            self._io(lambda: self._client.setnx(self._key(field), local))
+        else:
+            self._bad(field, raw, what, local)
+            self._heal(field, local, parse)
+        return local
     def snapshot(self) -> SharedView:
         """State, failure count and opening time in one round trip, validated; bad values are
         overwritten, and keys Redis lacks are filled in from this process's copy."""
@@ -338,22 +350,8 @@ class RedisBreakerStorage(pybreaker.CircuitBreakerStorage):
         raw = [_Refused(item) if isinstance(item, Exception) else item for item in raw]
         raw_state, raw_fail, raw_opened, server = raw
         server_time = float(server[0]) + float(server[1]) / 1e6 if isinstance(server, (list, tuple)) else None
-        state = _parse_state(raw_state)
-        if state is not None:
-            self._state = state
-        elif raw_state is None:
-            self._io(lambda: self._client.setnx(self._key("state"), self._state))
-        else:
-            self._bad("state", raw_state, "a breaker state", self._state)
-            self._heal("state", self._state, _parse_state)
-        failures = _parse_count(raw_fail)
-        if failures is not None:
-            self._fail = failures
-        elif raw_fail is None:
-            self._io(lambda: self._client.setnx(self._key("fail_counter"), self._fail))
-        else:
-            self._bad("fail_counter", raw_fail, "a count", self._fail)
-            self._heal("fail_counter", self._fail, _parse_count)
+        self._state = self._adopt("state", raw_state, _parse_state, self._state, "a breaker state")
+        self._fail = self._adopt("fail_counter", raw_fail, _parse_count, self._fail, "a count")
         stamp = _parse_count(raw_opened)
         if stamp is not None and server_time is not None and stamp > server_time + _FUTURE_SLACK:
             stamp = None  # in the future: it would keep the node out forever

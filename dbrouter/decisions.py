@@ -16,7 +16,8 @@ failure                   CONNECT     BEFORE_SEND  SENT                        C
 NODE_DOWN / HUNG          retry *     retry *      read, idempotent, rerun:    unknown *
                                                    retry *; write, unchecked:  (idempotent:
                                                    unknown *; block: raise *   retry *)
-REFUSED (breaker open)    retry       -            -                           -
+REFUSED (breaker open,    retry       -            -                           -
+node removed)
 BUSY (pool timeout)       read, unchecked: retry,  -                           -
                           else raise
 CONFLICT                  -           retry        retry (block, unchecked:    retry (block: raise)
@@ -39,7 +40,15 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .adapters.base import ErrorKind
-from .errors import ConnectError, NodeUnavailable, NoPrimaryAvailable, NoReplicaAvailable, PoolTimeout, SplitBrain
+from .errors import (
+    ConnectError,
+    NodeRemoved,
+    NodeUnavailable,
+    NoPrimaryAvailable,
+    NoReplicaAvailable,
+    PoolTimeout,
+    SplitBrain,
+)
 
 if TYPE_CHECKING:
     from .adapters.base import Adapter
@@ -86,7 +95,8 @@ class Failure(enum.Enum):
     HUNG = "hung"
     """No answer within the statement timeout plus grace: the watchdog aborted it."""
     REFUSED = "refused"
-    """The node's breaker refused the call: nothing was sent, nothing is counted."""
+    """The node's breaker refused the call, or the node left the router after the call
+    chose it: nothing was sent, nothing is counted."""
     BUSY = "busy"
     """No pooled connection became free within ``acquire_timeout``."""
     CONFLICT = "conflict"
@@ -144,7 +154,7 @@ def failure_of(exc: BaseException, adapter: Adapter) -> Failure:
     """Classify ``exc``, raised by work on ``adapter``'s node (or by dbrouter around it)."""
     if not isinstance(exc, Exception):
         return Failure.INTERRUPTED
-    if isinstance(exc, BreakerOpen):
+    if isinstance(exc, (BreakerOpen, NodeRemoved)):
         return Failure.REFUSED
     if isinstance(exc, Hung):
         return Failure.HUNG

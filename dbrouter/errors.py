@@ -15,6 +15,7 @@ __all__ = [
     "DbRouterError",
     "NoPrimaryAvailable",
     "NoReplicaAvailable",
+    "NodeRemoved",
     "NodeUnavailable",
     "NotAReadStatement",
     "PoolClosed",
@@ -57,6 +58,11 @@ class PoolError(DbRouterError):
 
 class PoolClosed(PoolError):
     """The pool was closed; no connection can be acquired from it."""
+
+
+class NodeRemoved(PoolClosed):
+    """The node was removed from the router (`Router.remove_replica`, discovery) after a
+    call chose it: nothing was sent, and the call goes to another node."""
 
 
 class PoolTimeout(PoolError):

@@ -34,6 +34,8 @@ EVENT_NAMES = frozenset(
         "split_brain",  # more than one node accepts writes: writes stop
         "split_brain_resolved",  # one writable node again
         "same_server",  # two configured nodes are one server (a configuration error): writes stop
+        "node_added",  # a replica joined the router (add_replica, discovery)
+        "node_removed",  # a replica left the router: no new reads, its pool drains
         "pool_exhausted",  # a caller timed out waiting for a connection
         "leak",  # a connection was held longer than leak_threshold
     }

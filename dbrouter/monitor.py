@@ -122,6 +122,18 @@ class Monitor:
         self._forced = True
         self._signal.set()
 
+    def forget(self, node: Node) -> None:
+        """``node`` left the router: close its kept probe connection and drop its lane (a
+        probe in flight finishes, and its connection is closed, not kept)."""
+        with self._lock:
+            self._lanes.pop(node.name, None)
+            kept = self._probes.pop(node.name, None)
+        if kept is not None:
+            node.adapter.close(kept[0])
+
+    def _is_member(self, node: Node) -> bool:
+        return any(n is node for n in self._nodes())
+
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
         self._signal.set()
@@ -199,7 +211,9 @@ class Monitor:
         if self._stop.is_set():
             return
         with self._lock:
-            lane = self._lanes[node.name]
+            lane = self._lanes.get(node.name)
+            if lane is None:  # forgotten: the node left the router while it was probed
+                return
             lane.reported = max(lane.reported, round_)
             lane.read_only = result.ok and result.writable is False
         self._on_result(result)
@@ -225,7 +239,8 @@ class Monitor:
             conn = self._attempt(adapter, None, result)
         with self._lock:
             self._in_flight.pop(node.name, None)
-            keep = conn is not None and not self._stop.is_set() and node.name not in self._probes
+            keep = (conn is not None and not self._stop.is_set() and node.name not in self._probes
+                    and self._is_member(node))
             if keep:
                 self._probes[node.name] = (conn, result.identity)
         if conn is not None and not keep:

@@ -45,7 +45,7 @@ from . import _fork
 from ._counter import Counter
 from .adapters.base import Adapter, ErrorKind, ReturnState
 from .config import PoolConfig, check_wait
-from .errors import ConnectError, PoolClosed, PoolError, PoolTimeout
+from .errors import ConnectError, NodeRemoved, PoolClosed, PoolError, PoolTimeout
 
 if TYPE_CHECKING:
     from .watchdog import Watchdog
@@ -197,6 +197,7 @@ class Pool:
         self._connecting = 0
         self._growing = False
         self._closed = False
+        self._removed = False  # closed because its node left the router: borrowers go elsewhere
         self._last_connect_error: BaseException | None = None
         self._failing = False  # log the first connect failure of a streak as a warning, the rest quietly
         self._drained = threading.Condition(self._lock)
@@ -363,7 +364,7 @@ class Pool:
                 now = time.monotonic()
                 if self._closed:  # closed after we popped it: close() left it to us
                     self._discard(entry, "pool closed", not_acquired=True)
-                    raise PoolClosed(f"pool {self.name} is closed")
+                    raise self._closed_error()
             else:
                 # Waited already, and was served a connection that proved unusable: keep our place.
                 front = deadline is not None
@@ -397,7 +398,7 @@ class Pool:
         waiter = _Waiter(time.monotonic())
         with self._lock:
             if self._closed:
-                raise PoolClosed(f"pool {self.name} is closed")
+                raise self._closed_error()
             if front:
                 self._waiters.appendleft(waiter)
             else:
@@ -746,21 +747,29 @@ class Pool:
         """Connections borrowed plus callers waiting: a lock-free load figure for balancers."""
         return len(self._in_use) + len(self._waiters)
 
-    def close(self, timeout: float = 5.0) -> None:
+    def _closed_error(self) -> PoolClosed:
+        if self._removed:
+            return NodeRemoved(f"node {self.name} was removed from the router")
+        return PoolClosed(f"pool {self.name} is closed")
+
+    def close(self, timeout: float = 5.0, *, removed: bool = False) -> None:
         """Close idle connections now and borrowed ones as they come back.
 
         Waits up to ``timeout`` seconds for borrowers; connections still out
-        after that are logged and closed when they are returned.
+        after that are logged and closed when they are returned. ``removed``: the
+        node left the router, and a checkout raises `NodeRemoved` (which routing
+        retries on another node) rather than `PoolClosed`.
         """
         check_wait("timeout", timeout)
         with self._lock:
             if self._closed:
                 return
+            self._removed = removed
             self._closed = True
             self._dormant = False
             idle = self._drain_idle_locked()
             while self._waiters:
-                self._waiters.popleft().serve(None, PoolClosed(f"pool {self.name} was closed while waiting"))
+                self._waiters.popleft().serve(None, self._closed_error())
         self._stop.set()
         for entry in idle:
             self.adapter.close(entry.conn)

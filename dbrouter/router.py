@@ -12,6 +12,7 @@ Consistency: outside a session, replica reads are eventually consistent. See
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import fields
@@ -20,7 +21,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
 from .adapters import make_adapter
 from .balancing import make_balancer
 from .bulk import write_many
-from .config import SECTIONS, RouterConfig, build_router_config, check_range, check_wait, load_router_config
+from .config import SECTIONS, ReplicaSpec, RouterConfig, build_router_config, check_range, check_wait, load_router_config
 from .decisions import Phase, Work
 from .errors import ConfigurationError, PoolError
 from .events import Event, Events
@@ -82,6 +83,8 @@ class Router(Core):
         self._opened = False
         self._leases: dict[int, Lease] = {}  # checkout() -> checkin(): by id of the connection
         self._watchdog = Watchdog()
+        self._draining: list[threading.Thread] = []  # remove_replica(wait=False): pools being drained
+        self._draining_lock = threading.Lock()  # guards _draining; nothing is called under it
         nodes = self._build_nodes(config)
         self.topology = Topology(nodes, config.routing, config.monitor, self.events,
                                  probe_timeout=max(1.0, config.connect.connect_timeout), watchdog=self._watchdog)
@@ -186,6 +189,56 @@ class Router(Core):
     @property
     def nodes(self) -> list[Node]:
         return list(self.topology.nodes)
+
+    # -- membership ---------------------------------------------------------------
+
+    def add_replica(self, url: str, *, name: str | None = None, weight: float = 1.0, timeout: float = 10.0) -> Node:
+        """Add a replica at ``url`` (same engine as the primary) while the router runs.
+
+        Returns once the routing snapshot has it; it serves reads from its first
+        successful probe (within about one ``health_interval``), and its pool opens
+        ``min_size`` connections in the background. Raises `ConfigurationError` for a bad
+        URL, another engine, or a name already in use; `UsageError` when the router is
+        not open.
+        """
+        check_wait("timeout", timeout)
+        spec = ReplicaSpec(url=url, weight=weight, name=name)  # validated like a configured replica
+        # The name is checked by the control plane, which alone knows the nodes as of now.
+        node = self._build_node(self.config, parse_address(self.config.primary), [], spec.url, spec.weight,
+                                spec.name, REPLICA)
+        node.pool.open()
+        try:
+            self.topology.add(node, timeout)
+        except BaseException:
+            node.pool.close(0)
+            raise
+        return node
+
+    def remove_replica(self, name: str, *, timeout: float = 30.0, wait: bool = True) -> None:
+        """Drain the replica called ``name`` out of the router.
+
+        No new read goes to it once this returns (a read that had already chosen it goes
+        to another node, nothing sent); reads in flight on it finish; its pool is closed
+        once they have given their connections back, waiting up to ``timeout`` seconds
+        for them (stragglers are closed as they come back). ``wait=False`` returns at
+        once and drains in the background. Raises `ConfigurationError` for an unknown
+        name, `UsageError` for the current primary (remove it after a failover) or when
+        the router is not open.
+        """
+        check_wait("timeout", timeout)
+        node = self.topology.remove(name, min(timeout, 10.0) if timeout else 10.0)
+
+        def drain() -> None:
+            node.pool.close(timeout, removed=True)
+
+        if wait:
+            drain()
+            return
+        thread = threading.Thread(target=drain, name=f"dbrouter-drain-{name}", daemon=True)
+        with self._draining_lock:
+            self._draining = [t for t in self._draining if t.is_alive()]
+            self._draining.append(thread)
+        thread.start()
 
     def on(self, event: str, listener: Callable[[Event], None]) -> Callable[[], None]:
         """Subscribe to an event (see `dbrouter.events.EVENT_NAMES`, or ``"*"``); returns an unsubscribe
@@ -369,6 +422,11 @@ class Router(Core):
     def _close_pools(self, timeout: float) -> None:
         for node in self.topology.nodes:
             node.pool.close(timeout)
+        with self._draining_lock:
+            draining = list(self._draining)
+        deadline = time.monotonic() + timeout
+        for thread in draining:
+            thread.join(max(0.0, deadline - time.monotonic()))
 
     def __enter__(self) -> Router:
         return self

@@ -4,6 +4,8 @@ Request threads never change topology. They read `Topology.snapshot`, an
 immutable `Snapshot` (primary, replicas, readable replicas, version), with one
 attribute load, and report what they learn (a breaker changed state, a write
 was refused as read-only) by putting a message in the control plane's inbox.
+Membership changes (`Topology.add`, `Topology.remove`) are messages too: the
+caller waits for the control thread to publish the snapshot that has them.
 
 The control thread (``dbrouter-monitor``) is the only writer of roles, health,
 lag, readability and the servers behind the nodes. It folds probe results and rounds (from `dbrouter.monitor`) and
@@ -34,7 +36,7 @@ from . import _fork
 from ._counter import Counter
 from .adapters.base import Adapter
 from .config import MonitorConfig, RoutingConfig
-from .errors import ConfigurationError
+from .errors import ConfigurationError, UsageError
 from .events import Events
 from .monitor import Monitor, ProbeResult
 from .pool import Pool
@@ -52,6 +54,7 @@ log = logging.getLogger("dbrouter.topology")
 PRIMARY = "primary"
 REPLICA = "replica"
 
+_NOT_PROBED = "not probed yet"
 _HISTORY = 3600  # primary positions remembered for lag (one per probe round at most)
 _BREAKER_EVENTS = {OPEN: "breaker_open", HALF_OPEN: "breaker_half_open", CLOSED: "breaker_closed"}
 
@@ -164,7 +167,8 @@ class Topology:
 
     def __init__(self, nodes: list[Node], routing: RoutingConfig, monitor: MonitorConfig, events: Events, *,
                  probe_timeout: float, watchdog: Watchdog | None = None) -> None:
-        self.nodes = nodes
+        self.nodes = list(nodes)
+        """Every node: replaced, never changed in place, by the control thread (membership)."""
         self._routing = routing
         self._interval = monitor.health_interval
         self._auto = monitor.primary_discovery == "auto"
@@ -315,6 +319,77 @@ class Topology:
             target = self.rounds + count
             return self._published.wait_for(lambda: self.rounds >= target, timeout)
 
+    # -- membership (any thread; the control thread applies it) ---------------------
+
+    def add(self, node: Node, timeout: float = 10.0) -> None:
+        """Add ``node`` as a replica; returns once a published snapshot has it. It serves
+        reads from its first successful probe (the prober is woken for it).
+
+        Raises `ConfigurationError` when a node of that name is already in."""
+        self._ask_control(("add", node), timeout)
+
+    def remove(self, name: str, timeout: float = 10.0) -> Node:
+        """Take the node called ``name`` out; returns it once no published snapshot routes
+        to it (its pool is the caller's to close).
+
+        Raises `ConfigurationError` for an unknown name and `UsageError` for the primary."""
+        node: Node = self._ask_control(("remove", name), timeout)
+        return node
+
+    def _ask_control(self, request: tuple[str, Any], timeout: float) -> Any:
+        self.revive()
+        if not self._started or self._stopped:
+            raise UsageError("the router is not open: open it before changing its nodes"
+                             if not self._started else "the router is closed")
+        reply = _Reply()
+        self._inbox.put(("member", request, reply))
+        if not reply.done.wait(timeout):
+            raise UsageError(f"the control plane did not apply {request[0]} within {timeout:g}s")
+        if reply.error is not None:
+            raise reply.error
+        return reply.result
+
+    def _change_members(self, request: tuple[str, Any], reply: _Reply, effects: _Effects) -> None:
+        op, arg = request
+        try:
+            if op == "add":
+                self._add(arg, effects)
+            else:
+                reply.result = self._remove(arg, effects)
+        except (ConfigurationError, UsageError) as exc:
+            reply.error = exc
+        # Answered once the snapshot with the change is published.
+        effects.actions.append(reply.done.set)
+
+    def _add(self, node: Node, effects: _Effects) -> None:
+        if any(n.name == node.name for n in self.nodes):
+            raise ConfigurationError(f"node {node.name} is already in the router; give each node a distinct name")
+        node._report = self._inbox.put
+        node.role = REPLICA
+        node.healthy, node.last_error = False, _NOT_PROBED
+        self.nodes = [*self.nodes, node]
+        self._state_replicas = (*self._state_replicas, node)
+        effects.actions.append(self._prober.wake)
+        effects.emit("node_added", node.name, f"replica {node.address.redacted} added: reads once it answers a probe")
+
+    def _remove(self, name: str, effects: _Effects) -> Node:
+        node = next((n for n in self.nodes if n.name == name), None)
+        if node is None:
+            known = ", ".join(n.name for n in self.nodes)
+            raise ConfigurationError(f"no node called {name!r} in the router (nodes: {known})")
+        if node is self._state_primary:
+            raise UsageError(f"node {name} is the primary: it can be removed once another node is the primary")
+        self.nodes = [n for n in self.nodes if n is not node]
+        self._state_replicas = tuple(n for n in self._state_replicas if n is not node)
+        self._latest.pop(name, None)
+        if self._identities.pop(name, None) is not None:
+            self._check_same_server(effects)
+        node._report = lambda message: None
+        effects.actions.append(lambda: self._prober.forget(node))
+        effects.emit("node_removed", name, f"{node.role} {node.address.redacted} removed: no new reads, "
+                     "reads in flight finish")
+        return node
+
     # -- the control thread ---------------------------------------------------------
 
     def _run(self) -> None:
@@ -353,6 +428,8 @@ class Topology:
                     self._breaker_changed(item[1], item[2], item[3], effects)
                 elif kind == "demoted":
                     effects.actions.append(self._prober.wake)
+                elif kind == "member":
+                    self._change_members(item[1], item[2], effects)
                 elif kind == "stop":
                     stop = True
             except Exception:  # noqa: BLE001 - the control plane must outlive any bug
@@ -410,6 +487,8 @@ class Topology:
         """Fold one probe result into the node's health and lag (roles wait for the round)."""
         now = time.monotonic()
         node = result.node
+        if not any(n is node for n in self.nodes):
+            return  # probed before it was removed
         self._latest[node.name] = result
         if self._auto and result.identity is not None and self._identities.get(node.name) != result.identity:
             self._identities[node.name] = result.identity
@@ -507,8 +586,9 @@ class Topology:
             return
         node.healthy = result.ok
         if result.ok:
+            again = "" if node.last_error == _NOT_PROBED else " again"
             node.last_error = None
-            effects.emit("node_up", node.name, f"{node.role} answers probes again")
+            effects.emit("node_up", node.name, f"{node.role} answers probes{again}")
         else:
             effects.emit("node_down", node.name, f"{node.role} failed its probe: {result.error}", logging.WARNING)
 
@@ -554,6 +634,15 @@ class Topology:
         effects.actions.append(lambda: _invalidate(old.pool, f"{old.name} is no longer the primary"))
         effects.emit("failover", new.name, f"primary is now {new.name} (was {old.name})", logging.WARNING,
                      old=old.name, new=new.name)
+
+
+class _Reply:
+    """The control thread's answer to a membership change, set after it is published."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.result: Any = None
+        self.error: Exception | None = None
 
 
 def _invalidate(pool: Pool, why: str) -> None:

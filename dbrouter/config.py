@@ -26,6 +26,7 @@ from .url import mask_password, parse_address
 __all__ = [
     "BreakerPolicy",
     "ConnectOptions",
+    "DiscoveryConfig",
     "MonitorConfig",
     "PoolConfig",
     "ReplicaSpec",
@@ -324,6 +325,65 @@ class BreakerPolicy:
         )
 
 
+DISCOVERY_KINDS = ("static", "patroni", "dns", "mysql")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DiscoveryConfig:
+    """Where the router learns which nodes exist (see `dbrouter.discovery`)."""
+
+    discovery: Any = "static"
+    """``static``: the nodes configured, nothing more. ``patroni``: the members that
+    Patroni's REST API reports (``discovery_endpoints``: one or more members' REST URLs).
+    ``dns``: the servers that names resolve to (A/AAAA records, or SRV for a name that
+    starts with ``_``), as replicas of the configured primary. ``mysql``: the replicas
+    connected to the MySQL/MariaDB primary (``SHOW SLAVE HOSTS``; each replica needs
+    ``report_host``). Or an object with the `dbrouter.discovery.Provider` methods. With a
+    provider, the primary URL's user, password, database and options are used for every
+    member it reports; the nodes it reports are added and, once gone from two answers in
+    a row, drained. Configured replicas always stay."""
+    discovery_endpoints: tuple[str, ...] = ()
+    """``patroni``: REST URLs (``http://10.0.0.5:8008``); ``dns``: names, optionally with a
+    port (``replicas.db.internal:5432``; default: the primary URL's port)."""
+    discovery_interval: float = 2.0
+    """Seconds between two questions to the provider."""
+    discovery_nameservers: tuple[str, ...] = ()
+    """``dns``: servers to ask (``10.0.0.2`` or ``127.0.0.1:5353``); empty: the system's."""
+
+    def __post_init__(self) -> None:
+        owner = "DiscoveryConfig"
+        kind = self.discovery
+        if isinstance(kind, str):
+            if kind not in DISCOVERY_KINDS:
+                raise ConfigurationError(
+                    f"{owner}.discovery must be one of {', '.join(DISCOVERY_KINDS)} or a provider object, got {_shown(kind)}"
+                )
+        elif not all(callable(getattr(kind, name, None)) for name in ("members", "close")):
+            raise ConfigurationError(
+                f"{owner}.discovery must be one of {', '.join(DISCOVERY_KINDS)} or an object with members() and "
+                f"close() (dbrouter.discovery.Provider), got {type(kind).__name__}"
+            )
+        for name in ("discovery_endpoints", "discovery_nameservers"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                value = tuple(part.strip() for part in value.split(",") if part.strip())
+            if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v.strip() for v in value):
+                raise ConfigurationError(f"{owner}.{name} must be a list of non-empty strings, got {_shown(value)}")
+            object.__setattr__(self, name, tuple(value))  # frozen: normalised once, here
+        if kind in ("patroni", "dns") and not self.discovery_endpoints:
+            example = "http://127.0.0.1:8008" if kind == "patroni" else "replicas.db.internal"
+            raise ConfigurationError(f"{owner}.discovery_endpoints is empty: {kind} discovery needs at least one, "
+                                     f"e.g. [{example!r}]")
+        check_range(owner, "discovery_interval", self.discovery_interval, low=0.05, high=3600)
+
+    def __repr__(self) -> str:
+        # A Patroni REST URL may carry a password (http://user:secret@host:8008): never shown.
+        endpoints = tuple(mask_password(e) for e in self.discovery_endpoints)
+        kind = self.discovery if isinstance(self.discovery, str) else f"<{type(self.discovery).__name__}>"
+        return (f"DiscoveryConfig(discovery={kind!r}, discovery_endpoints={endpoints!r}, "
+                f"discovery_interval={self.discovery_interval!r}, discovery_nameservers={self.discovery_nameservers!r})")
+
+
 def _shown_url(url: Any) -> str:
     """A node URL for a repr: redacted when it parses, masked when it does not."""
     if not isinstance(url, str):
@@ -368,6 +428,7 @@ SECTIONS: dict[str, type] = {
     "monitor": MonitorConfig,
     "retry": RetryPolicy,
     "breaker": BreakerPolicy,
+    "discovery": DiscoveryConfig,
 }
 # Flat option name -> section. Field names are unique across sections, so
 # Router(max_size=20) and [pool] max_size = 20 mean the same thing.
@@ -387,6 +448,7 @@ class RouterConfig:
     monitor: MonitorConfig = MonitorConfig()
     retry: RetryPolicy = RetryPolicy()
     breaker: BreakerPolicy = BreakerPolicy()
+    discovery: DiscoveryConfig = DiscoveryConfig()
 
     def __repr__(self) -> str:
         parts = [f"primary={_shown_url(self.primary)!r}", f"primary_name={self.primary_name!r}",
@@ -496,7 +558,7 @@ def load_router_config(source: Any, env: Mapping[str, str] | None = None) -> Rou
 
     Mapping / TOML layout: ``primary``, ``replicas`` (URLs or tables with
     ``url``, ``weight``, ``name``), flat options at the top level, or sections
-    ``[pool]``, ``[connect]``, ``[routing]``, ``[monitor]``, ``[retry]``, ``[breaker]``. Environment:
+    ``[pool]``, ``[connect]``, ``[routing]``, ``[monitor]``, ``[retry]``, ``[breaker]``, ``[discovery]``. Environment:
     ``DBROUTER_PRIMARY``, ``DBROUTER_REPLICAS`` (comma-separated: a comma followed by
     ``scheme://`` starts the next URL, so passwords may contain commas) and
     ``DBROUTER_<OPTION>`` for every flat option, e.g. ``DBROUTER_MAX_SIZE=20``.
@@ -562,6 +624,8 @@ def _convert(key: str, text: str, type_name: str) -> Any:
             return int(text)
         if type_name.startswith("float"):
             return float(text)
+        if type_name.startswith("tuple"):
+            return tuple(part.strip() for part in text.split(",") if part.strip())
     except ValueError as exc:
         raise ConfigurationError(f"{key}={text!r}: {exc}") from None
     return text

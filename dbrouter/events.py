@@ -36,6 +36,8 @@ EVENT_NAMES = frozenset(
         "same_server",  # two configured nodes are one server (a configuration error): writes stop
         "node_added",  # a replica joined the router (add_replica, discovery)
         "node_removed",  # a replica left the router: no new reads, its pool drains
+        "discovery_failed",  # the topology provider cannot say who the members are: nodes stay
+        "discovery_restored",  # it answers again
         "pool_exhausted",  # a caller timed out waiting for a connection
         "leak",  # a connection was held longer than leak_threshold
     }

@@ -11,18 +11,22 @@ Consistency: outside a session, replica reads are eventually consistent. See
 
 from __future__ import annotations
 
+import importlib
 import logging
 import threading
 import time
 from contextlib import contextmanager
 from dataclasses import fields
-from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
+from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar, cast
 
 from .adapters import make_adapter
 from .balancing import make_balancer
 from .bulk import write_many
 from .config import SECTIONS, ReplicaSpec, RouterConfig, build_router_config, check_range, check_wait, load_router_config
 from .decisions import Phase, Work
+from .discovery import PRIMARY as MEMBER_PRIMARY
+from .discovery import DiscoveryError, Member, Provider
+from .discovery.loop import DiscoveryLoop, member_address
 from .errors import ConfigurationError, PoolError
 from .events import Event, Events
 from .fleet import shared_storage
@@ -85,9 +89,20 @@ class Router(Core):
         self._watchdog = Watchdog()
         self._draining: list[threading.Thread] = []  # remove_replica(wait=False): pools being drained
         self._draining_lock = threading.Lock()  # guards _draining; nothing is called under it
-        nodes = self._build_nodes(config)
+        self._template = parse_address(config.primary)
+        provider = self._make_provider(config)
+        members = _first_members(provider, config.connect.connect_timeout) if provider is not None else []
+        nodes, discovered = self._build_nodes(config, members)
         self.topology = Topology(nodes, config.routing, config.monitor, self.events,
                                  probe_timeout=max(1.0, config.connect.connect_timeout), watchdog=self._watchdog)
+        self.discovery: DiscoveryLoop | None = None
+        """Follows the provider (``discovery`` option) while the router is open; None when static."""
+        if provider is not None:
+            self.discovery = DiscoveryLoop(
+                provider, interval=config.discovery.discovery_interval, timeout=config.connect.connect_timeout,
+                topology=self.topology, events=self.events, template=self._template,
+                add=lambda address, name: self._add_node(address, name, 1.0, 10.0),
+                remove=lambda name: self.remove_replica(name, wait=False), discovered=discovered)
         self._read_verdicts = verdicts(nodes[0].adapter.engine)
         self._balancer = make_balancer(config.routing.policy)
         self._executor = RetryExecutor(config.retry)
@@ -105,6 +120,8 @@ class Router(Core):
                 self._close_pools(0)
                 raise
             self.topology.start()
+            if self.discovery is not None:
+                self.discovery.start()
         return self
 
     @classmethod
@@ -118,24 +135,76 @@ class Router(Core):
             config = build_router_config(primary, config.replicas, overrides, sections)
         return cls(config=config)
 
-    def _build_nodes(self, config: RouterConfig) -> list[Node]:
-        primary_address = parse_address(config.primary)
+    def _make_provider(self, config: RouterConfig) -> Provider | None:
+        """The topology provider the ``discovery`` option names, or None for ``static``."""
+        kind = config.discovery.discovery
+        if not isinstance(kind, str):
+            return cast(Provider, kind)
+        if kind == "patroni":
+            patroni = importlib.import_module(".discovery.patroni", __package__)  # lands with the Patroni work
+            return cast(Provider, patroni.PatroniProvider(config.discovery.discovery_endpoints))
+        if kind == "dns":
+            from .discovery.dns import DnsProvider
+
+            return DnsProvider(config.discovery.discovery_endpoints, self._template.port,
+                               config.discovery.discovery_nameservers)
+        if kind == "mysql":
+            if self._template.engine != "mysql":
+                raise ConfigurationError("discovery = 'mysql' asks a MySQL/MariaDB primary for its replicas; "
+                                         f"the primary {self._template.redacted} is {self._template.engine}")
+            from .discovery.mysql import MySQLReplicaProvider
+
+            configured = (config.primary_name or self._template.name, self._template)
+
+            def primary() -> tuple[str, NodeAddress]:
+                topology = getattr(self, "topology", None)
+                if topology is None:
+                    return configured
+                node = topology.snapshot.primary
+                return node.name, node.address
+
+            return MySQLReplicaProvider(primary, config.connect)
+        return None
+
+    def _build_nodes(self, config: RouterConfig, members: Sequence[Member] = ()) -> tuple[list[Node], list[str]]:
+        """The nodes to start with, and the names of those the provider brought.
+
+        With a provider that names a primary (Patroni), that member is the primary and the
+        primary URL only lends its user, password, database and options; otherwise the
+        primary URL is the primary, and the members not already configured are replicas.
+        """
+        template = self._template
+        lead = next((m for m in members if m.role == MEMBER_PRIMARY), None)
+        specs: list[tuple[NodeAddress, float, str | None, str]]
+        if lead is not None:
+            specs = [(member_address(template, lead), 1.0, lead.name, PRIMARY)]
+        else:
+            specs = [(template, 1.0, config.primary_name, PRIMARY)]
+        specs += [(parse_address(r.url), r.weight, r.name, REPLICA) for r in config.replicas]
+        taken = {(address.host, address.port) for address, *_ in specs}
+        names = {name for _, _, name, _ in specs if name}
+        discovered = [lead.name] if lead is not None else []
+        for member in members:
+            if member is lead or (member.host, member.port) in taken or member.name in names:
+                continue
+            taken.add((member.host, member.port))
+            names.add(member.name)
+            specs.append((member_address(template, member), 1.0, member.name, REPLICA))
+            discovered.append(member.name)
         nodes: list[Node] = []
-        specs = [(config.primary, 1.0, config.primary_name, PRIMARY)]
-        specs += [(r.url, r.weight, r.name, REPLICA) for r in config.replicas]
         try:
-            for url, weight, name, role in specs:
-                nodes.append(self._build_node(config, primary_address, nodes, url, weight, name, role))
+            for address, weight, name, role in specs:
+                nodes.append(self._build_node(config, nodes, address, weight, name, role))
         except BaseException:
             for node in nodes:
                 node.pool.close(timeout=0)
             raise
-        return nodes
+        return nodes, discovered
 
-    def _build_node(self, config: RouterConfig, primary_address: NodeAddress, nodes: list[Node], url: str,
-                    weight: float, name: str | None, role: str) -> Node:
+    def _build_node(self, config: RouterConfig, nodes: list[Node], address: NodeAddress, weight: float,
+                    name: str | None, role: str) -> Node:
         """One node: its adapter, breaker and pool (not connecting yet)."""
-        address = primary_address if role == PRIMARY else parse_address(url)
+        primary_address = self._template
         if address.engine != primary_address.engine:
             raise ConfigurationError(
                 f"replica {address.redacted} is a {address.engine} node but the primary "
@@ -203,9 +272,11 @@ class Router(Core):
         """
         check_wait("timeout", timeout)
         spec = ReplicaSpec(url=url, weight=weight, name=name)  # validated like a configured replica
+        return self._add_node(parse_address(spec.url), spec.name, spec.weight, timeout)
+
+    def _add_node(self, address: NodeAddress, name: str | None, weight: float, timeout: float) -> Node:
         # The name is checked by the control plane, which alone knows the nodes as of now.
-        node = self._build_node(self.config, parse_address(self.config.primary), [], spec.url, spec.weight,
-                                spec.name, REPLICA)
+        node = self._build_node(self.config, [], address, weight, name, REPLICA)
         node.pool.open()
         try:
             self.topology.add(node, timeout)
@@ -399,6 +470,7 @@ class Router(Core):
             "failovers": self.topology.failovers.value,
             "causal_primary_reads": counts.causal_primary_reads.value,
             "write_outcome_unknown": counts.write_outcome_unknown.value,
+            "discovery": None if self.discovery is None else self.discovery.stats(),
         }
 
     def close(self, timeout: float = 5.0) -> None:
@@ -407,6 +479,8 @@ class Router(Core):
         if self._closed:
             return
         self._closed = True
+        if self.discovery is not None:
+            self.discovery.stop(timeout)
         self.topology.stop(timeout)
         self._close_pools(timeout)
         self._watchdog.stop()
@@ -416,6 +490,8 @@ class Router(Core):
         there, with its control plane and every pool's housekeeping and ``min_size``
         connections (see `dbrouter._fork`)."""
         self.topology.revive()
+        if self.discovery is not None:
+            self.discovery.revive()
         for node in self.topology.nodes:
             node.pool._revive(tell_owner=False)
 
@@ -458,6 +534,20 @@ class _Checkout:
             lease.release()
         else:
             lease.release_after(exc, Phase.SENT, self._work)  # judged only if it is this connection's
+
+
+def _first_members(provider: Provider, timeout: float) -> list[Member]:
+    """The provider's first answer, which the router starts from: without it there is
+    nothing to route to, so its failure is the constructor's."""
+    try:
+        members = list(provider.members(timeout))
+    except BaseException:
+        provider.close()
+        raise
+    if not members:
+        provider.close()
+        raise DiscoveryError(f"{provider.source}: no members reported")
+    return members
 
 
 def _fields(section: Any) -> dict[str, Any]:

@@ -24,6 +24,7 @@ def test_the_numeric_options_are_the_ones_expected() -> None:
     # A new numeric option must get a bound: this list makes it show up here.
     assert set(NUMERIC) == set(FLAT_OPTIONS) - {
         "application_name", "policy", "fallback_to_primary", "primary_discovery", "breaker_redis_url",
+        "discovery", "discovery_endpoints", "discovery_nameservers",
     }
 
 
@@ -202,3 +203,36 @@ def test_a_bad_redis_url_is_a_configuration_error_without_the_password(url: str)
 def test_an_application_name_with_a_nul_is_refused() -> None:
     with pytest.raises(ConfigurationError, match="application_name must be a string without NUL"):
         build_router_config(PRIMARY, (), {"application_name": "app\x00"})
+
+
+# -- discovery ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"discovery": "consul"}, "DiscoveryConfig.discovery must be one of static, patroni, dns, mysql"),
+        ({"discovery": object()}, "an object with members\\(\\) and close\\(\\).*got object"),
+        ({"discovery": "patroni"}, "discovery_endpoints is empty: patroni discovery needs at least one"),
+        ({"discovery": "dns", "discovery_endpoints": []}, "dns discovery needs at least one"),
+        ({"discovery": "dns", "discovery_endpoints": ["ok", ""]}, "discovery_endpoints must be a list of non-empty"),
+        ({"discovery_endpoints": [5]}, "discovery_endpoints must be a list of non-empty strings"),
+        ({"discovery_interval": 0}, "discovery_interval must be >= 0.05 and <= 3600"),
+    ],
+)
+def test_discovery_options_are_checked(options: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigurationError, match=message):
+        build_router_config(PRIMARY, (), options)
+
+
+def test_discovery_endpoints_from_toml_lists_and_environment_text_never_show_a_password() -> None:
+    config = load_router_config({"primary": PRIMARY, "discovery": {
+        "discovery": "patroni", "discovery_endpoints": [f"http://patroni:{SECRET}@10.0.0.5:8008", "http://10.0.0.6:8008"]}})
+    assert config.discovery.discovery_endpoints == (f"http://patroni:{SECRET}@10.0.0.5:8008", "http://10.0.0.6:8008")
+    assert SECRET not in repr(config) and "10.0.0.6" in repr(config)
+    from_env = load_router_config(None, env={
+        "DBROUTER_PRIMARY": PRIMARY, "DBROUTER_DISCOVERY": "dns",
+        "DBROUTER_DISCOVERY_ENDPOINTS": "a.db.internal, _pg._tcp.db.internal:5433",
+        "DBROUTER_DISCOVERY_NAMESERVERS": "127.0.0.1:5353"})
+    assert from_env.discovery.discovery_endpoints == ("a.db.internal", "_pg._tcp.db.internal:5433")
+    assert from_env.discovery.discovery_nameservers == ("127.0.0.1:5353",)

@@ -150,6 +150,8 @@ class MariaDBNode(LocalNode):
             f"--port={self.port}",
             f"--bind-address={HOST}",
             f"--server-id={self.server_id}",
+            f"--report-host={HOST}",  # listed by the primary's SHOW SLAVE HOSTS (discovery = "mysql")
+            f"--report-port={self.port}",
             f"--pid-file={self.pid_file}",
             f"--log-error={self.log_file}",
             "--log-bin=mysql-bin",

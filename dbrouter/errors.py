@@ -13,6 +13,7 @@ __all__ = [
     "ConfigurationError",
     "ConnectError",
     "DbRouterError",
+    "DiscoveryError",
     "NoPrimaryAvailable",
     "NoReplicaAvailable",
     "NodeRemoved",
@@ -38,6 +39,11 @@ class ConfigurationError(DbRouterError, ValueError):
 
 class ClusterError(DbRouterError):
     """A local replication cluster could not be started or changed."""
+
+
+class DiscoveryError(DbRouterError):
+    """A topology provider could not say who the members are. The message names the source
+    (``patroni at http://10.0.0.5:8008``) and the problem, never a password."""
 
 
 class NodeUnavailable(DbRouterError):

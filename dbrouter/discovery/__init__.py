@@ -17,17 +17,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol, Sequence, runtime_checkable
 
-from ..errors import DbRouterError
+from ..errors import DiscoveryError
 
 __all__ = ["DiscoveryError", "Member", "Provider"]
 
 PRIMARY = "primary"
 REPLICA = "replica"
-
-
-class DiscoveryError(DbRouterError):
-    """A provider could not say who the members are. The message names the source
-    (``patroni at http://10.0.0.5:8008``) and the problem, never a password."""
 
 
 @dataclass(frozen=True)

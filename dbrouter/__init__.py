@@ -32,6 +32,7 @@ from .errors import (  # noqa: E402
     PoolTimeout,
     RoutingError,
     SplitBrain,
+    TooManyWaiting,
     UsageError,
     WriteOutcomeUnknown,
 )
@@ -70,6 +71,7 @@ __all__ = [
     "RoutingError",
     "Session",
     "SplitBrain",
+    "TooManyWaiting",
     "Transaction",
     "UsageError",
     "WriteOutcomeUnknown",

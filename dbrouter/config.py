@@ -58,6 +58,7 @@ MAX_KEEPALIVE_COUNT = 127
 """Linux's TCP_KEEPCNT maximum."""
 MAX_POOL_SIZE = 100000
 """MariaDB's max_connections maximum (PostgreSQL's is 262143)."""
+MAX_WAITING = 1000000
 MAX_WEIGHT = 1e6
 MAX_FAIL_MAX = 1000000
 
@@ -179,6 +180,9 @@ class PoolConfig:
     """Hard cap on open connections (server sessions) for this node."""
     acquire_timeout: float = 10.0
     """Seconds a caller waits for a free connection before `PoolTimeout`."""
+    max_waiting: int = 0
+    """Callers that may queue for a connection; one more gets `TooManyWaiting` at once
+    instead of joining the queue (load shedding). 0: no limit."""
     max_lifetime: float | None = 1800.0
     """Seconds after which a connection is retired (jittered down by up to 5%). None: never."""
     max_idle: float | None = 600.0
@@ -199,6 +203,7 @@ class PoolConfig:
                 f"PoolConfig.min_size ({self.min_size}) must be <= max_size ({self.max_size})"
             )
         check_range(owner, "acquire_timeout", self.acquire_timeout, low=0, low_open=True, high=MAX_WAIT)
+        check_range(owner, "max_waiting", self.max_waiting, low=0, high=MAX_WAITING, integer=True)
         check_range(owner, "max_lifetime", self.max_lifetime, low=0, low_open=True, high=MAX_AGE, optional=True)
         check_range(owner, "max_idle", self.max_idle, low=0, low_open=True, high=MAX_AGE, optional=True)
         check_range(owner, "validation_bypass", self.validation_bypass, low=0, high=MAX_AGE)

@@ -24,6 +24,7 @@ __all__ = [
     "PoolTimeout",
     "RoutingError",
     "SplitBrain",
+    "TooManyWaiting",
     "UsageError",
     "WriteOutcomeUnknown",
 ]
@@ -77,6 +78,11 @@ class PoolTimeout(PoolError):
     def __init__(self, message: str, node: str | None = None) -> None:
         super().__init__(message)
         self.node = node
+
+
+class TooManyWaiting(PoolTimeout):
+    """The pool's queue was full (``max_waiting``): refused at once, without waiting, so
+    that an overloaded node sheds load instead of piling up callers."""
 
 
 class RoutingError(DbRouterError):

@@ -6,7 +6,7 @@ follow the Prometheus conventions (base units, ``_total`` for counters):
 
 - ``dbrouter_pool_connections{node, state="idle"|"in_use"}`` and
   ``dbrouter_pool_max_connections{node}``, ``dbrouter_pool_waiting{node}``
-- ``dbrouter_pool_acquired_total``, ``dbrouter_pool_timeouts_total``,
+- ``dbrouter_pool_acquired_total``, ``dbrouter_pool_timeouts_total``, ``dbrouter_pool_rejected_total``,
   ``dbrouter_pool_connect_errors_total``, ``dbrouter_pool_connections_opened_total``,
   ``dbrouter_pool_connections_closed_total``, ``dbrouter_pool_connections_discarded_total``,
   ``dbrouter_pool_leaks_total`` (all ``{node}``)
@@ -45,6 +45,7 @@ __all__ = ["MetricsServer", "RouterCollector", "start_http_server"]
 _POOL_COUNTERS = (
     ("acquired", "dbrouter_pool_acquired", "Connections handed out by the pool."),
     ("timeouts", "dbrouter_pool_timeouts", "Callers that gave up waiting for a connection."),
+    ("rejected", "dbrouter_pool_rejected", "Callers refused at once because max_waiting were already waiting."),
     ("connect_errors", "dbrouter_pool_connect_errors", "Failed attempts to open a connection."),
     ("opened", "dbrouter_pool_connections_opened", "Connections opened."),
     ("closed", "dbrouter_pool_connections_closed", "Connections closed."),

@@ -45,7 +45,7 @@ from . import _fork
 from ._counter import Counter
 from .adapters.base import Adapter, ErrorKind, ReturnState
 from .config import PoolConfig, check_wait
-from .errors import ConnectError, NodeRemoved, PoolClosed, PoolError, PoolTimeout
+from .errors import ConnectError, NodeRemoved, PoolClosed, PoolError, PoolTimeout, TooManyWaiting
 
 if TYPE_CHECKING:
     from .watchdog import Watchdog
@@ -61,6 +61,7 @@ IN_USE = "in_use"
 WAITING = "waiting"
 ACQUIRED = "acquired"
 TIMEOUTS = "timeouts"
+REJECTED = "rejected"
 CONNECT_ERRORS = "connect_errors"
 OPENED = "opened"
 CLOSED = "closed"
@@ -201,7 +202,7 @@ class Pool:
         self._last_connect_error: BaseException | None = None
         self._failing = False  # log the first connect failure of a streak as a warning, the rest quietly
         self._drained = threading.Condition(self._lock)
-        self._counts = {TIMEOUTS: 0, CONNECT_ERRORS: 0, OPENED: 0, CLOSED: 0, DISCARDED: 0, LEAKS: 0}
+        self._counts = {TIMEOUTS: 0, REJECTED: 0, CONNECT_ERRORS: 0, OPENED: 0, CLOSED: 0, DISCARDED: 0, LEAKS: 0}
         self._retried = 0  # checkouts that found their connection unusable and started over
         self._wait_buckets = [0] * (len(WAIT_BUCKETS) + 1)  # the last one is +Inf; [0] unused
         self._unwaited = Counter()  # the checkouts that did not wait (the first bucket), counted lock-free
@@ -399,6 +400,13 @@ class Pool:
         with self._lock:
             if self._closed:
                 raise self._closed_error()
+            limit = self.config.max_waiting
+            if limit and not front and len(self._waiters) >= limit:
+                self._counts[REJECTED] += 1
+                raise TooManyWaiting(
+                    f"pool {self.name}: {len(self._waiters)} callers already waiting for a connection "
+                    f"(max_waiting {limit}; size {self._open}/{self.config.max_size}): refused at once",
+                    node=self.name)
             if front:
                 self._waiters.appendleft(waiter)
             else:

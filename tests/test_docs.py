@@ -75,7 +75,7 @@ def test_the_ranges_in_the_configuration_reference_are_the_code_s() -> None:
         if not (inclusive or open_low):
             continue
         low, high = (float(g) for g in (inclusive or open_low).groups()[:2])  # type: ignore[union-attr]
-        integer = name in ("max_size", "keepalive_count", "fail_max", "retry_attempts")
+        integer = name in ("max_size", "max_waiting", "keepalive_count", "fail_max", "retry_attempts")
         cast = int if integer else float
         step = 1 if integer else max(1e-6, high * 1e-9)
         assert builds(name, cast(high)), name
@@ -87,7 +87,7 @@ def test_the_ranges_in_the_configuration_reference_are_the_code_s() -> None:
         else:
             assert not builds(name, cast(low)) and builds(name, cast(low + step)), name
         checked += 1
-    assert checked == 25  # every numeric option but min_size (0 to max_size)
+    assert checked == 26  # every numeric option but min_size (0 to max_size)
 
 
 def bad_input_rows() -> list[tuple[str, str, str]]:

@@ -21,6 +21,32 @@ def make_pool(tagged: Tagged, **config: object) -> Pool:
     return connect_pool(tagged.url, pool=PoolConfig(**config), connect=tagged.connect_options)
 
 
+def test_max_waiting_refuses_the_next_caller_at_once_and_serves_the_queued_ones(tagged: Tagged) -> None:
+    """Load shedding (issue 15): with max_waiting callers queued, one more is refused with
+    TooManyWaiting without waiting for acquire_timeout; the queued ones are served in turn."""
+    pool = make_pool(tagged, min_size=1, max_size=1, acquire_timeout=10, max_waiting=2)
+    try:
+        held = pool.acquire()
+        served: list[int] = []
+        queued = [threading.Thread(target=lambda i=i: (pool.release(pool.acquire()), served.append(i)), daemon=True)
+                  for i in range(2)]
+        for thread in queued:
+            thread.start()
+        assert wait_until(lambda: pool.stats()["waiting"] == 2, timeout=5)
+        began = time.monotonic()
+        with pytest.raises(dbrouter.TooManyWaiting, match=r"2 callers already waiting .*max_waiting 2") as refused:
+            pool.acquire()
+        assert time.monotonic() - began < 1.0, "refused only after waiting"
+        assert isinstance(refused.value, PoolTimeout) and refused.value.node == pool.name
+        assert pool.stats()["rejected"] == 1 and pool.stats()["timeouts"] == 0
+        pool.release(held)
+        for thread in queued:
+            thread.join(5)
+        assert sorted(served) == [0, 1]
+    finally:
+        pool.close()
+
+
 def test_exhaustion_64_threads_on_4(tagged: Tagged) -> None:
     """Every caller gets a connection or a PoolTimeout after the timeout; sessions stay <= max_size."""
     timeout = 0.4

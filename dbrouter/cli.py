@@ -183,6 +183,32 @@ def _drill(args: argparse.Namespace) -> int:
     return 1 if report.errors else 2 if report.violated else 0
 
 
+def _compare(args: argparse.Namespace) -> int:
+    """``dbrouter drill compare A.json B.json ...``: exit 2, with one line naming the file, for
+    a file that is missing or no drill report."""
+    from .drill.compare import load_report, render_comparison
+
+    given = sorted(f"--{name.replace('_', '-')}" for name, default in args.drill_defaults.items()
+                   if getattr(args, name) != default)
+    if given:
+        print(f"dbrouter: drill compare takes no drill options (got {', '.join(given)})", file=sys.stderr)
+        return 2
+    if len(args.reports) < 2:
+        print("dbrouter: drill compare needs at least two reports", file=sys.stderr)
+        return 2
+    try:
+        reports = [load_report(Path(path)) for path in args.reports]
+    except ConfigurationError as exc:
+        print(f"dbrouter: {exc}", file=sys.stderr)
+        return 2
+    try:
+        print(render_comparison(reports), flush=True)
+    except BrokenPipeError:  # `| head`: the reader has seen enough (the recipe of Python's signal docs)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    return 0
+
+
 def _chaos(args: argparse.Namespace) -> int:
     import logging
 
@@ -257,8 +283,19 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--watch", type=float, nargs="?", const=2.0, default=0.0, metavar="SECONDS",
                         help="refresh every SECONDS (default 2) until interrupted or --count refreshes")
     status.add_argument("--count", type=int, default=1_000_000, help="with --watch: stop after this many refreshes")
-    drill = sub.add_parser("drill", help="run a workload, inject a fault, report what the application saw")
+    drill = sub.add_parser("drill", help="run a workload, inject a fault, report what the application saw",
+                           usage="%(prog)s [options]\n       %(prog)s compare A.json B.json [C.json ...]")
     _add_drill_arguments(drill, demo=False)
+    # `drill compare` is a subcommand of a command that runs without one: `drill --local ...`
+    # parses as before. The drill options' defaults tell `_compare` whether any was given.
+    defaults = vars(drill.parse_args([]))
+    drill_sub = drill.add_subparsers(dest="drill_action", title="subcommand", metavar="SUBCOMMAND")
+    compare = drill_sub.add_parser("compare", help="drill reports side by side (B - A with two)",
+                                   prog="dbrouter drill compare",
+                                   description="Print the figures of drill reports (the JSON files a drill "
+                                               "writes) side by side, one column per report.")
+    compare.add_argument("reports", nargs="+", metavar="REPORT", help="a dbrouter-drill-*.json file (at least two)")
+    compare.set_defaults(drill_defaults=defaults)
     chaos = sub.add_parser("chaos", help="seeded faults on a local cluster under load; checks the invariants")
     chaos.add_argument("--engine", choices=ENGINES, default="postgres")
     chaos.add_argument("--duration", default="60s", help="length of the run, e.g. 30s or 2m (at least 15s)")
@@ -291,6 +328,8 @@ def run(args: argparse.Namespace) -> int:
         return _status(args)
     if args.command == "chaos":
         return _chaos(args)
+    if getattr(args, "drill_action", None) == "compare":
+        return _compare(args)
     return _drill(args)
 
 

@@ -25,6 +25,7 @@ from dbrouter.cluster import LocalCluster, LocalNode, MariaDBCluster, PostgresCl
 from dbrouter.url import parse_address
 
 from . import _mysql_mode
+from .dnsserver import DNSServer
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -201,3 +202,16 @@ def table(cluster: LocalCluster) -> Iterator[str]:
     for replica in cluster.replicas:
         cluster.resume_replication(replica)
     cluster.primary.query(f"DROP TABLE IF EXISTS {name}")
+
+
+@pytest.fixture
+def dns_server() -> Iterator[DNSServer]:
+    """A DNS server of the test's own on 127.0.0.1 (UDP and TCP, ``dns_server.port``), with an
+    empty record table: ``dns_server.set("db.test.", "A", ["127.0.0.1"])``. Stopped afterwards;
+    an error while answering fails the test."""
+    server = DNSServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+    assert not server.errors, server.errors

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from dbrouter.drill.report import summarise, write_outages
 from dbrouter.workload import Op
 
@@ -52,3 +54,15 @@ def test_healthy_writes_after_the_fault_are_no_outage() -> None:
 def test_an_outage_that_never_ends_lasts_to_the_end_of_the_run() -> None:
     ops = steady(0, 5) + failing(5, 9)
     assert write_outages(ops, fault_at=5.0, run_end=9.5) == [(5.0, 9.5)]
+
+
+def test_reads_and_writes_have_latency_percentiles_of_their_own() -> None:
+    """`dbrouter drill compare` shows them: fast failed writes must not hide slow reads."""
+    reads = [Op("read", float(i), i + 0.010) for i in range(99)] + [Op("read", 99.0, 99.5)]
+    writes = [Op("write", float(i), i + 0.001, error="NoPrimaryAvailable") for i in range(200)]
+    results = summarise(reads + writes, start=0.0, fault_at=50.0, events=[], lost=[], duplicated=[])
+    assert results["read_p50_latency"] == pytest.approx(0.010) and results["read_p99_latency"] == pytest.approx(0.010)
+    assert results["read_max_latency"] == pytest.approx(0.5)
+    assert results["write_p50_latency"] == pytest.approx(0.001) and results["write_max_latency"] == pytest.approx(0.001)
+    only_reads = summarise(reads, start=0.0, fault_at=50.0, events=[], lost=[], duplicated=[])
+    assert only_reads["write_p50_latency"] is None and only_reads["write_max_latency"] is None

@@ -6,6 +6,7 @@ import html
 import math
 from typing import Any, Sequence
 
+from .figures import format_figure
 from .report import BUCKET, DrillReport
 
 __all__ = ["render_html"]
@@ -89,7 +90,7 @@ def render_html(report: DrillReport) -> str:
     colors = {"reads/s": "#1f77b4", "writes/s": "#2ca02c", "p50 ms": "#1f77b4", "p99 ms": "#ff7f0e", "max ms": "#d62728",
               "errors/s": "#999"}
     colors.update({kind: COLORS[i % len(COLORS)] for i, kind in enumerate(kinds)})
-    rows = "".join(f"<tr><td>{html.escape(k.replace('_', ' '))}</td><td>{html.escape(_with_unit(k, v))}</td></tr>"
+    rows = "".join(f"<tr><td>{html.escape(k.replace('_', ' '))}</td><td>{html.escape(format_figure(k, v))}</td></tr>"
                    for k, v in report.results.items() if not k.endswith("_ids"))
     errors_html = "".join(f"<li>{html.escape(error)}</li>" for error in report.errors)
     limits = "".join(f"<li>{html.escape(limit.describe())}</li>" for limit in report.limits)
@@ -112,21 +113,3 @@ def render_html(report: DrillReport) -> str:
 </body></html>
 """
 
-
-def _with_unit(key: str, value: Any) -> str:
-    """A result as people read it: availabilities in percent, times in s or ms, outages as spans."""
-    if value is None:
-        return "none"
-    if key.endswith("_availability"):
-        return f"{value:.3f} %"
-    if key in ("max_latency", "p99_latency"):
-        return f"{value * 1000:.1f} ms"
-    if key in ("time_to_detect", "write_unavailability"):
-        return f"{value:.2f} s"
-    if key == "write_outages":
-        return ", ".join(f"{begin:.2f} s to {end:.2f} s" for begin, end in value) or "none"
-    if key == "errors_by_kind":
-        return ", ".join(f"{kind}: {count}" for kind, count in sorted(value.items())) or "none"
-    if isinstance(value, float):
-        return f"{value:.3g}"
-    return str(value)

@@ -143,10 +143,23 @@ def summarise(
         "errors_by_kind": dict(Counter(op.error for op in ops if op.error)),
         "max_latency": max((op.latency for op in ops), default=0.0),
         "p99_latency": _percentile([op.latency for op in ops], 0.99),
+        **_latencies("read", reads),
+        **_latencies("write", writes),
         "lost_writes": len(lost),
         "lost_ids": lost[:1000],
         "duplicated_writes": len(duplicated),
         "duplicated_ids": duplicated[:1000],
+    }
+
+
+def _latencies(kind: str, ops: Sequence[Op]) -> dict[str, float | None]:
+    """p50, p99 and max of one kind of operation, failed ones included (as in ``max_latency``);
+    None when there was none of that kind."""
+    latencies = [op.latency for op in ops]
+    return {
+        f"{kind}_p50_latency": _percentile(latencies, 0.50) if latencies else None,
+        f"{kind}_p99_latency": _percentile(latencies, 0.99) if latencies else None,
+        f"{kind}_max_latency": max(latencies) if latencies else None,
     }
 
 
@@ -164,6 +177,7 @@ class DrillReport:
     notes: list[str] = field(default_factory=list)
     limits: list[Limit] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)  # steps that failed after the fault (a --recover command)
+    started: str | None = None  # wall-clock start, ISO 8601 UTC: which run this was (times above are offsets)
 
     @property
     def violated(self) -> list[Limit]:
@@ -173,6 +187,7 @@ class DrillReport:
         return {
             "scenario": self.scenario,
             "engine": self.engine,
+            "started": self.started,
             "settings": self.settings,
             "fault_at": self.fault_at,
             "recover_at": self.recover_at,

@@ -12,6 +12,7 @@ import logging
 import sys
 import time
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -213,6 +214,9 @@ class Drill:
                  + (f", recovery at {recover_at:g}s" if recover_at is not None else ""))
         workload.start()
         self.start = workload.started_at
+        # The date only labels the report (for people, and `dbrouter drill compare`); every
+        # measurement is monotonic.
+        started = datetime.now(timezone.utc).isoformat(timespec="seconds")
         if options.live:
             live.start()
         try:
@@ -262,6 +266,7 @@ class Drill:
             notes=target.notes,
             limits=options.limits,
             errors=errors,
+            started=started,
         )
 
     def _sleep_until(self, offset: float) -> None:

@@ -169,7 +169,7 @@ def test_dns_discovery_follows_srv_records_from_a_nameserver_the_test_runs(pg_cl
             assert wait_until(lambda: f"n1.db.test:{one.port}" not in router.stats()["nodes"], timeout=5)
         assert not [r for r in load.snapshot() if r[3] is not None]
         # A name that stops existing is a failed answer: the nodes stay.
-        dns_server.remove("_postgresql._tcp.db.test.")
+        dns_server.delete("_postgresql._tcp.db.test.")
         failed = threading.Event()
         router.on("discovery_failed", lambda event: failed.set())
         assert failed.wait(5)

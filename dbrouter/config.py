@@ -59,6 +59,7 @@ MAX_KEEPALIVE_COUNT = 127
 MAX_POOL_SIZE = 100000
 """MariaDB's max_connections maximum (PostgreSQL's is 262143)."""
 MAX_WAITING = 1000000
+MAX_RETRY_FLOOR = 1e6
 MAX_WEIGHT = 1e6
 MAX_FAIL_MAX = 1000000
 
@@ -281,6 +282,12 @@ class RetryPolicy:
     """Seconds before the first retry; doubles each time, plus up to as much again in jitter."""
     retry_backoff_max: float = 1.0
     """Upper bound of one backoff sleep."""
+    retry_budget: float | None = 0.2
+    """Retries may add at most this share of the requests of the last 10 seconds (plus
+    ``retry_budget_floor`` a second); past it a call raises its error instead of retrying,
+    so that clients do not bury an overloaded database in retries. None: no budget."""
+    retry_budget_floor: float = 10.0
+    """Retries a second that the budget always allows, however few the requests."""
 
     def __post_init__(self) -> None:
         owner = "RetryPolicy"
@@ -288,6 +295,8 @@ class RetryPolicy:
         check_range(owner, "retry_deadline", self.retry_deadline, low=0, low_open=True, high=MAX_WAIT)
         check_range(owner, "retry_backoff", self.retry_backoff, low=0, high=MAX_WAIT)
         check_range(owner, "retry_backoff_max", self.retry_backoff_max, low=0, high=MAX_WAIT)
+        check_range(owner, "retry_budget", self.retry_budget, low=0, high=100, optional=True)
+        check_range(owner, "retry_budget_floor", self.retry_budget_floor, low=0, high=MAX_RETRY_FLOOR)
 
 
 @dataclass(frozen=True, kw_only=True)

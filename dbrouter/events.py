@@ -38,6 +38,7 @@ EVENT_NAMES = frozenset(
         "node_removed",  # a replica left the router: no new reads, its pool drains
         "discovery_failed",  # the topology provider cannot say who the members are: nodes stay
         "discovery_restored",  # it answers again
+        "retry_budget_exhausted",  # retries would add more than retry_budget: calls raise instead
         "pool_exhausted",  # a caller timed out waiting for a connection
         "leak",  # a connection was held longer than leak_threshold
     }

@@ -16,7 +16,7 @@ follow the Prometheus conventions (base units, ``_total`` for counters):
 - ``dbrouter_node_up{node}``, ``dbrouter_node_primary{node}``,
   ``dbrouter_replica_lag_seconds{node}`` (NaN when unknown),
   ``dbrouter_node_latency_seconds{node}`` (moving average)
-- ``dbrouter_reads_total``, ``dbrouter_writes_total``, ``dbrouter_retries_total``,
+- ``dbrouter_reads_total``, ``dbrouter_writes_total``, ``dbrouter_retries_total``, ``dbrouter_retries_refused_total``,
   ``dbrouter_fallbacks_total``, ``dbrouter_failovers_total``,
   ``dbrouter_write_outcome_unknown_total``, ``dbrouter_split_brain``
 
@@ -56,6 +56,7 @@ _ROUTER_COUNTERS = (
     ("reads", "dbrouter_reads", "Reads routed."),
     ("writes", "dbrouter_writes", "Writes and transactions routed to the primary."),
     ("retries", "dbrouter_retries", "Retries after transient failures."),
+    ("retries_refused", "dbrouter_retries_refused", "Retries the retry budget refused (the call raised instead)."),
     ("fallbacks", "dbrouter_fallbacks", "Reads sent to the primary because no replica could serve."),
     ("failovers", "dbrouter_failovers", "Times another node became the primary."),
     ("write_outcome_unknown", "dbrouter_write_outcome_unknown", "Writes whose connection broke after sending."),

@@ -1,6 +1,8 @@
-"""The one retry executor: tenacity, bounded by attempts and a deadline, with jitter.
+"""The one retry executor: tenacity, bounded by attempts, a deadline and a budget, with jitter.
 
 Reads, writes and `run_transaction` all retry through `RetryExecutor.run`.
+A `RetryBudget` caps what all of a router's retries add to its traffic, so
+that clients do not bury an overloaded database in their own retries.
 What may run again is the decision table's call (`dbrouter.decisions`): an
 attempt raises `Retry` to ask for another go and anything else to stop. The
 sleep is injectable (tests record the pauses instead of sleeping), and a call
@@ -9,7 +11,9 @@ may replace the pause, as writes do to wait for a failover instead of sleeping.
 
 from __future__ import annotations
 
+import threading
 import time
+from collections import deque
 from typing import Any, Callable, TypeVar
 
 from tenacity import (
@@ -24,7 +28,7 @@ from tenacity.wait import wait_base
 from .config import RetryPolicy
 from .decisions import Decision, Failure, Phase
 
-__all__ = ["Retry", "RetryExecutor", "backoff"]
+__all__ = ["Retry", "RetryBudget", "RetryExecutor", "backoff"]
 
 T = TypeVar("T")
 
@@ -39,6 +43,7 @@ class Retry(Exception):
         self.failure = failure
         self.phase = phase
         self.decision = decision
+        self.budget_spent = False  # set when the retry budget refused to run it again
 
 
 def backoff(policy: RetryPolicy) -> wait_base:
@@ -47,16 +52,83 @@ def backoff(policy: RetryPolicy) -> wait_base:
             + wait_random(0, min(policy.retry_backoff, policy.retry_backoff_max)))
 
 
+class RetryBudget:
+    """Finagle's retry budget: over the last ``window`` seconds, retries may add at most
+    ``ratio`` of the requests made, plus ``floor`` retries per second (so that a quiet
+    router can still retry).
+
+    Costs nothing per request: it reads the router's request counter (``requests()``,
+    a running total) only when a retry asks, remembering the totals at most once a
+    second; between two such marks, requests are taken as evenly spread.
+    """
+
+    def __init__(self, ratio: float, floor: float, requests: Callable[[], int], *, window: float = 10.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.ratio = ratio
+        self.floor = floor
+        self.window = window
+        self._requests = requests
+        self._clock = clock
+        self._lock = threading.Lock()  # guards the marks and the total; nothing is called under it but the counter
+        self._retries = 0  # retries allowed, in all
+        self._marks: deque[tuple[float, int, int]] = deque([(clock(), requests(), 0)])  # (time, requests, retries)
+
+    def allow(self) -> bool:
+        """Whether one more retry fits in the budget; if it does, it is counted."""
+        now = self._clock()
+        requests = self._requests()
+        with self._lock:
+            marks = self._marks
+            while len(marks) > 1 and marks[1][0] <= now - self.window:
+                marks.popleft()  # keep one mark at or before the window's start
+            start = max(marks[0][0], now - self.window)
+            # The totals at the window's start: interpolated between the points around it
+            # (of points at the same time, the first: retries made since came after it).
+            points = [*marks, (now, requests, self._retries)]
+            before, after = points[0], None
+            for point in points[1:]:
+                if point[0] > start:
+                    after = point
+                    break
+                if point[0] > before[0]:
+                    before = point
+            base_requests, base_retries = float(before[1]), float(before[2])
+            if after is not None:
+                share = (start - before[0]) / (after[0] - before[0])
+                base_requests += (after[1] - before[1]) * share
+                base_retries += (after[2] - before[2]) * share
+            made, retried = requests - base_requests, self._retries - base_retries
+            allowed = retried + 1 <= self.ratio * made + self.floor * max(1.0, now - start)
+            if allowed:
+                self._retries += 1
+            if now - marks[-1][0] >= 1.0:
+                marks.append((now, requests, self._retries))
+            return allowed
+
+
 class RetryExecutor:
     """Runs an attempt until it returns, raises something other than `Retry`, or the
     budget (attempts and deadline) is spent; then the last `Retry` is raised."""
 
     def __init__(self, policy: RetryPolicy, *, sleep: Callable[[float], None] = time.sleep,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, budget: RetryBudget | None = None,
+                 on_refused: Callable[[Retry], object] | None = None) -> None:
         self.policy = policy
         self._sleep = sleep
         self._clock = clock
         self._wait = backoff(policy)
+        self._budget = budget
+        self._on_refused = on_refused
+
+    def admit(self, failed: Retry) -> bool:
+        """Whether a retry after ``failed`` fits in the budget (a caller that retries on its
+        own, outside `run`, asks first)."""
+        if self._budget is None or self._budget.allow():
+            return True
+        failed.budget_spent = True
+        if self._on_refused is not None:
+            self._on_refused(failed)
+        return False
 
     def run(
         self,
@@ -76,8 +148,12 @@ class RetryExecutor:
         ``give_up(last)`` ends the call at once. ``pause(last,
         seconds)`` replaces the sleep between attempts; no pause runs past the deadline.
         ``after``: the caller already made the first attempt (outside the executor, which
-        costs nothing when it succeeds) and it failed so; it counts as attempt 1."""
+        costs nothing when it succeeds) and it failed so; it counts as attempt 1.
+        Every retry but those inside ``keep_going``'s window (which wait for a new primary
+        rather than try a node again) draws on the budget; when it is spent, the call
+        ends with the last `Retry` as if its attempts were used up."""
         clock = self._clock
+        budget = self._budget
         limit = self.policy.retry_attempts if attempts is None else attempts
         until = clock() + self.policy.retry_deadline if deadline is None else deadline
         last: list[Retry] = []
@@ -92,7 +168,9 @@ class RetryExecutor:
                 return False
             if give_up is not None and give_up(error):
                 return True
-            return state.attempt_number >= limit or clock() >= until
+            if state.attempt_number >= limit or clock() >= until:
+                return True
+            return budget is not None and not self.admit(error)
 
         def sleep(seconds: float) -> None:
             if on_retry is not None:

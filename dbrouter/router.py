@@ -33,8 +33,8 @@ from .fleet import shared_storage
 from .lease import HeldLease, Lease, Outcome, take
 from .pool import Pool
 from .resilience import NodeBreaker
-from .retrying import RetryExecutor
-from .routing import Core, Counts, OpenTransactions
+from .retrying import Retry, RetryBudget, RetryExecutor
+from .routing import Core, Counts, OpenTransactions, short
 from .session import Session
 from .statements import is_read_statement, verdicts
 from .topology import PRIMARY, REPLICA, Node, Topology
@@ -105,7 +105,8 @@ class Router(Core):
                 remove=lambda name: self.remove_replica(name, wait=False), discovered=discovered)
         self._read_verdicts = verdicts(nodes[0].adapter.engine)
         self._balancer = make_balancer(config.routing.policy)
-        self._executor = RetryExecutor(config.retry)
+        self._executor = RetryExecutor(config.retry, budget=self._retry_budget(config), on_refused=self._retry_refused)
+        self._budget_event_at = float("-inf")
         if open:
             self.open()
 
@@ -134,6 +135,23 @@ class Router(Core):
             primary = {"url": config.primary, "name": config.primary_name} if config.primary_name else config.primary
             config = build_router_config(primary, config.replicas, overrides, sections)
         return cls(config=config)
+
+    def _retry_budget(self, config: RouterConfig) -> RetryBudget | None:
+        ratio = config.retry.retry_budget
+        if ratio is None:
+            return None
+        counts = self.counts
+        return RetryBudget(ratio, config.retry.retry_budget_floor, lambda: counts.reads.value + counts.writes.value)
+
+    def _retry_refused(self, failed: Retry) -> None:
+        """The retry budget refused a retry: counted, and said once per budget window."""
+        self.counts.retries_refused.inc()
+        now = time.monotonic()
+        if now - self._budget_event_at >= 10.0:
+            self._budget_event_at = now
+            self.events.emit("retry_budget_exhausted", failed.node.name,
+                             f"retry budget spent: calls raise their error instead of retrying ({short(failed.cause)})",
+                             level=logging.WARNING)
 
     def _make_provider(self, config: RouterConfig) -> Provider | None:
         """The topology provider the ``discovery`` option names, or None for ``static``."""
@@ -466,6 +484,7 @@ class Router(Core):
             "reads": counts.reads.value,
             "writes": counts.writes.value,
             "retries": counts.retries.value,
+            "retries_refused": counts.retries_refused.value,
             "fallbacks": counts.fallbacks.value,
             "failovers": self.topology.failovers.value,
             "causal_primary_reads": counts.causal_primary_reads.value,

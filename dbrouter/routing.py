@@ -69,6 +69,8 @@ class Counts:
     reads: Counter = field(default_factory=Counter)
     writes: Counter = field(default_factory=Counter)
     retries: Counter = field(default_factory=Counter)
+    retries_refused: Counter = field(default_factory=Counter)
+    """Retries the retry budget refused: the call raised its error instead."""
     fallbacks: Counter = field(default_factory=Counter)
     causal_primary_reads: Counter = field(default_factory=Counter)
     write_outcome_unknown: Counter = field(default_factory=Counter)
@@ -269,6 +271,12 @@ class Core:
         """Retry a read that failed on ``first.node`` on the other nodes."""
         tried: list[Node] = [first.node]
         errors = {first.node.name: first.cause}
+        if not self._executor.admit(first):
+            raise NoReplicaAvailable(
+                f"read failed on {first.node.name} ({short(first.cause)}); not retried: the retry budget is spent "
+                f"(retries may add {self.config.retry.retry_budget:.0%} to the requests of the last 10s, plus "
+                f"{self.config.retry.retry_budget_floor:g} a second)"
+            ) from first.cause
         self.counts.retries.inc()
 
         def attempt() -> Any:
@@ -285,7 +293,8 @@ class Core:
                                          on_retry=self.counts.retries.inc)
         except Retry as last:
             summary = "; ".join(f"{name}: {short(err)}" for name, err in errors.items())
-            raise NoReplicaAvailable(f"read failed on every node tried ({summary})") from last.cause
+            spent = "; no more retries: the retry budget is spent" if last.budget_spent else ""
+            raise NoReplicaAvailable(f"read failed on every node tried ({summary}){spent}") from last.cause
         return rows or []
 
     # -- writes ----------------------------------------------------------------------
@@ -358,13 +367,14 @@ class Core:
         except Retry as failed:
             last = failed
         cause = last.cause
+        spent = "; not retried: the retry budget is spent" if last.budget_spent else ""
         if last.decision.demoted:
             raise NoPrimaryAvailable(
-                f"primary {last.node.name} refused the write as read-only (demoted?): {short(cause)}"
+                f"primary {last.node.name} refused the write as read-only (demoted?): {short(cause)}{spent}"
             ) from cause
         if last.failure in _NODE_FAILURES:
             what = "not sent" if last.phase is not Phase.SENT else "failed"
-            raise NoPrimaryAvailable(f"write {what}: primary {last.node.name}: {short(cause)}") from cause
+            raise NoPrimaryAvailable(f"write {what}: primary {last.node.name}: {short(cause)}{spent}") from cause
         raise cause  # a deadlock or serialization failure that outlived the retries
 
 

@@ -236,6 +236,16 @@ class RoutingConfig:
     failover_wait: float = 0.0
     """Seconds a write waits for a new primary when none is available (a planned
     switchover, a promotion). 0: fail at once with `NoPrimaryAvailable`."""
+    slow_replica_ratio: float | None = None
+    """Slow-replica ejection: a replica whose moving average read time is more than this
+    many times the median of the other replicas' (and more than ``slow_replica_margin``
+    above it) gets no reads for ``slow_replica_ejection`` seconds, doubled each time in a
+    row it is found slow again (up to 8 times). At most half the replicas are out at once.
+    None: off (compare like with like: it judges the reads each replica served)."""
+    slow_replica_margin: float = 0.005
+    """Seconds a replica's read time must also exceed the others' median by to be ejected."""
+    slow_replica_ejection: float = 10.0
+    """Seconds a slow replica is first kept out of rotation."""
 
     def __post_init__(self) -> None:
         owner = "RoutingConfig"
@@ -249,6 +259,9 @@ class RoutingConfig:
         check_range(owner, "causal_wait", self.causal_wait, low=0, high=60)
         check_range(owner, "sticky_seconds", self.sticky_seconds, low=0, low_open=True, high=MAX_AGE, optional=True)
         check_range(owner, "failover_wait", self.failover_wait, low=0, high=3600)
+        check_range(owner, "slow_replica_ratio", self.slow_replica_ratio, low=1, low_open=True, high=1000, optional=True)
+        check_range(owner, "slow_replica_margin", self.slow_replica_margin, low=0, high=3600)
+        check_range(owner, "slow_replica_ejection", self.slow_replica_ejection, low=0, low_open=True, high=MAX_WAIT)
 
 
 @dataclass(frozen=True, kw_only=True)

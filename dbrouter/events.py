@@ -25,6 +25,8 @@ EVENT_NAMES = frozenset(
         "node_up",  # a node answers probes again
         "lag_excluded",  # a replica lags more than max_replica_lag and gets no reads
         "lag_restored",  # it caught up and gets reads again
+        "slow_ejected",  # a replica's reads are much slower than the others': no reads for a while
+        "slow_restored",  # its time out is over: back in rotation
         "fallback_to_primary",  # no replica can serve; reads go to the primary
         "replicas_restored",  # a replica can serve again after a fallback period
         "breaker_open",  # a node failed fail_max times in a row: out of rotation

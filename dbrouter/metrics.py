@@ -15,7 +15,8 @@ follow the Prometheus conventions (base units, ``_total`` for counters):
   ``dbrouter_breaker_trips_total{node}``
 - ``dbrouter_node_up{node}``, ``dbrouter_node_primary{node}``,
   ``dbrouter_replica_lag_seconds{node}`` (NaN when unknown),
-  ``dbrouter_node_latency_seconds{node}`` (moving average)
+  ``dbrouter_node_latency_seconds{node}`` (moving average), ``dbrouter_node_serving_reads{node}``,
+  ``dbrouter_node_slow_ejected{node}``
 - ``dbrouter_reads_total``, ``dbrouter_writes_total``, ``dbrouter_retries_total``, ``dbrouter_retries_refused_total``,
   ``dbrouter_fallbacks_total``, ``dbrouter_failovers_total``,
   ``dbrouter_write_outcome_unknown_total``, ``dbrouter_split_brain``
@@ -87,6 +88,8 @@ class RouterCollector(Collector):
         primary = GaugeMetricFamily("dbrouter_node_primary", "1 for the node writes go to.", labels=labels)
         lag = GaugeMetricFamily("dbrouter_replica_lag_seconds", "Replay lag of a replica (NaN: unknown).", labels=labels)
         latency = GaugeMetricFamily("dbrouter_node_latency_seconds", "Moving average of statement time.", labels=labels)
+        serving = GaugeMetricFamily("dbrouter_node_serving_reads", "1 when the node is in the read rotation.", labels=labels)
+        slow = GaugeMetricFamily("dbrouter_node_slow_ejected", "1 while a slow replica is out of rotation.", labels=labels)
         acquire = HistogramMetricFamily("dbrouter_acquire_seconds", "Time waited for a pooled connection.", labels=labels)
         by_name = {node.name: node for node in router.nodes}
         for node_name, info in nodes.items():
@@ -105,12 +108,15 @@ class RouterCollector(Collector):
             if info["role"] != "primary":
                 lag.add_metric(values, math.nan if info["lag"] is None else info["lag"])
             latency.add_metric(values, info["latency"])
+            serving.add_metric(values, 1 if info["serving_reads"] else 0)
+            slow.add_metric(values, 1 if info["slow_ejected"] else 0)
             node = by_name.get(node_name)
             if node is not None:
                 cumulative, total, _count = node.pool.wait_histogram()
                 bounds = [*(str(b) for b in WAIT_BUCKETS), "+Inf"]
                 acquire.add_metric(values, list(zip(bounds, cumulative, strict=True)), total)
-        yield from (connections, max_conns, waiting, *counters.values(), breaker, trips, up, primary, lag, latency, acquire)
+        yield from (connections, max_conns, waiting, *counters.values(), breaker, trips, up, primary, lag, latency, serving,
+                    slow, acquire)
         for key, name, doc in _ROUTER_COUNTERS:
             family = CounterMetricFamily(name, doc, labels=["router"])
             family.add_metric([self._name], stats[key])

@@ -468,6 +468,7 @@ class Router(Core):
                 "probe_latency": node.probe_latency,
                 "lag": node.lag,
                 "lag_excluded": node.lag_excluded,
+                "slow_ejected": bool(node.slow_until),
                 "latency": node.latency,
                 "weight": node.weight,
                 "last_error": node.last_error,

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import statistics
 import threading
 import time
 from collections import deque
@@ -39,7 +40,7 @@ from .config import MonitorConfig, RoutingConfig
 from .errors import ConfigurationError, UsageError
 from .events import Events
 from .monitor import Monitor, ProbeResult
-from .pool import Pool
+from .pool import ACQUIRED, Pool
 from .resilience import CLOSED, HALF_OPEN, OPEN
 from .url import NodeAddress
 
@@ -55,6 +56,8 @@ PRIMARY = "primary"
 REPLICA = "replica"
 
 _NOT_PROBED = "not probed yet"
+_SLOW_SAMPLES = 20  # reads a replica serves before its read time is judged
+_SLOW_ROUNDS = 2  # rounds in a row a replica must be found slow to be ejected
 _HISTORY = 3600  # primary positions remembered for lag (one per probe round at most)
 _BREAKER_EVENTS = {OPEN: "breaker_open", HALF_OPEN: "breaker_half_open", CLOSED: "breaker_closed"}
 
@@ -84,6 +87,10 @@ class Node:
         self.lag_excluded = False
         self.latency = 0.0
         self.probe_latency: float | None = None
+        self.slow_until = 0.0  # monotonic time until which a slow replica gets no reads (0: not ejected)
+        self.slow_ejections = 0  # ejections in a row
+        self.slow_since_reads = 0  # the pool's checkouts when its read time began to be judged afresh
+        self.slow_rounds = 0  # probe rounds in a row it was found slow (one is noise: a pause, a spike)
         self.last_error: str | None = None
         self._report: Callable[[Any], None] = lambda message: None
 
@@ -103,6 +110,8 @@ class Node:
         if self.lag_excluded:
             lag = "unknown" if self.lag is None else f"{self.lag:.2f}s"
             return f"lag {lag} over max_replica_lag {max_lag}s"
+        if self.slow_until:
+            return f"slow: out of rotation for {max(0.0, self.slow_until - time.monotonic()):.1f}s more"
         return None
 
     def report_demoted(self) -> None:
@@ -423,6 +432,7 @@ class Topology:
                 elif kind == "round":
                     if self._auto:
                         self._discover_roles(list(self._latest.values()), effects)
+                    self._judge_speed(effects)
                     rounds += 1
                 elif kind == "breaker":
                     self._breaker_changed(item[1], item[2], item[3], effects)
@@ -434,6 +444,7 @@ class Topology:
                     stop = True
             except Exception:  # noqa: BLE001 - the control plane must outlive any bug
                 log.exception("control plane: handling %s failed", kind)
+        self._restore_slow(effects)
         self._publish(effects, rounds)
         self._run_effects(effects)
         return stop
@@ -447,6 +458,8 @@ class Topology:
             due = node.breaker.trial_due()
             if due is not None and due > now:
                 wait = min(wait, due - now + 0.001)
+            if node.slow_until > now:
+                wait = min(wait, node.slow_until - now + 0.001)
         return wait
 
     def _publish(self, effects: _Effects, rounds: int) -> None:
@@ -605,6 +618,54 @@ class Topology:
         else:
             effects.emit("lag_restored", node.name, f"replica lag {lag}: reads resume", lag=node.lag)
 
+    def _judge_speed(self, effects: _Effects) -> None:
+        """Once a round: eject a replica whose reads are much slower than the others' (see
+        `RoutingConfig.slow_replica_ratio`). Judged on the moving average of the reads each
+        replica served (`Node.latency`), against the median of the other serving replicas,
+        once it has served a few reads (since it came back, after a time out), and only when
+        found slow in two rounds in a row: a single spike (a pause, a scheduling hiccup) moves
+        the moving average for a round or two, a slow replica stays slow."""
+        routing = self._routing
+        ratio = routing.slow_replica_ratio
+        if ratio is None:
+            return
+        max_lag = routing.max_replica_lag
+        replicas = self._state_replicas
+        serving = [n for n in replicas if n.why_not_serving(max_lag) is None and n.latency > 0.0
+                   and n.pool.stats()[ACQUIRED] - n.slow_since_reads >= _SLOW_SAMPLES]
+        room = len(replicas) // 2 - sum(1 for n in replicas if n.slow_until)
+        now = time.monotonic()
+        for node in sorted(serving, key=lambda n: n.latency, reverse=True):
+            others = [n.latency for n in serving if n is not node and not n.slow_until]
+            if not others:
+                return
+            median = statistics.median(others)
+            if node.latency <= ratio * median or node.latency - median <= routing.slow_replica_margin:
+                node.slow_ejections = node.slow_rounds = 0  # measured since it came back, and fine
+                continue
+            node.slow_rounds += 1
+            if node.slow_rounds < _SLOW_ROUNDS or room <= 0:
+                continue
+            room -= 1
+            node.slow_rounds = 0
+            node.slow_ejections += 1
+            period = routing.slow_replica_ejection * 2 ** min(node.slow_ejections - 1, 3)
+            node.slow_until = now + period
+            effects.emit("slow_ejected", node.name,
+                         f"replica reads take {node.latency * 1000:.1f}ms, {node.latency / median:.1f}x the others' "
+                         f"median {median * 1000:.1f}ms: no reads for {period:g}s", logging.WARNING,
+                         latency=node.latency, median=median, seconds=period)
+
+    def _restore_slow(self, effects: _Effects) -> None:
+        """A slow replica's time out is over: back in rotation with a fresh moving average."""
+        now = time.monotonic()
+        for node in self._state_replicas:
+            if node.slow_until and now >= node.slow_until:
+                node.slow_until = 0.0
+                node.latency = 0.0
+                node.slow_since_reads = node.pool.stats()[ACQUIRED]
+                effects.emit("slow_restored", node.name, "replica back in rotation after its time out for slowness")
+
     def _discover_roles(self, results: list[ProbeResult], effects: _Effects) -> None:
         # One server named twice is not a split brain (see _check_same_server).
         writable = self._distinct_servers([r.node for r in results if r.ok and r.writable])
@@ -630,6 +691,7 @@ class Topology:
         self._history.clear()  # positions of another node's history do not compare
         self.failovers.inc()
         new.lag, new.lag_excluded = 0.0, False
+        new.slow_until, new.slow_ejections = 0.0, 0
         effects.actions.append(new.breaker.reset)
         effects.actions.append(lambda: _invalidate(old.pool, f"{old.name} is no longer the primary"))
         effects.emit("failover", new.name, f"primary is now {new.name} (was {old.name})", logging.WARNING,

@@ -231,13 +231,15 @@ def _add_drill_arguments(p: argparse.ArgumentParser, *, demo: bool) -> None:
     from .drill import scenario_names
 
     where = p.add_mutually_exclusive_group()
-    where.add_argument("--local", choices=("postgres", "mariadb"), default="postgres" if demo else None,
-                       help="start a local replication cluster for the drill")
+    where.add_argument("--local", choices=("postgres", "mariadb", "patroni"), default="postgres" if demo else None,
+                       help="start a local replication cluster for the drill (patroni: PostgreSQL managed by "
+                            "Patroni with etcd, for the patroni-* scenarios)")
     where.add_argument("--config", help="a dbrouter TOML config for a real cluster (use with --scenario shell)")
     p.add_argument("--scenario", default="kill-primary-promote", metavar="NAME",
                    help=f"one of: {', '.join(scenario_names())} (default kill-primary-promote)")
     p.add_argument("--replicas", type=int, default=2)
-    p.add_argument("--sync", action="store_true", help="synchronous (PostgreSQL) / semi-synchronous (MariaDB) replication")
+    p.add_argument("--sync", action="store_true", help="synchronous (PostgreSQL) / semi-synchronous (MariaDB) replication;"
+                                                       " Patroni's synchronous_mode: true")
     p.add_argument("--threads", type=int, default=8)
     p.add_argument("--write-ratio", type=float, default=0.3, help="share of writes, 0 to 1")
     p.add_argument("--duration", default="15s" if demo else "20s")

@@ -11,7 +11,6 @@ Consistency: outside a session, replica reads are eventually consistent. See
 
 from __future__ import annotations
 
-import importlib
 import logging
 import threading
 import time
@@ -159,8 +158,9 @@ class Router(Core):
         if not isinstance(kind, str):
             return cast(Provider, kind)
         if kind == "patroni":
-            patroni = importlib.import_module(".discovery.patroni", __package__)  # lands with the Patroni work
-            return cast(Provider, patroni.PatroniProvider(config.discovery.discovery_endpoints))
+            from .discovery.patroni import PatroniProvider
+
+            return PatroniProvider(config.discovery.discovery_endpoints)
         if kind == "dns":
             from .discovery.dns import DnsProvider
 

@@ -199,6 +199,10 @@ class Topology:
         # (first seen, position) of the primary, oldest first: the yardstick for replica lag.
         self._history: deque[tuple[float, str]] = deque(maxlen=_HISTORY)
         self._latest: dict[str, ProbeResult] = {}  # each node's last probe result
+        # Nodes whose breaker a write refused as read-only opened -> what the probes applied
+        # since then found: _REFUSED, _SEEN_READ_ONLY, _WRITABLE_AGAIN (control thread only;
+        # see _discover_roles).
+        self._refused: dict[str, int] = {}
         self._prober = Monitor(lambda: self.nodes, monitor.health_interval,
                                lambda result: self._inbox.put(("probe", result)),
                                lambda: self._inbox.put(("round",)),
@@ -391,6 +395,7 @@ class Topology:
         self.nodes = [n for n in self.nodes if n is not node]
         self._state_replicas = tuple(n for n in self._state_replicas if n is not node)
         self._latest.pop(name, None)
+        self._refused.pop(name, None)
         if self._identities.pop(name, None) is not None:
             self._check_same_server(effects)
         node._report = lambda message: None
@@ -437,6 +442,7 @@ class Topology:
                 elif kind == "breaker":
                     self._breaker_changed(item[1], item[2], item[3], effects)
                 elif kind == "demoted":
+                    self._refused[item[1].name] = _REFUSED
                     effects.actions.append(self._prober.wake)
                 elif kind == "member":
                     self._change_members(item[1], item[2], effects)
@@ -503,6 +509,13 @@ class Topology:
         if not any(n is node for n in self.nodes):
             return  # probed before it was removed
         self._latest[node.name] = result
+        if node.name in self._refused:
+            # Writable again only after a probe saw it read-only or down: a probe that was under
+            # way when the write was refused may still say writable.
+            if not (result.ok and result.writable):
+                self._refused[node.name] = _SEEN_READ_ONLY
+            elif self._refused[node.name] == _SEEN_READ_ONLY:
+                self._refused[node.name] = _WRITABLE_AGAIN
         if self._auto and result.identity is not None and self._identities.get(node.name) != result.identity:
             self._identities[node.name] = result.identity
             self._check_same_server(effects)
@@ -681,6 +694,12 @@ class Topology:
             self._state_split_brain = ()
         if len(writable) == 1 and writable[0] is not self._state_primary:
             self._failover(writable[0], effects)
+        elif len(writable) == 1 and self._refused.get(writable[0].name) == _WRITABLE_AGAIN:
+            # The primary refused a write as read-only (a crashed primary restarted in place
+            # comes back in recovery before Patroni promotes it again) and a probe since says it
+            # takes writes: the evidence that opened its breaker is gone, whatever the timer says.
+            del self._refused[writable[0].name]
+            effects.actions.append(writable[0].breaker.reset)
 
     def _failover(self, new: Node, effects: _Effects) -> None:
         old = self._state_primary
@@ -692,10 +711,14 @@ class Topology:
         self.failovers.inc()
         new.lag, new.lag_excluded = 0.0, False
         new.slow_until, new.slow_ejections = 0.0, 0
+        self._refused.pop(new.name, None)
         effects.actions.append(new.breaker.reset)
         effects.actions.append(lambda: _invalidate(old.pool, f"{old.name} is no longer the primary"))
         effects.emit("failover", new.name, f"primary is now {new.name} (was {old.name})", logging.WARNING,
                      old=old.name, new=new.name)
+
+
+_REFUSED, _SEEN_READ_ONLY, _WRITABLE_AGAIN = range(3)
 
 
 class _Reply:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up a fresh machine for dbrouter's demo and tests.
-#  - installs PostgreSQL, MariaDB and Redis server binaries with apt when they are absent
-#    (the local clusters are started from these binaries, never from system services);
+#  - installs PostgreSQL, MariaDB and Redis server binaries, and Patroni with etcd, with apt
+#    when they are absent (the local clusters are started from these binaries, never from
+#    system services: no service a package would start is started, see below);
 #  - creates .venv and installs dbrouter with its test dependencies into it.
 # Safe to run again: it only installs what is missing.
 set -euo pipefail
@@ -21,12 +22,37 @@ have_postgres || missing+=(postgresql postgresql-contrib)
 have_mariadb || missing+=(mariadb-server)
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)  # the fleet (shared breaker) tests
 command -v runuser >/dev/null 2>&1 || missing+=(util-linux)
+# Patroni-managed clusters (tests/test_patroni.py, drill --local patroni): Patroni 3 with its
+# etcd client library (the v3 API is Patroni's own code on top of it) and an etcd 3.4 server.
+command -v patroni >/dev/null 2>&1 || missing+=(patroni)
+python3 -c 'import etcd' >/dev/null 2>&1 || missing+=(python3-etcd)
+command -v etcd >/dev/null 2>&1 || missing+=(etcd-server)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing ${missing[*]} with apt-get"
   export DEBIAN_FRONTEND=noninteractive
+  # etcd-server's (and the other servers') postinst would start a system service: an etcd on
+  # 2379 that nothing of ours uses, and that a test could come to depend on or collide with.
+  # A policy-rc.d that answers 101 ("action forbidden") keeps invoke-rc.d and
+  # deb-systemd-invoke from starting anything; one that was already there is left as it was.
+  policy=/usr/sbin/policy-rc.d
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\n# written by dbrouter scripts/setup.sh for the duration of apt-get install\nexit 101\n' \
+      | $SUDO tee "$policy" >/dev/null
+    $SUDO chmod 0755 "$policy"
+    trap '$SUDO rm -f "$policy"' EXIT
+  fi
   $SUDO apt-get update -qq
   $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
+  # Nor at the next boot: under systemd the packages enable their units (only those just
+  # installed here are disabled).
+  if [ -d /run/systemd/system ]; then
+    for unit in etcd patroni; do
+      case " ${missing[*]} " in
+        *" $unit "*|*" $unit-server "*) $SUDO systemctl disable --now "$unit.service" >/dev/null 2>&1 || true ;;
+      esac
+    done
+  fi
 fi
 
 PYTHON="${PYTHON:-python3}"

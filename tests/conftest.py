@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator
 import pytest
 
 import dbrouter  # loads the mysql C extension before anything imports ssl
-from dbrouter.cluster import LocalCluster, LocalNode, MariaDBCluster, PostgresCluster
+from dbrouter.cluster import LocalCluster, LocalNode, MariaDBCluster, PatroniCluster, PostgresCluster, make_cluster
 from dbrouter.url import parse_address
 
 from . import _mysql_mode
@@ -69,6 +69,19 @@ def pg_cluster() -> Iterator[LocalCluster]:
 @pytest.fixture(scope="session")
 def maria_cluster() -> Iterator[LocalCluster]:
     cluster = MariaDBCluster(replicas=2).start()
+    try:
+        yield cluster
+    finally:
+        cluster.destroy()
+
+
+@pytest.fixture(scope="session")
+def patroni_cluster() -> Iterator[PatroniCluster]:
+    """etcd and three Patroni members (PostgreSQL 15) with ``synchronous_mode: true``, made as
+    ``dbrouter drill --local patroni --sync`` makes its cluster; shared by every Patroni test
+    (each heals it first: see ``tests/test_patroni.py``). Missing packages fail the run."""
+    cluster = make_cluster("patroni", replicas=2, sync=True).start()
+    assert isinstance(cluster, PatroniCluster)
     try:
         yield cluster
     finally:

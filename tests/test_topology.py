@@ -256,3 +256,21 @@ def test_a_replica_that_hangs_does_not_hold_up_role_decisions() -> None:
         replica.adapter.release.set()
         monitor.stop()
     assert len([t for t in rounds if t - started < 0.6]) >= 5, rounds  # not one round per probe_timeout
+
+
+def test_a_primary_that_refused_a_write_as_read_only_takes_writes_once_a_probe_finds_it_writable() -> None:
+    """Issue 14 (found by the patroni-crash drill): Patroni restarts a crashed primary in
+    place in recovery and promotes it again seconds later. A write it refused meanwhile as
+    read-only opened its breaker, and after the promotion the same node, writable by its
+    probes, got no writes until reset_timeout (60 s here; 1.2 s longer than Patroni's own
+    outage in the drill). A probe that finds it writable after the refusal is the evidence."""
+    topology, (p, r1, r2), _events = make_topology()
+    fold(topology, ("round", round_of([p, r1, r2], "p")))
+    p.breaker.force_open()  # what a lease does with a write refused as read-only
+    p.report_demoted()
+    fold(topology, ("round", round_of([p, r1, r2], "p")))  # a round probed before the refusal...
+    fold(topology, ("round", round_of([p, r1, r2], writable="none")))  # ...then read-only: in recovery
+    assert topology.primary_problem() is not None and topology.snapshot.primary is p
+    fold(topology, ("round", round_of([p, r1, r2], "p")))  # promoted again, in place
+    fold(topology)  # the breaker's change, handed over by its listener
+    assert topology.primary_problem() is None and p.breaker.state == "closed"

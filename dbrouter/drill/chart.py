@@ -7,7 +7,7 @@ import math
 from typing import Any, Sequence
 
 from .figures import format_figure
-from .report import BUCKET, DrillReport
+from .report import BUCKET, DrillReport, leader_story
 
 __all__ = ["render_html"]
 
@@ -16,6 +16,7 @@ WIDTH, HEIGHT, LEFT, RIGHT, TOP, BOTTOM = 900, 170, 60, 20, 22, 28
 # its name, node and time in the tooltip.
 EVENT_COLORS = {"failover": "#000", "split_brain": "#d62728", "breaker_open": "#d62728", "breaker_closed": "#2ca02c",
                 "node_down": "#9467bd", "node_up": "#17becf"}
+PATRONI_COLOR = "#ff7f0e"  # Patroni's own timeline: its outages shaded, its leader changes dashed
 COLORS = ["#d62728", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
 
 
@@ -52,6 +53,18 @@ def _panel(title: str, unit: str, series: dict[str, list[float]], report: DrillR
     for name, values in series.items():
         points = [(x((i + 0.5) * BUCKET), y(v)) for i, v in enumerate(values)]
         parts.append(_polyline(points, colors[name], name))
+    if report.patroni is not None:
+        for begin, end in report.patroni["write_outages"]:
+            what = html.escape(f"Patroni: no running leader from {begin:.2f}s to {end:.2f}s")
+            parts.append(f'<rect class="patroni-outage" x="{x(begin):.1f}" y="{TOP}" width="{max(1.0, x(end) - x(begin)):.1f}" '
+                         f'height="{plot_h}" fill="{PATRONI_COLOR}" fill-opacity="0.15"><title>{what}</title></rect>')
+        for change in report.patroni["leader_changes"][1:]:
+            where, who = x(change["t"]), change["leader"] or "none"
+            what = html.escape(f'Patroni leader: {who} at {change["t"]:.2f}s')
+            parts.append(f'<line class="patroni-leader" x1="{where:.1f}" x2="{where:.1f}" y1="{TOP}" y2="{TOP + plot_h}" '
+                         f'stroke="{PATRONI_COLOR}" stroke-width="1.5" stroke-dasharray="2,2"><title>{what}</title></line>')
+            parts.append(f'<text x="{where + 3:.1f}" y="{TOP + plot_h - 4}" font-size="10" fill="{PATRONI_COLOR}">'
+                         f'{html.escape(who)}</text>')
     for at, label, color in ((report.fault_at, "fault", "#d62728"), (report.recover_at, "recovery", "#2ca02c")):
         if at is not None:
             parts.append(f'<line class="marker {label}" x1="{x(at):.1f}" x2="{x(at):.1f}" y1="{TOP}" y2="{TOP + plot_h}" '
@@ -106,10 +119,35 @@ def render_html(report: DrillReport) -> str:
 {_panel("Errors by kind", "errors/s", errors, report, colors)}
 {_panel("Latency", "ms (log)", latency, report, colors, log=True)}
 <p style="font-size:12px">Marks: {" ".join(f'<span style="color:{c}">&#9646; {n.replace("_", " ")}</span>' for n, c in EVENT_COLORS.items())} (hover for node and time)</p>
+{_patroni_table(report)}
 <h2>Results</h2><table>{rows}</table>
 {f"<h2>Limits</h2><ul>{limits}</ul>" if limits else ""}
 {f"<h2>Notes</h2><ul>{notes}</ul>" if notes else ""}
 {f"<h2>Failed</h2><ul>{errors_html}</ul>" if errors_html else ""}
 </body></html>
 """
+
+
+def _patroni_table(report: DrillReport) -> str:
+    """dbrouter's numbers beside Patroni's own, from its REST API in the same run."""
+    p = report.patroni
+    if p is None:
+        return ""
+    r = report.results
+    failovers = ", ".join(f'{e.get("node") or "?"} at {e["t"]:.2f}s' for e in report.events if e["name"] == "failover")
+    rows = [
+        ("write unavailability", format_figure("write_unavailability", r["write_unavailability"]),
+         format_figure("write_unavailability", p["write_unavailability"])),
+        ("outages", format_figure("write_outages", r["write_outages"]), format_figure("write_outages", p["write_outages"])),
+        ("primary / leader changes", failovers or "none", leader_story(p["leader_changes"])),
+    ]
+    cells = "".join(f"<tr><td>{html.escape(a)}</td><td>{html.escape(b)}</td><td>{html.escape(c)}</td></tr>"
+                    for a, b, c in rows)
+    changes = "".join(f'<li>{m["t"]:.2f}s {html.escape(m["member"])}: {html.escape(str(m["role"]))} '
+                      f'{html.escape(m["state"])}</li>' for m in p["member_changes"])
+    return (f'<h2>dbrouter and Patroni</h2><p style="font-size:12px">Patroni: every member\'s REST API asked every '
+            f'{p["interval"] * 1000:.0f} ms; down when no member is a running primary (shaded on the charts, '
+            f'its leader changes dashed).</p>'
+            f"<table><tr><td></td><td><b>dbrouter (the application)</b></td><td><b>Patroni (its REST API)</b></td></tr>"
+            f"{cells}</table><details><summary>Patroni member changes</summary><ul>{changes}</ul></details>")
 

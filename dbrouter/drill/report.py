@@ -178,6 +178,9 @@ class DrillReport:
     limits: list[Limit] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)  # steps that failed after the fault (a --recover command)
     started: str | None = None  # wall-clock start, ISO 8601 UTC: which run this was (times above are offsets)
+    patroni: dict[str, Any] | None = None
+    """On a Patroni cluster, Patroni's own timeline from its REST API (`PatroniTimeline.summary`):
+    leader changes, member changes, its write unavailability and outages."""
 
     @property
     def violated(self) -> list[Limit]:
@@ -197,6 +200,7 @@ class DrillReport:
             "events": self.events,
             "notes": self.notes,
             "errors": self.errors,
+            "patroni": self.patroni,
             "timeline": self.timeline,
         }
 
@@ -212,13 +216,18 @@ class DrillReport:
             + (f", recovery at {self.recover_at:.1f}s" if self.recover_at is not None else ""),
             f"  operations         {r['operations']} ({r['reads']} reads, {r['writes']} writes)",
             f"  time to detect     {detect}",
-            f"  write downtime     {r['write_unavailability']:.2f}s",
+            f"  write downtime     {r['write_unavailability']:.2f}s" + _spans(r["write_outages"]),
             f"  read availability  {r['read_availability']:.3f}%",
             f"  write availability {r['write_availability']:.3f}%",
             f"  max latency        {r['max_latency'] * 1000:.1f}ms (p99 {r['p99_latency'] * 1000:.1f}ms)",
             f"  errors             {', '.join(f'{k}={v}' for k, v in sorted(r['errors_by_kind'].items())) or 'none'}",
             f"  acknowledged       {r['acknowledged_writes']} writes; lost {r['lost_writes']}, duplicated {r['duplicated_writes']}",
         ]
+        if self.patroni is not None:
+            p = self.patroni
+            lines.insert(4, f"  Patroni's downtime {p['write_unavailability']:.2f}s" + _spans(p["write_outages"])
+                         + " (no member a running primary, from its REST API)")
+            lines.insert(5, f"  Patroni's leader   {leader_story(p['leader_changes'])}")
         if r["lost_ids"]:
             lines.append(f"  lost ids           {r['lost_ids'][:20]}{' ...' if r['lost_writes'] > 20 else ''}")
         if r["duplicated_ids"]:
@@ -227,3 +236,16 @@ class DrillReport:
         lines += [f"  FAILED: {error.splitlines()[0]}" for error in self.errors]
         lines += [f"  limit {limit.describe()}" for limit in self.limits]
         return "\n".join(lines)
+
+
+def _spans(spans: Sequence[Sequence[float]]) -> str:
+    return f" ({', '.join(f'{begin:.2f}s-{end:.2f}s' for begin, end in spans)})" if spans else ""
+
+
+def leader_story(changes: Sequence[dict[str, Any]]) -> str:
+    """``pg0, none at 5.10s, pg2 at 6.08s``: who led, from when."""
+    parts = []
+    for index, change in enumerate(changes):
+        who = change["leader"] or "none"
+        parts.append(who if index == 0 else f"{who} at {change['t']:.2f}s")
+    return ", ".join(parts) or "not seen"

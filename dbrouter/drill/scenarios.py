@@ -3,8 +3,9 @@
 A scenario injects one fault at the drill's fault time and, when the drill
 has a recovery time, undoes it. Local scenarios act on the cluster the drill
 started (every node sits behind a fault proxy, so hangs and latency can be
-injected as well as crashes); the ``shell`` scenario runs the user's own
-commands, for example a Patroni switchover or a cloud failover.
+injected as well as crashes); the ``patroni-*`` scenarios act through Patroni
+on a local Patroni cluster (``--local patroni``); the ``shell`` scenario runs the
+user's own commands, for example a Patroni switchover or a cloud failover.
 """
 
 from __future__ import annotations
@@ -19,10 +20,13 @@ from ..errors import ConfigurationError
 from ..url import mask_password
 
 if TYPE_CHECKING:
-    from ..cluster import LocalCluster, LocalNode
+    from ..cluster import LocalCluster, LocalNode, PatroniCluster
     from ..faultproxy import FaultProxy
 
 __all__ = ["SCENARIOS", "DrillTarget", "Scenario", "scenario_names"]
+
+PROXIED_ENGINES = ("postgres", "mariadb", "mysql")  # local clusters whose nodes the drill puts behind fault proxies
+PATRONI = ("patroni",)
 
 log = logging.getLogger("dbrouter.drill")
 
@@ -46,6 +50,14 @@ class DrillTarget:
     def local(self) -> LocalCluster:
         if self.cluster is None:
             raise ConfigurationError("this scenario needs a local cluster (--local); on a real one use --inject/--recover")
+        return self.cluster
+
+    @property
+    def patroni(self) -> PatroniCluster:
+        from ..cluster.patroni import PatroniCluster
+
+        if not isinstance(self.cluster, PatroniCluster):
+            raise ConfigurationError("this scenario needs a local Patroni cluster (--local patroni)")
         return self.cluster
 
     def replica(self) -> LocalNode:
@@ -98,6 +110,8 @@ class Scenario:
     inject: Callable[[DrillTarget], None]
     recover: Callable[[DrillTarget], None] | None = None
     local_only: bool = True
+    engines: tuple[str, ...] = PROXIED_ENGINES
+    """The ``--local`` clusters it runs on."""
 
 
 def _kill_primary(t: DrillTarget) -> None:
@@ -177,6 +191,38 @@ def _shell_recover(t: DrillTarget) -> None:
         t.run_command(t.recover_cmd, "recover")
 
 
+def _patroni_switchover(t: DrillTarget) -> None:
+    new = t.patroni.switchover()
+    t.notes.append(f"Patroni switched over to {new.name}")
+
+
+def _patroni_failover(t: DrillTarget) -> None:
+    new = t.patroni.failover()
+    t.notes.append(f"Patroni failed over to {new.name}")
+
+
+def _patroni_crash(t: DrillTarget) -> None:
+    leader = t.patroni.crash_leader_postmaster()
+    t.notes.append(f"killed (-9) the postmaster of the leader {leader.name}; its Patroni restarts it in place")
+
+
+def _patroni_lose_leader(t: DrillTarget) -> None:
+    leader = t.patroni.kill_leader()
+    t._state["old_leader"] = leader
+    t.notes.append(f"killed (-9) the Patroni and the postmaster of the leader {leader.name}")
+
+
+def _patroni_rejoin(t: DrillTarget) -> None:
+    """Restart the killed Patroni once another member leads: started before the old leader key
+    expired, it would take the lead back in place and there would be no election to see."""
+    from ..cluster.patroni import RETRY_TIMEOUT, TTL
+
+    cluster, old = t.patroni, t._state["old_leader"]
+    new = cluster.wait_leader(timeout=TTL + 2 * RETRY_TIMEOUT + 60, not_on=old)
+    cluster.restart_patroni(old, wait=False)  # it rewinds and rejoins meanwhile; the drill goes on
+    t.notes.append(f"restarted the Patroni of {old.name} once {new.name} led; {old.name} rejoins as a replica")
+
+
 SCENARIOS: dict[str, Scenario] = {
     s.name: s
     for s in (
@@ -190,8 +236,17 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario("pause-replication", "pause replay on a replica so that it lags; recovery resumes it",
                  _pause_replication, _resume_replication),
         Scenario("restart-replica", "restart a replica (stop, then start)", _restart_replica, None),
+        Scenario("patroni-switchover", "a planned Patroni switchover (REST POST /switchover) to a replica",
+                 _patroni_switchover, None, engines=PATRONI),
+        Scenario("patroni-failover", "a manual Patroni failover (REST POST /failover) to the synchronous or "
+                 "least lagging replica", _patroni_failover, None, engines=PATRONI),
+        Scenario("patroni-crash", "kill -9 of the leader's postmaster; its Patroni restarts it in place (no election)",
+                 _patroni_crash, None, engines=PATRONI),
+        Scenario("patroni-lose-leader", "kill -9 of the leader's Patroni and postmaster: an election once the leader "
+                 "key expires; recovery restarts that Patroni once another member leads, and it rejoins",
+                 _patroni_lose_leader, _patroni_rejoin, engines=PATRONI),
         Scenario("shell", "run --inject CMD at the fault time and --recover CMD at the recovery time",
-                 _shell_inject, _shell_recover, local_only=False),
+                 _shell_inject, _shell_recover, local_only=False, engines=PROXIED_ENGINES + PATRONI),
     )
 }
 

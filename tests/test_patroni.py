@@ -192,15 +192,54 @@ def test_lose_leader_drill(patroni: PatroniCluster, tmp_path: Path, monkeypatch:
 
 
 @pytest.mark.patroni
-def test_add_member_joins_and_the_provider_finds_it(patroni: PatroniCluster) -> None:
-    """Last of the cluster tests: the cluster keeps its fourth member."""
-    provider = PatroniProvider([patroni.nodes[0].api_url])
-    before = {m.name for m in provider.members(timeout=5)}
-    added = patroni.add_member()
-    assert added.name not in before
-    found = {m.name: m for m in provider.members(timeout=5)}
-    assert found[added.name] == Member(added.name, added.host, added.port, "replica", "running")
-    assert added.query("SELECT pg_is_in_recovery()") == [(True,)]
+@pytest.mark.timeout(400)
+def test_a_router_given_one_rest_address_follows_two_switchovers_and_a_member_patroni_adds(
+        patroni: PatroniCluster) -> None:
+    """``discovery = "patroni"`` with one member's REST address: the router finds the three
+    members by their names, follows two switchovers (writes on the new leader each time)
+    and takes reads on a fourth member once Patroni adds it. Last of the cluster tests: the
+    cluster keeps its fourth member."""
+    import uuid
+
+    from dbrouter import Router
+
+    from .conftest import wait_until
+
+    table = "p" + uuid.uuid4().hex[:10]
+    patroni.primary.query(f"CREATE TABLE {table} (id int primary key, port int)")
+    template = patroni.primary.url.replace(f":{patroni.primary.port}/", ":1/")  # only its credentials count
+    router = Router(template, discovery="patroni", discovery_endpoints=[patroni.nodes[0].api_url],
+                    discovery_interval=0.3, health_interval=0.2, failover_wait=30)
+    try:
+        assert sorted(router.stats()["nodes"]) == sorted(n.name for n in patroni.nodes)
+        assert router.primary.name == patroni.primary.name
+        ids = iter(range(1, 1000))
+        for _ in range(2):
+            patroni.wait_healthy(timeout=60)  # a synchronous standby again: Patroni allows a switchover
+            old = router.primary.name
+            new = patroni.switchover().name
+            assert new != old
+            router.write(f"INSERT INTO {table} (id, port) VALUES (%s, inet_server_port())", (next(ids),))
+            assert router.primary.name == new, router.stats()
+            assert router.stats()["discovery"]["failing"] is None
+
+        provider = PatroniProvider([patroni.nodes[0].api_url])
+        before = {m.name for m in provider.members(timeout=5)}
+        added = patroni.add_member()
+        assert added.name not in before
+        found = {m.name: m for m in provider.members(timeout=5)}
+        assert found[added.name] == Member(added.name, added.host, added.port, "replica", "running")
+        assert added.query("SELECT pg_is_in_recovery()") == [(True,)]
+
+        assert wait_until(lambda: router.stats()["nodes"].get(added.name, {}).get("serving_reads"), timeout=30), \
+            router.stats()
+        ports = {router.read("SELECT inet_server_port()")[0][0] for _ in range(60)}
+        assert added.port in ports
+        rows = router.read(f"SELECT count(*) FROM {table}")
+        assert rows[0][0] in (1, 2)  # a replica may not have replayed the last one yet
+    finally:
+        router.close()
+        patroni.wait_leader().query(f"DROP TABLE IF EXISTS {table}")
 
 
 # -- the provider and the timeline alone ---------------------------------------------------------

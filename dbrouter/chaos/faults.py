@@ -312,6 +312,23 @@ class FaultScheduler:
             with self._lock:
                 run.awaiting.discard(node.name)
 
+    def _wait_caught_up(self, node: LocalNode) -> None:
+        """Until ``node`` has replayed what the primary wrote. While the primary itself is
+        down (another fault), nobody can tell how far behind the replica is, and the router
+        rightly keeps a replica it saw lagging out until it can: wait for the primary too."""
+        until = time.monotonic() + ANSWER_TIMEOUT
+        while not self.stop.is_set():
+            remaining = until - time.monotonic()
+            if remaining <= 0:
+                log.info("%s: did not catch up within %.0fs", node.name, ANSWER_TIMEOUT)
+                return
+            try:
+                self.cluster.wait_caught_up(node, timeout=remaining)
+                return
+            except ClusterError as exc:  # the primary cannot be read (down, restarting): again
+                log.debug("%s: catching up: %s", node.name, exc)
+            time.sleep(0.1)
+
     def _check_rotation(self, run: FaultRun, node: LocalNode) -> None:
         answered = self._answers(node)
         if answered is None:
@@ -323,11 +340,8 @@ class FaultScheduler:
             # A replica that was down or cut off is behind until it has replayed what it
             # missed (a restarted standby may wait seconds to stream again), and the router
             # rightly keeps it out for lag meanwhile: the clock starts once it has caught up.
-            try:
-                self.cluster.wait_caught_up(node, timeout=ANSWER_TIMEOUT)
-                answered = self.now()
-            except ClusterError as exc:
-                log.info("%s: not waiting for it to catch up (%s)", node.name, exc)
+            self._wait_caught_up(node)
+            answered = self.now()
         if self._refaulted(run, node.name):
             # Another fault is on the node (a replica under a latency fault promoted, say):
             # the router cannot see it answer until that fault ends too.

@@ -522,11 +522,15 @@ class Topology:
         if result.ok and result.writable and node is self._state_primary and result.position:
             self._note_primary_position(result.position, now)
         self._set_health(result, effects)
-        if result.ok and result.writable is False and self._state_primary.healthy:
+        if result.ok and result.writable is False:
+            lag = result.lag if result.lag is not None else self._lag_of(node, result.position, now)
             # While the primary is down its last positions cannot be replayed by anyone: lag
-            # measured against them would take every replica out of rotation with it.
-            node.lag = result.lag if result.lag is not None else self._lag_of(node, result.position, now)
-            self._set_lag_exclusion(node, effects)
+            # measured against them would grow and take every replica out of rotation with
+            # it. Only the news that a replica has replayed all of them (no lag) is taken then:
+            # a replica kept out for lag that caught up just before the primary died serves.
+            if self._state_primary.healthy or (lag == 0.0 and node.lag_excluded):
+                node.lag = lag
+                self._set_lag_exclusion(node, effects)
 
     def _note_primary_position(self, position: str, now: float) -> None:
         """Remember when the primary was first seen at each position (one entry per change)."""

@@ -13,7 +13,7 @@ import pytest
 import dbrouter
 from dbrouter import ConfigurationError, NoReplicaAvailable, NotAReadStatement, Router, UsageError
 
-from .conftest import port_sql
+from .conftest import port_sql, wait_until
 
 FAST = {"health_interval": 0.2, "min_size": 1, "max_size": 6}
 
@@ -291,6 +291,31 @@ def test_lagging_replica_gets_no_reads_until_it_catches_up(cluster: Any, table: 
         assert time.monotonic() - caught_up < 2 * interval + 0.5
         ports = Counter(router.read(f"SELECT {port_sql(cluster)}")[0][0] for _ in range(20))
         assert ports == {healthy.port: 10, lagging.port: 10}
+
+
+def test_a_lagging_replica_that_catches_up_while_the_primary_is_down_serves_again(cluster: Any, table: str) -> None:
+    """While the primary is down no lag can be measured against it, so lag is not updated
+    (it would only grow). But a replica kept out for lag that then replays all that the
+    primary was seen to write is not behind: it serves again at once. Before, it stayed out
+    for the whole primary outage (chaos seeds 4 and 6: a restarted replica that caught up
+    while the primary was killed)."""
+    max_lag, interval = 0.6, 0.2
+    with make_router(cluster, max_replica_lag=max_lag, health_interval=interval) as router:
+        lagging, healthy = cluster.replicas
+        name = f"127.0.0.1:{lagging.port}"
+        lag_until_excluded(router, cluster, table, [lagging], max_lag)
+        assert wait_until(lambda: router.stats()["nodes"][name]["lag_excluded"], timeout=5)
+        primary = cluster.primary
+        primary.stop()  # a clean shutdown: the replicas have received all it wrote
+        try:
+            assert wait_until(lambda: not router.stats()["nodes"][f"127.0.0.1:{primary.port}"]["healthy"], timeout=5)
+            cluster.resume_replication(lagging)
+            assert wait_until(lambda: router.stats()["nodes"][name]["serving_reads"], timeout=5), router.stats()
+            ports = {router.read(f"SELECT {port_sql(cluster)}")[0][0] for _ in range(20)}
+            assert ports == {healthy.port, lagging.port}
+        finally:
+            primary.start()
+            cluster.wait_replicated(timeout=30)
 
 
 def test_fallback_to_primary_or_no_replica_available(cluster: Any, table: str) -> None:

@@ -66,3 +66,18 @@ def test_reads_and_writes_have_latency_percentiles_of_their_own() -> None:
     assert results["write_p50_latency"] == pytest.approx(0.001) and results["write_max_latency"] == pytest.approx(0.001)
     only_reads = summarise(reads, start=0.0, fault_at=50.0, events=[], lost=[], duplicated=[])
     assert only_reads["write_p50_latency"] is None and only_reads["write_max_latency"] is None
+
+
+def test_writes_that_could_not_be_read_back_are_not_checked_rather_than_zero() -> None:
+    """A drill that could not read its writes back (no primary at the end) reported 0 lost
+    and 0 duplicated writes, and a --max-lost-writes limit held: now neither is claimed."""
+    from dbrouter.drill.figures import format_figure
+    from dbrouter.drill.report import Limit, summarise
+
+    results = summarise([], start=0.0, fault_at=0.0, events=[], lost=None, duplicated=None)
+    assert results["lost_writes"] is None and results["duplicated_writes"] is None
+    assert format_figure("lost_writes", None) == "not checked"
+    limit = Limit("max-lost-writes", 0.0, measured=None)
+    assert not limit.ok and "not checked" in limit.describe() and "VIOLATED" in limit.describe()
+    checked = summarise([], start=0.0, fault_at=0.0, events=[], lost=[], duplicated=[])
+    assert checked["lost_writes"] == 0 and checked["duplicated_writes"] == 0

@@ -34,9 +34,10 @@ def _unit(key: str) -> tuple[float, str, int] | None:
 
 def format_figure(key: str, value: Any) -> str:
     """A result or setting as people read it: availabilities in percent, times in s or ms,
-    outages as spans, errors as ``kind: count``; None (not measured, not set) is "none"."""
+    outages as spans, errors as ``kind: count``; None (not measured, not set) is "none", and
+    for lost or duplicated writes "not checked" (the writes could not be read back)."""
     if value is None:
-        return "none"
+        return "not checked" if key in ("lost_writes", "duplicated_writes") else "none"
     if key == "write_outages":
         return ", ".join(f"{begin:.2f} s to {end:.2f} s" for begin, end in value) or "none"
     if key == "errors_by_kind":

@@ -28,14 +28,14 @@ class Limit:
     @property
     def ok(self) -> bool:
         if self.measured is None:
-            return True
+            return False  # what could not be measured (writes never read back) is not within a limit
         if self.name.startswith("min-"):
             return self.measured >= self.limit
         return self.measured <= self.limit
 
     def describe(self) -> str:
         unit = "%" if "availability" in self.name else "s"
-        shown = "n/a" if self.measured is None else f"{self.measured:.3f}{unit}"
+        shown = "nothing (not checked)" if self.measured is None else f"{self.measured:.3f}{unit}"
         verdict = "ok" if self.ok else "VIOLATED"
         return f"--{self.name} {self.limit:g}{unit}: measured {shown} ({verdict})"
 
@@ -119,10 +119,12 @@ def summarise(
     start: float,
     fault_at: float,
     events: Sequence[dict[str, Any]],
-    lost: list[int],
-    duplicated: list[int],
+    lost: list[int] | None,
+    duplicated: list[int] | None,
 ) -> dict[str, Any]:
-    """The headline numbers. Times are seconds; ``fault_at`` is absolute (monotonic)."""
+    """The headline numbers. Times are seconds; ``fault_at`` is absolute (monotonic).
+    ``lost`` and ``duplicated`` are None when the writes could not be read back: the
+    counts are then None ("not checked"), never a reassuring 0."""
     reads = [op for op in ops if op.kind == "read"]
     writes = [op for op in ops if op.kind == "write"]
     outages = write_outages(writes, fault_at, max((op.end for op in ops), default=fault_at))
@@ -145,10 +147,10 @@ def summarise(
         "p99_latency": _percentile([op.latency for op in ops], 0.99),
         **_latencies("read", reads),
         **_latencies("write", writes),
-        "lost_writes": len(lost),
-        "lost_ids": lost[:1000],
-        "duplicated_writes": len(duplicated),
-        "duplicated_ids": duplicated[:1000],
+        "lost_writes": None if lost is None else len(lost),
+        "lost_ids": (lost or [])[:1000],
+        "duplicated_writes": None if duplicated is None else len(duplicated),
+        "duplicated_ids": (duplicated or [])[:1000],
     }
 
 
@@ -221,7 +223,9 @@ class DrillReport:
             f"  write availability {r['write_availability']:.3f}%",
             f"  max latency        {r['max_latency'] * 1000:.1f}ms (p99 {r['p99_latency'] * 1000:.1f}ms)",
             f"  errors             {', '.join(f'{k}={v}' for k, v in sorted(r['errors_by_kind'].items())) or 'none'}",
-            f"  acknowledged       {r['acknowledged_writes']} writes; lost {r['lost_writes']}, duplicated {r['duplicated_writes']}",
+            f"  acknowledged       {r['acknowledged_writes']} writes; " + (
+                f"lost {r['lost_writes']}, duplicated {r['duplicated_writes']}" if r["lost_writes"] is not None
+                else "lost and duplicated: not checked (the writes could not be read back)"),
         ]
         if self.patroni is not None:
             p = self.patroni
@@ -229,7 +233,7 @@ class DrillReport:
                          + " (no member a running primary, from its REST API)")
             lines.insert(5, f"  Patroni's leader   {leader_story(p['leader_changes'])}")
         if r["lost_ids"]:
-            lines.append(f"  lost ids           {r['lost_ids'][:20]}{' ...' if r['lost_writes'] > 20 else ''}")
+            lines.append(f"  lost ids           {r['lost_ids'][:20]}{' ...' if len(r['lost_ids']) > 20 else ''}")
         if r["duplicated_ids"]:
             lines.append(f"  duplicated ids     {r['duplicated_ids'][:20]}")
         lines += [f"  note: {note}" for note in self.notes]

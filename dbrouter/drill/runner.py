@@ -302,7 +302,8 @@ class Drill:
             limit.measured = {"max-write-downtime": results["write_unavailability"],
                               "min-read-availability": results["read_availability"],
                               "min-write-availability": results["write_availability"],
-                              "max-lost-writes": float(results["lost_writes"]),
+                              "max-lost-writes": (None if results["lost_writes"] is None
+                                                  else float(results["lost_writes"])),
                               "max-latency": results["max_latency"]}[limit.name]
         return DrillReport(
             scenario=options.scenario,
@@ -356,8 +357,9 @@ class Drill:
         if delay > 0:
             time.sleep(delay)
 
-    def _check_writes(self, workload: Workload, target: DrillTarget) -> tuple[list[int], list[int]]:
-        """Read the ids back from the primary (waiting a few probe rounds for one to be known)."""
+    def _check_writes(self, workload: Workload, target: DrillTarget) -> tuple[list[int] | None, list[int] | None]:
+        """Read the ids back from the primary (waiting a few probe rounds for one to be known);
+        (None, None) when they cannot be read back."""
         router = self.router
         assert router is not None
         deadline = time.monotonic() + max(5.0, 3 * router.config.monitor.health_interval + router.config.connect.connect_timeout)
@@ -369,7 +371,7 @@ class Drill:
                 rows = tx.read(f"SELECT id FROM {workload.table}")
         except DbRouterError as exc:
             target.notes.append(f"could not read the writes back: {exc}")
-            return [], []
+            return None, None
         return workload.check_writes(rows)
 
 

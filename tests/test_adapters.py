@@ -435,10 +435,26 @@ def test_postgres_connection_settings(pg_cluster) -> None:
             assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 30
             assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL) == 10
             assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == 3
+            # A statement never acknowledged (packets dropped) gives up as keepalives would: 60 s.
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 60000
         finally:
             sock.close()
     finally:
         opened.close()
+    url = pg_cluster.primary.url + "?tcp_user_timeout=5000"
+    from dbrouter.adapters import make_adapter
+    from dbrouter.url import parse_address
+
+    adapter = make_adapter(parse_address(url))
+    conn = adapter.connect()
+    try:
+        sock = socket.socket(fileno=os.dup(conn.fileno()))
+        try:
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 5000  # the URL's own
+        finally:
+            sock.close()
+    finally:
+        adapter.close(conn)
 
 
 def test_multi_statement_leaves_the_connection_usable(cluster) -> None:

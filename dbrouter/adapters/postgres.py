@@ -99,6 +99,11 @@ class PostgresAdapter(Adapter):
             "keepalives_idle": max(1, round(opts.keepalive_idle)),
             "keepalives_interval": max(1, round(opts.keepalive_interval)),
             "keepalives_count": opts.keepalive_count,
+            # Keepalives only probe an idle connection: with a statement sent and no ACK (a
+            # node whose packets are dropped, an RDS failover), Linux retransmits for about 15
+            # minutes. TCP_USER_TIMEOUT ends that after as long as keepalives would take.
+            "tcp_user_timeout": 1000 * (round(opts.keepalive_idle)
+                                        + round(opts.keepalive_interval) * opts.keepalive_count),
             "application_name": opts.application_name,
         }
         if self.address.user:

@@ -25,7 +25,7 @@ command -v runuser >/dev/null 2>&1 || missing+=(util-linux)
 # Patroni-managed clusters (tests/test_patroni.py, drill --local patroni): Patroni 3 with its
 # etcd client library (the v3 API is Patroni's own code on top of it) and an etcd 3.4 server.
 command -v patroni >/dev/null 2>&1 || missing+=(patroni)
-python3 -c 'import etcd' >/dev/null 2>&1 || missing+=(python3-etcd)
+/usr/bin/python3 -c 'import etcd' >/dev/null 2>&1 || missing+=(python3-etcd)  # Debian's Python runs Patroni
 command -v etcd >/dev/null 2>&1 || missing+=(etcd-server)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
 if [ ${#missing[@]} -gt 0 ]; then

@@ -30,16 +30,18 @@ BUILT_IN = sorted(name for name in SCENARIOS if name != "shell")
 CLI = [sys.executable, "-m", "dbrouter.cli"]
 
 
-def server_pids() -> set[int]:
-    """PIDs of every postgres / mariadbd process on the machine (to prove nothing is left)."""
+def servers_under(path: Path) -> set[int]:
+    """PIDs of the postgres / mariadbd processes whose command line names ``path`` (a drill's
+    own TMPDIR, so that servers other work on the machine starts are not counted)."""
     pids = set()
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
                 comm = Path(f"/proc/{entry}/comm").read_text().strip()
+                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
             except OSError:
                 continue
-            if comm in ("postgres", "mariadbd"):
+            if comm in ("postgres", "mariadbd") and str(path) in cmdline:
                 pids.add(int(entry))
     return pids
 
@@ -175,14 +177,15 @@ def test_a_violated_limit_exits_non_zero_and_names_it(tmp_path: Path) -> None:
 def test_bad_input_fails_before_any_fault_and_leaves_nothing_running(args: list[str], message: str, tmp_path: Path) -> None:
     config = tmp_path / "unreachable.toml"
     config.write_text('primary = "postgresql://dbrouter:pw@127.0.0.1:1/dbrouter"\n[connect]\nconnect_timeout = 2\n')
-    before = server_pids()
+    clusters = tmp_path / "tmp"  # where a local cluster would go (TMPDIR): only this drill's
+    clusters.mkdir()
     done = subprocess.run([*CLI, "drill", *[a.format(config=config) for a in args], "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=60, env={**os.environ, "TMPDIR": str(clusters)})
     assert done.returncode == 1, done.stdout + done.stderr
     assert message in done.stderr
     assert "inject:" not in done.stdout
     assert not list(tmp_path.glob("dbrouter-drill-*"))
-    assert server_pids() <= before
+    assert not servers_under(clusters) and not list(clusters.glob("dbrouter-*"))
 
 
 def test_demo_shows_the_live_view_and_writes_a_chart_with_the_fault(tmp_path: Path) -> None:

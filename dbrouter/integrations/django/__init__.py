@@ -130,6 +130,7 @@ class _Registry:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.routers: dict[tuple[Any, ...], Router] = {}
+        self.databases: dict[tuple[Any, ...], str] = {}  # the database each router's nodes use
         _fork.register(self)
 
     def _after_fork_in_child(self) -> None:
@@ -220,6 +221,7 @@ def router_for(settings_dict: dict[str, Any], engine: str) -> Router:
             except ConfigurationError as exc:
                 raise ImproperlyConfigured(f"dbrouter: {exc}") from exc
             _registry.routers[key] = router
+            _registry.databases[key] = str(settings_dict.get("NAME") or _primary_settings(settings_dict).get("NAME"))
     return router
 
 
@@ -235,13 +237,29 @@ def get_router(alias: str = DEFAULT_DB_ALIAS) -> Router:
     return router  # type: ignore[no-any-return]
 
 
-def close_routers(timeout: float = 5.0) -> None:
-    """Close every router the Django backends built (at process exit, or between tests)."""
+def close_routers(timeout: float = 5.0, *, database: str | None = None) -> None:
+    """Close the routers the Django backends built (every one, or those on ``database``):
+    at process exit, or before a database is dropped (the test runner's teardown)."""
+    for wrapper in connections.all(initialized_only=True):  # this thread's: the test runner's mirrors
+        if isinstance(wrapper, RoutedWrapper) and not wrapper._direct and wrapper._lease is not None and (
+                database is None or wrapper.settings_dict.get("NAME") == database):
+            cast(Any, wrapper).close()
     with _registry.lock:
-        routers = list(_registry.routers.values())
-        _registry.routers.clear()
+        keys = [key for key, name in _registry.databases.items() if database is None or name == database]
+        routers = [_registry.routers.pop(key) for key in keys]
+        for key in keys:
+            del _registry.databases[key]
     for router in routers:
         router.close(timeout)
+
+
+class RoutedCreation:
+    """Mixed into each backend's ``DatabaseCreation``: before the test database is dropped,
+    the routers on it close their pools (PostgreSQL refuses to drop a database in use)."""
+
+    def _destroy_test_db(self, test_database_name: str, verbosity: int) -> None:
+        close_routers(database=test_database_name)
+        super()._destroy_test_db(test_database_name, verbosity)  # type: ignore[misc]
 
 
 # -- read-your-writes ------------------------------------------------------------------
@@ -441,12 +459,19 @@ class RoutedWrapper:
     def current_primary(self) -> tuple[str, int]:
         """Host and port of the cluster's current primary, as the router sees it."""
         if self._direct:
-            for wrapper in connections.all(initialized_only=True):
-                if isinstance(wrapper, RoutedWrapper) and not wrapper._direct and wrapper.engine == self.engine:
-                    same = _primary_settings(wrapper.settings_dict)
-                    if same.get("HOST") == self.settings_dict.get("HOST") and same.get("PORT") == self.settings_dict.get("PORT"):
-                        return wrapper.current_primary()
-            return str(self.settings_dict.get("HOST")), int(self.settings_dict.get("PORT") or 0)
+            # A router already built for this cluster knows the current primary; none is
+            # built here (this connection exists to create or drop databases).
+            host, port = str(self.settings_dict.get("HOST")), int(self.settings_dict.get("PORT") or 0)
+            with _registry.lock:
+                routers = list(_registry.routers.values())
+            for router in routers:
+                if router.primary.adapter.engine != self.engine:
+                    continue
+                if any(node.adapter.address.host == host and (not port or node.adapter.address.port == port)
+                       for node in router.nodes):
+                    address = router.primary.adapter.address
+                    return address.host, address.port
+            return host, port
         address = self.dbrouter_router.primary.adapter.address
         return address.host, address.port
 
@@ -488,7 +513,10 @@ class RoutedWrapper:
             return self._take_primary(router)
         tried = list(exclude)
         last: Exception | None = None
+        wait = routing.causal_wait  # the first replica asked waits for the write; the others are asked at once
         for _ in range(router.config.retry.retry_attempts + len(router.replicas)):
+            if tried and not [node for node in router.topology.snapshot.readable if node not in tried]:
+                break  # every replica was tried: the primary, without a fallback_to_primary event
             try:
                 node = router.choose_reader(tried)
             except DbRouterError:
@@ -503,9 +531,10 @@ class RoutedWrapper:
                 continue
             if position is None or state is None or node.name in state.confirmed:
                 return lease
-            if self._replayed(lease, position, routing.causal_wait):
+            if self._replayed(lease, position, wait):
                 state.confirmed.add(node.name)
                 return lease
+            wait = 0.0
         if position is not None:
             router.counts.causal_primary_reads.inc()
         try:

@@ -20,9 +20,10 @@ from mysql.connector.connection import MySQLConnection
 from mysql.connector.cursor import MySQLCursorBuffered
 from mysql.connector.django import base as connector
 from mysql.connector.django import client as connector_client
+from mysql.connector.django import creation as connector_creation
 from mysql.connector.django.base import CursorWrapper, DjangoMySQLConverter
 
-from .. import RoutedWrapper
+from .. import RoutedCreation, RoutedWrapper
 
 _CBuffered: type[Any] | None
 try:
@@ -30,7 +31,11 @@ try:
 except ImportError:  # the C extension did not load: pure Python only
     _CBuffered = None
 
-__all__ = ["DatabaseClient", "DatabaseWrapper"]
+__all__ = ["DatabaseClient", "DatabaseCreation", "DatabaseWrapper"]
+
+
+class DatabaseCreation(RoutedCreation, connector_creation.DatabaseCreation):
+    """Django's test database creation; the routers on the test database close before it is dropped."""
 
 
 class DatabaseClient(connector_client.DatabaseClient):
@@ -47,6 +52,7 @@ class DatabaseWrapper(RoutedWrapper, connector.DatabaseWrapper):
 
     engine = "mysql"
     client_class = DatabaseClient
+    creation_class = DatabaseCreation
 
     def __init__(self, settings_dict: dict[str, Any], alias: str = DEFAULT_DB_ALIAS) -> None:
         super().__init__(settings_dict, alias)

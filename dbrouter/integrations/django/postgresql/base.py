@@ -19,9 +19,10 @@ from django.core.exceptions import ImproperlyConfigured
 from django.db import DEFAULT_DB_ALIAS
 from django.db.backends.postgresql import base as postgresql
 from django.db.backends.postgresql import client as postgresql_client
+from django.db.backends.postgresql import creation as postgresql_creation
 from django.db.backends.postgresql.psycopg_any import IsolationLevel, is_psycopg3
 
-from .. import RoutedWrapper
+from .. import RoutedCreation, RoutedWrapper
 
 if is_psycopg3:
     raise ImproperlyConfigured(
@@ -29,7 +30,11 @@ if is_psycopg3:
         "chose psycopg 3 because it is installed: uninstall psycopg (3) in this environment"
     )
 
-__all__ = ["DatabaseClient", "DatabaseWrapper"]
+__all__ = ["DatabaseClient", "DatabaseCreation", "DatabaseWrapper"]
+
+
+class DatabaseCreation(RoutedCreation, postgresql_creation.DatabaseCreation):
+    """Django's test database creation; the routers on the test database close before it is dropped."""
 
 # jsonb values as text, as Django's backend registers them on its connections (JSONField
 # decodes them itself); here per cursor, so the pooled connection's own cursor keeps psycopg2's
@@ -57,6 +62,7 @@ class DatabaseWrapper(RoutedWrapper, postgresql.DatabaseWrapper):
 
     engine = "postgres"
     client_class = DatabaseClient
+    creation_class = DatabaseCreation
 
     def __init__(self, settings_dict: dict[str, Any], alias: str = DEFAULT_DB_ALIAS) -> None:
         super().__init__(settings_dict, alias)

@@ -31,7 +31,7 @@ PROJECT = Path(__file__).resolve().parent.parent / "examples" / "django_app"
 # several minutes when the machine is busy; CI runs 2,000 to keep the suite's budget, and
 # DBROUTER_DJANGO_REQUESTS=10000 runs the full count.
 REQUESTS = int(os.environ.get("DBROUTER_DJANGO_REQUESTS", "2000"))
-OPTIONS = '{"health_interval": 0.2, "causal_wait": 0.02, "statement_timeout": 5, "connect_timeout": 2}'
+OPTIONS = '{"health_interval": 0.2, "causal_wait": 0.02, "statement_timeout": 5, "connect_timeout": 2, "acquire_timeout": 2}'
 
 
 def result(output: str, name: str) -> dict[str, str]:

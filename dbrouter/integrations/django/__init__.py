@@ -131,6 +131,9 @@ class _Registry:
         self.lock = threading.Lock()
         self.routers: dict[tuple[Any, ...], Router] = {}
         self.databases: dict[tuple[Any, ...], str] = {}  # the database each router's nodes use
+        # (engine, host, port) of every node of a router closed since -> its primary then: the
+        # test runner drops the test database after closing its router, maybe after a failover.
+        self.last_primaries: dict[tuple[str, str, int], tuple[str, int]] = {}
         _fork.register(self)
 
     def _after_fork_in_child(self) -> None:
@@ -249,6 +252,11 @@ def close_routers(timeout: float = 5.0, *, database: str | None = None) -> None:
         routers = [_registry.routers.pop(key) for key in keys]
         for key in keys:
             del _registry.databases[key]
+        for router in routers:
+            primary = router.primary.adapter.address
+            for node in router.nodes:
+                address = node.adapter.address
+                _registry.last_primaries[(node.adapter.engine, address.host, address.port)] = (primary.host, primary.port)
     for router in routers:
         router.close(timeout)
 
@@ -471,7 +479,7 @@ class RoutedWrapper:
                        for node in router.nodes):
                     address = router.primary.adapter.address
                     return address.host, address.port
-            return host, port
+            return _registry.last_primaries.get((self.engine, host, port), (host, port))
         address = self.dbrouter_router.primary.adapter.address
         return address.host, address.port
 

@@ -9,6 +9,7 @@ skipped without it. They print one ``RESULT`` line each, which tests/test_django
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 import unittest
@@ -16,6 +17,7 @@ from collections import Counter
 from typing import Any
 
 from django.core.management import call_command
+from django.core.signals import got_request_exception
 from django.db import connections, transaction
 from django.db.utils import OperationalError
 from django.test import Client, TransactionTestCase, override_settings
@@ -230,37 +232,51 @@ class KillPrimaryPromote(TransactionTestCase):
         router = get_router()
         health = router.config.monitor.health_interval
         seed = [Item.objects.create(name=f"seed{i}").pk for i in range(20)]
+        connections.close_all()  # as a request's end does: no connection of this thread is held across the fault
         time.sleep(0.5)  # replicated
+        # Django's test client re-raises the last request exception of any thread (its signal is
+        # process-wide): each thread collects its own here instead.
+        raised: dict[int, BaseException] = {}
+
+        def note_exception(sender: Any, request: Any = None, **kwargs: Any) -> None:
+            raised[threading.get_ident()] = sys.exc_info()[1]  # type: ignore[assignment]
+
+        got_request_exception.connect(note_exception)
+        self.addCleanup(got_request_exception.disconnect, note_exception)
+
+        def outcome(response: Any) -> BaseException | None:
+            error = raised.pop(threading.get_ident(), None)
+            return error if response.status_code >= 500 else None
+
         stop = threading.Event()
         lock = threading.Lock()
         reads: Counter[str] = Counter()
-        writes: list[tuple[float, bool, str]] = []  # (time, succeeded, error type)
+        writes: list[tuple[float, bool, str]] = []  # (end time, succeeded, error type)
         slowest = [0.0]
 
         def reader() -> None:
-            client = Client()
+            client = Client(raise_request_exception=False)
             while not stop.is_set():
                 t = time.monotonic()
-                try:
-                    ok = client.get(f"/items/{seed[int(t * 1000) % len(seed)]}/").status_code == 200
-                    kind = "ok" if ok else "missing"
-                except Exception as exc:  # noqa: BLE001 - counted and checked below
-                    kind = type(exc).__name__
+                response = client.get(f"/items/{seed[int(t * 1000) % len(seed)]}/")
+                error = outcome(response)
+                kind = "ok" if response.status_code == 200 else type(error).__name__ if error else str(response.status_code)
                 with lock:
                     reads[kind] += 1
                     slowest[0] = max(slowest[0], time.monotonic() - t)
             connections.close_all()
 
         def writer() -> None:
-            client = Client()
+            client = Client(raise_request_exception=False)
             while not stop.is_set():
                 t = time.monotonic()
-                try:
-                    client.post("/items/", {"name": "w"})
-                    result = (t, True, "")
-                except Exception as exc:  # noqa: BLE001 - counted and checked below
-                    result = (t, False, f"{type(exc).__module__}.{type(exc).__name__}"
-                              f"{'' if isinstance(exc, dbrouter.DbRouterError) else ' (not dbrouter)'}")
+                response = client.post("/items/", {"name": "w"})
+                error = outcome(response)
+                if response.status_code == 201:
+                    result = (time.monotonic(), True, "")
+                else:
+                    result = (time.monotonic(), False, f"{type(error).__module__}.{type(error).__name__}"
+                              f"{'' if isinstance(error, dbrouter.DbRouterError) else ' (not dbrouter)'}")
                     time.sleep(0.05)
                 with lock:
                     writes.append(result)
@@ -282,8 +298,9 @@ class KillPrimaryPromote(TransactionTestCase):
         stop.set()
         for thread in threads:
             thread.join(30)
+        connections.close_all()  # this thread's connections were on the old primary: give them back
         local.save_state(str(STATE))  # the new primary, for the test's teardown and the caller
-        after = [w for w in writes if w[0] >= promoted]
+        after = [w for w in writes if w[0] >= killed + 0.2]  # not in flight at the kill
         first_ok = min((w[0] for w in after if w[1]), default=None)
         back = None if first_ok is None else first_ok - promoted
         errors = Counter(w[2] for w in writes if not w[1])

@@ -16,6 +16,7 @@ preload_mysql_extension()
 
 from mysql.connector import errors as myerrors  # noqa: E402 - must come after the C extension is loaded
 from mysql.connector.connection import MySQLConnection  # noqa: E402
+from mysql.connector.constants import ClientFlag  # noqa: E402
 
 _CConnection: Callable[..., Any] | None
 _C_EXTENSION_ERROR: str | None
@@ -235,6 +236,10 @@ URL_OPTIONS: dict[str, Callable[[str], Any]] = {
     "unix_socket": str,
     "time_zone": str,
     "sql_mode": str,
+    # The server reports the rows an UPDATE matched instead of the rows it changed (the
+    # FOUND_ROWS client flag, set at login): Django's save() relies on it, and
+    # dbrouter.integrations.django sets it.
+    "found_rows": _bool,
 }
 
 
@@ -303,6 +308,8 @@ class MySQLAdapter(Adapter):
                 raise ConfigurationError(
                     f"invalid value for option {key!r} of mysql node {self.node}: {exc}"
                 ) from None
+        if params.pop("found_rows", False):
+            params["client_flags"] = [ClientFlag.FOUND_ROWS]
         guard = self.guard_timeout
         if guard is not None and "read_timeout" not in params:
             # The client gives up a little after the server would have cancelled the

@@ -1,0 +1,1 @@
+"""dbrouter's MySQL / MariaDB backend for Django: ``ENGINE = "dbrouter.integrations.django.mysql"``."""

@@ -1,0 +1,1 @@
+"""dbrouter's PostgreSQL backend for Django: ``ENGINE = "dbrouter.integrations.django.postgresql"``."""

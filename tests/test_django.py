@@ -1,0 +1,108 @@
+"""The Django integration on real clusters, through the example project (examples/django_app).
+
+Django's settings are configured once per process, so each test runs the project's own
+``manage.py`` in a child process, as a user would: ``manage.py test shop`` creates the test
+database on the primary (the replica alias is its TEST MIRROR), migrates it, and runs the
+project's tests (examples/django_app/shop/tests.py): Django's transactions, savepoints,
+on_commit, select_for_update, bulk_create, server-side cursors, DEBUG query logging,
+migrations and dbshell on dbrouter's connections, then the stale-read test (create-then-read
+requests through Django's test client while every replica pauses its replay 1 s at a
+time). The kill-primary-promote test gets a cluster of its own.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from dbrouter.cluster import LocalCluster, make_cluster
+
+from .test_examples import cluster_env
+
+PROJECT = Path(__file__).resolve().parent.parent / "examples" / "django_app"
+# The stale-read test's create-then-read requests per engine. The issue asks for 10,000:
+# about 40 s per engine on an idle 2-core machine (3-4 ms a request, the servers included),
+# several minutes when the machine is busy; CI runs 2,000 to keep the suite's budget, and
+# DBROUTER_DJANGO_REQUESTS=10000 runs the full count.
+REQUESTS = int(os.environ.get("DBROUTER_DJANGO_REQUESTS", "2000"))
+OPTIONS = '{"health_interval": 0.2, "causal_wait": 0.02, "statement_timeout": 5, "connect_timeout": 2, "acquire_timeout": 2}'
+
+
+def result(output: str, name: str) -> dict[str, str]:
+    """The ``RESULT <name> key=value ...`` line a project test printed."""
+    found = re.search(rf"^RESULT {name} (.*)$", output, re.MULTILINE)
+    assert found, f"no RESULT {name} line in:\n{output[-5000:]}"
+    return dict(re.findall(r"(\w+)=(\{[^}]*\}|\S+)", found[1]))
+
+
+def manage(cluster: LocalCluster, state: Path, *args: str, timeout: float, **extra: str) -> str:
+    env = {**cluster_env(cluster), "DBROUTER_TEST_CLUSTER_STATE": str(state), "DBROUTER_DJANGO_OPTIONS": OPTIONS,
+           "PYTHONPATH": os.pathsep.join([str(PROJECT.parent.parent), os.environ.get("PYTHONPATH", "")]), **extra}
+    proc = subprocess.run([sys.executable, str(PROJECT / "manage.py"), *args], cwd=PROJECT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"manage.py {' '.join(args)} exited {proc.returncode}\n{output[-8000:]}"
+    return output
+
+
+@pytest.fixture
+def test_database_rights(cluster: LocalCluster) -> Iterator[None]:
+    """Let the application user create and drop Django's test database, as a CI user can."""
+    name = f"test_{cluster.database}"
+    if cluster.engine == "postgres":
+        cluster.primary._admin(f'ALTER ROLE "{cluster.user}" CREATEDB')
+    else:
+        for host in ("127.0.0.1", "localhost"):
+            cluster.primary._admin(f"GRANT ALL PRIVILEGES ON `{name}`.* TO '{cluster.user}'@'{host}'")
+    try:
+        yield
+    finally:
+        if cluster.engine == "postgres":
+            cluster.primary._admin(f'DROP DATABASE IF EXISTS "{name}"')
+            cluster.primary._admin(f'ALTER ROLE "{cluster.user}" NOCREATEDB')
+        else:
+            cluster.primary._admin(f"DROP DATABASE IF EXISTS `{name}`")
+            for host in ("127.0.0.1", "localhost"):
+                cluster.primary._admin(f"REVOKE ALL PRIVILEGES ON `{name}`.* FROM '{cluster.user}'@'{host}'")
+        for replica in cluster.replicas:
+            cluster.resume_replication(replica)
+
+
+@pytest.mark.slow
+def test_django_project(cluster: LocalCluster, test_database_rights: None, tmp_path: Path) -> None:
+    state = tmp_path / "cluster.json"
+    cluster.save_state(state)
+    out = manage(cluster, state, "test", "shop", "--noinput", "-v", "2", timeout=600,
+                 DBROUTER_DJANGO_REQUESTS=str(REQUESTS))
+    assert re.search(r"^Ran \d+ tests", out, re.MULTILINE) and "\nOK" in out, out[-5000:]
+    stale = result(out, "stale-reads")
+    assert int(stale["requests"]) == REQUESTS
+    assert int(stale["stale"]) == 0
+    assert float(stale["share"]) >= 0.8
+    assert stale["control_missed"] == "True"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", [pytest.param("postgres", marks=pytest.mark.postgres),
+                                    pytest.param("mariadb", marks=pytest.mark.mysql)])
+def test_django_kill_primary_promote(engine: str, tmp_path: Path) -> None:
+    with make_cluster(engine, replicas=2) as own:
+        name = f"test_{own.database}"
+        if engine == "postgres":
+            own.primary._admin(f'ALTER ROLE "{own.user}" CREATEDB')
+        else:
+            for host in ("127.0.0.1", "localhost"):
+                own.primary._admin(f"GRANT ALL PRIVILEGES ON `{name}`.* TO '{own.user}'@'{host}'")
+        state = tmp_path / "cluster.json"
+        own.save_state(state)
+        out = manage(own, state, "test", "shop.tests.KillPrimaryPromote", "--noinput", "-v", "2", timeout=300,
+                     DBROUTER_TEST_FAILOVER="1")
+        failover = result(out, "failover")
+        assert "Ran 1 test" in out and "skipped" not in out, out[-3000:]
+        assert float(failover["writes_back_after"]) <= 2 * 0.2 + 0.5, failover

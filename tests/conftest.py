@@ -11,8 +11,6 @@ instead of its C extension (see ``tests/_mysql_mode.py``); CI runs the
 
 from __future__ import annotations
 
-import random
-import socket
 import time
 import uuid
 from dataclasses import dataclass
@@ -22,6 +20,7 @@ import pytest
 
 import dbrouter  # loads the mysql C extension before anything imports ssl
 from dbrouter.cluster import LocalCluster, LocalNode, MariaDBCluster, PatroniCluster, PostgresCluster, make_cluster
+from dbrouter.cluster._base import allocate_ports
 from dbrouter.url import parse_address
 
 from . import _mysql_mode
@@ -183,16 +182,11 @@ def port_sql(cluster: Any) -> str:
 
 def free_low_port() -> int:
     """A free loopback port below the ephemeral range: while a proxy refuses, its closed
-    listening port must not be taken by an outgoing connection (see NOTES.md)."""
-    for _ in range(200):
-        port = random.randint(20000, 32000)
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port below 32768")
+    listening port must not be taken by an outgoing connection (see NOTES.md). Held for
+    the rest of the run against other processes (`allocate_ports`' lock files): a chaos
+    run or another test run on the machine does not take it while it is closed, nor do
+    we take one of theirs."""
+    return allocate_ports(1)[0]
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 5.0, interval: float = 0.02) -> bool:

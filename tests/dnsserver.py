@@ -19,7 +19,6 @@ Every query is counted (`count`). `stop` closes every socket and joins the threa
 from __future__ import annotations
 
 import contextlib
-import random
 import selectors
 import socket
 import struct
@@ -37,6 +36,8 @@ import dns.rdata
 import dns.rdataclass
 import dns.rdatatype
 import dns.rrset
+
+from dbrouter.cluster._base import allocate_ports
 
 __all__ = ["DNSServer", "Query"]
 
@@ -79,8 +80,13 @@ class DNSServer:
         """A UDP and a TCP socket on one port: the given one, else a free one in `PORTS`.
         The sockets stay bound, so no other process can take the port between a probe and the
         start (the race a probe-then-bind port chooser has)."""
-        candidates = [port] if port is not None else [random.randint(*PORTS) for _ in range(200)]
-        for candidate in candidates:
+        for attempt in range(200):
+            if port is None:
+                candidate = allocate_ports(1)[0]  # held against the other processes on the machine too
+            elif attempt:
+                break
+            else:
+                candidate = port
             udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             try:

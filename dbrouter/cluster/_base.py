@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import fcntl
 import json
 import logging
 import math
@@ -57,7 +58,12 @@ _T = TypeVar("_T")
 _C = TypeVar("_C", bound="LocalCluster")
 
 _port_lock = threading.Lock()
-_ports_in_use: set[int] = set()  # handed out by this process and not yet released
+_ports_in_use: dict[int, int] = {}  # handed out by this process and not yet released -> its lock file's fd
+PORT_LOCK_DIR = "/tmp/dbrouter-ports"
+"""One lock file per port handed out, locked (flock) by the process that holds the port:
+another process on the machine (a second test run, a chaos run, a drill) skips it, even
+while the server that owns it is down and the port looks free. The kernel drops the lock
+when the process ends, so nothing is left held by a process that died."""
 
 _live_lock = threading.Lock()
 _live: set[LocalCluster] = set()  # strong refs: a forgotten cluster must still be torn down
@@ -321,31 +327,56 @@ def port_is_free(port: int) -> bool:
     return True
 
 
+def _reserve(port: int) -> int | None:
+    """An exclusive lock on ``port``'s lock file (its fd), or None when another process holds it."""
+    try:
+        os.makedirs(PORT_LOCK_DIR, mode=0o1777, exist_ok=True)
+        fd = os.open(os.path.join(PORT_LOCK_DIR, f"{port}.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    except OSError:
+        return -1  # no shared directory: this process's own bookkeeping still holds
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
 def allocate_ports(count: int) -> list[int]:
     """``count`` free ports below the ephemeral range, scanning from a random start.
 
-    Ports handed out are remembered until released, so two clusters started by
-    the same process never get the same port even before their servers bind.
+    Ports handed out are held until released: within this process, and against the other
+    processes on the machine by a lock file each (`PORT_LOCK_DIR`), so that no two clusters,
+    proxies or test servers get one port even while its server is down.
     """
     low, high = PORT_RANGE
     span = high - low
     start = random.randrange(span)
-    found: list[int] = []
+    found: dict[int, int] = {}
     with _port_lock:
         for i in range(span):
             port = low + (start + i) % span
-            if port in _ports_in_use or not port_is_free(port):
+            if port in _ports_in_use or port in found or not port_is_free(port):
                 continue
-            found.append(port)
+            fd = _reserve(port)
+            if fd is None:
+                continue
+            found[port] = fd
             if len(found) == count:
                 _ports_in_use.update(found)
-                return found
+                return list(found)
+        for fd in found.values():
+            if fd >= 0:
+                os.close(fd)
     raise ClusterError(f"no {count} free ports in {low}-{high} on {HOST}")
 
 
 def release_ports(ports: Iterable[int]) -> None:
     with _port_lock:
-        _ports_in_use.difference_update(ports)
+        for port in ports:
+            fd = _ports_in_use.pop(port, -1)
+            if fd >= 0:
+                os.close(fd)  # closing the last fd of the lock file drops the lock
 
 
 # ------------------------------------------------------------------------- node
@@ -984,7 +1015,10 @@ class LocalCluster:
             cluster.nodes.append(node)
         cluster.primary = cluster.node(state["primary"]) if state.get("primary") else cluster.nodes[0]
         with _port_lock:
-            _ports_in_use.update(n.port for n in cluster.nodes)
+            for n in cluster.nodes:  # a cluster loaded from its state file: its ports are this process's
+                if n.port not in _ports_in_use:
+                    fd = _reserve(n.port)
+                    _ports_in_use[n.port] = -1 if fd is None else fd
         return cluster
 
     def create_database(self, name: str) -> None:

@@ -26,7 +26,8 @@ from dbrouter.drill.chart import render_html
 
 pytestmark = pytest.mark.slow
 
-BUILT_IN = sorted(name for name in SCENARIOS if name != "shell")
+# The scenarios of a local replication cluster (the patroni-* ones are tests/test_patroni.py's).
+BUILT_IN = sorted(name for name, scenario in SCENARIOS.items() if name != "shell" and "postgres" in scenario.engines)
 CLI = [sys.executable, "-m", "dbrouter.cli"]
 
 

@@ -363,16 +363,21 @@ class Drill:
         router = self.router
         assert router is not None
         deadline = time.monotonic() + max(5.0, 3 * router.config.monitor.health_interval + router.config.connect.connect_timeout)
-        while router.topology.primary_problem() is not None and time.monotonic() < deadline:
-            router.topology.wake()
-            time.sleep(0.2)
-        try:
-            with router.transaction() as tx:
-                rows = tx.read(f"SELECT id FROM {workload.table}")
-        except DbRouterError as exc:
-            target.notes.append(f"could not read the writes back: {exc}")
-            return None, None
-        return workload.check_writes(rows)
+        while True:
+            while router.topology.primary_problem() is not None and time.monotonic() < deadline:
+                router.topology.wake()
+                time.sleep(0.2)
+            try:
+                with router.transaction() as tx:
+                    rows = tx.read(f"SELECT id FROM {workload.table}")
+                return workload.check_writes(rows)
+            except DbRouterError as exc:
+                # Only a read: a connection lost on the way (a primary Patroni is still
+                # settling) is read again until the deadline, never taken for an answer.
+                if time.monotonic() >= deadline:
+                    target.notes.append(f"could not read the writes back: {exc}")
+                    return None, None
+                time.sleep(0.2)
 
 
 def run_drill(options: DrillOptions, stream: TextIO | None = None, *, cluster: LocalCluster | None = None) -> DrillReport:

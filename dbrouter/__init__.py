@@ -7,6 +7,7 @@ from .adapters import preload_mysql_extension
 # Before anything imports ssl: see preload_mysql_extension.
 preload_mysql_extension()
 
+from .bulk import BatchReport  # noqa: E402
 from .config import (  # noqa: E402
     ConnectOptions,
     MonitorConfig,
@@ -43,6 +44,7 @@ from .transactions import Transaction  # noqa: E402
 from .url import NodeAddress, parse_address  # noqa: E402
 
 __all__ = [
+    "BatchReport",
     "BulkWriteError",
     "ClusterError",
     "ConfigurationError",

@@ -130,6 +130,20 @@ class Adapter(ABC):
         """Run one statement for many parameter rows in as few round trips as the
         driver allows; returns the total rowcount."""
 
+    bulk_min_rows: int = 0
+    """`write_many` asks for a `bulk_plan` only for a batch of at least this many rows (with
+    fewer, a batch is the only one of its call, and a plain multi-row INSERT serves it best)."""
+
+    def bulk_plan(self, conn: Any, sql: str) -> Any:
+        """What `write_batch` needs to know about ``sql`` on this node, asked once per
+        `write_many` call inside its first batch's transaction (None: nothing)."""
+        return None
+
+    def write_batch(self, conn: Any, sql: str, rows: list[Any], plan: Any) -> int:
+        """Write one batch of `write_many` inside the open transaction, by the engine's
+        fastest path for ``sql`` (``plan`` from `bulk_plan`); returns the rows written."""
+        return self.execute_many(conn, sql, rows)
+
     @abstractmethod
     def begin(self, conn: Any) -> None:
         """Start an explicit transaction on an autocommit connection."""

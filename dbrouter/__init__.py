@@ -33,6 +33,7 @@ from .errors import (  # noqa: E402
     PoolTimeout,
     RoutingError,
     SplitBrain,
+    StreamInterrupted,
     UsageError,
     WriteOutcomeUnknown,
 )
@@ -40,6 +41,7 @@ from .events import Event  # noqa: E402
 from .pool import Pool  # noqa: E402
 from .router import Router, is_read_statement  # noqa: E402
 from .session import Session  # noqa: E402
+from .stream import Stream  # noqa: E402
 from .transactions import Transaction  # noqa: E402
 from .url import NodeAddress, parse_address  # noqa: E402
 
@@ -72,6 +74,8 @@ __all__ = [
     "RoutingError",
     "Session",
     "SplitBrain",
+    "Stream",
+    "StreamInterrupted",
     "Transaction",
     "UsageError",
     "WriteOutcomeUnknown",

@@ -24,6 +24,7 @@ __all__ = [
     "PoolTimeout",
     "RoutingError",
     "SplitBrain",
+    "StreamInterrupted",
     "UsageError",
     "WriteOutcomeUnknown",
 ]
@@ -138,6 +139,17 @@ class BulkWriteError(DbRouterError):
         self.committed = committed
         self.unknown = sorted(unknown or [])
         self.failed = sorted(set(failures) - set(self.unknown))
+
+
+class StreamInterrupted(DbRouterError):
+    """A `Router.stream` lost its node after it had handed out rows: the rows read so far
+    are good, the rest never came, and the stream is not started again (it would hand out
+    the first rows twice). ``node`` names the node, ``rows`` counts the rows handed out."""
+
+    def __init__(self, message: str, *, node: str, rows: int) -> None:
+        super().__init__(message)
+        self.node = node
+        self.rows = rows
 
 
 for _name in __all__:

@@ -37,6 +37,7 @@ from .retrying import RetryExecutor
 from .routing import Core, Counts, OpenTransactions
 from .session import Session
 from .statements import is_read_statement, verdicts
+from .stream import Stream
 from .topology import PRIMARY, REPLICA, Node, Topology
 from .transactions import Transaction, run_transaction, transaction
 from .url import NodeAddress, parse_address
@@ -383,6 +384,22 @@ class Router(Core):
         """
         return write_many(self, sql, rows, batch_size=batch_size, workers=workers,
                           outside_transaction=outside_transaction, progress=progress)
+
+    def stream(self, sql: str, params: Any = None, *, batch_size: int = 1000) -> Stream:
+        """The rows of one read statement, fetched ``batch_size`` at a time, for a ``with`` block::
+
+            with router.stream("SELECT id, body FROM events WHERE day = %s", (day,)) as rows:
+                for row in rows:
+                    ...
+
+        It runs where `read` would (a replica by the routing rules, the primary as the
+        fallback), on a server-side cursor (PostgreSQL) or an unbuffered result
+        (MySQL/MariaDB), and holds that connection until the block ends (``leak_threshold``
+        applies). ``sql`` must pass `read`'s rule (`NotAReadStatement` otherwise). Failures
+        before the first rows are retried on another node like a read; once rows were handed
+        out, a lost node raises `StreamInterrupted`, and the stream is never started again.
+        """
+        return Stream(self, sql, params, batch_size=batch_size)
 
     # -- connections for other libraries ------------------------------------------
 

@@ -1,10 +1,12 @@
-"""Bulk writes against the real servers (issue 18).
+"""Bulk writes and streamed reads against the real servers (issue 18).
 
 `write_many`: COPY on PostgreSQL stores what the INSERT stores, for every type psycopg2
 adapts (Hypothesis, against the server); values COPY would store differently go as the
 INSERT; any iterable is read a batch at a time (never more than workers x batch_size rows
 held); progress per batch; failed and unknown batches; MariaDB INSERTs cut to
-max_allowed_packet; a failover in the middle of a load.
+max_allowed_packet; a failover in the middle of a load. `stream`: the rows of a replica in
+bounded memory, its connection held until closed, a clear error when the node goes away
+mid-stream.
 """
 
 from __future__ import annotations
@@ -23,12 +25,12 @@ from hypothesis import strategies as st
 from psycopg2.extras import Json
 
 import dbrouter
-from dbrouter import BatchReport, BulkWriteError, Router
+from dbrouter import BatchReport, BulkWriteError, NotAReadStatement, Router, StreamInterrupted
 from dbrouter.adapters import postgres as postgres_adapter
 from dbrouter.adapters.postgres import PostgresAdapter
 from dbrouter.cluster import make_cluster
 
-from .conftest import ENGINES, wait_until
+from .conftest import ENGINES, port_sql, wait_until
 
 FAST = {"health_interval": 0.2, "min_size": 1, "max_size": 6}
 
@@ -413,3 +415,83 @@ def test_failover_during_write_many_reports_every_batch_and_loses_no_commit(engi
         assert sum(s == "committed" for s in status.values()) >= batches - 3, status
     finally:
         cluster.destroy()
+
+
+# -- streams -------------------------------------------------------------------------------------
+
+SERIES = {"postgres": "SELECT g, repeat('x', 50) FROM generate_series(1, {n}) AS g",
+          "mariadb": "SELECT seq, REPEAT('x', 50) FROM seq_1_to_{n}"}
+
+
+def _series(cluster: Any, n: int) -> str:
+    return SERIES[cluster.engine].format(n=n)
+
+
+def test_stream_reads_a_replica_in_batches_and_holds_its_connection(cluster: Any) -> None:
+    events: list[dbrouter.Event] = []
+    with make_router(cluster, leak_threshold=0.3, maintenance_interval=0.05) as router:
+        router.on("leak", events.append)
+        with router.stream(f"SELECT {port_sql(cluster)}") as rows:
+            assert rows.node.role == "replica"
+            assert list(rows) == [(rows.node.address.port,)]
+        with router.stream(_series(cluster, 2500), batch_size=1000) as rows:
+            node = rows.node
+            assert node.pool.stats()["in_use"] == 1
+            sizes = [len(batch) for batch in rows.batches()]
+            assert wait_until(lambda: any(e.name == "leak" and e.node == node.name for e in events), timeout=5)
+        assert sizes == [1000, 1000, 500] and rows.rows == 2500
+        assert node.pool.stats()["in_use"] == 0
+        with router.stream(_series(cluster, 10), batch_size=3) as rows:
+            assert [r[0] for r in rows] == list(range(1, 11))
+        # Closed early: the connection goes back (PostgreSQL) or is discarded (an unread MySQL result).
+        with router.stream(_series(cluster, 100_000), batch_size=100) as rows:
+            node = rows.node
+            assert next(iter(rows))[0] == 1
+        assert node.pool.stats()["in_use"] == 0
+        assert router.read("SELECT 1") == [(1,)]
+        with pytest.raises(NotAReadStatement):
+            router.stream("DELETE FROM nowhere")
+        with pytest.raises(dbrouter.UsageError):
+            list(router.stream("SELECT 1"))  # not opened: a stream is used in a with block
+        stats = router.stats()
+        assert all(n["pool"]["in_use"] == 0 for n in stats["nodes"].values())
+        assert all(n["breaker_failures"] == 0 for n in stats["nodes"].values())
+
+
+def test_stream_memory_stays_bounded(cluster: Any) -> None:
+    """300,000 rows of about 60 bytes: held at once they take about 60 MiB here."""
+    with make_router(cluster) as router:
+        with router.stream(_series(cluster, 2000), batch_size=1000) as rows:
+            sum(1 for _ in rows)  # warm: imports, buffers, the cursor's first batch
+        before = peak = _rss()
+        count = 0
+        with router.stream(_series(cluster, 300_000), batch_size=2000) as rows:
+            for batch in rows.batches():
+                count += len(batch)
+                peak = max(peak, _rss())
+        assert count == 300_000
+        assert peak - before < 12 * 2 ** 20, (peak - before) / 2 ** 20
+
+
+def test_stream_says_so_when_its_node_goes_away_mid_stream(cluster: Any) -> None:
+    with make_router(cluster, fail_max=1) as router:
+        with router.stream(_series(cluster, 400_000), batch_size=1000) as rows:
+            node = rows.node
+            conn = rows._lease.conn  # type: ignore[union-attr]
+            session = conn.get_backend_pid() if cluster.engine == "postgres" else conn.connection_id
+            seen = []
+            with pytest.raises(StreamInterrupted) as info:
+                for row in rows:
+                    seen.append(row[0])
+                    if len(seen) == 1000:
+                        server = next(n for n in cluster.nodes if n.port == node.address.port)
+                        if cluster.engine == "postgres":
+                            server.query("SELECT pg_terminate_backend(%s)", (session,))
+                        else:
+                            server.query(f"KILL {session}")
+        error = info.value
+        assert error.node == node.name and error.rows == len(seen) < 400_000
+        assert seen == list(range(1, len(seen) + 1))  # a prefix, nothing twice
+        assert f"after {len(seen)} rows" in str(error) and error.__cause__ is not None
+        assert node.pool.stats()["in_use"] == 0
+        assert router.read("SELECT 1") == [(1,)]

@@ -145,6 +145,21 @@ class Adapter(ABC):
         return self.execute_many(conn, sql, rows)
 
     @abstractmethod
+    def open_stream(self, conn: Any, sql: str, params: Any, batch_size: int) -> Any:
+        """Start streaming the result of ``sql`` (a server-side cursor, an unbuffered
+        result); returns the stream's state for `fetch_stream` and `close_stream`."""
+
+    @abstractmethod
+    def fetch_stream(self, conn: Any, state: Any) -> list[tuple[Any, ...]]:
+        """The next rows of a stream (at most its batch size); an empty list at the end."""
+
+    @abstractmethod
+    def close_stream(self, conn: Any, state: Any, finished: bool) -> bool:
+        """End a stream (``finished``: its last fetch came back empty). True when the
+        connection is clean again; False when it must be discarded (the rest of an
+        unbuffered result was not read)."""
+
+    @abstractmethod
     def begin(self, conn: Any) -> None:
         """Start an explicit transaction on an autocommit connection."""
 

@@ -98,6 +98,8 @@ if TYPE_CHECKING:
 
         def fetchall(self) -> list[tuple[Any, ...]]: ...
 
+        def fetchmany(self, size: int = ...) -> list[tuple[Any, ...]]: ...
+
 
 # Client (2xxx) and server error numbers, by what they mean for routing.
 _UNREACHABLE_ERRNOS = frozenset(
@@ -484,6 +486,23 @@ class MySQLAdapter(Adapter):
             base = ends[last - 1]
             first = last
         return count
+
+    def open_stream(self, conn: Any, sql: str, params: Any, batch_size: int) -> Any:
+        # The connection's cursor is unbuffered: the rows stay on the server's side of the
+        # socket until fetched (mysql_use_result with the C extension).
+        cur: _Cursor = conn._dbrouter_cursor
+        cur.execute(sql, params)
+        return cur, batch_size
+
+    def fetch_stream(self, conn: Any, state: Any) -> list[tuple[Any, ...]]:
+        cur, size = state
+        rows: list[tuple[Any, ...]] = cur.fetchmany(size)
+        return rows
+
+    def close_stream(self, conn: Any, state: Any, finished: bool) -> bool:
+        # An unbuffered result must be read to its end before the connection can run anything
+        # else: a stream closed early leaves its connection to be discarded instead.
+        return finished and not conn.unread_result
 
     def begin(self, conn: Any) -> None:
         conn.start_transaction()

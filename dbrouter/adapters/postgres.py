@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import math
 import os
 import socket
@@ -61,6 +62,8 @@ _KEPT_QUERY_BYTES = 64 * 1024
 _COPY_MIN_ROWS = 64
 # The COPY data goes to libpq in pieces of this size (it copies each into its send buffer).
 _COPY_CHUNK = 256 * 1024
+
+_stream_names = itertools.count(1)  # server-side cursor names, unique in the process
 
 
 class _Connection(ext.connection):
@@ -257,6 +260,26 @@ class PostgresAdapter(Adapter):
                     cur.copy_expert(plan.statement, io.BytesIO(data), size=_COPY_CHUNK)
                     return int(cur.rowcount)
         return self.execute_many(conn, sql, rows)
+
+    def open_stream(self, conn: Any, sql: str, params: Any, batch_size: int) -> Any:
+        # A named (server-side) cursor lives in a transaction: psycopg2 sends BEGIN, then
+        # DECLARE; each fetch is one FETCH FORWARD of batch_size rows.
+        conn.autocommit = False
+        cur = conn.cursor(name=f"dbrouter_stream_{next(_stream_names)}")
+        cur.itersize = batch_size
+        cur.arraysize = batch_size
+        cur.execute(sql, params)
+        return cur
+
+    def fetch_stream(self, conn: Any, state: Any) -> list[tuple[Any, ...]]:
+        rows: list[tuple[Any, ...]] = state.fetchmany(state.arraysize)
+        return rows
+
+    def close_stream(self, conn: Any, state: Any, finished: bool) -> bool:
+        conn.rollback()  # ends the transaction and the cursor with it: one round trip
+        state.close()
+        conn.autocommit = True
+        return True
 
     def begin(self, conn: Any) -> None:
         conn.statement_cursor.execute("BEGIN")

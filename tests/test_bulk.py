@@ -318,6 +318,53 @@ def test_mariadb_batches_are_cut_to_max_allowed_packet(maria_cluster: Any) -> No
         maria_cluster.primary.query(f"DROP TABLE IF EXISTS {name}")
 
 
+MARIA_COLUMNS = "t text, bl blob, d decimal(30,6), f double, dt datetime(6), flag bool"
+MARIA_ROWS = st.lists(st.tuples(
+    st.none() | texts, st.none() | st.binary(max_size=40),
+    st.none() | st.decimals(min_value=-(10 ** 20), max_value=10 ** 20, places=6),
+    st.none() | st.floats(allow_nan=False, allow_infinity=False),
+    st.none() | st.datetimes(min_value=datetime.datetime(1000, 1, 1)), st.none() | st.booleans(),
+), min_size=1, max_size=60)
+
+
+@pytest.fixture(scope="module")
+def maria_table(maria_cluster: Any) -> Iterator[str]:
+    name = "bulk_types_" + uuid.uuid4().hex[:8]
+    maria_cluster.primary.query(f"CREATE TABLE {name} (k bigint primary key, {MARIA_COLUMNS}) CHARACTER SET utf8mb4")
+    yield name
+    maria_cluster.primary.query(f"DROP TABLE IF EXISTS {name}")
+
+
+@pytest.fixture(scope="module")
+def maria_router(maria_cluster: Any) -> Iterator[Router]:
+    with Router(maria_cluster.primary.url, **FAST) as router:
+        router.wait_for_probes(1)
+        yield router
+
+
+@pytest.mark.mysql
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                  HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(rows=MARIA_ROWS)
+def test_mariadb_stores_the_source_row_for_row_across_statements(maria_cluster: Any, maria_router: Router,
+                                                                 maria_table: str, rows: list[tuple[Any, ...]]) -> None:
+    """Values with NULLs, tabs, newlines, backslashes, quotes and non-ASCII, in batches cut into
+    several INSERTs by a small max_allowed_packet: what is stored is the source."""
+    maria_cluster.primary.query(f"TRUNCATE TABLE {maria_table}")
+    maria_router.primary.adapter._max_packet = 3072  # type: ignore[attr-defined]  # several statements a batch
+    keyed = [(k, *row) for k, row in enumerate(rows)]
+    names = "k, t, bl, d, f, dt, flag"
+    assert maria_router.write_many(f"INSERT INTO {maria_table} ({names}) VALUES (%s, %s, %s, %s, %s, %s, %s)", keyed,
+                                   batch_size=25, workers=2) == len(rows)
+    back = maria_cluster.primary.query(f"SELECT {names} FROM {maria_table} ORDER BY k")
+    assert len(back) == len(keyed)
+    for want, got in zip(keyed, back, strict=True):
+        k, t, bl, d, f, dt, flag = got
+        assert (k, t, d, f, dt) == (want[0], want[1], *want[3:6]), (want, got)
+        assert (None if bl is None else bytes(bl)) == want[2]
+        assert (None if flag is None else bool(flag)) == want[6]
+
+
 @pytest.mark.postgres
 def test_a_batch_whose_commit_broke_is_unknown_not_failed(pg_cluster: Any) -> None:
     """A deferred trigger holds one batch's COMMIT; its session is terminated meanwhile."""

@@ -455,8 +455,9 @@ class MySQLAdapter(Adapter):
         connector (in C with the extension); other statements through ``executemany``."""
         insert = split_insert_values(sql)
         width = insert[1] if insert else 0
-        if not insert or not rows or not all(isinstance(row, (tuple, list)) and len(row) == width for row in rows):
-            return self.execute_many(conn, sql, rows)
+        if (not insert or not rows or not all(issubclass(kind, (tuple, list)) for kind in set(map(type, rows)))
+                or set(map(len, rows)) != {width}):
+            return self.execute_many(conn, sql, rows)  # mappings, or rows of another width: the driver's way
         head, _, tail = insert
         cur: _Cursor = conn._dbrouter_cursor
         if self._pure:

@@ -10,7 +10,8 @@ primary, every contender in each round, in a fresh random order:
   ``executemany``; SQLAlchemy Core ``insert()`` with a list of dicts.
 * MariaDB: ``router.write_many`` (multi-row INSERTs); one connection sending multi-row
   INSERTs of 1,000, 10,000 and 50,000 rows escaped by the connector's C extension (the
-  best of them is the baseline); the connector's ``executemany`` in chunks of 1,000.
+  best of them is the baseline); the connector's ``executemany`` in chunks of 1,000 (which
+  the connector itself rewrites into one multi-row INSERT per call); ``cursor.execute`` per row.
 
 The slow contenders load fewer rows (``executemany``, SQLAlchemy): rows per second is the
 figure compared. The loads go to a server of their own per engine, without replicas: replay
@@ -209,6 +210,22 @@ def my_executemany(url: str, rows: Sequence[Any]) -> int:
     return len(rows)
 
 
+def my_execute_loop(url: str, rows: Sequence[Any]) -> int:
+    """One cursor.execute per row in one transaction: what code without executemany does."""
+    from mysql.connector.connection_cext import CMySQLConnection
+
+    conn = CMySQLConnection(**_mysql_kwargs(url))
+    try:
+        cur = conn.cursor()
+        conn.start_transaction()
+        for row in rows:
+            cur.execute(INSERT, row)
+        conn.commit()
+    finally:
+        conn.close()
+    return len(rows)
+
+
 # key -> (label, engine, function, share of the rows it loads)
 BULK: dict[str, tuple[str, str, Callable[[str, Sequence[Any]], int], float]] = {
     "pg.write_many_w2": ("router.write_many(batch_size=10000, workers=2)", "postgres", write_many(10_000, 2), 1.0),
@@ -229,7 +246,9 @@ BULK: dict[str, tuple[str, str, Callable[[str, Sequence[Any]], int], float]] = {
     "my.multirow_50000": ("one connection, multi-row INSERTs of 50,000 rows (C escaping)", "mysql", my_multirow(50_000),
                           1.0),
     "my.sa_core": ("SQLAlchemy Core insert() with a list of dicts", "mysql", sa_core("mysql"), 0.2),
-    "my.executemany": ("mysql-connector executemany, 1,000 rows a call, one connection", "mysql", my_executemany, 0.2),
+    "my.executemany": ("mysql-connector executemany, 1,000 rows a call, one connection (the connector rewrites it "
+                       "into one multi-row INSERT)", "mysql", my_executemany, 0.2),
+    "my.execute_loop": ("mysql-connector cursor.execute per row, one connection", "mysql", my_execute_loop, 0.02),
 }
 
 

@@ -92,6 +92,7 @@ def typed_tables(pg_cluster: Any) -> Iterator[tuple[str, str]]:
     yield names
     for name in names:
         pg_cluster.primary.query(f"DROP TABLE IF EXISTS {name}")
+    pg_cluster.wait_replicated(timeout=60)  # the shared cluster's next test waits 10 s for its replicas
 
 
 @pytest.fixture(scope="module")
@@ -232,7 +233,7 @@ def test_copy_plan_follows_the_statement_and_the_table(pg_cluster: Any, pg_route
 
 @pytest.mark.parametrize("workers", [1, 3])
 def test_any_iterable_is_read_a_batch_at_a_time_with_progress(cluster: Any, table: str, workers: int) -> None:
-    total, batch_size = 20_050, 1000
+    total, batch_size = 5_025, 250
     pulled, reported, held = [0], [0], [0]
     reports: list[BatchReport] = []
 
@@ -256,9 +257,10 @@ def test_any_iterable_is_read_a_batch_at_a_time_with_progress(cluster: Any, tabl
     assert held[0] <= workers * batch_size, held[0]
     assert len(reports) == 21 and {r.status for r in reports} == {"committed"}
     spans = sorted((r.index, r.first_row, r.rows) for r in reports)
-    assert spans == [(i, i * batch_size, batch_size if i < 20 else 50) for i in range(21)]
+    assert spans == [(i, i * batch_size, batch_size if i < 20 else 25) for i in range(21)]
     assert [r.batches_done for r in reports] == list(range(1, 22))
     assert reports[-1].rows_committed == total and all(r.rowcount == r.rows for r in reports)
+    cluster.wait_replicated(timeout=60)  # the shared cluster's next test waits 10 s for its replicas
 
 
 def test_failed_batches_are_reported_and_the_others_commit(cluster: Any, table: str) -> None:
@@ -334,6 +336,7 @@ def maria_table(maria_cluster: Any) -> Iterator[str]:
     maria_cluster.primary.query(f"CREATE TABLE {name} (k bigint primary key, {MARIA_COLUMNS}) CHARACTER SET utf8mb4")
     yield name
     maria_cluster.primary.query(f"DROP TABLE IF EXISTS {name}")
+    maria_cluster.wait_replicated(timeout=60)  # the shared cluster's next test waits 10 s for its replicas
 
 
 @pytest.fixture(scope="module")

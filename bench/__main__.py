@@ -10,6 +10,7 @@ from __future__ import annotations
 import dbrouter  # noqa: F401 - first: loads mysql-connector's C extension before ssl/hashlib
 
 import argparse
+import json
 import logging
 import os
 import random
@@ -23,7 +24,7 @@ from typing import Any
 
 from dbrouter.cluster import make_cluster
 
-from . import measure, memory, report
+from . import bulk, measure, memory, report
 from .contenders import CHECKOUT_HOW, CONTENDERS, Contender, Opened, Targets, by_engine
 
 log = logging.getLogger("bench")
@@ -53,19 +54,40 @@ class Settings:
     scale_threads: int
     memory_conns: int
     memory_runs: int
+    bulk_rows: int  # rows each bulk-write contender loads (the slow ones a share of them)
+    bulk_rounds: int
+    stream_rows: int
+    stream_rounds: int
+    stream_batch: int  # router.stream's batch_size = the named cursor's itersize
     quiet_budget_s: float  # total seconds the run may wait for other work on the box to finish
 
 
 QUICK = Settings(
     mode="quick", single_rounds=60, single_batch_s=0.004, single_time_limit_s=30, single_epochs=2, round_trip_ops=30,
     matrix_rounds=2, window_s=0.5, threads=(1, 4, 16, 64), scale_rounds=2, scale_window_s=0.5, scale_threads=32,
-    memory_conns=50, memory_runs=1, quiet_budget_s=10,
+    memory_conns=50, memory_runs=1, bulk_rows=200_000, bulk_rounds=2, stream_rows=1_000_000, stream_rounds=2,
+    stream_batch=2000, quiet_budget_s=10,
 )
 FULL = Settings(
     mode="full", single_rounds=400, single_batch_s=0.004, single_time_limit_s=100, single_epochs=5, round_trip_ops=100,
     matrix_rounds=4, window_s=1.5, threads=(1, 4, 16, 64), scale_rounds=5, scale_window_s=2.0, scale_threads=32,
-    memory_conns=50, memory_runs=3, quiet_budget_s=120,
+    memory_conns=50, memory_runs=3, bulk_rows=1_000_000, bulk_rounds=3, stream_rows=5_000_000, stream_rounds=3,
+    stream_batch=2000, quiet_budget_s=120,
 )
+
+PHASES = ("single", "trips", "matrix", "scale", "memory", "bulk", "stream")
+# The results each phase writes, and the settings it reads (for a run of some phases only,
+# the other phases' results and settings are carried over from the previous results.json).
+PHASE_KEYS = {
+    "single": ("single_thread", "checkout_only"), "trips": ("round_trips",), "matrix": ("matrix",),
+    "scale": ("scale_out",), "memory": ("memory",), "bulk": ("bulk",), "stream": ("stream",),
+}
+PHASE_SETTINGS = {
+    "single": ("single_rounds", "single_batch_s", "single_time_limit_s", "single_epochs", "single_pinned"),
+    "trips": ("round_trip_ops",), "matrix": ("matrix_rounds", "window_s", "threads"),
+    "scale": ("scale_rounds", "scale_window_s", "scale_threads"), "memory": ("memory_conns", "memory_runs"),
+    "bulk": ("bulk_rows", "bulk_rounds"), "stream": ("stream_rows", "stream_rounds", "stream_batch"),
+}
 
 
 def _open_all(contenders: list[Contender], targets: Targets, size: int) -> dict[str, Opened]:
@@ -390,14 +412,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="few rounds, short windows (under 3 minutes)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent, help="where RESULTS.md and results.json go")
     parser.add_argument("--seed", type=int, default=20240601, help="seed of the interleaving order")
-    parser.add_argument("--only", default="single,trips,matrix,scale,memory",
-                        help="comma-separated phases to run (default: all)")
+    parser.add_argument("--only", default=",".join(PHASES),
+                        help=f"comma-separated phases to run (default: all of {','.join(PHASES)}); the others' "
+                             "results are carried over from the previous results.json in --out")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
     logging.getLogger("dbrouter").setLevel(logging.WARNING)
     logging.getLogger("psycopg").setLevel(logging.ERROR)  # e.g. 'rolling back returned connection' (reported by the relay instead)
     s = QUICK if args.quick else FULL
     phases = set(args.only.split(","))
+    unknown = phases - set(PHASES)
+    if unknown:
+        parser.error(f"unknown phase(s) {', '.join(sorted(unknown))}; choose from {', '.join(PHASES)}")
     started = time.perf_counter()
     busy0, total0 = _cpu_ticks()
     own0 = time.process_time()
@@ -405,7 +431,8 @@ def main(argv: list[str] | None = None) -> int:
         "started_at": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "config": {
             **asdict(s),
-            "command": ".venv/bin/python -m bench" + (" --quick" if args.quick else ""),
+            "command": ".venv/bin/python -m bench" + (" --quick" if args.quick else "")
+                       + (f" --only {args.only}" if phases != set(PHASES) else ""),
             "seed": args.seed,
             "pool_size": POOL_SIZE,
             "phases": sorted(phases),
@@ -437,6 +464,14 @@ def main(argv: list[str] | None = None) -> int:
             results["scale_out"] = phase_scale_out(s, clusters, gate)
         if "memory" in phases:
             results["memory"] = phase_memory(s, targets)
+        if "bulk" in phases:
+            log.info("6. bulk writes: %d rows per contender, %d rounds", s.bulk_rows, s.bulk_rounds)
+            results["bulk"] = bulk.run_bulk(s.bulk_rows, s.bulk_rounds, args.seed, gate)
+        if "stream" in phases:
+            log.info("7. streamed reads: %d rows, batches of %d, %d rounds", s.stream_rows, s.stream_batch,
+                     s.stream_rounds)
+            results["stream"] = bulk.run_streams(clusters, s.stream_rows, s.stream_rounds, s.stream_batch,
+                                                 args.seed, gate)
     finally:
         for cluster in clusters.values():
             cluster.destroy()
@@ -448,6 +483,7 @@ def main(argv: list[str] | None = None) -> int:
         results["machine"]["load_average_at_end"] = os.getloadavg()
         results["machine"]["machine_cpu_busy_during_run"] = (busy1 - busy0) / max(1, total1 - total0)
         results["machine"]["bench_client_cpu_s"] = time.process_time() - own0
+    _carry_over(results, phases, args.out / "results.json")
     results["targets"] = report.evaluate_targets(results)
     results["notes"] = list(NOTES)
     load = results.get("machine", {}).get("load_average_at_start", (0.0,))[0]
@@ -464,6 +500,30 @@ def main(argv: list[str] | None = None) -> int:
     for t in results["targets"]:
         print(f"{t['verdict']}  {t['target']}: {t['numbers']}")
     return 0
+
+
+def _carry_over(results: dict[str, Any], phases: set[str], previous_path: Path) -> None:
+    """For a run of some phases only: the other phases' results (and the settings they ran
+    with) from the previous results.json, so that RESULTS.md stays whole; recorded in
+    ``carried_over`` with the date of the run they come from."""
+    missing = [p for p in PHASES if p not in phases]
+    if not missing or not previous_path.exists():
+        return
+    previous = json.loads(previous_path.read_text())
+    carried = {}
+    for phase in missing:
+        keys = [k for k in PHASE_KEYS[phase] if k in previous]
+        if not keys:
+            continue
+        for key in keys:
+            results[key] = previous[key]
+        for name in PHASE_SETTINGS[phase]:
+            if name in previous.get("config", {}):
+                results["config"][name] = previous["config"][name]
+        carried[phase] = previous.get("carried_over", {}).get(phase, previous.get("started_at"))
+    if carried:
+        results["carried_over"] = carried
+        results["config"]["phases"] = sorted(set(results["config"]["phases"]) | set(carried))
 
 
 NOTES = [
@@ -495,6 +555,15 @@ NOTES = [
     "Outside the one-thread phase nothing is pinned; the GIL switch interval is Python's default. The servers "
     "share the two cores with the client, so many-thread SELECT 1 numbers are CPU-bound and measure Python "
     "overhead as much as I/O.",
+    "Bulk writes: every contender's time includes opening its connection (write_many: a Router with its pool, "
+    "which also starts its health monitor); the rows are built before the clock. psycopg2 COPY uses dbrouter's "
+    "own encoder (dbrouter.adapters._copy.encode_batch) in batches of 10,000 rows on one connection in one "
+    "transaction: the same Python-side work, without the pool, the transactions per batch and the threads. "
+    "The loads go to a PostgreSQL and a MariaDB server of their own, without replicas (replay would compete for "
+    "the 2 cores).",
+    "Streamed reads consume the rows with collections.deque(zip(rows, counter), maxlen=0): C code takes each row, "
+    "so the figures show the libraries' per-row cost, not a loop's. Each contender runs in a fresh interpreter; "
+    "connecting (and the Router's start) happens before the clock.",
     "Both floors make the same driver calls as dbrouter, with no pool: psycopg2 with one cursor kept per "
     "connection, mysql-connector's cmd_query + get_rows for statements without parameters. They are the least "
     "work a statement takes with each driver, so 'over the floor' is what pooling and routing add.",

@@ -24,6 +24,13 @@ CEILING_SHARE = 0.95
 SCALE_TARGET = 1.8
 MYSQL_SPEEDUP = 3.0
 SERVICE_S = 0.005
+COPY_SHARE = 0.8  # write_many >= 0.8x psycopg2 COPY (same encoding, one connection)
+EXECUTE_VALUES_SPEEDUP = 1.5
+MULTIROW_SHARE = 1.0
+EXECUTEMANY_SPEEDUP = 20.0
+STREAM_RSS_LIMIT = 64 * 2**20
+STREAM_SHARE = 0.9
+BULK_TARGET = "write_many_w2"  # the setting the targets are judged on: batch_size=10000, workers=2
 
 DISTRIBUTIONS = [
     "dbrouter", "psycopg2-binary", "psycopg", "psycopg-binary", "psycopg-pool", "SQLAlchemy", "DBUtils",
@@ -233,6 +240,92 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                 "verdict": _verdict(s["ratio"] >= SCALE_TARGET),
                 "numbers": f"{s['replicas_throughput']:.0f} vs {s['single_throughput']:.0f} ops/s = {s['ratio']:.2f}x",
             })
+    out += _bulk_targets(results.get("bulk", {}), results.get("config", {}))
+    out += _stream_targets(results.get("stream", {}), results.get("config", {}))
+    return out
+
+
+def paired_ratio(a: list[float], b: list[float]) -> float:
+    """Median over rounds of a / b, both measured in the same round."""
+    return statistics.median(x / y for x, y in zip(a, b, strict=True))
+
+
+def best_per_round(cells: dict[str, Any], keys: list[str]) -> list[float]:
+    """Per round, the best of several contenders (the best single-connection multi-row INSERT)."""
+    return [max(values) for values in zip(*(cells[k]["rows_per_s"] for k in keys), strict=True)]
+
+
+def _bulk_targets(bulk: dict[str, Any], cfg: dict[str, Any]) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    rows = cfg.get("bulk_rows", 0)
+    pg = bulk.get("postgres", {})
+    mine = pg.get(f"pg.{BULK_TARGET}")
+    if mine and "pg.copy" in pg:
+        ratio = paired_ratio(mine["rows_per_s"], pg["pg.copy"]["rows_per_s"])
+        out.append({
+            "target": f"PostgreSQL: write_many of {rows:,} rows of mixed types >= {COPY_SHARE}x psycopg2 COPY on one "
+                      "connection with the same encoding (batch_size=10000, workers=2)",
+            "verdict": _verdict(ratio >= COPY_SHARE),
+            "numbers": f"{mine['median']:,.0f} vs {pg['pg.copy']['median']:,.0f} rows/s (medians); {ratio:.2f}x "
+                       "(median of per-round ratios)",
+        })
+    if mine and "pg.execute_values" in pg:
+        ratio = paired_ratio(mine["rows_per_s"], pg["pg.execute_values"]["rows_per_s"])
+        out.append({
+            "target": f"PostgreSQL: write_many >= {EXECUTE_VALUES_SPEEDUP}x psycopg2 execute_values",
+            "verdict": _verdict(ratio >= EXECUTE_VALUES_SPEEDUP),
+            "numbers": f"{mine['median']:,.0f} vs {pg['pg.execute_values']['median']:,.0f} rows/s; {ratio:.2f}x",
+        })
+    my = bulk.get("mysql", {})
+    mine = my.get(f"my.{BULK_TARGET}")
+    multirow = sorted(k for k in my if k.startswith("my.multirow_"))
+    if mine and multirow:
+        best = best_per_round(my, multirow)
+        ratio = paired_ratio(mine["rows_per_s"], best)
+        out.append({
+            "target": f"MariaDB: write_many >= {MULTIROW_SHARE}x the best single-connection multi-row INSERT",
+            "verdict": _verdict(ratio >= MULTIROW_SHARE),
+            "numbers": f"{mine['median']:,.0f} vs {statistics.median(best):,.0f} rows/s (best of 1,000 / 10,000 / "
+                       f"50,000 rows per INSERT, each round); {ratio:.2f}x",
+        })
+    if mine and "my.executemany" in my:
+        ratio = paired_ratio(mine["rows_per_s"], my["my.executemany"]["rows_per_s"])
+        loop = my.get("my.execute_loop")
+        extra = (f" (the connector rewrites executemany into one multi-row INSERT per call; against "
+                 f"cursor.execute per row, {loop['median']:,.0f} rows/s: "
+                 f"{paired_ratio(mine['rows_per_s'], loop['rows_per_s']):.1f}x)") if loop else ""
+        out.append({
+            "target": f"MariaDB: write_many >= {EXECUTEMANY_SPEEDUP:.0f}x mysql-connector executemany",
+            "verdict": _verdict(ratio >= EXECUTEMANY_SPEEDUP),
+            "numbers": f"{mine['median']:,.0f} vs {my['my.executemany']['median']:,.0f} rows/s; {ratio:.2f}x{extra}",
+        })
+    return out
+
+
+def _stream_targets(stream: dict[str, Any], cfg: dict[str, Any]) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for engine, label, prefix, raw, raw_name in (
+            ("postgres", "PostgreSQL", "pg", "pg.named", "a psycopg2 named cursor with the same itersize"),
+            ("mysql", "MariaDB", "my", "my.unbuffered", "an unbuffered mysql-connector cursor with the same fetchmany")):
+        cells = stream.get(engine, {})
+        mine = cells.get(f"{prefix}.stream")
+        if not mine or raw not in cells:
+            continue
+        rows = mine["rows"]
+        growth = mine["peak_growth_max"]
+        out.append({
+            "target": f"{label}: router.stream of {rows:,} rows: peak RSS growth < {STREAM_RSS_LIMIT // 2**20} MiB",
+            "verdict": _verdict(growth < STREAM_RSS_LIMIT),
+            "numbers": f"{growth / 2**20:.1f} MiB at most over {len(mine['peak_growth'])} runs (fetchall: "
+                       f"{cells.get(f'{prefix}.fetchall', {}).get('peak_growth_max', float('nan')) / 2**20:,.0f} MiB)",
+        })
+        ratio = paired_ratio(mine["rows_per_s"], cells[raw]["rows_per_s"])
+        out.append({
+            "target": f"{label}: router.stream rows/s >= {STREAM_SHARE}x {raw_name}",
+            "verdict": _verdict(ratio >= STREAM_SHARE),
+            "numbers": f"{mine['median']:,.0f} vs {cells[raw]['median']:,.0f} rows/s; {ratio:.2f}x (batch_size = "
+                       f"{mine['batch_size']:,})",
+        })
     return out
 
 
@@ -266,6 +359,65 @@ def _fmt(x: float, digits: int = 1) -> str:
     return "–" if x is None or x != x else f"{x:,.{digits}f}"
 
 
+def _bulk_sections(r: dict[str, Any], add: Any) -> None:
+    cfg = r["config"]
+    bulk = r.get("bulk", {})
+    if bulk:
+        add("## 6. Bulk writes")
+        add("")
+        add(f"{cfg.get('bulk_rows', 0):,} rows of mixed types (bigint id, text, float, timestamp, decimal, bool; one text "
+            "in ten holds a tab) into an emptied table with a primary key, on a server of its own without replicas; "
+            f"{cfg.get('bulk_rounds')} interleaved rounds, every contender in each round in a fresh random "
+            "order. The slowest contenders load a share of the rows (the *rows* column); rows/s is what is compared. "
+            "The rows are built once before the rounds; each contender's time includes opening its connection "
+            "(write_many: a Router with its pool).")
+        add("")
+        for engine, title, base, base_label in (("postgres", "PostgreSQL", "pg.copy", "x COPY"),
+                                                ("mysql", "MariaDB", None, "x best multi-row INSERT")):
+            cells = bulk.get(engine)
+            if not cells:
+                continue
+            if base is None:
+                multirow = sorted(k for k in cells if k.startswith("my.multirow_"))
+                ref = best_per_round(cells, multirow) if multirow else None
+            else:
+                ref = cells[base]["rows_per_s"] if base in cells else None
+            add(f"**{title}**")
+            add("")
+            add(f"| Contender | rows | rows/s (median) | best | {base_label} | per round (rows/s) |")
+            add("| --- | ---: | ---: | ---: | ---: | --- |")
+            for c in sorted(cells.values(), key=lambda c: -c["median"]):
+                ratio = f"{paired_ratio(c['rows_per_s'], ref):.2f}" if ref else "–"
+                add(f"| {c['label']} | {c['rows']:,} | {c['median']:,.0f} | {c['best']:,.0f} | {ratio} | "
+                    f"{', '.join(f'{x:,.0f}' for x in c['rows_per_s'])} |")
+            add("")
+    stream = r.get("stream", {})
+    if stream:
+        add("## 7. Streamed reads")
+        add("")
+        add(f"{cfg.get('stream_rows', 0):,} rows (an int, a 32-character text, a float: `generate_series` on PostgreSQL, "
+            "`seq_1_to_N` on MariaDB, so nothing is stored) read from a replica into `deque(maxlen=0)`, so that the "
+            "loop adds no work per row; each run in a fresh interpreter, which first reads 10,000 rows the same way; "
+            "peak RSS growth = the kernel's peak RSS (VmHWM, reset after the warm-up) minus the RSS before the "
+            f"run. {cfg.get('stream_rounds')} "
+            "interleaved rounds (fetchall: one).")
+        add("")
+        for engine, title, base in (("postgres", "PostgreSQL", "pg.named"), ("mysql", "MariaDB", "my.unbuffered")):
+            cells = stream.get(engine)
+            if not cells:
+                continue
+            add(f"**{title}**")
+            add("")
+            add("| Contender | rows/s (median) | x the raw streaming cursor | peak RSS growth (MiB, max) | per round (rows/s) |")
+            add("| --- | ---: | ---: | ---: | --- |")
+            for c in cells.values():
+                ratio = (f"{paired_ratio(c['rows_per_s'], cells[base]['rows_per_s']):.2f}"
+                         if base in cells and len(c["rows_per_s"]) == len(cells[base]["rows_per_s"]) else "–")
+                add(f"| {c['label']} | {c['median']:,.0f} | {ratio} | {c['peak_growth_max'] / 2**20:,.1f} | "
+                    f"{', '.join(f'{x:,.0f}' for x in c['rows_per_s'])} |")
+            add("")
+
+
 def write_markdown(results: dict[str, Any], path: Path) -> None:
     r = results
     cfg = r["config"]
@@ -276,6 +428,12 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
     add("")
     add(f"Generated by `{cfg['command']}` ({cfg['mode']} mode) on {r['started_at']}; "
         f"the run took {r['duration_s'] / 60:.1f} min. Raw numbers: `bench/results.json`.")
+    carried = r.get("carried_over")
+    if carried:
+        add("")
+        add(f"This run measured {', '.join(p for p in cfg['phases'] if p not in carried)} only; the results of "
+            + "; ".join(f"{phase} come from the run of {when}" for phase, when in carried.items())
+            + " (carried over from the previous results.json, with the settings they ran with).")
     add("")
     add("## Machine")
     add("")
@@ -482,6 +640,8 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
             add(f"| {row['label']} | {' | '.join(cells)} |")
         add("")
 
+    _bulk_sections(r, add)
+
     add("## Contenders and how each is set up")
     add("")
     add("| Contender | engine | setup |")
@@ -502,6 +662,12 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
         "no starved thread in any round; no errors.")
     add("* *p99 within 2x of the queueing wait*: p99 ≤ 2 × W, W = threads / throughput (Little's law).")
     add("* *1.8x*: ratio of median throughputs, 2 replicas vs one node.")
+    add("* *bulk writes, `x COPY`, `x execute_values`, `x executemany`, `x the best multi-row INSERT`*: the median over "
+        "rounds of the per-round ratio of rows/s (every contender loads in every round, in a fresh random order); "
+        "judged on `write_many(batch_size=10000, workers=2)`. The best multi-row INSERT is the best of the three "
+        "statement sizes in each round.")
+    add("* *streams*: rows/s as the median of per-round ratios; peak RSS growth = the child process's peak RSS "
+        "(VmHWM, reset after a 10,000-row warm-up) minus its RSS before the stream, the largest over the rounds.")
     add("")
     add("## Notes")
     add("")

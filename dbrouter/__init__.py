@@ -7,6 +7,7 @@ from .adapters import preload_mysql_extension
 # Before anything imports ssl: see preload_mysql_extension.
 preload_mysql_extension()
 
+from .bulk import BatchReport  # noqa: E402
 from .config import (  # noqa: E402
     ConnectOptions,
     MonitorConfig,
@@ -32,6 +33,7 @@ from .errors import (  # noqa: E402
     PoolTimeout,
     RoutingError,
     SplitBrain,
+    StreamInterrupted,
     TooManyWaiting,
     UsageError,
     WriteOutcomeUnknown,
@@ -40,10 +42,12 @@ from .events import Event  # noqa: E402
 from .pool import Pool  # noqa: E402
 from .router import Router, is_read_statement  # noqa: E402
 from .session import Session  # noqa: E402
+from .stream import Stream  # noqa: E402
 from .transactions import Transaction  # noqa: E402
 from .url import NodeAddress, parse_address  # noqa: E402
 
 __all__ = [
+    "BatchReport",
     "BulkWriteError",
     "ClusterError",
     "ConfigurationError",
@@ -71,6 +75,8 @@ __all__ = [
     "RoutingError",
     "Session",
     "SplitBrain",
+    "Stream",
+    "StreamInterrupted",
     "TooManyWaiting",
     "Transaction",
     "UsageError",

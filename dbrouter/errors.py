@@ -24,6 +24,7 @@ __all__ = [
     "PoolTimeout",
     "RoutingError",
     "SplitBrain",
+    "StreamInterrupted",
     "TooManyWaiting",
     "UsageError",
     "WriteOutcomeUnknown",
@@ -126,17 +127,35 @@ class WriteOutcomeUnknown(DbRouterError):
 
 
 class BulkWriteError(DbRouterError):
-    """Some batches of a `Router.write_many` failed; the others committed.
+    """Some batches of a `Router.write_many` did not commit; the others did.
 
-    ``failures`` maps batch index to its error, ``committed`` lists the batch
-    indexes that committed and ``rowcount`` is their total.
+    ``committed`` lists the batch indexes that committed and ``rowcount`` is their
+    total; ``failed`` lists those that were not applied (rolled back), ``unknown`` those
+    whose connection broke during the COMMIT (applied or not: check before writing them
+    again); ``failures`` maps every batch of either kind to its error (a
+    `WriteOutcomeUnknown` for the unknown ones). Batch ``i`` holds the input rows from
+    ``i * batch_size`` on.
     """
 
-    def __init__(self, message: str, *, failures: dict[int, BaseException], rowcount: int, committed: list[int]) -> None:
+    def __init__(self, message: str, *, failures: dict[int, BaseException], rowcount: int, committed: list[int],
+                 unknown: list[int] | None = None) -> None:
         super().__init__(message)
         self.failures = failures
         self.rowcount = rowcount
         self.committed = committed
+        self.unknown = sorted(unknown or [])
+        self.failed = sorted(set(failures) - set(self.unknown))
+
+
+class StreamInterrupted(DbRouterError):
+    """A `Router.stream` lost its node after it had handed out rows: the rows read so far
+    are good, the rest never came, and the stream is not started again (it would hand out
+    the first rows twice). ``node`` names the node, ``rows`` counts the rows handed out."""
+
+    def __init__(self, message: str, *, node: str, rows: int) -> None:
+        super().__init__(message)
+        self.node = node
+        self.rows = rows
 
 
 for _name in __all__:

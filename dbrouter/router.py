@@ -16,11 +16,11 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import fields
-from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar, cast
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TypeVar, cast
 
 from .adapters import make_adapter
 from .balancing import make_balancer
-from .bulk import write_many
+from .bulk import BatchReport, write_many
 from .config import SECTIONS, ReplicaSpec, RouterConfig, build_router_config, check_range, check_wait, load_router_config
 from .decisions import Phase, Work
 from .discovery import PRIMARY as MEMBER_PRIMARY
@@ -36,6 +36,7 @@ from .retrying import Retry, RetryBudget, RetryExecutor
 from .routing import Core, Counts, OpenTransactions, short
 from .session import Session
 from .statements import is_read_statement, verdicts
+from .stream import Stream
 from .topology import PRIMARY, REPLICA, Node, Topology
 from .transactions import Transaction, run_transaction, transaction
 from .url import NodeAddress, parse_address
@@ -382,18 +383,41 @@ class Router(Core):
         """A unit of work whose reads see its own writes (see `dbrouter.session`)."""
         yield Session(self)
 
-    def write_many(self, sql: str, rows: Sequence[Any], *, batch_size: int = 1000, workers: int = 4,
-                   outside_transaction: bool = False) -> int:
-        """Run ``sql`` for every parameter row, in batches spread over pooled primary connections.
+    def write_many(self, sql: str, rows: Iterable[Any], *, batch_size: int = 1000, workers: int = 4,
+                   outside_transaction: bool = False, progress: Callable[[BatchReport], object] | None = None) -> int:
+        """Run ``sql`` for every parameter row of ``rows`` (any iterable, read as it goes), in
+        batches of ``batch_size`` spread over ``workers`` pooled primary connections.
 
-        Each batch is its own transaction: a failed batch is rolled back alone, the
-        others commit. Returns the total rowcount; when a batch fails, raises
-        `BulkWriteError` carrying the failed batch indexes, their errors and the
-        rowcount of the batches that committed. Raises `UsageError` inside a
-        `transaction` of this router on the same thread, unless ``outside_transaction=True``.
+        Each batch is its own transaction: a failed batch is rolled back alone, the others
+        commit. A plain ``INSERT INTO t (cols) VALUES (%s, ...)`` goes by the engine's fast
+        path (PostgreSQL ``COPY ... FROM STDIN``, MySQL/MariaDB multi-row INSERTs sized to
+        ``max_allowed_packet``). At most ``workers x batch_size`` rows are held at once.
+        A batch whose connection was lost before its COMMIT is run again (the server rolled
+        it back), waiting up to ``failover_wait`` for a new primary; one lost during its COMMIT
+        is reported unknown. ``progress(report)`` is called on this thread after each batch
+        with a `BatchReport`. Returns the total rowcount; when a batch did not commit, raises
+        `BulkWriteError` (after the others finished) with the committed, failed and unknown
+        batches. Raises `UsageError` inside a `transaction` of this router on the same thread,
+        unless ``outside_transaction=True``.
         """
         return write_many(self, sql, rows, batch_size=batch_size, workers=workers,
-                          outside_transaction=outside_transaction)
+                          outside_transaction=outside_transaction, progress=progress)
+
+    def stream(self, sql: str, params: Any = None, *, batch_size: int = 1000) -> Stream:
+        """The rows of one read statement, fetched ``batch_size`` at a time, for a ``with`` block::
+
+            with router.stream("SELECT id, body FROM events WHERE day = %s", (day,)) as rows:
+                for row in rows:
+                    ...
+
+        It runs where `read` would (a replica by the routing rules, the primary as the
+        fallback), on a server-side cursor (PostgreSQL) or an unbuffered result
+        (MySQL/MariaDB), and holds that connection until the block ends (``leak_threshold``
+        applies). ``sql`` must pass `read`'s rule (`NotAReadStatement` otherwise). Failures
+        before the first rows are retried on another node like a read; once rows were handed
+        out, a lost node raises `StreamInterrupted`, and the stream is never started again.
+        """
+        return Stream(self, sql, params, batch_size=batch_size)
 
     # -- connections for other libraries ------------------------------------------
 

@@ -145,16 +145,16 @@ class Core:
     # -- one attempt ---------------------------------------------------------------
 
     def run_on(self, node: Node, op: Callable[[Lease], T], work: Work, *, phase: Phase = Phase.SENT,
-               keep: bool = False) -> T:
+               keep: bool = False, kind: type[Lease] = Lease) -> T:
         """One attempt of ``op(lease)`` on ``node``, which gets as far as ``phase`` when it
         fails; the lease is released afterwards unless ``keep`` (then ``op`` hands it on and
-        the caller releases it).
+        the caller releases it; ``kind=HeldLease`` for one the caller may drop).
 
         Raises `Retry` when the decision table says the call may run again,
         `WriteOutcomeUnknown` when it says the outcome is unknown, else the error.
         """
         try:
-            lease = take(node)
+            lease = take(node, kind=kind)
         except Exception as exc:
             retry = _retry_or_raise(node, exc, work)
             if retry is exc:

@@ -97,3 +97,50 @@ def test_scale_out(ratio: float, expected: str) -> None:
         s["ratio"] = ratio
 
     assert verdict(change, "PostgreSQL: reads over 2 replicas") == expected
+
+
+# -- bulk writes and streams (issue 18): built here, so that they do not depend on a stored run -----
+
+
+def _bulk(cells: dict[str, list[float]]) -> dict[str, Any]:
+    return {key: {"label": key, "rows": 1000, "rows_per_s": values, "median": sorted(values)[len(values) // 2],
+                  "best": max(values)} for key, values in cells.items()}
+
+
+def bulk_verdicts(pg: dict[str, list[float]], my: dict[str, list[float]]) -> dict[str, str]:
+    results = {"bulk": {"postgres": _bulk(pg), "mysql": _bulk(my)}, "config": {"bulk_rows": 1000}}
+    return {t["target"].split(">=")[1].strip(): t["verdict"] for t in report.evaluate_targets(results)}
+
+
+@pytest.mark.parametrize(("share", "expected"), [(0.81, "PASS"), (0.79, "FAIL")])
+def test_write_many_against_copy_is_judged_round_by_round(share: float, expected: str) -> None:
+    copy = [100.0, 200.0, 300.0]  # a busy round is slow for both: the ratio is taken within each round
+    verdicts = bulk_verdicts({"pg.write_many_w2": [x * share for x in copy], "pg.copy": copy,
+                              "pg.execute_values": [1.0, 1.0, 1.0]}, {})
+    assert verdicts["0.8x psycopg2 COPY on one connection with the same encoding (batch_size=10000, workers=2)"] == expected
+    assert verdicts["1.5x psycopg2 execute_values"] == "PASS"
+
+
+@pytest.mark.parametrize(("share", "speedup", "expected"), [(1.0, 20.0, ("PASS", "PASS")), (0.99, 19.9, ("FAIL", "FAIL"))])
+def test_mariadb_write_many_against_the_best_multirow_insert_and_executemany(share: float, speedup: float,
+                                                                             expected: tuple[str, str]) -> None:
+    best = [100.0, 300.0]
+    verdicts = bulk_verdicts({}, {"my.write_many_w2": [x * share for x in best], "my.multirow_1000": [100.0, 10.0],
+                                  "my.multirow_10000": [50.0, 300.0], "my.executemany": [x * share / speedup for x in best]})
+    assert (verdicts["1.0x the best single-connection multi-row INSERT"], verdicts["20x mysql-connector executemany"]) \
+        == expected
+
+
+@pytest.mark.parametrize(("growth_mib", "share", "expected"), [(63.9, 0.9, ("PASS", "PASS")), (64.0, 0.89, ("FAIL", "FAIL"))])
+def test_stream_memory_and_speed(growth_mib: float, share: float, expected: tuple[str, str]) -> None:
+    named = [1000.0, 2000.0, 3000.0]
+
+    def cell(values: list[float], growth: float) -> dict[str, Any]:
+        return {"label": "x", "rows": 5_000_000, "batch_size": 2000, "rows_per_s": values,
+                "median": values[1], "peak_growth": [growth] * 3, "peak_growth_max": growth}
+
+    results = {"stream": {"postgres": {"pg.stream": cell([x * share for x in named], growth_mib * 2**20),
+                                       "pg.named": cell(named, 1.0)}}, "config": {}}
+    found = {t["target"]: t["verdict"] for t in report.evaluate_targets(results)}
+    assert (found["PostgreSQL: router.stream of 5,000,000 rows: peak RSS growth < 64 MiB"],
+            found["PostgreSQL: router.stream rows/s >= 0.9x a psycopg2 named cursor with the same itersize"]) == expected

@@ -130,6 +130,35 @@ class Adapter(ABC):
         """Run one statement for many parameter rows in as few round trips as the
         driver allows; returns the total rowcount."""
 
+    bulk_min_rows: int = 0
+    """`write_many` asks for a `bulk_plan` only for a batch of at least this many rows (with
+    fewer, a batch is the only one of its call, and a plain multi-row INSERT serves it best)."""
+
+    def bulk_plan(self, conn: Any, sql: str) -> Any:
+        """What `write_batch` needs to know about ``sql`` on this node, asked once per
+        `write_many` call inside its first batch's transaction (None: nothing)."""
+        return None
+
+    def write_batch(self, conn: Any, sql: str, rows: list[Any], plan: Any) -> int:
+        """Write one batch of `write_many` inside the open transaction, by the engine's
+        fastest path for ``sql`` (``plan`` from `bulk_plan`); returns the rows written."""
+        return self.execute_many(conn, sql, rows)
+
+    @abstractmethod
+    def open_stream(self, conn: Any, sql: str, params: Any, batch_size: int) -> Any:
+        """Start streaming the result of ``sql`` (a server-side cursor, an unbuffered
+        result); returns the stream's state for `fetch_stream` and `close_stream`."""
+
+    @abstractmethod
+    def fetch_stream(self, conn: Any, state: Any) -> list[tuple[Any, ...]]:
+        """The next rows of a stream (at most its batch size); an empty list at the end."""
+
+    @abstractmethod
+    def close_stream(self, conn: Any, state: Any, finished: bool) -> bool:
+        """End a stream (``finished``: its last fetch came back empty). True when the
+        connection is clean again; False when it must be discarded (the rest of an
+        unbuffered result was not read)."""
+
     @abstractmethod
     def begin(self, conn: Any) -> None:
         """Start an explicit transaction on an autocommit connection."""

@@ -7,8 +7,9 @@ import contextlib
 import logging
 import math
 import threading
-from itertools import chain
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol, Sequence
+from bisect import bisect_right
+from itertools import accumulate, chain
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol, Sequence, cast
 
 from . import mysql_extension_error, preload_mysql_extension
 
@@ -98,6 +99,8 @@ if TYPE_CHECKING:
 
         def fetchall(self) -> list[tuple[Any, ...]]: ...
 
+        def fetchmany(self, size: int = ...) -> list[tuple[Any, ...]]: ...
+
 
 # Client (2xxx) and server error numbers, by what they mean for routing.
 _UNREACHABLE_ERRNOS = frozenset(
@@ -130,6 +133,9 @@ _STATUS_MORE_RESULTS = 8  # SERVER_MORE_RESULTS_EXISTS: a multi-statement left r
 
 # MySQL 8's default collation (utf8mb4_0900_ai_ci) is unknown to MariaDB.
 DEFAULT_COLLATION = "utf8mb4_general_ci"
+
+# Room left in max_allowed_packet for the packet header and the statement's head and tail.
+_PACKET_MARGIN = 1024
 
 
 class _PureConnection(MySQLConnection):
@@ -276,6 +282,7 @@ class MySQLAdapter(Adapter):
         if not self._pure and _CConnection is not None:
             self._connection_class = _CConnection
         self.is_mariadb: bool | None = None
+        self._max_packet: int | None = None  # @@max_allowed_packet, asked at the first bulk write
         # Statements without parameters go straight to the C extension's connection (see
         # execute); the pure-Python one refuses a multi-statement there, so it uses the cursor.
         self._direct = not self._pure
@@ -440,6 +447,70 @@ class MySQLAdapter(Adapter):
             return cur.rowcount
         cur.executemany(sql, rows)
         return cur.rowcount
+
+    def bulk_plan(self, conn: Any, sql: str) -> int:
+        """The server's max_allowed_packet, which bounds each INSERT of a batch (asked once per
+        node: it changes only with the server's configuration)."""
+        if self._max_packet is None:
+            rows, _ = self.execute(conn, "SELECT @@max_allowed_packet")
+            self._max_packet = int(self._first_column(rows))
+        return self._max_packet
+
+    def write_batch(self, conn: Any, sql: str, rows: list[Any], plan: Any) -> int:
+        """The batch as multi-row INSERTs, as many rows in each as ``max_allowed_packet``
+        takes (``plan``; one statement when it is unknown), every value escaped by the
+        connector (in C with the extension); other statements through ``executemany``."""
+        insert = split_insert_values(sql)
+        width = insert[1] if insert else 0
+        if (not insert or not rows or not all(issubclass(kind, (tuple, list)) for kind in set(map(type, rows)))
+                or set(map(len, rows)) != {width}):
+            return self.execute_many(conn, sql, rows)  # mappings, or rows of another width: the driver's way
+        head, _, tail = insert
+        cur: _Cursor = conn._dbrouter_cursor
+        if self._pure:
+            # The pure-Python cursor escapes a row at a time (what its executemany does), into
+            # bytes or bytearrays; Decimals come back as they are.
+            process = cast(Any, cur)._process_params
+            escaped = [v if isinstance(v, (bytes, bytearray)) else str(v).encode() for row in rows for v in process(row)]
+        else:
+            escaped = conn.prepare_for_mysql(list(chain.from_iterable(rows)))
+        values = [b"(" + b",".join(escaped[i:i + width]) + b")" for i in range(0, len(escaped), width)]
+        del escaped
+        start, end = head.encode(), tail.encode()
+        limit = (plan if isinstance(plan, int) else 1 << 62) - len(start) - len(end) - _PACKET_MARGIN
+        widest = max(map(len, values))
+        if widest > limit:
+            raise ValueError(
+                f"a row of this batch takes {widest} bytes in the INSERT, more than the server's "
+                f"max_allowed_packet ({plan} bytes) allows for one statement"
+            )
+        # Cut where the running size (each row plus its comma) would pass the limit.
+        ends = list(accumulate(len(v) + 1 for v in values))
+        count, first, base = 0, 0, 0
+        while first < len(values):
+            last = max(first + 1, bisect_right(ends, base + limit, lo=first))
+            cur.execute(start + b",".join(values[first:last]) + end)
+            count += cur.rowcount
+            base = ends[last - 1]
+            first = last
+        return count
+
+    def open_stream(self, conn: Any, sql: str, params: Any, batch_size: int) -> Any:
+        # The connection's cursor is unbuffered: the rows stay on the server's side of the
+        # socket until fetched (mysql_use_result with the C extension).
+        cur: _Cursor = conn._dbrouter_cursor
+        cur.execute(sql, params)
+        return cur, batch_size
+
+    def fetch_stream(self, conn: Any, state: Any) -> list[tuple[Any, ...]]:
+        cur, size = state
+        rows: list[tuple[Any, ...]] = cur.fetchmany(size)
+        return rows
+
+    def close_stream(self, conn: Any, state: Any, finished: bool) -> bool:
+        # An unbuffered result must be read to its end before the connection can run anything
+        # else: a stream closed early leaves its connection to be discarded instead.
+        return finished and not conn.unread_result
 
     def begin(self, conn: Any) -> None:
         conn.start_transaction()

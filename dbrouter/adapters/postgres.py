@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import io
+import itertools
 import math
 import os
 import socket
@@ -17,6 +19,7 @@ import psycopg2.extensions as ext
 from ..config import MAX_KEEPALIVE_COUNT, MAX_KEEPALIVE_SECONDS, MAX_WAIT, ConnectOptions
 from ..errors import ConfigurationError, ConnectError
 from ..url import NodeAddress
+from ._copy import CATALOG_SQL, CopyPlan, copy_target, encode_batch, make_plan
 from ._text import first_line, scrub, split_insert_values
 from .base import Adapter, ErrorKind, ReturnState
 
@@ -53,6 +56,14 @@ _REPLAY_POLL = 0.005
 # never holds on to a large result or a large statement.
 _KEPT_ROWS = 1000
 _KEPT_QUERY_BYTES = 64 * 1024
+
+# COPY takes two round trips (the statement, then the data) where a multi-row INSERT takes
+# one; below this many rows a batch goes as the INSERT.
+_COPY_MIN_ROWS = 64
+# The COPY data goes to libpq in pieces of this size (it copies each into its send buffer).
+_COPY_CHUNK = 256 * 1024
+
+_stream_names = itertools.count(1)  # server-side cursor names, unique in the process
 
 
 class _Connection(ext.connection):
@@ -226,6 +237,54 @@ class PostgresAdapter(Adapter):
             return cur.rowcount
         finally:
             cur.close()
+
+    bulk_min_rows = _COPY_MIN_ROWS
+
+    def bulk_plan(self, conn: Any, sql: str) -> CopyPlan | None:
+        """A `CopyPlan` when ``sql`` is a plain INSERT into a table COPY can load alike."""
+        target = copy_target(sql)
+        if target is None:
+            return None
+        rows, _ = self.execute(conn, CATALOG_SQL, (target[0],))
+        return make_plan(sql, rows or [])
+
+    def write_batch(self, conn: Any, sql: str, rows: list[Any], plan: Any) -> int:
+        """``COPY ... FROM STDIN`` in text format when ``plan`` allows it and every value of
+        the batch is one COPY stores as the INSERT would (see `dbrouter.adapters._copy`);
+        else the multi-row INSERT."""
+        if isinstance(plan, CopyPlan) and len(rows) >= _COPY_MIN_ROWS:
+            text = encode_batch(plan, rows)
+            if text is not None:
+                try:
+                    data = text.encode(ext.encodings.get(conn.encoding, "utf-8"))
+                except (UnicodeError, LookupError):
+                    data = None  # not in the connection's encoding: psycopg2 says so for the INSERT
+                if data is not None:
+                    del text
+                    cur = conn.statement_cursor
+                    cur.copy_expert(plan.statement, io.BytesIO(data), size=_COPY_CHUNK)
+                    return int(cur.rowcount)
+        return self.execute_many(conn, sql, rows)
+
+    def open_stream(self, conn: Any, sql: str, params: Any, batch_size: int) -> Any:
+        # A named (server-side) cursor lives in a transaction: psycopg2 sends BEGIN, then
+        # DECLARE; each fetch is one FETCH FORWARD of batch_size rows.
+        conn.autocommit = False
+        cur = conn.cursor(name=f"dbrouter_stream_{next(_stream_names)}")
+        cur.itersize = batch_size
+        cur.arraysize = batch_size
+        cur.execute(sql, params)
+        return cur
+
+    def fetch_stream(self, conn: Any, state: Any) -> list[tuple[Any, ...]]:
+        rows: list[tuple[Any, ...]] = state.fetchmany(state.arraysize)
+        return rows
+
+    def close_stream(self, conn: Any, state: Any, finished: bool) -> bool:
+        conn.rollback()  # ends the transaction and the cursor with it: one round trip
+        state.close()
+        conn.autocommit = True
+        return True
 
     def begin(self, conn: Any) -> None:
         conn.statement_cursor.execute("BEGIN")

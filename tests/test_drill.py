@@ -145,8 +145,12 @@ def test_shell_inject_and_recover_against_a_configured_cluster(tmp_path: Path) -
         report = json.loads((tmp_path / "dbrouter-drill-shell.json").read_text())
         assert any(note.startswith("inject:") for note in report["notes"])
         assert any(note.startswith("recover:") for note in report["notes"])
-        down = [e for e in report["events"] if e["name"] == "node_down" and e["node"] == f"127.0.0.1:{target.port}"]
-        assert down and 1.5 <= down[0]["t"] < 4.0
+        name = f"127.0.0.1:{target.port}"
+        down = [e["t"] for e in report["events"] if e["name"] == "node_down" and e["node"] == name]
+        up = [e["t"] for e in report["events"] if e["name"] == "node_up" and e["node"] == name]
+        # The inject and recover commands are Python processes of their own: on a busy machine
+        # they take seconds to start, so the fault is bounded by them, not by a fixed time.
+        assert down and 1.5 <= down[0] and up and up[-1] > down[0], report["events"]
         assert target.running
         assert report["results"]["read_availability"] == 100.0
     finally:

@@ -102,7 +102,7 @@ def test_killed_primary_reads_survive_writes_fail_fast_then_promotion_heals(engi
         assert outage, "no write was attempted during the outage"
         for op in outage:
             assert op.error in ("NoPrimaryAvailable", "WriteOutcomeUnknown"), (op, op.start - killed_at)
-            assert op.latency < connect_timeout + 0.1, op
+            assert op.latency < connect_timeout + 0.5, op  # fails within a connect attempt, never hangs
         in_flight = [op for op in ops if op.kind == "write" and op.error == "WriteOutcomeUnknown"]
         assert all(op.end >= kill_started and op.start < killed_at + 0.5 for op in in_flight), in_flight
 

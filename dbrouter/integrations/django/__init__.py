@@ -567,6 +567,12 @@ class RoutedWrapper:
             lease.release()
         return done
 
+    def get_new_connection(self, conn_params: dict[str, Any]) -> Any:
+        """A dbrouter lease's connection; a plain one for test database creation (``_direct``)."""
+        if self._direct:
+            return cast(Any, super()).get_new_connection(conn_params)  # the backend's own DatabaseWrapper
+        return self._open_lease()
+
     def _open_lease(self) -> Any:
         lease = self._take()
         try:
@@ -669,8 +675,12 @@ class RoutedWrapper:
     # -- Django's hooks --------------------------------------------------------------------
 
     def ensure_connection(self) -> None:
-        if self._lost is not None and self.connection is not None and not self.in_atomic_block:
-            # Lost under Django outside a transaction: the next query borrows anew.
+        if (not self._direct and self.connection is not None and not self.in_atomic_block
+                and (self._lost is not None or self._lease is None)):
+            # Lost under Django outside a transaction, or given back while Django still holds
+            # the handle (closed inside an atomic block, which keeps `connection` set): the
+            # next query borrows anew. Before, the second case raised "has no open connection"
+            # on every later request of the thread.
             self.connection = None
             self._lost = None
         super().ensure_connection()  # type: ignore[misc]

@@ -153,7 +153,6 @@ class RetryExecutor:
         rather than try a node again) draws on the budget; when it is spent, the call
         ends with the last `Retry` as if its attempts were used up."""
         clock = self._clock
-        budget = self._budget
         limit = self.policy.retry_attempts if attempts is None else attempts
         until = clock() + self.policy.retry_deadline if deadline is None else deadline
         last: list[Retry] = []
@@ -170,7 +169,7 @@ class RetryExecutor:
                 return True
             if state.attempt_number >= limit or clock() >= until:
                 return True
-            return budget is not None and not self.admit(error)
+            return not self.admit(error)
 
         def sleep(seconds: float) -> None:
             if on_retry is not None:

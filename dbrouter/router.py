@@ -24,7 +24,7 @@ from .bulk import BatchReport, write_many
 from .config import SECTIONS, ReplicaSpec, RouterConfig, build_router_config, check_range, check_wait, load_router_config
 from .decisions import Phase, Work
 from .discovery import PRIMARY as MEMBER_PRIMARY
-from .discovery import DiscoveryError, Member, Provider
+from .discovery import Member, Provider, ask
 from .discovery.loop import DiscoveryLoop, member_address
 from .errors import ConfigurationError, PoolError
 from .events import Event, Events
@@ -584,14 +584,10 @@ def _first_members(provider: Provider, timeout: float) -> list[Member]:
     """The provider's first answer, which the router starts from: without it there is
     nothing to route to, so its failure is the constructor's."""
     try:
-        members = list(provider.members(timeout))
+        return ask(provider, timeout)
     except BaseException:
         provider.close()
         raise
-    if not members:
-        provider.close()
-        raise DiscoveryError(f"{provider.source}: no members reported")
-    return members
 
 
 def _fields(section: Any) -> dict[str, Any]:

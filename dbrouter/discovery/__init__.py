@@ -19,7 +19,7 @@ from typing import Protocol, Sequence, runtime_checkable
 
 from ..errors import DiscoveryError
 
-__all__ = ["DiscoveryError", "Member", "Provider"]
+__all__ = ["DiscoveryError", "Member", "Provider", "ask"]
 
 PRIMARY = "primary"
 REPLICA = "replica"
@@ -62,3 +62,11 @@ class Provider(Protocol):
     def close(self) -> None:
         """Release what the provider holds (sockets, threads); called once at router close."""
         ...
+
+
+def ask(provider: Provider, timeout: float) -> list[Member]:
+    """``provider``'s members now; an empty answer is a `DiscoveryError` like any failure."""
+    members = list(provider.members(timeout))
+    if not members:
+        raise DiscoveryError(f"{provider.source}: no members reported")
+    return members

@@ -67,7 +67,6 @@ class DnsProvider:
                 servers.append(dns.nameserver.Do53Nameserver(host, port))
             resolver.nameservers = servers
         self._resolver = resolver
-        self._asking = ""  # the name being asked, for an NXDOMAIN message
         self.source = "dns " + ", ".join(name.strip() for name in names)
 
     def members(self, timeout: float) -> list[Member]:
@@ -79,12 +78,9 @@ class DnsProvider:
         found: dict[str, Member] = {}
         try:
             for name, port in self._names:
-                self._asking = name
-                members = self._srv(name) if name.startswith("_") else self._addresses(name, port, name)
+                members = self._srv(name) if name.startswith("_") else self._addresses(name, port)
                 for member in members:
                     found.setdefault(member.name, member)
-        except dns.resolver.NXDOMAIN:
-            raise DiscoveryError(f"{self.source}: {self._asking} does not exist (NXDOMAIN)") from None
         except dns.resolver.LifetimeTimeout:
             raise DiscoveryError(f"{self.source}: no answer from the nameservers within {timeout:g}s") from None
         except dns.resolver.NoNameservers as exc:
@@ -95,27 +91,29 @@ class DnsProvider:
             raise DiscoveryError(f"{self.source}: no address records")
         return list(found.values())
 
-    def _addresses(self, name: str, port: int, label: str) -> list[Member]:
+    def _resolve(self, name: str, rdtype: str) -> Any:
+        """The answer for ``name`` and ``rdtype``, None when the name has no such record;
+        `DiscoveryError` naming it when it does not exist."""
         import dns.resolver
 
+        try:
+            return self._resolver.resolve(name, rdtype, search=False)
+        except dns.resolver.NoAnswer:
+            return None
+        except dns.resolver.NXDOMAIN:
+            raise DiscoveryError(f"{self.source}: {name} does not exist (NXDOMAIN)") from None
+
+    def _addresses(self, name: str, port: int) -> list[Member]:
         members = []
         for rdtype in ("A", "AAAA"):
-            self._asking = name
-            try:
-                answer = self._resolver.resolve(name, rdtype, search=False)
-            except dns.resolver.NoAnswer:
-                continue
-            for record in answer:
+            for record in self._resolve(name, rdtype) or ():
                 host = record.to_text()
                 members.append(Member(_node_name(host, port), host, port, REPLICA))
         return members
 
     def _srv(self, name: str) -> list[Member]:
-        import dns.resolver
-
-        try:
-            answer = self._resolver.resolve(name, "SRV", search=False)
-        except dns.resolver.NoAnswer:
+        answer = self._resolve(name, "SRV")
+        if answer is None:
             return []
         members = []
         for record in sorted(answer, key=lambda r: (r.priority, -r.weight, r.target.to_text(), r.port)):
@@ -124,7 +122,7 @@ class DnsProvider:
                 ipaddress.ip_address(target)
                 hosts = [target]
             except ValueError:
-                hosts = [m.host for m in self._addresses(target, record.port, target)]
+                hosts = [m.host for m in self._addresses(target, record.port)]
             if not hosts:
                 log.warning("%s: SRV target %s has no address record: skipped", self.source, target)
                 continue

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from .. import _fork
 from ..url import NodeAddress, mask_password
-from . import PRIMARY, DiscoveryError, Member, Provider
+from . import PRIMARY, DiscoveryError, Member, Provider, ask
 
 if TYPE_CHECKING:
     from ..events import Events
@@ -57,6 +57,7 @@ class DiscoveryLoop:
         self._thread = threading.Thread(target=self._run, name="dbrouter-discovery", daemon=True)
         self._started = False
         self._dormant = False
+        self._revive_lock = threading.Lock()  # held only to start the thread once in a forked child
         _fork.register(self)
 
     def start(self) -> None:
@@ -67,10 +68,17 @@ class DiscoveryLoop:
     def _after_fork_in_child(self) -> None:
         """In a forked child the thread is gone: start it again at the router's first use."""
         self._thread = threading.Thread(target=self._run, name="dbrouter-discovery", daemon=True)
+        self._revive_lock = threading.Lock()
         self._dormant = self._started and not self._stop.is_set()
 
     def revive(self) -> None:
-        if self._dormant:
+        """At the router's first use in a forked child: start the thread again, once (each
+        pool's first checkout there calls it, possibly on several threads at once)."""
+        if not self._dormant:
+            return
+        with self._revive_lock:
+            if not self._dormant:
+                return
             self._dormant = False
             self._thread.start()
 
@@ -93,9 +101,7 @@ class DiscoveryLoop:
     def sync(self) -> None:
         """Ask once and bring the router's nodes in step (the thread does it every interval)."""
         try:
-            members = list(self.provider.members(self._timeout))
-            if not members:
-                raise DiscoveryError(f"{self.provider.source}: no members reported")
+            members = ask(self.provider, self._timeout)
         except Exception as exc:  # noqa: BLE001 - a provider's own bug is a failed answer too
             self._failed(exc)
             return

@@ -74,11 +74,6 @@ class DatabaseWrapper(RoutedWrapper, connector.DatabaseWrapper):
         self.isolation_level = level or None  # set per connection by init_connection_state
         return {}
 
-    def get_new_connection(self, conn_params: dict[str, Any]) -> Any:
-        if self._direct:
-            return super().get_new_connection(conn_params)
-        return self._open_lease()
-
     def _prepare(self, conn: Any) -> None:
         if not isinstance(getattr(conn, "converter", None), DjangoMySQLConverter):
             conn.set_converter_class(DjangoMySQLConverter)

@@ -75,11 +75,6 @@ class DatabaseWrapper(RoutedWrapper, postgresql.DatabaseWrapper):
             return params
         return {}
 
-    def get_new_connection(self, conn_params: dict[str, Any]) -> Any:
-        if self._direct:
-            return super().get_new_connection(conn_params)
-        return self._open_lease()
-
     def _prepare(self, conn: Any) -> None:
         level = self.settings_dict["OPTIONS"].get("isolation_level")
         if level is None:

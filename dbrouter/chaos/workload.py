@@ -346,12 +346,30 @@ class Workload:
             self._settle([record], None)
             count = session.execute(text(f"SELECT count(*) FROM {TABLE} WHERE id = :id"), {"id": record.id}).scalar()
             if int(count or 0) != 1:
-                self._ryw(f"SQLAlchemy session read of row {record.id} saw {count} rows after its commit")
+                self._ryw(f"SQLAlchemy session read of row {record.id} saw {count} rows after its commit "
+                          f"({_where_read(session, self.port_sql)})")
 
     def _ryw(self, message: str) -> None:
         with self._lock:
             if len(self.ryw_violations) < 50:
                 self.ryw_violations.append(f"{time.monotonic() - self.t0:.2f}s: {message}")
+
+
+def _where_read(session: Any, port_sql: str) -> str:
+    """Evidence for a read-your-writes violation: where the session's read went, the position
+    it waited for, and what that node holds now (asked on the read's own connection)."""
+    from sqlalchemy import text
+
+    reader = session._tx_reader
+    facts = [f"read on {reader.logging_name if reader is not None else None}", f"position {session.position!r}"]
+    sql = ("SELECT @@global.gtid_current_pos, @@server_id, @@read_only, @@port" if port_sql == "@@port"
+           else "SELECT pg_last_wal_replay_lsn()::text, pg_current_wal_lsn()::text, pg_is_in_recovery(), "
+                "current_setting('port')")
+    try:
+        facts.append(f"that node now: {tuple(session.execute(text(sql)).one())}")
+    except Exception as exc:  # noqa: BLE001 - evidence only
+        facts.append(f"that node cannot say: {str(exc).splitlines()[0]}")
+    return ", ".join(facts)
 
 
 def _sa(exc: BaseException) -> bool:

@@ -49,7 +49,8 @@ node until it is closed.
 3. Other reads of a transaction go to one node, chosen at its first read, so they
    all see one server.
 4. Read-your-writes, as in `Router.session`: when a transaction that wrote commits,
-   the session reads the primary's replication position. A later read goes to a
+   the session reads the replication position of the primary it committed on (not of
+   whichever node is primary by then). A later read goes to a
    replica only if it has replayed that position (waiting up to ``causal_wait``),
    otherwise to the primary (also when the check itself fails on an unreachable
    replica); a replica found caught up is remembered until the next commit. With
@@ -268,6 +269,7 @@ class RoutingEngines:
         _fork.register(self)
         self.writer: Engine = self._make("primary", "write")
         """Bound to the primary (the current one, after a failover)."""
+        self._writer_checkouts = cast(_Checkouts, cast(_HandOffPool, self.writer.pool)._creator)
         self.reader: Engine = self._make("reader", "read")
         """A node chosen by the router's read policy at each checkout."""
 
@@ -285,6 +287,11 @@ class RoutingEngines:
         event.listen(engine, "begin", _begun)
         event.listen(engine, "handle_error", partial(_handle_error, creator, self.router))
         return engine
+
+    def writer_node(self, connection: Connection) -> Node | None:
+        """The node a ``writer`` connection was borrowed from, while it is borrowed."""
+        fairy = connection.connection
+        return self._writer_checkouts.owner(fairy.dbapi_connection)
 
     def for_node(self, node: Node) -> Engine:
         """An engine whose connections all come from ``node`` (``writer`` for the primary)."""
@@ -372,6 +379,12 @@ class RoutingSession(Session):
         self._tx_reader: Engine | None = None  # where the current transaction reads
         self._position: str | None = None  # primary position after this session's last write
         self._position_pending = False  # a write committed but its position is not known yet
+        # The node the current transaction wrote on, and the one whose position is pending:
+        # the position is read there, not on whatever node is primary by then (after a
+        # failover the new primary may be behind the write, and replicas that replayed it
+        # would pass).
+        self._tx_primary: Node | None = None
+        self._position_node: Node | None = None
         self._confirmed: set[str] = set()  # replicas known to have replayed _position
         self._sticky_until = 0.0
 
@@ -435,8 +448,10 @@ class RoutingSession(Session):
         wrote = self._tx_wrote and self._tx_committed
         self._tx_wrote = self._tx_committed = False
         self._tx_reader = None
+        node, self._tx_primary = self._tx_primary, None
         if not wrote:
             return
+        self._position_node = node
         self._confirmed.clear()
         sticky = self.engines.router.config.routing.sticky_seconds
         if sticky is not None:
@@ -446,8 +461,9 @@ class RoutingSession(Session):
         self._fetch_position()
 
     def _fetch_position(self) -> bool:
-        """Read the primary's position now; on failure reads stay on the primary and it is retried."""
-        node = self.engines.router.primary
+        """Read the position of the node that committed the write, now; on failure reads
+        stay on the primary and it is retried."""
+        node = self._position_node or self.engines.router.primary
         try:
             self._position = _on_node(node, lambda adapter, conn: adapter.replication_position(conn))
         except Exception as exc:  # noqa: BLE001 - the commit succeeded; do not fail it
@@ -465,6 +481,12 @@ def _after_commit(session: Session) -> None:
     # Fired for savepoint releases too; only the outermost commit makes writes visible.
     if isinstance(session, RoutingSession) and not session.in_nested_transaction():
         session._tx_committed = True
+
+
+@event.listens_for(RoutingSession, "after_begin")
+def _after_begin(session: Session, transaction: SessionTransaction, connection: Connection) -> None:
+    if isinstance(session, RoutingSession) and connection.engine is session.engines.writer:
+        session._tx_primary = session.engines.writer_node(connection)
 
 
 @event.listens_for(RoutingSession, "after_transaction_end")

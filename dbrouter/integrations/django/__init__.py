@@ -63,8 +63,8 @@ aliases only; relations are allowed within a cluster.
 request): after a statement on the primary alias that is not a read (by the rule of
 `Router.read`) commits, the replica alias serves the rest of the request only from a node
 that has replayed the primary's replication position (waiting up to ``causal_wait``), else
-from the primary, as `Router.session` does; the position is read from the primary when the
-next replica read needs it. With ``sticky_seconds`` in the router's options, reads go to
+from the primary, as `Router.session` does; the position is read when the next replica read
+needs it, from the node that committed the write (not whichever is primary by then). With ``sticky_seconds`` in the router's options, reads go to
 the primary for that long after the write instead. Outside the middleware and the context
 manager, replica reads are eventually consistent.
 """
@@ -280,7 +280,10 @@ class _ClusterState:
 
     def __init__(self) -> None:
         self.position: str | None = None  # the primary's position after the last write
-        self.pending = False  # a write committed and its position is not read yet
+        # The node that committed a write whose position is not read yet: its position is
+        # read there, not on whatever node is primary by then (after a failover the new
+        # primary may be behind the write, and replicas that replayed it would pass).
+        self.pending: Node | None = None
         self.confirmed: set[str] = set()  # replicas known to have replayed `position`
         self.sticky_until = 0.0
         self.version = 0  # counts the writes: a replica connection knows what it was checked for
@@ -338,14 +341,14 @@ def _state(router: Router) -> _ClusterState | None:
 
 
 def _fetch_position(router: Router, state: _ClusterState) -> None:
-    """Read the primary's position for a committed write (on a lease of its own)."""
-    node = router.primary
+    """Read the position of the node that committed the write (on a lease of its own)."""
+    node = state.pending or router.primary
     try:
         lease = take(node)
     except Exception as exc:  # noqa: BLE001 - reads then go to the primary
         log.warning("could not read the replication position of primary %s after a write (%s): "
                     "reads in this request go to the primary", node.name, short(exc))
-        state.position, state.pending = _UNKNOWN, False
+        state.position, state.pending = _UNKNOWN, None
         return
     try:
         position = lease.run(lambda adapter, conn: adapter.replication_position(conn))
@@ -355,10 +358,10 @@ def _fetch_position(router: Router, state: _ClusterState) -> None:
             raise
         log.warning("could not read the replication position of primary %s after a write (%s): "
                     "reads in this request go to the primary", node.name, short(exc))
-        state.position, state.pending = _UNKNOWN, False
+        state.position, state.pending = _UNKNOWN, None
         return
     lease.release()
-    state.position, state.pending = str(position), False
+    state.position, state.pending = str(position), None
 
 
 # -- errors ------------------------------------------------------------------------------
@@ -513,7 +516,7 @@ class RoutedWrapper:
         self._fresh_for = (state, -1 if state is None else state.version)
         if state is not None and routing.sticky_seconds is not None and time.monotonic() < state.sticky_until:
             return self._take_primary(router)
-        if state is not None and state.pending:
+        if state is not None and state.pending is not None:
             _fetch_position(router, state)
         position = None if state is None else state.position
         if position == _UNKNOWN:
@@ -607,9 +610,9 @@ class RoutedWrapper:
         if self._in_transaction():
             self._wrote = True
         else:
-            self._write_committed()
+            self._write_committed(self._lease)
 
-    def _write_committed(self) -> None:
+    def _write_committed(self, lease: Lease | None) -> None:
         router = self.dbrouter_router
         state = _state(router)
         if state is None:
@@ -620,7 +623,8 @@ class RoutedWrapper:
         if sticky is not None:
             state.sticky_until = time.monotonic() + sticky
         else:
-            state.pending = True  # read when a replica read needs it
+            # Read when a replica read needs it, on the node that committed.
+            state.pending = lease.node if lease is not None else router.primary
 
     def _run(self, op: Callable[[], Any], sql: str, phase: Phase = Phase.SENT) -> Any:
         """``op()`` on the leased connection under the hung-statement guard; a lost
@@ -712,7 +716,7 @@ class RoutedWrapper:
             routing = router.config.routing
             fresh = node is router.primary
             if not fresh and routing.sticky_seconds is None:
-                if state.pending:
+                if state.pending is not None:
                     _fetch_position(router, state)
                 position = state.position
                 if node.name in state.confirmed:
@@ -754,7 +758,7 @@ class RoutedWrapper:
             raise
         if self._wrote:
             self._wrote = False
-            self._write_committed()
+            self._write_committed(lease)
 
     def _rollback(self) -> None:
         self._wrote = False

@@ -67,4 +67,26 @@ fi
 # connector silently falls back to pure Python.
 site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 printf '%s\n' 'import sys; exec("try:\n import _mysql_connector\nexcept Exception:\n pass")' > "$site/dbrouter-mysql-first.pth"
+
+# Django's latest release needs a newer Python than Django's LTS: the Django tests run the
+# example project under both, the latest one from .venv-django-latest (dbrouter, its drivers
+# and the newest Django), with the first Python >= 3.12 found here.
+latest_python=""
+for candidate in "${DJANGO_LATEST_PYTHON:-}" python3.13 python3.12 "$HOME"/.pyenv/versions/3.1[2-9]*/bin/python; do
+  [ -n "$candidate" ] || continue
+  if command -v "$candidate" >/dev/null 2>&1 &&
+     "$candidate" -c 'import sys, venv; sys.exit(sys.version_info < (3, 12))' >/dev/null 2>&1; then
+    latest_python=$(command -v "$candidate"); break
+  fi
+done
+if [ -z "$latest_python" ]; then
+  echo "setup: no Python >= 3.12 found (set DJANGO_LATEST_PYTHON): the Django-latest tests will fail" >&2
+else
+  if [ ! -x .venv-django-latest/bin/python ]; then
+    "$latest_python" -m venv .venv-django-latest
+  fi
+  .venv-django-latest/bin/python -m pip install -q --disable-pip-version-check -e '.[postgres,mysql]' 'django>=6'
+  site=$(.venv-django-latest/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  printf '%s\n' 'import sys; exec("try:\n import _mysql_connector\nexcept Exception:\n pass")' > "$site/dbrouter-mysql-first.pth"
+fi
 echo "setup: ready (.venv/bin/dbrouter, .venv/bin/python -m pytest)"

@@ -8,6 +8,9 @@ on_commit, select_for_update, bulk_create, server-side cursors, DEBUG query logg
 migrations and dbshell on dbrouter's connections, then the stale-read test (create-then-read
 requests through Django's test client while every replica pauses its replay 1 s at a
 time). The kill-primary-promote test gets a cluster of its own.
+
+Each test runs under Django's LTS (this venv) and Django's latest release
+(``.venv-django-latest``, made by scripts/setup.sh with a newer Python, as that release needs).
 """
 
 from __future__ import annotations
@@ -25,7 +28,9 @@ from dbrouter.cluster import LocalCluster, make_cluster
 
 from .test_examples import cluster_env
 
-PROJECT = Path(__file__).resolve().parent.parent / "examples" / "django_app"
+ROOT = Path(__file__).resolve().parent.parent
+PROJECT = ROOT / "examples" / "django_app"
+LATEST = ROOT / ".venv-django-latest" / "bin" / "python"
 # The stale-read test's create-then-read requests per engine. The issue asks for 10,000:
 # about 40 s per engine on an idle 2-core machine (3-4 ms a request, the servers included),
 # several minutes when the machine is busy; CI runs 2,000 to keep the suite's budget, and
@@ -41,10 +46,22 @@ def result(output: str, name: str) -> dict[str, str]:
     return dict(re.findall(r"(\w+)=(\{[^}]*\}|\S+)", found[1]))
 
 
-def manage(cluster: LocalCluster, state: Path, *args: str, timeout: float, **extra: str) -> str:
+@pytest.fixture(params=["lts", "latest"])
+def django_python(request: pytest.FixtureRequest) -> str:
+    """The interpreter that runs the project: this one (Django LTS) or the Django-latest venv."""
+    if request.param == "lts":
+        return sys.executable
+    assert LATEST.exists(), f"{LATEST} is missing: scripts/setup.sh makes it (it needs a Python >= 3.12)"
+    version = subprocess.run([str(LATEST), "-c", "import django; print(django.VERSION[0])"],
+                             capture_output=True, text=True, check=True).stdout
+    assert int(version) >= 6, f"{LATEST} has Django {version.strip()}, not the latest release"
+    return str(LATEST)
+
+
+def manage(python: str, cluster: LocalCluster, state: Path, *args: str, timeout: float, **extra: str) -> str:
     env = {**cluster_env(cluster), "DBROUTER_TEST_CLUSTER_STATE": str(state), "DBROUTER_DJANGO_OPTIONS": OPTIONS,
            "PYTHONPATH": os.pathsep.join([str(PROJECT.parent.parent), os.environ.get("PYTHONPATH", "")]), **extra}
-    proc = subprocess.run([sys.executable, str(PROJECT / "manage.py"), *args], cwd=PROJECT, env=env,
+    proc = subprocess.run([python, str(PROJECT / "manage.py"), *args], cwd=PROJECT, env=env,
                           capture_output=True, text=True, timeout=timeout)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"manage.py {' '.join(args)} exited {proc.returncode}\n{output[-8000:]}"
@@ -75,10 +92,10 @@ def test_database_rights(cluster: LocalCluster) -> Iterator[None]:
 
 
 @pytest.mark.slow
-def test_django_project(cluster: LocalCluster, test_database_rights: None, tmp_path: Path) -> None:
+def test_django_project(cluster: LocalCluster, test_database_rights: None, django_python: str, tmp_path: Path) -> None:
     state = tmp_path / "cluster.json"
     cluster.save_state(state)
-    out = manage(cluster, state, "test", "shop", "--noinput", "-v", "2", timeout=600,
+    out = manage(django_python, cluster, state, "test", "shop", "--noinput", "-v", "2", timeout=600,
                  DBROUTER_DJANGO_REQUESTS=str(REQUESTS))
     assert re.search(r"^Ran \d+ tests", out, re.MULTILINE) and "\nOK" in out, out[-5000:]
     stale = result(out, "stale-reads")
@@ -91,7 +108,7 @@ def test_django_project(cluster: LocalCluster, test_database_rights: None, tmp_p
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", [pytest.param("postgres", marks=pytest.mark.postgres),
                                     pytest.param("mariadb", marks=pytest.mark.mysql)])
-def test_django_kill_primary_promote(engine: str, tmp_path: Path) -> None:
+def test_django_kill_primary_promote(engine: str, django_python: str, tmp_path: Path) -> None:
     with make_cluster(engine, replicas=2) as own:
         name = f"test_{own.database}"
         if engine == "postgres":
@@ -101,7 +118,7 @@ def test_django_kill_primary_promote(engine: str, tmp_path: Path) -> None:
                 own.primary._admin(f"GRANT ALL PRIVILEGES ON `{name}`.* TO '{own.user}'@'{host}'")
         state = tmp_path / "cluster.json"
         own.save_state(state)
-        out = manage(own, state, "test", "shop.tests.KillPrimaryPromote", "--noinput", "-v", "2", timeout=300,
+        out = manage(django_python, own, state, "test", "shop.tests.KillPrimaryPromote", "--noinput", "-v", "2", timeout=300,
                      DBROUTER_TEST_FAILOVER="1")
         failover = result(out, "failover")
         assert "Ran 1 test" in out and "skipped" not in out, out[-3000:]

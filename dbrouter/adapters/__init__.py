@@ -16,12 +16,21 @@ from .base import Adapter, ErrorKind, ReturnState
 if TYPE_CHECKING:
     from ..config import ConnectOptions
     from ..url import NodeAddress
+    from .aio import AsyncAdapter
 
-__all__ = ["Adapter", "ErrorKind", "ReturnState", "make_adapter", "mysql_extension_error", "preload_mysql_extension"]
+__all__ = ["Adapter", "ErrorKind", "ReturnState", "make_adapter", "make_async_adapter", "mysql_extension_error", "preload_mysql_extension"]
 
 _ADAPTERS = {
     "postgres": ("dbrouter.adapters.postgres", "PostgresAdapter"),
     "mysql": ("dbrouter.adapters.mysql", "MySQLAdapter"),
+}
+
+
+# The asyncio flavours, by engine: (module, class); each wraps the same driver's sync adapter,
+# named by its "sync" attribute (module, class), which the control plane probes with.
+_ASYNC_ADAPTERS = {
+    "postgres": ("dbrouter.adapters.psycopg_async", "AsyncPsycopgAdapter"),
+    "mysql": ("dbrouter.adapters.mysql_aio", "AsyncMySQLAdapter"),
 }
 
 
@@ -31,6 +40,16 @@ def make_adapter(address: NodeAddress, options: ConnectOptions | None = None) ->
     module = importlib.import_module(module_name)
     cls: type[Adapter] = getattr(module, class_name)
     return cls(address, options)
+
+
+def make_async_adapter(address: NodeAddress, options: ConnectOptions | None = None) -> AsyncAdapter:
+    """The asyncio adapter for ``address.engine`` (over its sync twin), importing its driver
+    on first use."""
+    module_name, class_name = _ASYNC_ADAPTERS[address.engine]
+    module = importlib.import_module(module_name)
+    cls = getattr(module, class_name)
+    adapter: AsyncAdapter = cls.for_address(address, options)
+    return adapter
 
 
 # What the first attempt to load mysql-connector's C extension found: None when it loaded

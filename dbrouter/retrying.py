@@ -11,12 +11,14 @@ may replace the pause, as writes do to wait for a failover instead of sleeping.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections import deque
-from typing import Any, Callable, TypeVar
+from typing import Any, Awaitable, Callable, TypeVar
 
 from tenacity import (
+    AsyncRetrying,
     RetryCallState,
     Retrying,
     retry_if_exception_type,
@@ -153,23 +155,9 @@ class RetryExecutor:
         rather than try a node again) draws on the budget; when it is spent, the call
         ends with the last `Retry` as if its attempts were used up."""
         clock = self._clock
-        limit = self.policy.retry_attempts if attempts is None else attempts
         until = clock() + self.policy.retry_deadline if deadline is None else deadline
         last: list[Retry] = []
-
-        def stop(state: RetryCallState) -> bool:
-            outcome = state.outcome
-            error = outcome.exception() if outcome is not None else None
-            if not isinstance(error, Retry):
-                return True
-            last[:] = [error]
-            if keep_going is not None and keep_going(error):
-                return False
-            if give_up is not None and give_up(error):
-                return True
-            if state.attempt_number >= limit or clock() >= until:
-                return True
-            return not self.admit(error)
+        stop = self._stop(attempts, until, keep_going, give_up, last)
 
         def sleep(seconds: float) -> None:
             if on_retry is not None:
@@ -191,3 +179,65 @@ class RetryExecutor:
             return attempt()
 
         return retrying(attempt_after_first)
+
+    def _stop(self, attempts: int | None, until: float, keep_going: Callable[[Retry], bool] | None,
+              give_up: Callable[[Retry], bool] | None, last: list[Retry]) -> Callable[[RetryCallState], bool]:
+        """When to stop, shared by `run` and `run_async` (``last`` gets the latest `Retry`)."""
+        clock = self._clock
+        limit = self.policy.retry_attempts if attempts is None else attempts
+
+        def stop(state: RetryCallState) -> bool:
+            outcome = state.outcome
+            error = outcome.exception() if outcome is not None else None
+            if not isinstance(error, Retry):
+                return True
+            last[:] = [error]
+            if keep_going is not None and keep_going(error):
+                return False
+            if give_up is not None and give_up(error):
+                return True
+            if state.attempt_number >= limit or clock() >= until:
+                return True
+            return not self.admit(error)
+
+        return stop
+
+    async def run_async(
+        self,
+        attempt: Callable[[], Awaitable[T]],
+        *,
+        attempts: int | None = None,
+        deadline: float | None = None,
+        after: Retry | None = None,
+        keep_going: Callable[[Retry], bool] | None = None,
+        give_up: Callable[[Retry], bool] | None = None,
+        pause: Callable[[Retry, float], Awaitable[None]] | None = None,
+        on_retry: Callable[[], object] | None = None,
+    ) -> T:
+        """`run` for an awaited ``attempt`` (the asyncio router): the same stop rules and
+        backoff; the pauses are awaited (``asyncio.sleep`` unless ``pause`` replaces it)."""
+        clock = self._clock
+        until = clock() + self.policy.retry_deadline if deadline is None else deadline
+        last: list[Retry] = []
+        stop = self._stop(attempts, until, keep_going, give_up, last)
+
+        async def sleep(seconds: float) -> None:
+            if on_retry is not None:
+                on_retry()
+            seconds = max(0.0, min(seconds, until - clock()))
+            if pause is not None and last:
+                await pause(last[0], seconds)
+            elif seconds > 0:
+                await asyncio.sleep(seconds)
+
+        retrying = AsyncRetrying(stop=stop, wait=self._wait, retry=retry_if_exception_type(Retry), reraise=True,
+                                 sleep=sleep)
+        replay = [after] if after is not None else []
+
+        async def attempt_after_first() -> T:
+            if replay:
+                raise replay.pop()
+            return await attempt()
+
+        result: T = await retrying(attempt_after_first)
+        return result

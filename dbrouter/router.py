@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from dataclasses import fields
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TypeVar, cast
 
-from .adapters import make_adapter
+from .adapters import Adapter, make_adapter
 from .balancing import make_balancer
 from .bulk import BatchReport, write_many
 from .config import SECTIONS, ReplicaSpec, RouterConfig, build_router_config, check_range, check_wait, load_router_config
@@ -232,7 +232,7 @@ class Router(Core):
         node_name = name or address.name
         if any(node.name == node_name for node in nodes):
             raise ConfigurationError(f"node {node_name} is listed twice; give each node a distinct name")
-        adapter = make_adapter(address, config.connect)
+        adapter = self._make_adapter(address, config)
         storage = None
         if config.breaker.breaker_redis_url:
             key = f"{address.engine}:{address.name}/{address.database or ''}"
@@ -251,13 +251,21 @@ class Router(Core):
         holder: list[Node] = []
         breaker = NodeBreaker(node_name, config.breaker, storage=storage,
                               on_change=lambda old, new: holder[0].breaker_changed(old, new))
-        pool = Pool(adapter, config.pool, name=node_name, watchdog=self._watchdog, open=False,
-                    on_event=lambda event, message, **data: self.events.emit(
-                        event, node_name, message, level=logging.WARNING, **data),
-                    after_fork=self._revive)
+        pool = self._make_pool(adapter, config, node_name)
         node = Node(node_name, address, adapter, pool, breaker, role, weight, watchdog=self._watchdog)
         holder.append(node)
         return node
+
+    def _make_adapter(self, address: NodeAddress, config: RouterConfig) -> Adapter:
+        """A node's driver adapter (`AsyncRouter`: the sync twin of its asyncio one)."""
+        return make_adapter(address, config.connect)
+
+    def _make_pool(self, adapter: Adapter, config: RouterConfig, node_name: str) -> Pool:
+        """A node's pool, not open yet (`AsyncRouter` makes asyncio ones)."""
+        return Pool(adapter, config.pool, name=node_name, watchdog=self._watchdog, open=False,
+                    on_event=lambda event, message, **data: self.events.emit(
+                        event, node_name, message, level=logging.WARNING, **data),
+                    after_fork=self._revive)
 
     def __repr__(self) -> str:
         return f"<Router primary={self.primary.name} replicas={[n.name for n in self.replicas]}>"

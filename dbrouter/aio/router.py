@@ -1,0 +1,738 @@
+"""`AsyncRouter`: the router for asyncio, with the sync router's rules.
+
+One set of rules, two kinds of I/O. What decides is shared with `Router`, not
+copied: the nodes, breakers, control plane (topology, prober, snapshot,
+events, discovery), balancing, statement rule, decision table, retry policy and
+budget, and the lease's release all come from the sync router's own code (an
+`AsyncRouter` holds a `Router` built with asyncio pools, `_Control`, and never
+calls its request methods). What is written again here is only the order of the
+awaited steps of a call: checkout, statement, release, retry. That twin is kept
+small on purpose, and where the sync version changes, this one is read beside it
+(`dbrouter.routing`, `dbrouter.transactions`, `dbrouter.session`). A generated
+twin (psycopg_pool's way) would pay off once this file is as large as the sync
+side; it is not.
+
+The prober and the control plane run in threads with the same driver's sync
+flavour (the `AsyncAdapter.sync` twin), so a probe or a listener never runs on the
+loop, and a node that hangs cannot slow the loop down. Listeners registered with
+`AsyncRouter.on` run on the control thread, as they do for `Router`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import time
+from typing import Any, Awaitable, Callable, Mapping, Sequence, TypeVar, cast
+
+from ..adapters import Adapter, make_async_adapter
+from ..adapters.aio import AsyncAdapter
+from ..adapters.base import Rows
+from ..config import SECTIONS, RouterConfig, build_router_config, check_wait, load_router_config
+from ..decisions import Action, Failure, Phase, Work, failure_of
+from ..errors import (
+    ConfigurationError,
+    DbRouterError,
+    NoPrimaryAvailable,
+    NoReplicaAvailable,
+    PoolError,
+    SplitBrain,
+    UsageError,
+)
+from ..events import Event
+from ..lease import not_taken
+from ..retrying import Retry
+from ..router import Router, _fields
+from ..routing import _NODE_FAILURES, _in_transaction, _retry_or_raise, refuse_read, short
+from ..statements import UNSEEN
+from ..topology import Node
+from ..transactions import Results
+from ..url import NodeAddress
+from .lease import AsyncHeldLease, AsyncLease, take
+from .pool import AsyncPool
+
+__all__ = ["AsyncRouter", "AsyncSession", "AsyncTransaction"]
+
+log = logging.getLogger("dbrouter.router")
+
+T = TypeVar("T")
+
+_UNKNOWN = "unknown"  # a session's position after a write it could not read: reads go to the primary
+_NOT_REPLAYED = object()
+
+
+class _Control(Router):
+    """The sync router's construction and control plane over asyncio pools (see the module
+    docstring). Its request methods (read, write, ...) are never called."""
+
+    def _make_adapter(self, address: NodeAddress, config: RouterConfig) -> Adapter:
+        adapter = make_async_adapter(address, config.connect)
+        self._async_adapters[id(adapter.sync)] = adapter
+        return adapter.sync
+
+    def _make_pool(self, adapter: Adapter, config: RouterConfig, node_name: str) -> Any:
+        return AsyncPool(self._async_adapters.pop(id(adapter)), config.pool, name=node_name,
+                         on_event=lambda event, message, **data: self.events.emit(
+                             event, node_name, message, level=logging.WARNING, **data))
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._async_adapters: dict[int, AsyncAdapter] = {}
+        super().__init__(*args, **kwargs)
+
+
+class AsyncRouter:
+    """Routes statements for one primary and its replicas, in asyncio.
+
+    ``AsyncRouter(primary, replicas, **options)`` takes the options of `Router`
+    (``driver`` aside: PostgreSQL goes through psycopg 3, MySQL/MariaDB through
+    mysql.connector.aio). Build it anywhere; it starts on its first call, or with
+    ``await router.open()`` / ``async with AsyncRouter(...) as router``, on the running
+    loop, which it is bound to from then on. Errors, events, retries and write-outcome
+    rules are `Router`'s.
+    """
+
+    def __init__(self, primary: str | Mapping[str, Any] | None = None, replicas: Sequence[Any] | str = (), *,
+                 config: RouterConfig | None = None, **options: Any) -> None:
+        if config is None:
+            config = build_router_config(primary, replicas, options)
+        elif primary is not None or replicas or options:
+            raise ConfigurationError("give either config= or primary/replicas/options, not both")
+        if config.breaker.breaker_redis_url:
+            raise ConfigurationError("breaker_redis_url is not supported by AsyncRouter yet: its Redis calls "
+                                     "would block the event loop")
+        if config.discovery.discovery != "static":
+            raise ConfigurationError("discovery is not supported by AsyncRouter yet: list the nodes")
+        self._control = control = _Control(config=config, open=False)
+        self.config = config
+        self.events = control.events
+        self.topology = control.topology
+        self.counts = control.counts
+        self._opened = False
+        self._closed = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._leases: dict[int, AsyncLease] = {}
+        self._open_transactions: contextvars.ContextVar[int] = contextvars.ContextVar(
+            f"dbrouter_transactions_{id(self)}", default=0)
+
+    @classmethod
+    def from_config(cls, source: Mapping[str, Any] | str | Any = None, **overrides: Any) -> AsyncRouter:
+        """As `Router.from_config`: a mapping, a TOML file path, or the environment."""
+        config = load_router_config(source)
+        if overrides:
+            sections = {name: _fields(getattr(config, name)) for name in SECTIONS}
+            primary = {"url": config.primary, "name": config.primary_name} if config.primary_name else config.primary
+            config = build_router_config(primary, config.replicas, overrides, sections)
+        return cls(config=config)
+
+    def __repr__(self) -> str:
+        return f"<AsyncRouter primary={self.primary.name} replicas={[n.name for n in self.replicas]}>"
+
+    # -- life ---------------------------------------------------------------------------
+
+    async def open(self) -> AsyncRouter:
+        """Start the pools (``min_size`` connections, on this loop) and the control plane; idempotent."""
+        if self._closed:
+            raise PoolError("the router is closed")
+        if not self._opened:
+            self._opened = True
+            self._loop = asyncio.get_running_loop()
+            self._control.open()
+        return self
+
+    def _check_loop(self) -> None:
+        if not self._opened:
+            raise UsageError("the AsyncRouter is not open: await router.open() or use async with")
+        if asyncio.get_running_loop() is not self._loop:
+            raise UsageError("an AsyncRouter is bound to the event loop it was opened on; make one per loop")
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """Stop the control plane and close every pool, waiting up to ``timeout`` for borrowed
+        connections. The control plane's threads are stopped in a worker thread."""
+        check_wait("timeout", timeout)
+        if self._closed:
+            return
+        self._closed = True
+        control = self._control
+        deadline = time.monotonic() + timeout
+        pools = [cast(AsyncPool, node.pool) for node in control.topology.nodes]
+        if self._opened:
+            await asyncio.gather(*(pool.aclose(timeout) for pool in pools))
+            await asyncio.get_running_loop().run_in_executor(
+                None, lambda: control.close(max(0.0, deadline - time.monotonic())))
+        else:
+            control.close(0)
+
+    async def __aenter__(self) -> AsyncRouter:
+        return await self.open()
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        await self.close()
+
+    # -- who serves ---------------------------------------------------------------------------
+
+    @property
+    def primary(self) -> Node:
+        return self.topology.snapshot.primary
+
+    @property
+    def replicas(self) -> list[Node]:
+        return list(self.topology.snapshot.replicas)
+
+    @property
+    def nodes(self) -> list[Node]:
+        return list(self.topology.nodes)
+
+    def choose_reader(self, exclude: Sequence[Node] = ()) -> Node:
+        """As `Router.choose_reader` (no I/O)."""
+        return self._control.choose_reader(exclude)
+
+    async def choose_writer(self, failover_deadline: float) -> tuple[Node, int]:
+        """As `Router.choose_writer`, the wait for a new primary awaited."""
+        control = self._control
+        while True:
+            snapshot = self.topology.snapshot
+            try:
+                return control.choose_writer(0.0)  # raises at once unless the primary can take writes
+            except (NoPrimaryAvailable, SplitBrain):
+                if time.monotonic() >= failover_deadline:
+                    raise
+            await self._wait_for_change(snapshot.version, failover_deadline)
+
+    async def _wait_for_change(self, version: int, deadline: float) -> None:
+        """Until the snapshot changes or ``deadline`` (polled: the control plane is threads)."""
+        topology = self.topology
+        topology.wake()
+        until = min(deadline, time.monotonic() + self.config.monitor.health_interval)
+        while topology.snapshot.version == version:
+            remaining = until - time.monotonic()
+            if remaining <= 0:
+                return
+            await asyncio.sleep(min(0.01, remaining))
+
+    def on(self, event: str, listener: Callable[[Event], None]) -> Callable[[], None]:
+        """As `Router.on`: listeners run on the control thread, with no dbrouter lock held;
+        use ``loop.call_soon_threadsafe`` in them to reach the loop."""
+        return self.events.on(event, listener)
+
+    async def wait_for_probes(self, rounds: int = 1, timeout: float = 10.0) -> bool:
+        """As `Router.wait_for_probes`, awaited (the wait runs in a worker thread)."""
+        control = self._control
+        return await asyncio.get_running_loop().run_in_executor(None, lambda: control.wait_for_probes(rounds, timeout))
+
+    def stats(self) -> dict[str, Any]:
+        """As `Router.stats`."""
+        return self._control.stats()
+
+    # -- one attempt ------------------------------------------------------------------------
+
+    async def run_on(self, node: Node, op: Callable[[AsyncLease], Awaitable[T]], work: Work, *,
+                     phase: Phase = Phase.SENT, keep: bool = False, kind: type[AsyncLease] = AsyncLease) -> T:
+        """As `Core.run_on`, awaited."""
+        try:
+            lease = await take(node, kind=kind)
+        except Exception as exc:
+            retry = _retry_or_raise(node, exc, work)
+            if retry is exc:
+                raise
+            raise retry from exc
+        try:
+            result = await op(lease)
+        except BaseException as exc:
+            decision = lease.release_after(exc, phase, work)
+            if decision.action is Action.RETRY:
+                raise Retry(node, exc, failure_of(exc, node.adapter), phase, decision) from exc
+            if decision.action is Action.UNKNOWN:
+                control = self._control
+                if work is Work.UNCHECKED:
+                    raise control.outcome_unknown(
+                        node, exc, "after a statement read() did not check (unchecked=True) was sent",
+                        "; pass idempotent=True too if it may run twice") from exc
+                raise control.outcome_unknown(node, exc, "after the write was sent") from exc
+            raise
+        if not keep:
+            lease.release()
+        return result
+
+    # -- reads ---------------------------------------------------------------------------------
+
+    async def read(self, sql: str, params: Any = None, *, unchecked: bool = False, idempotent: bool = False) -> Rows:
+        """As `Router.read`, awaited."""
+        self._check_loop()
+        control = self._control
+        if unchecked:
+            self.counts.reads.inc()
+            return await self.read_with(self.choose_reader(), _statement(sql, params),
+                                        Work.READ if idempotent else Work.UNCHECKED)
+        verdicts = control._read_verdicts
+        problem = verdicts.get(sql, UNSEEN)
+        if problem is not None:
+            if problem is UNSEEN:
+                problem = verdicts.judge(sql)
+            if problem is not None:
+                refuse_read(problem, params)
+        self.counts.reads.inc()
+        node = self.choose_reader()
+        if not node.breaker.clean or cast(AsyncPool, node.pool).adapter.guard_timeout is not None:
+            return await self.read_with(node, _statement(sql, params))
+        # The hot path, as Core.read's: no lease object while the breaker is clean.
+        pool = cast(AsyncPool, node.pool)
+        try:
+            entry = await pool.borrow()
+        except Exception as exc:
+            not_taken(node, exc)
+            first = _retry_or_raise(node, exc, Work.READ)
+            if not isinstance(first, Retry):
+                raise
+            return await self.read_again(first, _statement(sql, params))
+        try:
+            rows, _ = await pool.adapter.execute(entry.conn, sql, params)
+        except BaseException as exc:
+            lease = AsyncLease(node, entry)
+            if isinstance(exc, asyncio.CancelledError):
+                lease._aborted = True
+                pool.adapter.abort(entry.conn)
+            decision = lease.release_after(exc, Phase.SENT, Work.READ)
+            if decision.action is not Action.RETRY:
+                raise
+            first = Retry(node, exc, failure_of(exc, node.adapter), Phase.SENT, decision)
+            return await self.read_again(first, _statement(sql, params))
+        _answered(node, entry)
+        return rows or []
+
+    async def read_with(self, node: Node, op: Callable[[AsyncLease], Awaitable[tuple[Any, int]]],
+                        work: Work = Work.READ) -> Rows:
+        try:
+            rows, _ = await self.run_on(node, op, work)
+        except Retry as first:
+            return await self.read_again(first, op, work)
+        return rows or []
+
+    async def read_again(self, first: Retry, op: Callable[[AsyncLease], Awaitable[tuple[Any, int]]],
+                         work: Work = Work.READ) -> Rows:
+        """As `Core.read_again`: the read that failed on ``first.node``, on the other nodes."""
+        control = self._control
+        executor = control._executor
+        tried: list[Node] = [first.node]
+        errors = {first.node.name: first.cause}
+        if not executor.admit(first):
+            raise NoReplicaAvailable(
+                f"read failed on {first.node.name} ({short(first.cause)}); not retried: the retry budget is spent "
+                f"(retries may add {self.config.retry.retry_budget:.0%} to the requests of the last 10s, plus "
+                f"{self.config.retry.retry_budget_floor:g} a second)"
+            ) from first.cause
+        self.counts.retries.inc()
+
+        async def attempt() -> Any:
+            node = self.choose_reader(exclude=tried)
+            try:
+                return await self.run_on(node, op, work)
+            except Retry as again:
+                tried.append(node)
+                errors[node.name] = again.cause
+                raise
+
+        try:
+            rows, _ = await executor.run_async(attempt, attempts=max(1, self.config.retry.retry_attempts - 1),
+                                               on_retry=self.counts.retries.inc)
+        except Retry as last:
+            summary = "; ".join(f"{name}: {short(err)}" for name, err in errors.items())
+            spent = "; no more retries: the retry budget is spent" if last.budget_spent else ""
+            raise NoReplicaAvailable(f"read failed on every node tried ({summary}){spent}") from last.cause
+        return rows or []
+
+    # -- writes --------------------------------------------------------------------------------
+
+    async def write(self, sql: str, params: Any = None, *, idempotent: bool = False,
+                    outside_transaction: bool = False) -> int:
+        """As `Router.write`, awaited (`UsageError` inside this task's open transaction)."""
+        self._check_loop()
+        self._refuse_in_transaction("router.write()", outside_transaction)
+        self.counts.writes.inc()
+        _, count = await self.on_primary(_statement(sql, params), Work.IDEMPOTENT if idempotent else Work.WRITE)
+        return count
+
+    def _refuse_in_transaction(self, call: str, outside_transaction: bool) -> None:
+        if not outside_transaction and self._open_transactions.get():
+            raise _in_transaction(call)
+
+    async def on_primary(self, op: Callable[[AsyncLease], Awaitable[T]], work: Work, *, phase: Phase = Phase.SENT,
+                         keep: bool = False) -> T:
+        """As `Core.on_primary`, awaited."""
+        routing, retry = self.config.routing, self.config.retry
+        start = time.monotonic()
+        failover_deadline = start + routing.failover_wait
+        deadline = max(start + retry.retry_deadline, failover_deadline)
+        version = [0]
+
+        async def attempt() -> T:
+            node, version[0] = await self.choose_writer(failover_deadline)
+            return await self.run_on(node, op, work, phase=phase, keep=keep)
+
+        try:
+            return await attempt()
+        except Retry as failed:
+            first = failed
+
+        def keep_going(last: Retry) -> bool:
+            return time.monotonic() < failover_deadline
+
+        def give_up(last: Retry) -> bool:
+            return (last.decision.demoted or last.phase is Phase.CONNECT
+                    or last.failure is Failure.HUNG or last.failure is Failure.REFUSED)
+
+        async def pause(last: Retry, seconds: float) -> None:
+            if routing.failover_wait > 0 and (last.failure in _NODE_FAILURES or last.decision.demoted):
+                await self._wait_for_change(version[0], failover_deadline)
+            elif seconds > 0:
+                await asyncio.sleep(seconds)
+
+        try:
+            return await self._control._executor.run_async(
+                attempt, after=first, deadline=deadline, keep_going=keep_going, give_up=give_up, pause=pause,
+                on_retry=self.counts.retries.inc)
+        except Retry as failed:
+            last = failed
+        cause = last.cause
+        spent = "; not retried: the retry budget is spent" if last.budget_spent else ""
+        if last.decision.demoted:
+            raise NoPrimaryAvailable(
+                f"primary {last.node.name} refused the write as read-only (demoted?): {short(cause)}{spent}"
+            ) from cause
+        if last.failure in _NODE_FAILURES:
+            what = "not sent" if last.phase is not Phase.SENT else "failed"
+            raise NoPrimaryAvailable(f"write {what}: primary {last.node.name}: {short(cause)}{spent}") from cause
+        raise cause
+
+    # -- transactions and sessions ------------------------------------------------------------------
+
+    def transaction(self, *, outside_transaction: bool = False) -> _TransactionBlock:
+        """``async with router.transaction() as tx``: as `Router.transaction`."""
+        return _TransactionBlock(self, Work.BLOCK, None, "router.transaction()", outside_transaction)
+
+    async def run_transaction(self, fn: Callable[[AsyncTransaction], Awaitable[T]], *,
+                              outside_transaction: bool = False) -> T:
+        """``await fn(tx)`` in a transaction, run again as `Router.run_transaction` runs it."""
+        self._check_loop()
+
+        async def attempt() -> T:
+            async with _TransactionBlock(self, Work.RERUN, None, "router.run_transaction()",
+                                         outside_transaction) as tx:
+                return await fn(tx)
+
+        try:
+            return await attempt()
+        except Retry as failed:
+            first = failed
+        try:
+            return await self._control._executor.run_async(attempt, after=first, on_retry=self.counts.retries.inc)
+        except Retry as last:
+            raise last.cause from None
+
+    def session(self) -> AsyncSession:
+        """A read-your-writes session (as `Router.session`), for one task."""
+        return AsyncSession(self)
+
+    # -- connections for integrations ---------------------------------------------------------------
+
+    def connection(self, intent: str = "read") -> _ConnectionBlock:
+        """``async with router.connection("read" | "write") as conn``: a driver connection for a
+        block, with the node's breaker honoured and fed (as `Router.connection`)."""
+        return _ConnectionBlock(self, intent)
+
+    async def lease(self, intent: str = "read", node: Node | None = None) -> AsyncLease:
+        """As `Router.lease`, awaited."""
+        self._check_loop()
+        if intent != "read" and intent != "write":
+            raise ConfigurationError(f"connection intent must be 'read' or 'write', got {intent!r}")
+        if node is None:
+            if intent == "read":
+                node = self.choose_reader()
+            else:
+                node = (await self.choose_writer(time.monotonic() + self.config.routing.failover_wait))[0]
+        lease = await take(node, kind=AsyncHeldLease)
+        (self.counts.reads if intent == "read" else self.counts.writes).inc()
+        return lease
+
+    async def checkout(self, intent: str = "read", node: Node | None = None) -> tuple[Node, Any]:
+        """As `Router.checkout`, awaited; give the connection back with `checkin`."""
+        lease = await self.lease(intent, node)
+        self._leases[id(lease.conn)] = lease
+        return lease.node, lease.conn
+
+    def checkin(self, node: Node, conn: Any, error: BaseException | None = None, *, broken: bool = False) -> None:
+        """As `Router.checkin` (no wait: a connection that needs a reset gets a task)."""
+        lease = self._leases.get(id(conn))
+        if lease is None or lease.conn is not conn or lease.node is not node:
+            raise PoolError(f"connection returned to node {node.name} was not checked out from it or was returned twice")
+        del self._leases[id(conn)]
+        if error is not None:
+            lease.release_after(error, Phase.SENT, Work.BLOCK)
+        elif broken:
+            from ..lease import Outcome
+
+            lease.release(Outcome.DISCARDED)
+        else:
+            lease.release()
+
+
+def _statement(sql: str, params: Any) -> Callable[[AsyncLease], Awaitable[tuple[Any, int]]]:
+    async def execute(lease: AsyncLease) -> tuple[Any, int]:
+        return await lease.execute(sql, params)
+
+    return execute
+
+
+def _answered(node: Node, entry: Any) -> None:
+    from ..lease import answered
+
+    answered(node, entry, True)
+
+
+class AsyncTransaction(Results):
+    """Statements inside `AsyncRouter.transaction`: all on the primary, on one connection."""
+
+    def __init__(self, lease: AsyncLease) -> None:
+        self._lease = lease
+        self._closed = False
+        self._failed: BaseException | None = None
+
+    @property
+    def connection(self) -> Any:
+        return self._lease.conn
+
+    @property
+    def node(self) -> Node:
+        return self._lease.node
+
+    async def run(self, op: Callable[[AsyncAdapter, Any], Awaitable[T]]) -> T:
+        """``await op(adapter, conn)`` inside the transaction, under the hung-statement guard."""
+        if self._closed:
+            raise DbRouterError("the transaction has ended; start a new one")
+        try:
+            return await self._lease.run(op)
+        except BaseException as exc:
+            self._failed = exc
+            raise
+
+    async def execute(self, sql: str, params: Any = None) -> int:
+        rows, count = await self.run(lambda adapter, conn: adapter.execute(conn, sql, params))
+        self._keep(rows)
+        return count
+
+    async def read(self, sql: str, params: Any = None) -> Rows:
+        await self.execute(sql, params)
+        return self.fetchall()
+
+    async def write(self, sql: str, params: Any = None) -> int:
+        return await self.execute(sql, params)
+
+
+async def _begin(lease: AsyncLease) -> AsyncLease:
+    await lease.run(lambda adapter, conn: adapter.begin(conn))
+    return lease
+
+
+class _TransactionBlock:
+    """``async with``: BEGIN on the primary, COMMIT at the end, the failures judged as
+    `dbrouter.transactions.transaction` judges them."""
+
+    def __init__(self, router: AsyncRouter, work: Work, after_commit: Callable[[AsyncLease], Awaitable[None]] | None,
+                 call: str, outside_transaction: bool) -> None:
+        self._router = router
+        self._work = work
+        self._after_commit = after_commit
+        self._call = call
+        self._outside = outside_transaction
+        self._tx: AsyncTransaction | None = None
+        self._token: contextvars.Token[int] | None = None
+
+    async def __aenter__(self) -> AsyncTransaction:
+        router = self._router
+        router._check_loop()
+        router._refuse_in_transaction(self._call, self._outside)
+        lease = await router.on_primary(_begin, self._work, phase=Phase.BEFORE_SEND, keep=True)
+        self._tx = AsyncTransaction(lease)
+        self._token = router._open_transactions.set(router._open_transactions.get() + 1)
+        return self._tx
+
+    async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        router, tx = self._router, self._tx
+        assert tx is not None and self._token is not None
+        router._open_transactions.reset(self._token)
+        lease = tx._lease
+        tx._closed = True
+        if exc is not None:
+            await self._settle(lease, tx, exc, Phase.SENT)
+            return
+        try:
+            await lease.run(lambda adapter, conn: adapter.commit(conn))
+        except BaseException as error:
+            await self._settle(lease, tx, error, Phase.COMMIT)
+            raise
+        router.counts.writes.inc()
+        if self._after_commit is None:
+            lease.release()
+            return
+        try:
+            await self._after_commit(lease)
+        except BaseException as error:
+            lease.release_after(error, Phase.SENT, Work.READ)
+            if not isinstance(error, Exception):
+                raise
+            log.debug("after COMMIT on %s: %s", lease.node.name, error)
+            return
+        lease.release()
+
+    async def _settle(self, lease: AsyncLease, tx: AsyncTransaction, exc: BaseException, phase: Phase) -> None:
+        """As `dbrouter.transactions._settle`: raise what the decision table says instead of ``exc``."""
+        node = lease.node
+        if phase is Phase.SENT and exc is not tx._failed and lease.foreign(exc):
+            try:
+                await lease.run(lambda adapter, conn: adapter.rollback(conn))
+            except BaseException as rollback_error:
+                lease.release_after(rollback_error, Phase.SENT, Work.BLOCK)
+                if not isinstance(rollback_error, Exception):
+                    raise
+                return
+            lease.release()
+            return
+        decision = lease.release_after(exc, phase, self._work)
+        if decision.action is Action.UNKNOWN and isinstance(exc, Exception):
+            raise self._router._control.outcome_unknown(node, exc, "during COMMIT") from exc
+        if decision.action is Action.RETRY and self._work is Work.RERUN and isinstance(exc, Exception):
+            raise Retry(node, exc, failure_of(exc, node.adapter), phase, decision) from exc
+
+
+class _ConnectionBlock:
+    __slots__ = ("_router", "_intent", "_lease")
+
+    def __init__(self, router: AsyncRouter, intent: str) -> None:
+        self._router = router
+        self._intent = intent
+        self._lease: AsyncLease | None = None
+
+    async def __aenter__(self) -> Any:
+        self._lease = await self._router.lease(self._intent)
+        return self._lease.conn
+
+    async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        lease, self._lease = self._lease, None
+        assert lease is not None
+        if exc is None:
+            lease.release()
+        else:
+            lease.release_after(exc, Phase.SENT, Work.BLOCK)
+
+
+class AsyncSession(Results):
+    """Read-your-writes for one task, as `dbrouter.session.Session`: after a write, a read goes
+    to a replica only once it has replayed the write's position (waiting up to
+    ``causal_wait``, awaited), else to the primary."""
+
+    def __init__(self, router: AsyncRouter) -> None:
+        self._router = router
+        self._position: str | None = None
+        self._confirmed: set[str] = set()
+        self._sticky_until = 0.0
+
+    async def __aenter__(self) -> AsyncSession:
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        return None
+
+    @property
+    def position(self) -> str | None:
+        return self._position
+
+    async def _wrote(self, lease: AsyncLease) -> None:
+        routing = self._router.config.routing
+        if routing.sticky_seconds is not None:
+            self._sticky_until = time.monotonic() + routing.sticky_seconds
+            return
+        self._confirmed.clear()
+        self._position = _UNKNOWN
+        self._position = await lease.run(lambda adapter, conn: adapter.replication_position(conn))
+
+    async def write(self, sql: str, params: Any = None, *, idempotent: bool = False,
+                    outside_transaction: bool = False) -> int:
+        router = self._router
+        router._check_loop()
+        router._refuse_in_transaction("session.write()", outside_transaction)
+        router.counts.writes.inc()
+
+        async def write_keeping_lease(lease: AsyncLease) -> tuple[AsyncLease, int]:
+            _, count = await lease.execute(sql, params)
+            return lease, count
+
+        lease, count = await router.on_primary(write_keeping_lease, Work.IDEMPOTENT if idempotent else Work.WRITE,
+                                               keep=True)
+        try:
+            await self._wrote(lease)
+        except BaseException as exc:
+            lease.release_after(exc, Phase.SENT, Work.READ)
+            if not isinstance(exc, Exception):
+                raise
+            return count
+        lease.release()
+        return count
+
+    def transaction(self, *, outside_transaction: bool = False) -> _TransactionBlock:
+        return _TransactionBlock(self._router, Work.BLOCK, self._wrote, "session.transaction()", outside_transaction)
+
+    async def read(self, sql: str, params: Any = None, *, unchecked: bool = False, idempotent: bool = False) -> Rows:
+        router = self._router
+        router._check_loop()
+        control = router._control
+        if not unchecked:
+            control.check_read(sql, params)
+        work = Work.UNCHECKED if unchecked and not idempotent else Work.READ
+        routing = router.config.routing
+        primary = router.topology.snapshot.primary
+        if routing.sticky_seconds is not None:
+            if time.monotonic() < self._sticky_until:
+                router.counts.reads.inc()
+                return await self._read_on(primary, sql, params, work)
+            return await router.read(sql, params, unchecked=unchecked, idempotent=idempotent)
+        position = self._position
+        if position is None:
+            return await router.read(sql, params, unchecked=unchecked, idempotent=idempotent)
+        router.counts.reads.inc()
+        node = router.choose_reader()
+        if position != _UNKNOWN and node is not primary and node.name not in self._confirmed:
+            async def read_if_replayed(lease: AsyncLease) -> Any:
+                async def run(adapter: AsyncAdapter, conn: Any) -> Any:
+                    if not await adapter.has_replayed(conn, position, routing.causal_wait):
+                        return _NOT_REPLAYED
+                    return await adapter.execute(conn, sql, params)
+
+                return await lease.run(run, extra=routing.causal_wait)
+
+            try:
+                result = await router.run_on(node, read_if_replayed, work)
+            except Retry:
+                result = _NOT_REPLAYED
+            if result is not _NOT_REPLAYED:
+                self._confirmed.add(node.name)
+                rows: Rows = result[0] or []
+                return rows
+            router.counts.causal_primary_reads.inc()
+            node = primary
+        elif position == _UNKNOWN:
+            router.counts.causal_primary_reads.inc()
+            node = primary
+        return await self._read_on(node, sql, params, work, fallback=primary)
+
+    async def _read_on(self, node: Node, sql: str, params: Any, work: Work, fallback: Node | None = None) -> Rows:
+        targets = [node] if fallback is None or fallback is node else [node, fallback]
+        last: Retry | None = None
+        for target in targets:
+            try:
+                rows, _ = await self._router.run_on(target, _statement(sql, params), work)
+                return rows or []
+            except Retry as failed:
+                last = failed
+        assert last is not None
+        raise last.cause
+

@@ -1,0 +1,377 @@
+"""One conformance suite for every (router, driver) pair, on real clusters.
+
+Each test runs its body once per pair through `Client`, which gives the sync
+`Router` and the asyncio `AsyncRouter` one face: the body calls ``client.read(...)``
+and the like, and for an async pair each call is a coroutine run on an event loop of
+the client's own thread. That loop runs in debug mode with
+``slow_callback_duration = 0.005``: any callback of the loop that took longer than
+5 ms (asyncio logs it) fails the test, so no dbrouter code blocks the loop.
+
+The pairs: sync psycopg2, sync psycopg 3, async psycopg 3, sync mysql-connector and
+async mysql.connector.aio. The sync mysql-connector pair is the C extension in the
+main run and pure Python in the ``--mysql-pure`` run (see ``tests/_mysql_mode.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import uuid
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, Iterator, TypeVar
+
+import pytest
+
+import dbrouter
+from dbrouter import NotAReadStatement, Router
+from dbrouter.cluster import LocalCluster, make_cluster
+
+from .conftest import port_sql
+
+T = TypeVar("T")
+
+FAST = {"health_interval": 0.2, "min_size": 1, "max_size": 6, "connect_timeout": 2}
+CALL_TIMEOUT = 60.0  # no single call of a test waits this long: a stuck loop fails, not hangs
+SLOW_CALLBACK = 0.005
+
+
+@dataclass(frozen=True)
+class Pair:
+    name: str
+    engine: str  # the cluster fixture: "postgres" or "mysql"
+    asynchronous: bool
+    options: tuple[tuple[str, Any], ...] = ()
+
+
+PAIRS = [
+    pytest.param(Pair("psycopg2", "postgres", False, (("driver", "psycopg2"),)), marks=pytest.mark.postgres,
+                 id="sync-psycopg2"),
+    pytest.param(Pair("psycopg", "postgres", False, (("driver", "psycopg"),)), marks=pytest.mark.postgres,
+                 id="sync-psycopg"),
+    pytest.param(Pair("psycopg-async", "postgres", True), marks=pytest.mark.postgres, id="async-psycopg"),
+    pytest.param(Pair("mysql-connector", "mysql", False), marks=pytest.mark.mysql, id="sync-mysql"),
+    pytest.param(Pair("mysql-aio", "mysql", True), marks=pytest.mark.mysql, id="async-mysql-aio"),
+]
+
+
+class _SlowCallbacks(logging.Handler):
+    """Collects asyncio's debug-mode reports of callbacks that held the loop too long."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.reports: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        # The harness's own hand-over (run_coroutine_threadsafe's callback, which only makes
+        # the task) is not dbrouter's; the steps of the tasks are.
+        if message.startswith("Executing") and " took " in message and "run_coroutine_threadsafe" not in message:
+            self.reports.append(message)
+
+
+class _Loop:
+    """An event loop in a thread of its own, in debug mode, for an async pair."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.loop.set_debug(True)
+        self.loop.slow_callback_duration = SLOW_CALLBACK
+        self.slow = _SlowCallbacks()
+        logging.getLogger("asyncio").addHandler(self.slow)
+        self._thread = threading.Thread(target=self.loop.run_forever, name="conformance-loop", daemon=True)
+        self._thread.start()
+
+    def run(self, coro: Awaitable[T], timeout: float = CALL_TIMEOUT) -> T:
+        future: Future[T] = asyncio.run_coroutine_threadsafe(coro, self.loop)  # type: ignore[arg-type]
+        return future.result(timeout)
+
+    def close(self) -> list[str]:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+        self.loop.close()
+        logging.getLogger("asyncio").removeHandler(self.slow)
+        return self.slow.reports
+
+
+class Client:
+    """A router of one pair, called the same way whatever the pair."""
+
+    def __init__(self, pair: Pair, primary: str, replicas: list[str], **options: Any) -> None:
+        self.pair = pair
+        settings = {**FAST, **dict(pair.options), **options}
+        self._loop: _Loop | None = None
+        if pair.asynchronous:
+            self._loop = _Loop()
+            from dbrouter.aio import AsyncRouter
+
+            # Built here, opened on the loop: building imports the driver and parses options,
+            # which an application does at start-up, not in a request.
+            self.router: Any = AsyncRouter(primary, replicas, **settings)
+            try:
+                self._loop.run(self.router.open())
+            except BaseException:
+                self._loop.close()
+                raise
+        else:
+            self.router = Router(primary, replicas, **settings)
+
+    @classmethod
+    def of(cls, pair: Pair, cluster: LocalCluster, **options: Any) -> Client:
+        return cls(pair, cluster.primary.url, [n.url for n in cluster.replicas], **options)
+
+    def call(self, result: Any) -> Any:
+        """A sync router's result as it is; an async router's coroutine, awaited on the loop."""
+        if self._loop is None:
+            return result
+        return self._loop.run(result)
+
+    def read(self, sql: str, params: Any = None, **kw: Any) -> list[tuple[Any, ...]]:
+        return self.call(self.router.read(sql, params, **kw))  # type: ignore[no-any-return]
+
+    def write(self, sql: str, params: Any = None, **kw: Any) -> int:
+        return self.call(self.router.write(sql, params, **kw))  # type: ignore[no-any-return]
+
+    def in_transaction(self, statements: list[tuple[str, Any]], fail: BaseException | None = None) -> list[Any]:
+        """Run ``statements`` in one transaction (each one's rows, or rowcount), raising ``fail``
+        inside it at the end when given."""
+        if self._loop is None:
+            out = []
+            with self.router.transaction() as tx:
+                for sql, params in statements:
+                    count = tx.execute(sql, params)
+                    out.append(tx.fetchall() or count)
+                if fail is not None:
+                    raise fail
+            return out
+
+        async def run() -> list[Any]:
+            out = []
+            async with self.router.transaction() as tx:
+                for sql, params in statements:
+                    count = await tx.execute(sql, params)
+                    out.append(tx.fetchall() or count)
+                if fail is not None:
+                    raise fail
+            return out
+
+        return self.call(run())  # type: ignore[no-any-return]
+
+    def session_pairs(self, statements: Callable[[int], tuple[tuple[str, Any], tuple[str, Any]]], n: int) -> list[Any]:
+        """For i in range(n), in one session: write ``statements(i)[0]``, then read
+        ``statements(i)[1]``; returns each read's first row."""
+        if self._loop is None:
+            seen = []
+            with self.router.session() as session:
+                for i in range(n):
+                    (wsql, wparams), (rsql, rparams) = statements(i)
+                    session.write(wsql, wparams)
+                    seen.append(session.read(rsql, rparams)[0])
+            return seen
+
+        async def run() -> list[Any]:
+            seen = []
+            session = self.router.session()
+            for i in range(n):
+                (wsql, wparams), (rsql, rparams) = statements(i)
+                await session.write(wsql, wparams)
+                seen.append((await session.read(rsql, rparams))[0])
+            return seen
+
+        return self._loop.run(run(), timeout=CALL_TIMEOUT * 5)
+
+    def stats(self) -> dict[str, Any]:
+        return self.router.stats()  # type: ignore[no-any-return]
+
+    def close(self) -> list[str]:
+        """Close the router; the loop's slow-callback reports, for an async pair."""
+        if self._loop is None:
+            self.router.close()
+            return []
+        try:
+            self._loop.run(self.router.close())
+        finally:
+            reports = self._loop.close()
+        return reports
+
+
+@pytest.fixture(params=PAIRS)
+def pair(request: pytest.FixtureRequest) -> Pair:
+    return request.param  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def pair_cluster(pair: Pair, request: pytest.FixtureRequest) -> LocalCluster:
+    found: LocalCluster = request.getfixturevalue("pg_cluster" if pair.engine == "postgres" else "maria_cluster")
+    for replica in found.replicas:
+        found.resume_replication(replica)
+    return found
+
+
+@pytest.fixture
+def client_factory(pair: Pair, pair_cluster: LocalCluster) -> Iterator[Callable[..., Client]]:
+    """Makes clients of the test's pair; closes them after the test and fails it when an
+    async pair's loop reported a slow callback."""
+    made: list[Client] = []
+
+    def make(cluster: LocalCluster | None = None, **options: Any) -> Client:
+        client = Client.of(pair, cluster or pair_cluster, **options)
+        made.append(client)
+        return client
+
+    yield make
+    slow: list[str] = []
+    for client in made:
+        slow += client.close()
+    assert not slow, f"callbacks held the event loop over {SLOW_CALLBACK * 1000:.0f} ms:\n" + "\n".join(slow[:10])
+
+
+@pytest.fixture
+def client(client_factory: Callable[..., Client]) -> Client:
+    return client_factory()
+
+
+@pytest.fixture
+def pair_table(pair_cluster: LocalCluster) -> Iterator[str]:
+    name = "conf_" + uuid.uuid4().hex[:10]
+    pair_cluster.primary.query(f"CREATE TABLE {name} (id bigint PRIMARY KEY, port int, note varchar(40))",
+                               database=pair_cluster.database)
+    pair_cluster.wait_replicated()
+    try:
+        yield name
+    finally:
+        pair_cluster.primary.query(f"DROP TABLE IF EXISTS {name}", database=pair_cluster.database)
+
+
+# -- the suite -------------------------------------------------------------------------------
+
+
+def test_driver_is_the_pairs(client: Client, pair: Pair) -> None:
+    drivers = {node["driver"] for node in client.stats()["nodes"].values()}
+    expected = {
+        "psycopg2": {"psycopg2"}, "psycopg": {"psycopg"}, "psycopg-async": {"psycopg (async)"},
+        "mysql-connector": {"mysql-connector (C extension)", "mysql-connector (pure Python)"},
+        "mysql-aio": {"mysql-connector (asyncio)"},
+    }[pair.name]
+    assert len(drivers) == 1 and drivers <= expected, drivers
+
+
+def test_writes_go_to_the_primary_and_reads_to_replicas_by_server_identity(
+        client: Client, pair_cluster: LocalCluster, pair_table: str) -> None:
+    port = port_sql(pair_cluster)
+    for i in range(10):
+        assert client.write(f"INSERT INTO {pair_table} (id, port) VALUES (%s, {port})", (i,)) == 1
+    assert pair_cluster.primary.query(f"SELECT DISTINCT port FROM {pair_table}",
+                                      database=pair_cluster.database) == [(pair_cluster.primary.port,)]
+    ports = {client.read(f"SELECT {port}")[0][0] for _ in range(10)}
+    assert ports == {n.port for n in pair_cluster.replicas}
+    # Reads inside a transaction run where it runs: the primary.
+    rows = client.in_transaction([(f"SELECT {port}", None)])
+    assert rows[0][0][0] == pair_cluster.primary.port
+    stats = client.stats()
+    assert stats["reads"] == 10 and stats["writes"] >= 11
+
+
+def test_a_transaction_commits_together_or_not_at_all(client: Client, pair_cluster: LocalCluster,
+                                                      pair_table: str) -> None:
+    insert = f"INSERT INTO {pair_table} (id, note) VALUES (%s, %s)"
+    client.in_transaction([(insert, (1, "a")), (insert, (2, "b"))])
+    with pytest.raises(RuntimeError, match="changed my mind"):
+        client.in_transaction([(insert, (3, "c"))], fail=RuntimeError("changed my mind"))
+    rows = pair_cluster.primary.query(f"SELECT id FROM {pair_table} ORDER BY id", database=pair_cluster.database)
+    assert rows == [(1,), (2,)]
+
+
+def test_read_refuses_a_write_before_sending_it(client: Client, pair_table: str) -> None:
+    with pytest.raises(NotAReadStatement):
+        client.read(f"DELETE FROM {pair_table}")
+    with pytest.raises(NotAReadStatement):
+        client.read("SELECT 1; DELETE FROM " + pair_table)
+
+
+def test_read_your_writes_with_replay_paused_over_1000_session_pairs(
+        client_factory: Callable[..., Client], pair_cluster: LocalCluster, pair_table: str) -> None:
+    """Replay pauses on every replica for 1 s at a time while a session writes a row and
+    reads it back, 1,000 times: every read sees its row, and replicas still serve some."""
+    client = client_factory(causal_wait=0.02)
+    stop = threading.Event()
+
+    def pause_replay() -> None:
+        while not stop.is_set():
+            for replica in pair_cluster.replicas:
+                pair_cluster.pause_replication(replica)
+            stop.wait(1.0)
+            for replica in pair_cluster.replicas:
+                pair_cluster.resume_replication(replica)
+            stop.wait(0.3)
+
+    pauser = threading.Thread(target=pause_replay, daemon=True)
+    pauser.start()
+    try:
+        seen = client.session_pairs(lambda i: ((f"INSERT INTO {pair_table} (id) VALUES (%s)", (i,)),
+                                               (f"SELECT count(*) FROM {pair_table} WHERE id = %s", (i,))), 1000)
+    finally:
+        stop.set()
+        pauser.join(10)
+        for replica in pair_cluster.replicas:
+            pair_cluster.resume_replication(replica)
+    stale = [i for i, row in enumerate(seen) if row[0] != 1]
+    assert not stale, f"{len(stale)} stale reads of 1000, the first: {stale[:10]}"
+    stats = client.stats()
+    assert stats["causal_primary_reads"] < 1000, stats  # replicas that had replayed served the rest
+
+
+def test_a_refused_login_names_the_node_and_hides_the_password(pair: Pair, pair_cluster: LocalCluster) -> None:
+    secret = "s3cret-" + uuid.uuid4().hex[:6]
+    scheme = "postgresql" if pair.engine == "postgres" else "mysql"
+    node = pair_cluster.primary
+    bad = f"{scheme}://nobody_{uuid.uuid4().hex[:6]}:{secret}@127.0.0.1:{node.port}/{pair_cluster.database}"
+    started = time.monotonic()
+    broken = Client(pair, bad, [], fail_max=1, failover_wait=0)
+    try:
+        with pytest.raises(dbrouter.DbRouterError) as caught:
+            broken.write("SELECT 1")
+    finally:
+        slow = broken.close()
+    message = f"{caught.value} {caught.value.__cause__!r}"
+    assert secret not in message
+    assert f"127.0.0.1:{node.port}" in message, message
+    assert time.monotonic() - started < 10
+    assert not slow, slow
+
+
+@pytest.mark.slow
+def test_kill_primary_then_promote(pair: Pair) -> None:
+    """Reads go on; writes come back within 2 health intervals of the promotion."""
+    with make_cluster("postgres" if pair.engine == "postgres" else "mariadb", replicas=2) as own:
+        client = Client.of(pair, own, health_interval=0.2, failover_wait=5)
+        try:
+            table = "conf_failover"
+            own.primary.query(f"CREATE TABLE {table} (id bigint PRIMARY KEY)", database=own.database)
+            own.wait_replicated()
+            client.write(f"INSERT INTO {table} (id) VALUES (0)")
+            old = own.primary
+            old.kill()
+            reads_ok = sum(1 for _ in range(20) if client.read("SELECT 1") == [(1,)])
+            new = own.most_advanced()
+            own.promote(new)
+            promoted = time.monotonic()
+            back = None
+            deadline = promoted + 10
+            i = 1
+            while time.monotonic() < deadline:
+                try:
+                    client.write(f"INSERT INTO {table} (id) VALUES (%s)", (i,))
+                    back = time.monotonic() - promoted
+                    break
+                except dbrouter.DbRouterError:
+                    i += 1
+                    time.sleep(0.02)
+            assert reads_ok == 20
+            assert back is not None and back <= 2 * 0.2 + 0.5, back
+            assert client.stats()["primary"] == f"127.0.0.1:{new.port}"
+        finally:
+            slow = client.close()
+        assert not slow, slow

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from .adapters import preload_mysql_extension
 
 # Before anything imports ssl: see preload_mysql_extension.
@@ -47,6 +49,7 @@ from .transactions import Transaction  # noqa: E402
 from .url import NodeAddress, parse_address  # noqa: E402
 
 __all__ = [
+    "AsyncRouter",
     "BatchReport",
     "BulkWriteError",
     "ClusterError",
@@ -87,6 +90,18 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from .aio import AsyncRouter
+
+
+def __getattr__(name: str) -> Any:
+    # AsyncRouter on first use: a sync application does not import asyncio for it.
+    if name == "AsyncRouter":
+        from .aio import AsyncRouter
+
+        return AsyncRouter
+    raise AttributeError(f"module 'dbrouter' has no attribute {name!r}")
 
 
 def connect_pool(url: str, *, pool: PoolConfig | None = None, connect: ConnectOptions | None = None, name: str | None = None) -> Pool:

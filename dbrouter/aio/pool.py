@@ -111,14 +111,21 @@ class AsyncPool:
         self._grow()
         return self
 
-    def _spawn(self, coro: Any, name: str) -> None:
+    def _spawn(self, coro: Any, name: str) -> bool:
+        """Run ``coro`` as a task of the pool's loop; False (``coro`` dropped) when the loop is gone."""
         loop = self._loop
         if loop is None or loop.is_closed():
             coro.close()
-            return
+            return False
         task = loop.create_task(coro, name=f"dbrouter-{self.name}-{name}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return True
+
+    def _close_later(self, conn: Any) -> None:
+        """Close ``conn`` in a task; without a loop to run it, cut its socket now."""
+        if not self._spawn(self._close_conn(conn), "close"):
+            self.adapter.abort(conn)
 
     # -- checkout and return -----------------------------------------------------------
 
@@ -252,7 +259,8 @@ class AsyncPool:
             self._discard(entry, "broken" if state is _BROKEN else "retired")
             return now
         if state is _DIRTY:
-            self._spawn(self._reset(entry), "reset")
+            if not self._spawn(self._reset(entry), "reset"):
+                self._discard(entry, "needs a reset, and its loop is gone")
             return now
         self._park(entry, now)
         return now
@@ -285,7 +293,7 @@ class AsyncPool:
         self._open -= 1
         self._counts[DISCARDED] += 1
         self._counts[CLOSED] += 1
-        self._spawn(self._close_conn(entry.conn), "close")
+        self._close_later(entry.conn)
         if not self._closed:
             self._grow()
 
@@ -356,7 +364,7 @@ class AsyncPool:
         self._counts[CLOSED] += len(idle)
         self._counts[DISCARDED] += len(idle)
         for entry in idle:
-            self._spawn(self._close_conn(entry.conn), "close")
+            self._close_later(entry.conn)
         self._grow()
         if idle:
             log.info("pool %s: closed %d idle connection(s): %s", self.name, len(idle), why)
@@ -402,7 +410,7 @@ class AsyncPool:
             self._open -= len(retire)
             self._counts[CLOSED] += len(retire)
             for entry in retire:
-                self._spawn(self._close_conn(entry.conn), "close")
+                self._close_later(entry.conn)
         self._serve_waiters()
         self._grow()
         if cfg.leak_threshold is not None:
@@ -471,7 +479,7 @@ class AsyncPool:
         self._open -= len(idle)
         self._counts[CLOSED] += len(idle)
         for entry in idle:
-            self._spawn(self._close_conn(entry.conn), "close")
+            self._close_later(entry.conn)
         if self._housekeeper is not None:
             self._housekeeper.cancel()
 

@@ -26,7 +26,7 @@ from mysql.connector.constants import ClientFlag
 from mysql.connector.utils import get_platform
 
 from ..config import ConnectOptions
-from ..errors import ConnectError
+from ..errors import ConfigurationError, ConnectError
 from ..url import NodeAddress
 from ._text import first_line, scrub, split_insert_values
 from .aio import AsyncAdapter
@@ -70,6 +70,8 @@ class _Connection(_AioMySQLConnection):
     # Until the first reply: not autocommit, so a connection whose flags were never seen is
     # reset on return, never trusted.
     _server_status = 0
+    # The TLS context of the adapter that opened this connection (`AsyncMySQLAdapter._tls`).
+    _dbrouter_tls: _TlsContexts | None = None
     # The cursor kept for statements with parameters (`AsyncMySQLAdapter.execute`).
     _dbrouter_cursor: Any = None
     # True while a call of the adapter is under way on this connection (`_one_call`).
@@ -92,6 +94,18 @@ class _Connection(_AioMySQLConnection):
     async def cmd_ping(self) -> Any:
         self._refuse_out_of_sync()
         return await super().cmd_ping()
+
+    async def _do_auth(self) -> None:
+        tls = self._dbrouter_tls
+        if tls is not None and self._socket is not None and not self._ssl_disabled and self._client_flags & ClientFlag.SSL:
+            # The connector builds a new SSLContext for every connection, loading the system's
+            # CA certificates each time: 20 to 100 ms of blocking file and crypto work on the
+            # event loop. The adapter builds it once, in a thread (OpenSSL's loading runs
+            # without the GIL since Python 3.10.6, python/cpython#94637), and every connection
+            # shares it.
+            context = await tls.get(self._socket.build_ssl_context)
+            self._socket.build_ssl_context = lambda **_: context  # type: ignore[method-assign]
+        await super()._do_auth()
 
     async def _post_connection(self) -> None:
         await super()._post_connection()
@@ -124,17 +138,41 @@ def _one_call(
     return call
 
 
+class _TlsContexts:
+    """One adapter's TLS context, built once, off the event loop, from the URL's options (what
+    the connector would build for each connection)."""
+
+    def __init__(self, params: Mapping[str, Any]) -> None:
+        self._arguments = {
+            "ssl_ca": params.get("ssl_ca"),
+            "ssl_cert": params.get("ssl_cert"),
+            "ssl_key": params.get("ssl_key"),
+            "ssl_verify_cert": params.get("ssl_verify_cert", False),
+            "ssl_verify_identity": params.get("ssl_verify_identity", False),
+            "tls_versions": list(params.get("tls_versions") or []),
+            "tls_cipher_suites": list(params.get("tls_ciphersuites") or []),
+        }
+        self._context: ssl.SSLContext | None = None
+
+    async def get(self, build: Callable[..., ssl.SSLContext]) -> ssl.SSLContext:
+        if self._context is None:
+            # Two first connects at once may both build one; either serves.
+            self._context = await asyncio.to_thread(build, **self._arguments)
+        return self._context
+
+
 class AsyncMySQLAdapter(AsyncAdapter):
     """``mysql.connector.aio`` connections in autocommit mode, one cached cursor each, over
     the node's sync `MySQLAdapter` (``sync``).
 
     Every call is awaited on the event loop and nothing of it blocks: connect is bounded
-    by ``connect_timeout`` as a whole (the connector bounds only the TCP connect). Unlike
-    the sync adapter's, the
+    by ``connect_timeout`` as a whole (the connector bounds only the TCP connect), and the
+    TLS context is built once per adapter, in a thread. Unlike the sync adapter's, the
     connections have no read timeout unless the URL sets ``read_timeout`` (see
     `_connect_params`): the caller bounds each call by `guard_timeout` and aborts the
     connection when that passes. The server's statement timeout is set as by the sync
-    adapter; TCP keepalives and TCP_USER_TIMEOUT as the PostgreSQL adapter has libpq set them.
+    adapter; TCP keepalives and TCP_USER_TIMEOUT as the PostgreSQL adapter has libpq set
+    them.
     """
 
     engine = "mysql"
@@ -147,6 +185,7 @@ class AsyncMySQLAdapter(AsyncAdapter):
 
     def __init__(self, sync: MySQLAdapter) -> None:
         super().__init__(sync)
+        self._tls = _TlsContexts(sync._params)
         self._params = self._connect_params()
 
     def _connect_params(self) -> dict[str, Any]:
@@ -161,6 +200,12 @@ class AsyncMySQLAdapter(AsyncAdapter):
             # (asyncio.timeout(guard_timeout), then `abort`), one timer per call; a read_timeout
             # in the URL still applies.
             params.pop("read_timeout", None)
+        if bool(params.get("ssl_cert")) != bool(params.get("ssl_key")):
+            raise ConfigurationError(f"mysql node {self.node}: ssl_cert and ssl_key go together (a client certificate)")
+        if not params.get("ssl_cert"):
+            # The aio connection refuses ssl_ca without a client certificate (the sync one takes
+            # it): the CA reaches the TLS context the adapter builds (_TlsContexts) instead.
+            params.pop("ssl_ca", None)
         flags: list[int] = params.pop("client_flags", [])
         if flags:
             # The aio connection takes the flags as one int (a list breaks it), and replaces
@@ -184,6 +229,7 @@ class AsyncMySQLAdapter(AsyncAdapter):
         try:
             # The connector adds its own attributes (pid, platform) to the dict it is given.
             conn = _Connection(**{**params, "conn_attrs": dict(params["conn_attrs"])})
+            conn._dbrouter_tls = self._tls
             # The connector bounds the TCP connect only; the handshake, TLS and login too.
             await asyncio.wait_for(conn.connect(), timeout)
         except (myerrors.Error, OSError, asyncio.TimeoutError) as exc:

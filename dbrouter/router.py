@@ -114,16 +114,22 @@ class Router(Core):
         """Start the pools (``min_size`` connections) and the control plane; idempotent."""
         if not self._opened:
             self._opened = True
-            try:
-                for node in self.topology.nodes:
-                    node.pool.open()
-            except BaseException:
-                self._close_pools(0)
-                raise
-            self.topology.start()
-            if self.discovery is not None:
-                self.discovery.start()
+            self._open_pools()
+            self._start_control()
         return self
+
+    def _open_pools(self) -> None:
+        try:
+            for node in self.topology.nodes:
+                node.pool.open()
+        except BaseException:
+            self._close_pools(0)
+            raise
+
+    def _start_control(self) -> None:
+        self.topology.start()
+        if self.discovery is not None:
+            self.discovery.start()
 
     @classmethod
     def from_config(cls, source: Mapping[str, Any] | str | Any = None, **overrides: Any) -> Router:

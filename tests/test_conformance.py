@@ -4,8 +4,9 @@ Each test runs its body once per pair through `Client`, which gives the sync
 `Router` and the asyncio `AsyncRouter` one face: the body calls ``client.read(...)``
 and the like, and for an async pair each call is a coroutine run on an event loop of
 the client's own thread. That loop runs in debug mode with
-``slow_callback_duration = 0.005``: any callback of the loop that took longer than
-5 ms (asyncio logs it) fails the test, so no dbrouter code blocks the loop.
+``slow_callback_duration = 0.005``: a callback that used 5 ms of CPU on the loop, a
+blocking call made on the loop, or a wait of its own there over 0.5 s fails the test
+(`tests._loopcheck.LoopCheck` says why those and not every slow report).
 
 The pairs: sync psycopg2, sync psycopg 3, async psycopg 3, sync mysql-connector and
 async mysql.connector.aio. The sync mysql-connector pair is the C extension in the
@@ -15,7 +16,6 @@ main run and pure Python in the ``--mysql-pure`` run (see ``tests/_mysql_mode.py
 from __future__ import annotations
 
 import asyncio
-import logging
 import threading
 import time
 import uuid
@@ -29,6 +29,7 @@ import dbrouter
 from dbrouter import NotAReadStatement, Router
 from dbrouter.cluster import LocalCluster, make_cluster
 
+from ._loopcheck import LoopCheck
 from .conftest import port_sql
 
 T = TypeVar("T")
@@ -57,32 +58,18 @@ PAIRS = [
 ]
 
 
-class _SlowCallbacks(logging.Handler):
-    """Collects asyncio's debug-mode reports of callbacks that held the loop too long."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.reports: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        message = record.getMessage()
-        # The harness's own hand-over (run_coroutine_threadsafe's callback, which only makes
-        # the task) is not dbrouter's; the steps of the tasks are.
-        if message.startswith("Executing") and " took " in message and "run_coroutine_threadsafe" not in message:
-            self.reports.append(message)
-
-
 class _Loop:
     """An event loop in a thread of its own, in debug mode, for an async pair."""
 
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
-        self.loop.set_debug(True)
-        self.loop.slow_callback_duration = SLOW_CALLBACK
-        self.slow = _SlowCallbacks()
-        logging.getLogger("asyncio").addHandler(self.slow)
+        self.check = LoopCheck(SLOW_CALLBACK)
         self._thread = threading.Thread(target=self.loop.run_forever, name="conformance-loop", daemon=True)
         self._thread.start()
+        self.run(self._install())
+
+    async def _install(self) -> None:
+        self.check.install(asyncio.get_running_loop())
 
     def run(self, coro: Awaitable[T], timeout: float = CALL_TIMEOUT) -> T:
         future: Future[T] = asyncio.run_coroutine_threadsafe(coro, self.loop)  # type: ignore[arg-type]
@@ -92,8 +79,8 @@ class _Loop:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(10)
         self.loop.close()
-        logging.getLogger("asyncio").removeHandler(self.slow)
-        return self.slow.reports
+        self.check.uninstall()
+        return self.check.problems
 
 
 class Client:

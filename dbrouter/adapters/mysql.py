@@ -138,6 +138,31 @@ DEFAULT_COLLATION = "utf8mb4_general_ci"
 _PACKET_MARGIN = 1024
 
 
+# The connector's Python protocol code sends the connection attributes' total length as one
+# byte (mysql.connector.protocol.make_conn_attrs), where the protocol wants a length-encoded
+# integer: from 251 bytes on, the handshake fails ("ubyte format requires 0 <= number <=
+# 255") or is malformed. The connector's defaults alone come close (a long host name, the
+# OS's version string, a six-digit pid), so the least useful go first until they fit.
+_ATTRS_LIMIT = 250
+_ATTRS_DROPPED_FIRST = ("_os", "_source_host", "_platform", "_client_license", "_client_version")
+
+
+def fit_conn_attrs(attrs: dict[str, Any]) -> None:
+    """Drop (then cut) connection attributes until the connector can send them."""
+
+    def size() -> int:
+        return sum(2 + len(str(k).encode()) + len(str(v or "").encode()) for k, v in attrs.items())
+
+    for name in _ATTRS_DROPPED_FIRST:
+        if size() <= _ATTRS_LIMIT:
+            return
+        attrs.pop(name, None)
+    for name in list(attrs):
+        if size() <= _ATTRS_LIMIT:
+            return
+        attrs[name] = str(attrs[name] or "")[:32]
+
+
 class _PureConnection(MySQLConnection):
     """The connector's pure-Python connection, keeping the server's status flags, and
     refusing a command while results are pending, as the C extension's does.
@@ -178,6 +203,10 @@ class _PureConnection(MySQLConnection):
     def cmd_ping(self) -> Any:
         self._refuse_out_of_sync()
         return super().cmd_ping()
+
+    def _add_default_conn_attrs(self) -> None:
+        super()._add_default_conn_attrs()
+        fit_conn_attrs(self._connection_attrs)  # type: ignore[attr-defined]  # the connector's, untyped
 
 
 _fallback_logged = False

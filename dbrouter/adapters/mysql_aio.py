@@ -31,7 +31,7 @@ from ..url import NodeAddress
 from ._text import first_line, scrub, split_insert_values
 from .aio import AsyncAdapter
 from .base import ErrorKind, Result, ReturnState
-from .mysql import MySQLAdapter, gtid_covers
+from .mysql import MySQLAdapter, fit_conn_attrs, gtid_covers
 
 if TYPE_CHECKING:
     from mysql.connector.aio.cursor import MySQLCursor as _AioCursor
@@ -94,6 +94,10 @@ class _Connection(_AioMySQLConnection):
     async def cmd_ping(self) -> Any:
         self._refuse_out_of_sync()
         return await super().cmd_ping()
+
+    def _add_default_conn_attrs(self) -> None:
+        super()._add_default_conn_attrs()
+        fit_conn_attrs(self._connection_attrs)  # the connector sends their length in one byte
 
     async def _do_auth(self) -> None:
         tls = self._dbrouter_tls

@@ -24,6 +24,7 @@ import asyncio
 import contextvars
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Awaitable, Callable, Mapping, Sequence, TypeVar, cast
 
 from ..adapters import Adapter, make_async_adapter
@@ -41,7 +42,7 @@ from ..errors import (
     UsageError,
 )
 from ..events import Event
-from ..lease import not_taken
+from ..lease import Outcome, answered, not_taken
 from ..retrying import Retry
 from ..router import Router, _fields
 from ..routing import _NODE_FAILURES, _in_transaction, _retry_or_raise, refuse_read, short
@@ -114,6 +115,11 @@ class AsyncRouter:
         self._leases: dict[int, AsyncLease] = {}
         self._open_transactions: contextvars.ContextVar[int] = contextvars.ContextVar(
             f"dbrouter_transactions_{id(self)}", default=0)
+        # Where the control plane's blocking calls run (starting and stopping its threads,
+        # waiting for probe rounds): one thread, started here, off the loop, because starting
+        # a thread from the loop waits for it to run.
+        self._blocking = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dbrouter-async-control")
+        self._blocking.submit(lambda: None).result()
 
     @classmethod
     def from_config(cls, source: Mapping[str, Any] | str | Any = None, **overrides: Any) -> AsyncRouter:
@@ -136,8 +142,11 @@ class AsyncRouter:
             raise PoolError("the router is closed")
         if not self._opened:
             self._opened = True
-            self._loop = asyncio.get_running_loop()
-            self._control.open()
+            self._loop = loop = asyncio.get_running_loop()
+            control = self._control
+            control._opened = True
+            control._open_pools()  # on the loop: the pools' tasks are its
+            await loop.run_in_executor(self._blocking, control._start_control)
         return self
 
     def _check_loop(self) -> None:
@@ -156,12 +165,15 @@ class AsyncRouter:
         control = self._control
         deadline = time.monotonic() + timeout
         pools = [cast(AsyncPool, node.pool) for node in control.topology.nodes]
-        if self._opened:
-            await asyncio.gather(*(pool.aclose(timeout) for pool in pools))
-            await asyncio.get_running_loop().run_in_executor(
-                None, lambda: control.close(max(0.0, deadline - time.monotonic())))
-        else:
-            control.close(0)
+        try:
+            if self._opened:
+                await asyncio.gather(*(pool.aclose(timeout) for pool in pools))
+                await asyncio.get_running_loop().run_in_executor(
+                    self._blocking, lambda: control.close(max(0.0, deadline - time.monotonic())))
+            else:
+                control.close(0)
+        finally:
+            self._blocking.shutdown(wait=False)
 
     async def __aenter__(self) -> AsyncRouter:
         return await self.open()
@@ -218,7 +230,8 @@ class AsyncRouter:
     async def wait_for_probes(self, rounds: int = 1, timeout: float = 10.0) -> bool:
         """As `Router.wait_for_probes`, awaited (the wait runs in a worker thread)."""
         control = self._control
-        return await asyncio.get_running_loop().run_in_executor(None, lambda: control.wait_for_probes(rounds, timeout))
+        return await asyncio.get_running_loop().run_in_executor(
+            self._blocking, lambda: control.wait_for_probes(rounds, timeout))
 
     def stats(self) -> dict[str, Any]:
         """As `Router.stats`."""
@@ -297,7 +310,7 @@ class AsyncRouter:
                 raise
             first = Retry(node, exc, failure_of(exc, node.adapter), Phase.SENT, decision)
             return await self.read_again(first, _statement(sql, params))
-        _answered(node, entry)
+        answered(node, entry, True)
         return rows or []
 
     async def read_with(self, node: Node, op: Callable[[AsyncLease], Awaitable[tuple[Any, int]]],
@@ -469,8 +482,6 @@ class AsyncRouter:
         if error is not None:
             lease.release_after(error, Phase.SENT, Work.BLOCK)
         elif broken:
-            from ..lease import Outcome
-
             lease.release(Outcome.DISCARDED)
         else:
             lease.release()
@@ -481,12 +492,6 @@ def _statement(sql: str, params: Any) -> Callable[[AsyncLease], Awaitable[tuple[
         return await lease.execute(sql, params)
 
     return execute
-
-
-def _answered(node: Node, entry: Any) -> None:
-    from ..lease import answered
-
-    answered(node, entry, True)
 
 
 class AsyncTransaction(Results):

@@ -36,6 +36,16 @@ class NewItem(BaseModel):
     name: str
 
 
+async def request_session(request: Request) -> AsyncSession:
+    """One read-your-writes session per request, from the app's router."""
+    router: AsyncRouter = request.app.state.router
+    return router.session()
+
+
+# At module level: FastAPI reads the endpoints' annotations by name.
+Session = Annotated[AsyncSession, Depends(request_session)]
+
+
 def create_app(router: AsyncRouter | None = None, *, table: str = "example_items") -> FastAPI:
     """The app; ``router`` defaults to ``AsyncRouter.from_config()`` (the DBROUTER_* environment)."""
     if router is None:
@@ -51,12 +61,6 @@ def create_app(router: AsyncRouter | None = None, *, table: str = "example_items
 
     app = FastAPI(lifespan=lifespan)
     app.state.router = router
-
-    async def session(request: Request) -> AsyncSession:
-        """One read-your-writes session per request."""
-        return router.session()
-
-    Session = Annotated[AsyncSession, Depends(session)]
 
     @app.post("/items", status_code=201)
     async def create_item(new: NewItem, db: Session) -> dict[str, Any]:

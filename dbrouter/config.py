@@ -158,19 +158,21 @@ class ConnectOptions:
     """Unanswered probes before the kernel declares the connection dead."""
     application_name: str = "dbrouter"
     """Shown in ``pg_stat_activity`` and MySQL connection attributes."""
-    driver: str = ""
+    driver: str | None = None
     """The driver of every node: ``psycopg2`` or ``psycopg`` (psycopg 3) for PostgreSQL,
-    ``mysql-connector`` for MySQL/MariaDB. "": the one the URL scheme names
+    ``mysql-connector`` for MySQL/MariaDB. None (or ""): the one the URL scheme names
     (``postgresql+psycopg://``), else the engine's default (psycopg2, mysql-connector). A
     scheme that names another driver is a `ConfigurationError`."""
 
     def __post_init__(self) -> None:
         owner = "ConnectOptions"
         known = sorted({name for names in DRIVERS.values() for name in names})
-        if self.driver != "" and self.driver not in known:
+        if self.driver == "":
+            object.__setattr__(self, "driver", None)  # frozen: normalised once, here
+        if self.driver is not None and self.driver not in known:
             close = get_close_matches(str(self.driver), known, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigurationError(f"{owner}.driver must be one of {', '.join(known)} or '' (the URL's or the "
+            raise ConfigurationError(f"{owner}.driver must be one of {', '.join(known)} or None (the URL's or the "
                                      f"engine's default), got {_shown(self.driver)}{hint}")
         check_range(owner, "connect_timeout", self.connect_timeout, low=0, low_open=True, high=MAX_WAIT)
         check_range(owner, "statement_timeout", self.statement_timeout, low=MIN_STATEMENT_TIMEOUT,

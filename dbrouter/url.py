@@ -108,7 +108,7 @@ class NodeAddress:
         return f"NodeAddress({self.redacted!r})"
 
 
-def resolve_driver(address: NodeAddress, option: str = "") -> str:
+def resolve_driver(address: NodeAddress, option: str | None = None) -> str:
     """The driver for ``address``: the one its scheme names, else ``option`` (the router's
     ``driver`` option), else its engine's default. Raises `ConfigurationError` when the
     scheme and the option name different drivers, or the driver does not serve the engine."""

@@ -254,7 +254,7 @@ def test_the_driver_is_the_schemes_else_the_options_else_psycopg2(tmp_path: Any)
     psycopg_urls = [url.replace("postgresql://", "postgresql+psycopg://") for url in (PRIMARY, REPLICA)]
     with Router(psycopg_urls[0], psycopg_urls[1:], open=False) as router:
         assert _drivers(router) == ["psycopg", "psycopg"]
-        assert router.config.connect.driver == ""
+        assert router.config.connect.driver is None
     with Router(PRIMARY, [REPLICA], driver="psycopg", open=False) as router:
         assert _drivers(router) == ["psycopg", "psycopg"]
     with Router(psycopg_urls[0], psycopg_urls[1:], driver="psycopg", open=False) as router:  # the same: fine
@@ -281,7 +281,7 @@ def test_the_driver_is_the_schemes_else_the_options_else_psycopg2(tmp_path: Any)
          r"but the driver option names 'psycopg'"),
         (PRIMARY.replace("postgresql://", "postgresql+psycopg://"), [REPLICA], {},
          "would use the psycopg2 driver but the primary .* uses psycopg: one router uses one driver"),
-        (PRIMARY, [], {"driver": "psycopg3"}, r"driver must be one of mysql-connector, psycopg, psycopg2 .*'psycopg3' "
+        (PRIMARY, [], {"driver": "psycopg3"}, r"driver must be one of mysql-connector, psycopg, psycopg2 or None .*'psycopg3' "
                                               r"\(did you mean 'psycopg'\?\)"),
         (PRIMARY, [], {"driver": "mysql-connector"}, "driver 'mysql-connector' does not serve postgres node"),
         ("mariadb://app:Pw-4711-secret@127.0.0.1:3306/app", [], {"driver": "psycopg"},

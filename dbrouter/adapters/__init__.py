@@ -36,7 +36,7 @@ def make_adapter(address: NodeAddress, options: ConnectOptions | None = None) ->
     Raises `ConfigurationError` when the scheme and the option name different drivers, and
     when the driver is not installed or does not load (naming the extra to install).
     """
-    driver = resolve_driver(address, options.driver if options is not None else "")
+    driver = resolve_driver(address, options.driver if options is not None else None)
     module_name, class_name, package, extra = _ADAPTERS[driver]
     if module_name not in sys.modules:
         problem = None

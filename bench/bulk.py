@@ -95,12 +95,13 @@ def pg_copy_raw(url: str, rows: Sequence[Any], batch: int = 10_000) -> int:
     import psycopg2
 
     from dbrouter.adapters import _copy
+    from dbrouter.adapters.postgres import COPY_RULES
 
     conn = psycopg2.connect(url)
     try:
         cur = conn.cursor()
         cur.execute(_copy.CATALOG_SQL, (TABLE,))
-        plan = _copy.make_plan(INSERT, cur.fetchall())
+        plan = _copy.make_plan(INSERT, cur.fetchall(), COPY_RULES)
         assert plan is not None
         for chunk in _chunks(rows, batch):
             text = _copy.encode_batch(plan, chunk)

@@ -21,7 +21,7 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 from .errors import ConfigurationError
-from .url import mask_password, parse_address
+from .url import DRIVERS, mask_password, parse_address, resolve_driver
 
 __all__ = [
     "BreakerPolicy",
@@ -158,9 +158,22 @@ class ConnectOptions:
     """Unanswered probes before the kernel declares the connection dead."""
     application_name: str = "dbrouter"
     """Shown in ``pg_stat_activity`` and MySQL connection attributes."""
+    driver: str | None = None
+    """The driver of every node: ``psycopg2`` or ``psycopg`` (psycopg 3) for PostgreSQL,
+    ``mysql-connector`` for MySQL/MariaDB. None (or ""): the one the URL scheme names
+    (``postgresql+psycopg://``), else the engine's default (psycopg2, mysql-connector). A
+    scheme that names another driver is a `ConfigurationError`."""
 
     def __post_init__(self) -> None:
         owner = "ConnectOptions"
+        known = sorted({name for names in DRIVERS.values() for name in names})
+        if self.driver == "":
+            object.__setattr__(self, "driver", None)  # frozen: normalised once, here
+        if self.driver is not None and self.driver not in known:
+            close = get_close_matches(str(self.driver), known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigurationError(f"{owner}.driver must be one of {', '.join(known)} or None (the URL's or the "
+                                     f"engine's default), got {_shown(self.driver)}{hint}")
         check_range(owner, "connect_timeout", self.connect_timeout, low=0, low_open=True, high=MAX_WAIT)
         check_range(owner, "statement_timeout", self.statement_timeout, low=MIN_STATEMENT_TIMEOUT,
                     high=MAX_STATEMENT_TIMEOUT, optional=True)
@@ -492,7 +505,7 @@ class RouterConfig:
             raise ConfigurationError("primary URL is empty: give the primary's URL, e.g. postgresql://app@db1/app")
         _check_name("primary", self.primary_name)
         try:
-            parse_address(self.primary)
+            primary = parse_address(self.primary)
         except ConfigurationError as exc:
             raise ConfigurationError(f"primary: {exc}") from None
         if not (isinstance(self.replicas, tuple) and all(isinstance(r, ReplicaSpec) for r in self.replicas)):
@@ -500,6 +513,13 @@ class RouterConfig:
         for section, cls in SECTIONS.items():
             if not isinstance(getattr(self, section), cls):
                 raise ConfigurationError(f"RouterConfig.{section} must be a {cls.__name__}")
+        # A scheme that names a driver against the driver option, or a driver of another engine:
+        # said here, at construction (a replica of another engine is the router's to refuse).
+        resolve_driver(primary, self.connect.driver)
+        for replica in self.replicas:
+            address = parse_address(replica.url)
+            if address.engine == primary.engine:
+                resolve_driver(address, self.connect.driver)
 
 
 def build_router_config(

@@ -39,7 +39,7 @@ from .statements import is_read_statement, verdicts
 from .stream import Stream
 from .topology import PRIMARY, REPLICA, Node, Topology
 from .transactions import Transaction, run_transaction, transaction
-from .url import NodeAddress, parse_address
+from .url import NodeAddress, parse_address, resolve_driver
 from .watchdog import Watchdog
 
 __all__ = ["Router", "is_read_statement"]
@@ -234,6 +234,13 @@ class Router(Core):
             raise ConfigurationError(
                 f"replica {address.redacted} is a {address.engine} node but the primary "
                 f"{primary_address.redacted} is {primary_address.engine}: one router serves one engine"
+            )
+        driver, primary_driver = (resolve_driver(a, config.connect.driver) for a in (address, primary_address))
+        if driver != primary_driver:
+            raise ConfigurationError(
+                f"replica {address.redacted} would use the {driver} driver but the primary "
+                f"{primary_address.redacted} uses {primary_driver}: one router uses one driver "
+                f"(name it in the driver option or in every URL's scheme)"
             )
         node_name = name or address.name
         if any(node.name == node_name for node in nodes):

@@ -26,17 +26,26 @@ from urllib.parse import parse_qsl, quote, unquote
 
 from .errors import ConfigurationError
 
-__all__ = ["NodeAddress", "mask_password", "parse_address"]
+__all__ = ["DRIVERS", "NodeAddress", "mask_password", "parse_address", "resolve_driver"]
 
 # URL scheme -> engine. MariaDB speaks the MySQL protocol, so one adapter serves both.
+# ``<scheme>+<driver>`` (SQLAlchemy's spelling) also names the driver.
 SCHEMES: Mapping[str, str] = MappingProxyType(
     {
         "postgresql": "postgres",
         "postgres": "postgres",
+        "postgresql+psycopg2": "postgres",
+        "postgres+psycopg2": "postgres",
+        "postgresql+psycopg": "postgres",
+        "postgres+psycopg": "postgres",
         "mysql": "mysql",
         "mariadb": "mysql",
     }
 )
+DRIVERS: Mapping[str, tuple[str, ...]] = MappingProxyType(
+    {"postgres": ("psycopg2", "psycopg"), "mysql": ("mysql-connector",)}
+)
+"""Engine -> the drivers dbrouter has an adapter for, its default first."""
 DEFAULT_PORTS: Mapping[str, int] = MappingProxyType({"postgres": 5432, "mysql": 3306})
 PORT_RANGE = (1, 65535)
 
@@ -57,6 +66,9 @@ class NodeAddress:
     database: str | None = None
     options: Mapping[str, str] = field(default_factory=dict)
     scheme: str = ""
+    driver: str = ""
+    """The driver the URL's scheme names (``postgresql+psycopg://``); "": none, the ``driver``
+    option or the engine's default decides (see `resolve_driver`)."""
 
     def __post_init__(self) -> None:
         # The drivers pass every part as a C string: a NUL would fail each connect (psycopg2 and
@@ -94,6 +106,24 @@ class NodeAddress:
 
     def __repr__(self) -> str:
         return f"NodeAddress({self.redacted!r})"
+
+
+def resolve_driver(address: NodeAddress, option: str | None = None) -> str:
+    """The driver for ``address``: the one its scheme names, else ``option`` (the router's
+    ``driver`` option), else its engine's default. Raises `ConfigurationError` when the
+    scheme and the option name different drivers, or the driver does not serve the engine."""
+    if address.driver and option and address.driver != option:
+        raise ConfigurationError(
+            f"node {address.name}: its URL scheme {address.scheme}:// names the driver {address.driver!r} "
+            f"but the driver option names {option!r}; name one driver, or the same in both"
+        )
+    driver = address.driver or option or DRIVERS[address.engine][0]
+    if driver not in DRIVERS[address.engine]:
+        raise ConfigurationError(
+            f"driver {driver!r} does not serve {address.engine} node {address.name}; "
+            f"its drivers: {', '.join(DRIVERS[address.engine])}"
+        )
+    return driver
 
 
 def _is_secret(key: str) -> bool:
@@ -176,6 +206,7 @@ def _parse_url(scheme: str, rest: str) -> NodeAddress:
         database=database,
         options=dict(pairs),
         scheme=scheme,
+        driver=scheme.partition("+")[2],
     )
 
 

@@ -54,6 +54,16 @@ ENGINES = [
     pytest.param("postgres", marks=pytest.mark.postgres, id="postgres"),
     pytest.param("mysql", marks=pytest.mark.mysql, id="mariadb"),
 ]
+# ENGINES, with PostgreSQL on each of its drivers: "postgres" is psycopg2 (the default),
+# "postgres+psycopg" psycopg 3. A test about the driver takes `cluster` with these
+# (`both_drivers`) and its `driver` fixture, which it passes as the driver option.
+ENGINES_AND_DRIVERS = [
+    pytest.param("postgres", marks=pytest.mark.postgres, id="postgres"),
+    pytest.param("postgres+psycopg", marks=pytest.mark.postgres, id="postgres-psycopg"),
+    pytest.param("mysql", marks=pytest.mark.mysql, id="mariadb"),
+]
+both_drivers = pytest.mark.parametrize("cluster", ENGINES_AND_DRIVERS, indirect=True)
+PG_DRIVERS = ["psycopg2", "psycopg"]
 
 
 @pytest.fixture(scope="session")
@@ -90,11 +100,28 @@ def patroni_cluster() -> Iterator[PatroniCluster]:
 @pytest.fixture(params=ENGINES)
 def cluster(request: pytest.FixtureRequest) -> LocalCluster:
     """The running cluster of each engine in turn, with replication running."""
-    name = "pg_cluster" if request.param == "postgres" else "maria_cluster"
+    name = "pg_cluster" if request.param.startswith("postgres") else "maria_cluster"
     found: LocalCluster = request.getfixturevalue(name)
     for replica in found.replicas:
         found.resume_replication(replica)
     return found
+
+
+@pytest.fixture
+def driver(request: pytest.FixtureRequest) -> str:
+    """The driver option for a test run on `both_drivers` (or with ``engine`` from
+    ENGINES_AND_DRIVERS): "psycopg" on its postgres-psycopg run, "" (the engine's default)
+    on the others. Not installed, psycopg fails the run (ConfigurationError): never a skip."""
+    callspec = getattr(request.node, "callspec", None)
+    params = callspec.params if callspec is not None else {}
+    param = params.get("cluster", params.get("engine", ""))
+    return str(param).partition("+")[2]
+
+
+@pytest.fixture(params=PG_DRIVERS)
+def pg_driver(request: pytest.FixtureRequest) -> str:
+    """Each PostgreSQL driver in turn, for the PostgreSQL-only tests about the driver."""
+    return str(request.param)
 
 
 @dataclass

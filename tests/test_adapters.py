@@ -19,19 +19,21 @@ from dbrouter.adapters import Adapter, ErrorKind, ReturnState, make_adapter
 from dbrouter.faultproxy import FaultProxy
 from dbrouter.url import parse_address
 
-from .conftest import backend_id, kill_session, wait_until
+from .conftest import backend_id, both_drivers, kill_session, wait_until
 from .test_bad_input import free_port
 
 
-def adapter_for(node: Any, url: str | None = None, **options: Any) -> Adapter:
-    return make_adapter(parse_address(url or node.url), ConnectOptions(**options) if options else None)
+def adapter_for(node: Any, url: str | None = None, driver: str = "", **options: Any) -> Adapter:
+    return make_adapter(parse_address(url or node.url), ConnectOptions(driver=driver, **options))
 
 
 class Opened:
-    """An adapter and one open connection (to ``url``, by default the node's), closed at the end of the test."""
+    """An adapter (on ``driver``: "" is the engine's default) and one open connection (to ``url``,
+    by default the node's), closed at the end of the test."""
 
-    def __init__(self, node: Any, url: str | None = None, **options: Any) -> None:
-        self.adapter = adapter_for(node, url, **options)
+    def __init__(self, node: Any, url: str | None = None, driver: str = "", **options: Any) -> None:
+        self.adapter = adapter_for(node, url, driver, **options)
+        assert self.adapter.driver.startswith(driver)  # the driver under test, not the default
         self.conn = self.adapter.connect()
 
     def run(self, sql: str, params: Any = None) -> list[tuple[Any, ...]] | None:
@@ -42,10 +44,11 @@ class Opened:
         self.adapter.close(self.conn)
 
 
-def test_each_node_says_who_it_is_and_its_role(cluster) -> None:
+@both_drivers
+def test_each_node_says_who_it_is_and_its_role(cluster, driver: str) -> None:
     """Replication works: node 0 is writable, the replicas are in recovery / read-only."""
     for node in cluster.nodes:
-        opened = Opened(node)
+        opened = Opened(node, driver=driver)
         try:
             assert opened.adapter.server_port(opened.conn) == node.port
             assert opened.adapter.is_writable(opened.conn) is (node is cluster.primary)
@@ -53,9 +56,10 @@ def test_each_node_says_who_it_is_and_its_role(cluster) -> None:
             opened.close()
 
 
-def test_rows_replicate_and_positions_advance(cluster, table: str) -> None:
-    primary = Opened(cluster.primary)
-    replicas = [Opened(node) for node in cluster.replicas]
+@both_drivers
+def test_rows_replicate_and_positions_advance(cluster, table: str, driver: str) -> None:
+    primary = Opened(cluster.primary, driver=driver)
+    replicas = [Opened(node, driver=driver) for node in cluster.replicas]
     try:
         before = primary.adapter.replication_position(primary.conn)
         primary.run(f"INSERT INTO {table} VALUES (1, 10)")
@@ -72,11 +76,12 @@ def test_rows_replicate_and_positions_advance(cluster, table: str) -> None:
             opened.close()
 
 
-def test_paused_replica_has_not_replayed_and_lags(cluster, table: str) -> None:
+@both_drivers
+def test_paused_replica_has_not_replayed_and_lags(cluster, table: str, driver: str) -> None:
     paused = cluster.replicas[0]
     cluster.pause_replication(paused)
-    primary = Opened(cluster.primary)
-    replica = Opened(paused)
+    primary = Opened(cluster.primary, driver=driver)
+    replica = Opened(paused, driver=driver)
     try:
         primary.run(f"INSERT INTO {table} VALUES (2, 20)")
         position = primary.adapter.replication_position(primary.conn)
@@ -96,8 +101,9 @@ def test_paused_replica_has_not_replayed_and_lags(cluster, table: str) -> None:
         replica.close()
 
 
-def test_write_on_replica_is_classified_read_only(cluster, table: str) -> None:
-    replica = Opened(cluster.replicas[0])
+@both_drivers
+def test_write_on_replica_is_classified_read_only(cluster, table: str, driver: str) -> None:
+    replica = Opened(cluster.replicas[0], driver=driver)
     try:
         with pytest.raises(Exception) as info:
             replica.run(f"INSERT INTO {table} VALUES (3, 30)")
@@ -148,8 +154,9 @@ def test_mysql_1290_messages_servers_send(message: str, kind: ErrorKind) -> None
     assert adapter.classify(errors.DatabaseError(msg=message, errno=1290, sqlstate="HY000")) is kind
 
 
-def test_caller_errors_are_never_node_failures(cluster, table: str) -> None:
-    primary = Opened(cluster.primary)
+@both_drivers
+def test_caller_errors_are_never_node_failures(cluster, table: str, driver: str) -> None:
+    primary = Opened(cluster.primary, driver=driver)
     try:
         primary.run(f"INSERT INTO {table} VALUES (4, 40)")
         for bad in (f"INSERT INTO {table} VALUES (4, 41)", "SELEC 1", "SELECT * FROM no_such_table_x"):
@@ -162,8 +169,9 @@ def test_caller_errors_are_never_node_failures(cluster, table: str) -> None:
         primary.close()
 
 
-def test_killed_session_is_classified_unreachable(cluster) -> None:
-    opened = Opened(cluster.primary)
+@both_drivers
+def test_killed_session_is_classified_unreachable(cluster, driver: str) -> None:
+    opened = Opened(cluster.primary, driver=driver)
     try:
         kill_session(cluster, backend_id(opened.adapter, opened.conn))
         time.sleep(0.1)
@@ -174,8 +182,9 @@ def test_killed_session_is_classified_unreachable(cluster) -> None:
         opened.close()
 
 
-def test_statement_timeout_is_classified(cluster) -> None:
-    opened = Opened(cluster.primary, statement_timeout=0.2)
+@both_drivers
+def test_statement_timeout_is_classified(cluster, driver: str) -> None:
+    opened = Opened(cluster.primary, statement_timeout=0.2, driver=driver)
     try:
         sql = "SELECT pg_sleep(2)" if cluster.engine == "postgres" else "SELECT SLEEP(2) FROM dual WHERE 1 = 1"
         start = time.monotonic()
@@ -191,9 +200,10 @@ def test_statement_timeout_is_classified(cluster) -> None:
         opened.close()
 
 
-def test_deadlock_is_classified_conflict(cluster, table: str) -> None:
+@both_drivers
+def test_deadlock_is_classified_conflict(cluster, table: str, driver: str) -> None:
     cluster.primary.query(f"INSERT INTO {table} VALUES (10, 0), (11, 0)")
-    a, b = Opened(cluster.primary), Opened(cluster.primary)
+    a, b = Opened(cluster.primary, driver=driver), Opened(cluster.primary, driver=driver)
     errors: list[BaseException] = []
     try:
         a.adapter.begin(a.conn)
@@ -221,8 +231,9 @@ def test_deadlock_is_classified_conflict(cluster, table: str) -> None:
             opened.close()
 
 
-def test_return_state_and_reset(cluster, table: str) -> None:
-    opened = Opened(cluster.primary)
+@both_drivers
+def test_return_state_and_reset(cluster, table: str, driver: str) -> None:
+    opened = Opened(cluster.primary, driver=driver)
     try:
         assert opened.adapter.return_state(opened.conn) is ReturnState.CLEAN
         opened.adapter.begin(opened.conn)
@@ -242,8 +253,9 @@ def test_return_state_and_reset(cluster, table: str) -> None:
     assert cluster.primary.query(f"SELECT port FROM {table} WHERE id = 6") == [(60,)]
 
 
-def test_ping(cluster) -> None:
-    opened = Opened(cluster.primary)
+@both_drivers
+def test_ping(cluster, driver: str) -> None:
+    opened = Opened(cluster.primary, driver=driver)
     try:
         opened.adapter.ping(opened.conn)
         kill_session(cluster, backend_id(opened.adapter, opened.conn))
@@ -255,13 +267,16 @@ def test_ping(cluster) -> None:
         opened.close()
 
 
-def test_refused_connect(cluster) -> None:
+@both_drivers
+def test_refused_connect(cluster, driver: str) -> None:
     node = cluster.primary
     url = node.url.replace(f":{node.port}/", f":{free_port()}/")
-    adapter = make_adapter(parse_address(url), ConnectOptions(connect_timeout=2))
+    adapter = make_adapter(parse_address(url), ConnectOptions(connect_timeout=2, driver=driver))
     with pytest.raises(ConnectError) as info:
         adapter.connect()
     assert adapter.classify(info.value) is ErrorKind.UNREACHABLE
+    assert info.value.node == f"127.0.0.1:{parse_address(url).port}" and info.value.node in str(info.value)
+    assert cluster.password not in str(info.value)
 
 
 def with_option(url: str, option: str) -> str:
@@ -422,8 +437,8 @@ def test_mysql_fallback_to_pure_python_is_logged_once_with_its_cause(maria_clust
 
 
 @pytest.mark.postgres
-def test_postgres_connection_settings(pg_cluster) -> None:
-    opened = Opened(pg_cluster.primary, statement_timeout=1.5, application_name="dbr-test")
+def test_postgres_connection_settings(pg_cluster, pg_driver: str) -> None:
+    opened = Opened(pg_cluster.primary, driver=pg_driver, statement_timeout=1.5, application_name="dbr-test")
     try:
         assert opened.conn.autocommit is True
         assert opened.run("SHOW statement_timeout") == [("1500ms",)]
@@ -442,10 +457,7 @@ def test_postgres_connection_settings(pg_cluster) -> None:
     finally:
         opened.close()
     url = pg_cluster.primary.url + "?tcp_user_timeout=5000"
-    from dbrouter.adapters import make_adapter
-    from dbrouter.url import parse_address
-
-    adapter = make_adapter(parse_address(url))
+    adapter = make_adapter(parse_address(url), ConnectOptions(driver=pg_driver))
     conn = adapter.connect()
     try:
         sock = socket.socket(fileno=os.dup(conn.fileno()))
@@ -457,12 +469,14 @@ def test_postgres_connection_settings(pg_cluster) -> None:
         adapter.close(conn)
 
 
-def test_multi_statement_leaves_the_connection_usable(cluster) -> None:
+@both_drivers
+def test_multi_statement_leaves_the_connection_usable(cluster, driver: str) -> None:
     """Results nobody read (a multi-statement, a procedure) make the connection dirty, and the
     reset reads them: otherwise every later statement on it fails ("Commands out of sync")."""
-    opened = Opened(cluster.primary)
+    opened = Opened(cluster.primary, driver=driver)
     try:
-        first_or_last = [(1,)] if opened.adapter.engine == "mysql" else [(2,)]  # what each driver returns
+        # What each driver returns: psycopg2 the last statement's rows, the others the first's.
+        first_or_last = [(2,)] if opened.adapter.driver == "psycopg2" else [(1,)]
         assert opened.run("SELECT 1; SELECT 2") == first_or_last
         if opened.adapter.return_state(opened.conn) is ReturnState.DIRTY:
             opened.adapter.reset(opened.conn)
@@ -473,9 +487,13 @@ def test_multi_statement_leaves_the_connection_usable(cluster) -> None:
 
 
 @pytest.mark.postgres
-def test_kept_cursor_lets_go_of_large_statements_and_results(pg_cluster) -> None:
+def test_kept_cursor_lets_go_of_large_statements_and_results(pg_cluster, pg_driver: str) -> None:
     """The statement cursor kept per connection never holds a batch, a big result or a long statement."""
-    opened = Opened(pg_cluster.primary)
+    opened = Opened(pg_cluster.primary, driver=pg_driver)
+
+    def fresh(cursor: Any) -> bool:  # has run nothing yet
+        return cursor.query is None if pg_driver == "psycopg2" else cursor.pgresult is None
+
     table = "kept_cursor_" + uuid.uuid4().hex[:8]
     opened.run(f"CREATE TEMPORARY TABLE {table} (id int, port int)")
     try:
@@ -484,13 +502,112 @@ def test_kept_cursor_lets_go_of_large_statements_and_results(pg_cluster) -> None
         assert opened.conn.statement_cursor is kept  # small statements reuse it
         opened.adapter.execute_many(opened.conn, f"INSERT INTO {table} (id, port) VALUES (%s, %s)",
                                     [(i, i) for i in range(2000)])
-        assert opened.conn.statement_cursor is not kept and opened.conn.statement_cursor.query is None
+        assert opened.conn.statement_cursor is not kept and fresh(opened.conn.statement_cursor)
         assert kept.closed
         kept = opened.conn.statement_cursor
         assert len(opened.run(f"SELECT id FROM {table}")) == 2000
         assert opened.conn.statement_cursor is not kept and kept.closed
         kept = opened.conn.statement_cursor
-        assert opened.run("SELECT length(%s)", ("x" * 100_000,)) == [(100_000,)]
+        assert opened.run("SELECT length(%s::text)", ("x" * 100_000,)) == [(100_000,)]
         assert opened.conn.statement_cursor is not kept and kept.closed
     finally:
         opened.close()
+
+
+@pytest.mark.postgres
+def test_abort_wakes_a_statement_on_a_hung_node(pg_cluster, pg_driver: str) -> None:
+    """libpq has no read timeout: a statement sent to a node that stopped answering waits until
+    `abort` (the watchdog's hook) shuts the socket down from another thread."""
+    node = pg_cluster.primary
+    with FaultProxy(upstream=("127.0.0.1", node.port)) as proxy:
+        opened = Opened(node, node.url.replace(f":{node.port}/", f":{proxy.port}/"), driver=pg_driver)
+        try:
+            assert opened.adapter.needs_watchdog
+            assert opened.run("SELECT 1") == [(1,)]
+            proxy.blackhole()
+            outcome: list[BaseException | None] = []
+
+            def hang() -> None:
+                try:
+                    opened.run("SELECT 2")
+                except BaseException as exc:  # noqa: BLE001 - handed to the test
+                    outcome.append(exc)
+                else:
+                    outcome.append(None)
+
+            worker = threading.Thread(target=hang, daemon=True)
+            worker.start()
+            time.sleep(0.5)
+            assert worker.is_alive() and not outcome  # waiting for an answer that will not come
+            started = time.monotonic()
+            opened.adapter.abort(opened.conn)
+            worker.join(timeout=5)
+            assert not worker.is_alive() and time.monotonic() - started < 2
+            assert isinstance(outcome[0], Exception), outcome
+            assert opened.adapter.classify(outcome[0]) is ErrorKind.UNREACHABLE
+            assert opened.adapter.return_state(opened.conn) is ReturnState.BROKEN
+        finally:
+            proxy.pass_through()
+            opened.close()
+
+
+@pytest.mark.postgres
+def test_a_batch_of_more_parameters_than_a_statement_takes_is_one_atomic_write(pg_cluster, pg_driver: str) -> None:
+    """psycopg 3 binds parameters on the server, at most 65535 per statement: a bigger
+    multi-row INSERT goes in several statements, in one transaction (a failure in the last
+    leaves none of the rows, as psycopg2's single statement would)."""
+    opened = Opened(pg_cluster.primary, driver=pg_driver)
+    table = "many_params_" + uuid.uuid4().hex[:8]
+    opened.run(f"CREATE TEMPORARY TABLE {table} (id int PRIMARY KEY, a int, b text)")
+    try:
+        insert = f"INSERT INTO {table} (id, a, b) VALUES (%s, %s, %s)"
+        rows = [(i, i, "x") for i in range(30_000)]  # 90,000 parameters
+        assert opened.adapter.execute_many(opened.conn, insert, rows) == 30_000
+        assert opened.run(f"SELECT count(*), sum(a) FROM {table}") == [(30_000, sum(range(30_000)))]
+        opened.run(f"TRUNCATE {table}")
+        with pytest.raises(Exception) as info:
+            opened.adapter.execute_many(opened.conn, insert, [*rows, (0, 0, "again")])  # the last row's key is taken
+        assert opened.adapter.classify(info.value) is ErrorKind.CALLER
+        assert opened.adapter.return_state(opened.conn) is ReturnState.CLEAN
+        assert opened.run(f"SELECT count(*) FROM {table}") == [(0,)]
+    finally:
+        opened.close()
+
+
+@pytest.mark.postgres
+def test_psycopg_prepares_no_statement_unless_the_url_asks(pg_cluster) -> None:
+    """psycopg 3 prepares a statement run 5 times on a connection; dbrouter turns that off (a
+    prepared statement is gone behind PgBouncer's transaction pooling) unless the URL sets
+    prepare_threshold. A borrower that changes it, or the row factory, leaves the connection dirty."""
+    node = pg_cluster.primary
+    prepared = "SELECT count(*) FROM pg_prepared_statements"
+    opened = Opened(node, driver="psycopg")
+    try:
+        for _ in range(10):
+            opened.run("SELECT 1 WHERE 1 = %s", (1,))
+        assert opened.run(prepared) == [(0,)]
+        from psycopg.rows import dict_row
+
+        opened.conn.row_factory = dict_row
+        assert opened.adapter.return_state(opened.conn) is ReturnState.DIRTY
+        opened.conn.row_factory = opened.conn.statement_cursor.row_factory
+        opened.conn.prepare_threshold = 0
+        assert opened.adapter.return_state(opened.conn) is ReturnState.DIRTY
+        opened.adapter.reset(opened.conn)
+        assert opened.adapter.return_state(opened.conn) is ReturnState.CLEAN and opened.conn.prepare_threshold is None
+        with opened.conn.cursor() as cur:
+            cur.execute("SELECT 1")
+            assert cur.fetchone() == (1,)  # a tuple again
+    finally:
+        opened.close()
+    opened = Opened(node, with_option(node.url, "prepare_threshold=2"), driver="psycopg")
+    try:
+        for _ in range(3):
+            opened.run("SELECT 1 WHERE 1 = %s", (1,))
+        assert opened.run(prepared) == [(1,)]
+    finally:
+        opened.close()
+    with pytest.raises(ConfigurationError, match=r"'prepare_threshold' of postgres node 127\.0\.0\.1:\d+: .*got 'soon'"):
+        adapter_for(node, with_option(node.url, "prepare_threshold=soon"), "psycopg")
+    with pytest.raises(ConfigurationError, match="invalid option for postgres node .*prepare_threshold"):
+        adapter_for(node, with_option(node.url, "prepare_threshold=2"), "psycopg2")  # a psycopg 3 option only

@@ -13,7 +13,7 @@ from dbrouter import ConfigurationError, ConnectError, PoolConfig, connect_pool
 from dbrouter.faultproxy import FaultProxy
 from dbrouter.url import parse_address
 
-from .conftest import wait_until
+from .conftest import both_drivers, wait_until
 
 SECRET = "s3cr3t-Pa55"
 
@@ -30,8 +30,11 @@ def free_port() -> int:
     raise RuntimeError("no free port")
 
 
-def scheme(cluster) -> str:
-    return "postgresql" if cluster.engine == "postgres" else "mariadb"
+def scheme(cluster, driver: str = "") -> str:
+    """The cluster's URL scheme, naming ``driver`` when one is given (``postgresql+psycopg``)."""
+    if cluster.engine != "postgres":
+        return "mariadb"
+    return f"postgresql+{driver}" if driver else "postgresql"
 
 
 def assert_no_secret(*texts: str) -> None:
@@ -60,9 +63,10 @@ def test_malformed_url(url: str) -> None:
     assert_no_secret(str(info.value))
 
 
-def test_wrong_password(cluster, caplog: pytest.LogCaptureFixture) -> None:
+@both_drivers
+def test_wrong_password(cluster, driver: str, caplog: pytest.LogCaptureFixture) -> None:
     node = cluster.primary
-    url = f"{scheme(cluster)}://{cluster.user}:{SECRET}@127.0.0.1:{node.port}/{cluster.database}"
+    url = f"{scheme(cluster, driver)}://{cluster.user}:{SECRET}@127.0.0.1:{node.port}/{cluster.database}"
     with caplog.at_level(logging.DEBUG, logger="dbrouter"):
         pool = connect_pool(url, pool=PoolConfig(min_size=0))
         with pytest.raises(ConnectError) as info:
@@ -75,6 +79,7 @@ def test_wrong_password(cluster, caplog: pytest.LogCaptureFixture) -> None:
     assert_no_secret(message, repr(pool), repr(pool.adapter), repr(pool.adapter.address), str(pool.adapter.address))
     assert_no_secret(*(r.getMessage() for r in caplog.records))
     assert info.value.__cause__ is None and info.value.__context__ is None or SECRET not in str(info.value.__context__)
+    assert pool.adapter.driver.startswith(driver)
 
 
 @pytest.mark.parametrize("alias", ["localhost", "proxy"])
@@ -120,9 +125,10 @@ def test_one_server_named_twice_is_a_configuration_error(cluster, alias: str) ->
         assert router.write("SELECT 1") in (-1, 0, 1)
 
 
-def test_unreachable_port(cluster) -> None:
+@both_drivers
+def test_unreachable_port(cluster, driver: str) -> None:
     port = free_port()
-    pool = connect_pool(f"{scheme(cluster)}://app:{SECRET}@127.0.0.1:{port}/x", pool=PoolConfig(min_size=0))
+    pool = connect_pool(f"{scheme(cluster, driver)}://app:{SECRET}@127.0.0.1:{port}/x", pool=PoolConfig(min_size=0))
     with pytest.raises(ConnectError) as info:
         pool.acquire()
     pool.close()
@@ -135,6 +141,8 @@ def test_unreachable_port(cluster) -> None:
     ("url", "option"),
     [
         (f"postgresql://app:{SECRET}@127.0.0.1:5432/x?sslmod=require", "sslmod"),
+        (f"postgresql+psycopg://app:{SECRET}@127.0.0.1:5432/x?sslmod=require", "sslmod"),
+        (f"postgresql+psycopg://app:{SECRET}@127.0.0.1:5432/x?keepalives=2", "keepalives"),
         (f"mariadb://app:{SECRET}@127.0.0.1:3306/x?ssl_ca_path=/x", "ssl_ca_path"),
         (f"mariadb://app:{SECRET}@127.0.0.1:3306/x?ssl_disabled=maybe", "ssl_disabled"),
     ],

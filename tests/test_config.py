@@ -24,7 +24,7 @@ def test_the_numeric_options_are_the_ones_expected() -> None:
     # A new numeric option must get a bound: this list makes it show up here.
     assert set(NUMERIC) == set(FLAT_OPTIONS) - {
         "application_name", "policy", "fallback_to_primary", "primary_discovery", "breaker_redis_url",
-        "discovery", "discovery_endpoints", "discovery_nameservers",
+        "discovery", "discovery_endpoints", "discovery_nameservers", "driver",
     }
 
 
@@ -236,3 +236,75 @@ def test_discovery_endpoints_from_toml_lists_and_environment_text_never_show_a_p
         "DBROUTER_DISCOVERY_NAMESERVERS": "127.0.0.1:5353"})
     assert from_env.discovery.discovery_endpoints == ("a.db.internal", "_pg._tcp.db.internal:5433")
     assert from_env.discovery.discovery_nameservers == ("127.0.0.1:5353",)
+
+
+# -- the driver ----------------------------------------------------------------------------
+
+
+def _drivers(router: Router) -> list[str]:
+    return [node.adapter.driver for node in router.nodes]
+
+
+REPLICA = "postgresql://app:Pw-4711-secret@127.0.0.1:5433/app"
+
+
+def test_the_driver_is_the_schemes_else_the_options_else_psycopg2(tmp_path: Any) -> None:
+    with Router(PRIMARY, [REPLICA], open=False) as router:
+        assert _drivers(router) == ["psycopg2", "psycopg2"]
+    psycopg_urls = [url.replace("postgresql://", "postgresql+psycopg://") for url in (PRIMARY, REPLICA)]
+    with Router(psycopg_urls[0], psycopg_urls[1:], open=False) as router:
+        assert _drivers(router) == ["psycopg", "psycopg"]
+        assert router.config.connect.driver is None
+    with Router(PRIMARY, [REPLICA], driver="psycopg", open=False) as router:
+        assert _drivers(router) == ["psycopg", "psycopg"]
+    with Router(psycopg_urls[0], psycopg_urls[1:], driver="psycopg", open=False) as router:  # the same: fine
+        assert _drivers(router) == ["psycopg", "psycopg"]
+    with Router(PRIMARY.replace("postgresql://", "postgres+psycopg2://"), driver="psycopg2", open=False) as router:
+        assert _drivers(router) == ["psycopg2"]
+    # The option from every source: a [connect] table, the top level, the environment.
+    path = tmp_path / "dbrouter.toml"
+    path.write_text(f'primary = "{PRIMARY}"\n[connect]\ndriver = "psycopg"\n')
+    assert load_router_config(str(path)).connect.driver == "psycopg"
+    assert load_router_config({"primary": PRIMARY, "driver": "psycopg"}).connect.driver == "psycopg"
+    env = {"DBROUTER_PRIMARY": PRIMARY, "DBROUTER_DRIVER": "psycopg"}
+    assert load_router_config(None, env=env).connect.driver == "psycopg"
+
+
+@pytest.mark.parametrize(
+    ("primary", "replicas", "options", "message"),
+    [
+        (PRIMARY.replace("postgresql://", "postgresql+psycopg://"), [], {"driver": "psycopg2"},
+         r"node 127\.0\.0\.1:5432: its URL scheme postgresql\+psycopg:// names the driver 'psycopg' "
+         r"but the driver option names 'psycopg2'"),
+        (PRIMARY, [REPLICA.replace("postgresql://", "postgres+psycopg2://")], {"driver": "psycopg"},
+         r"node 127\.0\.0\.1:5433: its URL scheme postgres\+psycopg2:// names the driver 'psycopg2' "
+         r"but the driver option names 'psycopg'"),
+        (PRIMARY.replace("postgresql://", "postgresql+psycopg://"), [REPLICA], {},
+         "would use the psycopg2 driver but the primary .* uses psycopg: one router uses one driver"),
+        (PRIMARY, [], {"driver": "psycopg3"}, r"driver must be one of mysql-connector, psycopg, psycopg2 or None .*'psycopg3' "
+                                              r"\(did you mean 'psycopg'\?\)"),
+        (PRIMARY, [], {"driver": "mysql-connector"}, "driver 'mysql-connector' does not serve postgres node"),
+        ("mariadb://app:Pw-4711-secret@127.0.0.1:3306/app", [], {"driver": "psycopg"},
+         "driver 'psycopg' does not serve mysql node 127.0.0.1:3306; its drivers: mysql-connector"),
+        (PRIMARY, [], {"drivr": "psycopg"}, "unknown option 'drivr' \\(did you mean 'driver'\\?\\)"),
+    ],
+)
+def test_a_driver_that_cannot_be_is_a_configuration_error(primary: str, replicas: list[str], options: dict[str, Any],
+                                                           message: str) -> None:
+    with pytest.raises(ConfigurationError, match=message) as info:
+        Router(primary, replicas, open=False, **options)
+    assert SECRET not in str(info.value)
+
+
+@pytest.mark.parametrize(("driver", "extra"), [("psycopg", "psycopg"), ("psycopg2", "postgres")])
+def test_a_driver_that_is_not_installed_says_what_to_install(monkeypatch: pytest.MonkeyPatch, driver: str,
+                                                             extra: str) -> None:
+    import sys
+
+    module = "dbrouter.adapters." + ("psycopg" if driver == "psycopg" else "postgres")
+    monkeypatch.delitem(sys.modules, module, raising=False)  # as if never imported
+    monkeypatch.setitem(sys.modules, driver, None)  # and the driver absent: find_spec() finds nothing
+    with pytest.raises(ConfigurationError) as info:
+        Router(PRIMARY, driver=driver, open=False)
+    assert str(info.value) == (f"postgres node 127.0.0.1:5432 uses the {driver} driver, which is not installed: "
+                               f"pip install 'dbrouter[{extra}]'")

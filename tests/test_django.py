@@ -58,10 +58,18 @@ def django_python(request: pytest.FixtureRequest) -> str:
     return str(LATEST)
 
 
+# dbrouter's Django PostgreSQL backend runs on psycopg2 (README: Limits), and Django takes psycopg
+# 3 whenever it can import it, which this venv can (the dev extra has it, for dbrouter's psycopg 3
+# adapter): the project runs with psycopg 3 hidden, as in an application that installs psycopg2
+# only. (manage.py's own children are forked, or are psql and mysql.)
+WITHOUT_PSYCOPG3 = ("import runpy, sys; sys.modules['psycopg'] = None; sys.argv = sys.argv[1:]; "
+                    "runpy.run_path(sys.argv[0], run_name='__main__')")
+
+
 def manage(python: str, cluster: LocalCluster, state: Path, *args: str, timeout: float, **extra: str) -> str:
     env = {**cluster_env(cluster), "DBROUTER_TEST_CLUSTER_STATE": str(state), "DBROUTER_DJANGO_OPTIONS": OPTIONS,
            "PYTHONPATH": os.pathsep.join([str(PROJECT.parent.parent), os.environ.get("PYTHONPATH", "")]), **extra}
-    proc = subprocess.run([python, str(PROJECT / "manage.py"), *args], cwd=PROJECT, env=env,
+    proc = subprocess.run([python, "-c", WITHOUT_PSYCOPG3, str(PROJECT / "manage.py"), *args], cwd=PROJECT, env=env,
                           capture_output=True, text=True, timeout=timeout)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"manage.py {' '.join(args)} exited {proc.returncode}\n{output[-8000:]}"
@@ -123,3 +131,16 @@ def test_django_kill_primary_promote(engine: str, django_python: str, tmp_path: 
         failover = result(out, "failover")
         assert "Ran 1 test" in out and "skipped" not in out, out[-3000:]
         assert float(failover["writes_back_after"]) <= 2 * 0.2 + 0.5, failover
+
+
+def test_the_postgresql_backend_takes_no_other_driver() -> None:
+    """Django runs on psycopg2 here, so its routers must too: the driver option is refused."""
+    from django.core.exceptions import ImproperlyConfigured
+
+    from dbrouter.integrations.django import _cluster
+
+    settings = {"NAME": "shop", "HOST": "db1", "OPTIONS": {"dbrouter": {"driver": "psycopg"}}}
+    with pytest.raises(ImproperlyConfigured, match="PostgreSQL backend runs on psycopg2, got 'psycopg'"):
+        _cluster(settings, "postgres")
+    settings["OPTIONS"]["dbrouter"]["driver"] = "psycopg2"
+    assert _cluster(settings, "postgres")[1] == "postgresql://db1/shop"

@@ -29,9 +29,9 @@ from typing import Any
 
 import pytest
 
-from dbrouter import PoolConfig, Router, _fork, connect_pool
+from dbrouter import ConnectOptions, PoolConfig, Router, _fork, connect_pool
 
-from .conftest import free_low_port
+from .conftest import both_drivers, free_low_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -89,10 +89,12 @@ def child_main(router: Router, backend: str, sender: Any) -> None:
     sender.close()
 
 
-def test_parent_and_forked_child_each_get_their_own_answers(cluster: Any, table: str) -> None:
+@both_drivers
+def test_parent_and_forked_child_each_get_their_own_answers(cluster: Any, driver: str, table: str) -> None:
     backend = backend_of(cluster)
     context = multiprocessing.get_context("fork")
-    with Router(cluster.primary.url, [n.url for n in cluster.replicas], **OPTIONS) as router:
+    with Router(cluster.primary.url, [n.url for n in cluster.replicas], driver=driver, **OPTIONS) as router:
+        assert all(node.adapter.driver.startswith(driver) for node in router.nodes)
         hammer(router, backend, 0, 0.3)  # idle connections in every pool; every thread running
         assert router.wait_for_probes(1, timeout=10)
         receiver, sender = context.Pipe(duplex=False)
@@ -145,12 +147,15 @@ def borrowed_child(pool: Any, conn: Any, engine: str, sender: Any) -> None:
     sender.close()
 
 
-def test_a_connection_borrowed_across_the_fork_stays_the_parents(cluster: Any) -> None:
+@both_drivers
+def test_a_connection_borrowed_across_the_fork_stays_the_parents(cluster: Any, driver: str) -> None:
     """The forking thread held a connection: in the child it is given back without error and
     abandoned; the child's pool opens its own; the parent's connection still works."""
     engine = "postgres" if cluster.engine == "postgres" else "mysql"
     context = multiprocessing.get_context("fork")
-    with connect_pool(cluster.primary.url, pool=PoolConfig(min_size=1, max_size=2)) as pool:
+    with connect_pool(cluster.primary.url, pool=PoolConfig(min_size=1, max_size=2),
+                      connect=ConnectOptions(driver=driver)) as pool:
+        assert pool.adapter.driver.startswith(driver)
         pool.wait_ready(10)
         conn = pool.acquire()
         before = pool.adapter.execute(conn, f"SELECT {backend_of(cluster)}")[0]
@@ -193,6 +198,7 @@ EXIT_SCRIPT = textwrap.dedent("""
             router.write("SELECT 1")
             router.read("SELECT 1")
         sys.exit(0)  # a normal exit: atexit hooks, finalizers, the modules torn down
+    assert "+psycopg:" not in primary or {node.adapter.driver for node in router.nodes} == {"psycopg"}
     status = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
     done = 0
     try:
@@ -207,11 +213,16 @@ EXIT_SCRIPT = textwrap.dedent("""
 """)
 
 
+@both_drivers
 @pytest.mark.parametrize("mode", ["exit", "close", "use"])
-def test_a_child_that_exits_normally_leaves_the_parents_connections_alone(cluster: Any, mode: str) -> None:
-    """The child exits with sys.exit(0) after doing nothing with the router, closing it, or using it."""
-    replicas = ",".join(n.url for n in cluster.replicas)
-    proc = subprocess.Popen([sys.executable, "-c", EXIT_SCRIPT, cluster.primary.url, replicas, mode],
+def test_a_child_that_exits_normally_leaves_the_parents_connections_alone(cluster: Any, driver: str, mode: str) -> None:
+    """The child exits with sys.exit(0) after doing nothing with the router, closing it, or using it.
+    On psycopg 3, the URLs' scheme names the driver."""
+    def url(node: Any) -> str:
+        return node.url.replace("postgresql://", f"postgresql+{driver}://") if driver else node.url
+
+    replicas = ",".join(url(n) for n in cluster.replicas)
+    proc = subprocess.Popen([sys.executable, "-c", EXIT_SCRIPT, url(cluster.primary), replicas, mode],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:

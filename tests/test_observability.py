@@ -21,7 +21,7 @@ from dbrouter.metrics import start_http_server
 from dbrouter.status import node_rows, render_table
 from dbrouter.workload import Workload
 
-from .conftest import ENGINES, wait_until
+from .conftest import ENGINES, both_drivers, wait_until
 
 PASSWORD = "observed-pw-4242"  # the password of the clusters this module starts: must never show up
 
@@ -101,12 +101,14 @@ def test_exporter_numbers_move_through_a_workload_and_two_failovers(engine: str,
     assert all(PASSWORD not in r.getMessage() for r in caplog.records)
 
 
-def test_stats_snapshot_has_every_number(cluster: Any, mysql_pure: bool) -> None:
+@both_drivers
+def test_stats_snapshot_has_every_number(cluster: Any, driver: str, mysql_pure: bool) -> None:
+    option = driver
     if cluster.engine == "postgres":
-        driver = "psycopg2"
+        driver = driver or "psycopg2"
     else:
         driver = "mysql-connector (pure Python)" if mysql_pure else "mysql-connector (C extension)"
-    with Router(cluster.primary.url, [n.url for n in cluster.replicas], health_interval=0.2) as router:
+    with Router(cluster.primary.url, [n.url for n in cluster.replicas], health_interval=0.2, driver=option) as router:
         router.read("SELECT 1")
         router.write("SELECT 1")
         router.wait_for_probes(1)

@@ -19,7 +19,7 @@ from dbrouter.cluster import make_cluster
 from dbrouter.faultproxy import FaultProxy
 from dbrouter.workload import Workload
 
-from .conftest import ENGINES, kill_session, port_sql, wait_until
+from .conftest import ENGINES, ENGINES_AND_DRIVERS, kill_session, port_sql, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -148,9 +148,12 @@ def test_failover_wait_holds_writes_until_a_promotion_and_loses_nothing(engine: 
         router.close()
 
 
-@pytest.mark.parametrize("engine", ENGINES)
-def test_blackholed_replica_costs_less_than_the_statement_timeout(engine: str, request: pytest.FixtureRequest) -> None:
-    cluster = request.getfixturevalue("pg_cluster" if engine == "postgres" else "maria_cluster")
+@pytest.mark.parametrize("engine", ENGINES_AND_DRIVERS)
+def test_blackholed_replica_costs_less_than_the_statement_timeout(engine: str, driver: str,
+                                                                  request: pytest.FixtureRequest) -> None:
+    """A replica that stops answering: PostgreSQL's statements on it are aborted by the watchdog
+    (libpq, under either driver, has no read timeout), MySQL's end at their read timeout."""
+    cluster = request.getfixturevalue("pg_cluster" if engine.startswith("postgres") else "maria_cluster")
     statement_timeout, reset_timeout, interval = 0.5, 1.0, 0.2
     hung_node, other = cluster.replicas
     with FaultProxy(upstream=("127.0.0.1", hung_node.port)) as proxy:
@@ -158,7 +161,8 @@ def test_blackholed_replica_costs_less_than_the_statement_timeout(engine: str, r
         events: list[str] = []
         router = Router(cluster.primary.url, [proxied, other.url], statement_timeout=statement_timeout,
                         connect_timeout=2, fail_max=3, reset_timeout=reset_timeout, health_interval=interval,
-                        min_size=2, max_size=8)
+                        min_size=2, max_size=8, driver=driver)
+        assert all(node.adapter.driver.startswith(driver) for node in router.nodes)
         router.on("*", lambda e: events.append(e.name))
         proxied_node = next(n for n in router.replicas if n.address.port == proxy.port)
         workload = Workload(router, threads=8, write_ratio=0.0, duration=60)

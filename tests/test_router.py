@@ -13,22 +13,26 @@ import pytest
 import dbrouter
 from dbrouter import ConfigurationError, NoReplicaAvailable, NotAReadStatement, Router, UsageError
 
-from .conftest import port_sql, wait_until
+from .conftest import both_drivers, port_sql, wait_until
 
 FAST = {"health_interval": 0.2, "min_size": 1, "max_size": 6}
 
 
-def make_router(cluster: Any, **options: Any) -> Router:
+def make_router(cluster: Any, driver: str = "", **options: Any) -> Router:
+    """A router on the cluster, on ``driver`` ("": the engine's default)."""
     settings = {**FAST, **options}
-    return Router(cluster.primary.url, [n.url for n in cluster.replicas], **settings)
+    router = Router(cluster.primary.url, [n.url for n in cluster.replicas], driver=driver, **settings)
+    assert all(node.adapter.driver.startswith(driver) for node in router.nodes)
+    return router
 
 
 def replica_ports(cluster: Any) -> set[int]:
     return {n.port for n in cluster.replicas}
 
 
-def test_writes_land_on_the_primary_reads_on_replicas(cluster: Any, table: str) -> None:
-    with make_router(cluster) as router:
+@both_drivers
+def test_writes_land_on_the_primary_reads_on_replicas(cluster: Any, table: str, driver: str) -> None:
+    with make_router(cluster, driver) as router:
         for i in range(10):
             assert router.write(f"INSERT INTO {table} (id, port) VALUES (%s, {port_sql(cluster)})", (i,)) == 1
         assert cluster.primary.query(f"SELECT DISTINCT port FROM {table}") == [(cluster.primary.port,)]
@@ -80,8 +84,9 @@ def test_least_outstanding_avoids_a_busy_replica(cluster: Any) -> None:
         assert ports == {idle_port: 30}
 
 
-def test_reads_in_a_transaction_go_to_the_primary(cluster: Any, table: str) -> None:
-    with make_router(cluster) as router:
+@both_drivers
+def test_reads_in_a_transaction_go_to_the_primary(cluster: Any, table: str, driver: str) -> None:
+    with make_router(cluster, driver) as router:
         with router.transaction() as tx:
             tx.execute(f"INSERT INTO {table} (id, port) VALUES (1, {port_sql(cluster)})")
             assert tx.read(f"SELECT {port_sql(cluster)}") == [(cluster.primary.port,)]
@@ -202,8 +207,9 @@ def test_a_session_used_from_another_thread_raises(cluster: Any, table: str) -> 
         assert s.read(f"SELECT id FROM {table}") == [(1,)]
 
 
-def test_connection_by_intent(cluster: Any) -> None:
-    with make_router(cluster) as router:
+@both_drivers
+def test_connection_by_intent(cluster: Any, driver: str) -> None:
+    with make_router(cluster, driver) as router:
         with router.connection("write") as conn:
             cur = conn.cursor()
             cur.execute(f"SELECT {port_sql(cluster)}")
@@ -336,8 +342,9 @@ def test_fallback_to_primary_or_no_replica_available(cluster: Any, table: str) -
         assert "lag" in str(info.value)
 
 
-def test_read_your_writes_with_replay_paused_reads_from_the_primary(cluster: Any, table: str) -> None:
-    with make_router(cluster, causal_wait=0.05) as router:
+@both_drivers
+def test_read_your_writes_with_replay_paused_reads_from_the_primary(cluster: Any, table: str, driver: str) -> None:
+    with make_router(cluster, driver, causal_wait=0.05) as router:
         for node in cluster.replicas:
             cluster.pause_replication(node)
         for i in range(20):
@@ -350,12 +357,13 @@ def test_read_your_writes_with_replay_paused_reads_from_the_primary(cluster: Any
         assert router.read(f"SELECT id FROM {table} WHERE id = %s", (1000,)) == []
 
 
-def test_read_your_writes_served_by_replicas_when_they_keep_up(cluster: Any, table: str) -> None:
+@both_drivers
+def test_read_your_writes_served_by_replicas_when_they_keep_up(cluster: Any, table: str, driver: str) -> None:
     pairs_per_thread, threads = 250, 4
     stale: list[int] = []
     served: Counter = Counter()
     errors: list[BaseException] = []
-    with make_router(cluster, causal_wait=2.0, max_size=8) as router:
+    with make_router(cluster, driver, causal_wait=2.0, max_size=8) as router:
         def worker(offset: int) -> None:
             try:
                 for i in range(offset, offset + pairs_per_thread):
@@ -380,8 +388,9 @@ def test_read_your_writes_served_by_replicas_when_they_keep_up(cluster: Any, tab
         assert router.stats()["causal_primary_reads"] == 0
 
 
-def test_session_execute_and_fetch(cluster: Any, table: str) -> None:
-    with make_router(cluster) as router, router.session() as s:
+@both_drivers
+def test_session_execute_and_fetch(cluster: Any, table: str, driver: str) -> None:
+    with make_router(cluster, driver) as router, router.session() as s:
         assert s.execute(f"INSERT INTO {table} (id, port) VALUES (7, 0)") == 1
         assert s.execute(f"SELECT id FROM {table} WHERE id = 7") == 1
         assert s.fetchone() == (7,)
@@ -404,12 +413,13 @@ def test_sticky_sessions_read_from_the_primary_after_a_write(cluster: Any, table
             assert s.read(f"SELECT {port_sql(cluster)}")[0][0] in replica_ports(cluster)
 
 
-def test_write_many_stores_every_row_once_with_1_or_4_workers(cluster: Any, table: str) -> None:
+@both_drivers
+def test_write_many_stores_every_row_once_with_1_or_4_workers(cluster: Any, table: str, driver: str) -> None:
     """What parallel batches buy is measured in bench/ (the bulk phase), not timed here: a
     timed comparison on this shared 2-core machine failed whenever something else ran."""
     rows = [(i, i % 7) for i in range(20_000)]
     sql = f"INSERT INTO {table} (id, port) VALUES (%s, %s)"
-    with make_router(cluster, max_size=4) as router:
+    with make_router(cluster, driver, max_size=4) as router:
         for workers in (1, 4):
             router.write(f"DELETE FROM {table}")
             assert router.write_many(sql, rows, batch_size=2000, workers=workers) == 20_000
@@ -451,23 +461,33 @@ def test_bad_configuration_fails_at_construction(args: tuple, options: dict, mes
         Router(*args, **options)
 
 
-def test_from_config_dict_toml_and_env(cluster: Any, tmp_path: Any) -> None:
+@both_drivers
+def test_from_config_dict_toml_and_env(cluster: Any, driver: str, tmp_path: Any) -> None:
     replicas = [n.url for n in cluster.replicas]
     mapping = {"primary": cluster.primary.url, "replicas": replicas, "pool": {"max_size": 3}, "routing": {"policy": "random"},
-               "health_interval": 0.2}
+               "health_interval": 0.2, "driver": driver}
     toml = tmp_path / "dbrouter.toml"
     toml.write_text(
         f'primary = "{cluster.primary.url}"\nreplicas = [{", ".join(repr(u).replace(chr(39), chr(34)) for u in replicas)}]\n'
         "[pool]\nmax_size = 3\n[routing]\npolicy = \"random\"\n[monitor]\nhealth_interval = 0.2\n"
+        f'[connect]\ndriver = "{driver}"\n'
     )
     env = {"DBROUTER_PRIMARY": cluster.primary.url, "DBROUTER_REPLICAS": ",".join(replicas),
-           "DBROUTER_MAX_SIZE": "3", "DBROUTER_POLICY": "random", "DBROUTER_HEALTH_INTERVAL": "0.2"}
+           "DBROUTER_MAX_SIZE": "3", "DBROUTER_POLICY": "random", "DBROUTER_HEALTH_INTERVAL": "0.2",
+           "DBROUTER_DRIVER": driver}
     configs = [dbrouter.config.load_router_config(mapping), dbrouter.config.load_router_config(toml),
                dbrouter.config.load_router_config(None, env=env)]
     assert configs[0] == configs[1] == configs[2]
+    assert configs[0].connect.driver == driver
     with Router.from_config(toml, max_size=2) as router:
         assert router.config.pool.max_size == 2 and router.config.routing.policy == "random"
         assert router.read(f"SELECT {port_sql(cluster)}")[0][0] in replica_ports(cluster)
+        assert all(node.adapter.driver.startswith(driver) for node in router.nodes)
+    if cluster.engine == "postgres":  # an override names the other driver
+        other = "psycopg2" if driver == "psycopg" else "psycopg"
+        with Router.from_config(toml, driver=other) as router:
+            assert [node.adapter.driver for node in router.nodes] == [other] * 3
+            assert router.read(f"SELECT {port_sql(cluster)}")[0][0] in replica_ports(cluster)
     with pytest.raises(ConfigurationError, match="unknown config section"):
         dbrouter.config.load_router_config({"primary": cluster.primary.url, "poool": {"max_size": 3}})
     with pytest.raises(ConfigurationError, match="DBROUTER_MAX_SIZE"):

@@ -22,7 +22,7 @@ from dbrouter.integrations.sqlalchemy import (
     routing_sessionmaker,
 )
 
-from .conftest import kill_session, wait_until
+from .conftest import both_drivers, kill_session, wait_until
 
 FAST = {"health_interval": 0.2, "min_size": 1, "max_size": 4}
 
@@ -53,13 +53,13 @@ def model_for(table: str) -> Any:
 
 
 @pytest.fixture
-def make(cluster: Any) -> Iterator[Make]:
-    """Builds a router on the cluster plus its engines; closes them all at the end."""
+def make(cluster: Any, driver: str) -> Iterator[Make]:
+    """Builds a router on the cluster (on the test's driver) plus its engines; closes them all at the end."""
     made: list[tuple[Router, RoutingEngines]] = []
 
     def build(*, urls: list[str] | None = None, **options: Any) -> RoutingEngines:
         primary, *replicas = urls or [cluster.primary.url, *(n.url for n in cluster.replicas)]
-        router = Router(primary, replicas, **{**FAST, **options})
+        router = Router(primary, replicas, **{**FAST, "driver": driver, **options})
         engines = create_engines(router)
         made.append((router, engines))
         return engines
@@ -74,11 +74,12 @@ def pool_stats(engines: RoutingEngines) -> dict[str, dict[str, Any]]:
     return {node.name: node.pool.stats() for node in engines.router.nodes}
 
 
-def test_engines_speak_the_routers_dialect(cluster: Any, make: Make) -> None:
+@both_drivers
+def test_engines_speak_the_routers_dialect(cluster: Any, driver: str, make: Make) -> None:
     engines = make()
     for engine in (engines.writer, engines.reader):
         if cluster.engine == "postgres":
-            assert (engine.dialect.name, engine.dialect.driver) == ("postgresql", "psycopg2")
+            assert (engine.dialect.name, engine.dialect.driver) == ("postgresql", driver or "psycopg2")
         else:
             assert (engine.dialect.name, engine.dialect.driver) == ("mysql", "mysqlconnector")
         with engine.connect() as conn:
@@ -86,6 +87,7 @@ def test_engines_speak_the_routers_dialect(cluster: Any, make: Make) -> None:
         assert getattr(engine.dialect, "is_mariadb", False) == (cluster.engine == "mariadb")
 
 
+@both_drivers
 def test_core_writes_on_the_primary_reads_on_replicas(cluster: Any, make: Make, table: str) -> None:
     engines = make()
     row = model_for(table).__table__
@@ -114,6 +116,7 @@ def test_a_partly_read_result_does_not_block_the_next_statement(cluster: Any, ma
             assert conn.execute(text("SELECT 5")).scalar() == 5
 
 
+@both_drivers
 def test_orm_flushes_go_to_the_primary_and_queries_to_replicas(cluster: Any, make: Make, table: str) -> None:
     Row = model_for(table)
     Session = routing_sessionmaker(make())
@@ -390,7 +393,8 @@ def test_a_commit_on_a_lost_connection_is_outcome_unknown_and_counts_against_the
         assert conn.execute(select(port_of(cluster))).scalar() == cluster.primary.port
 
 
-def test_session_settings_do_not_leak_into_the_pool(cluster: Any, make: Make) -> None:
+@both_drivers
+def test_session_settings_do_not_leak_into_the_pool(cluster: Any, driver: str, make: Make) -> None:
     engines = make(max_size=1)  # one connection: the next borrower gets the same one
     if cluster.engine == "postgres":
         level_sql, default_level = "SELECT current_setting('transaction_isolation')", "read committed"
@@ -403,7 +407,8 @@ def test_session_settings_do_not_leak_into_the_pool(cluster: Any, make: Make) ->
             assert conn.execute(text("SHOW transaction_read_only")).scalar() == "on"
     with engines.router.connection("write") as raw:
         if cluster.engine == "postgres":
-            assert (raw.autocommit, raw.isolation_level, raw.readonly, raw.deferrable) == (True, None, None, None)
+            readonly = raw.read_only if driver == "psycopg" else raw.readonly
+            assert (raw.autocommit, raw.isolation_level, readonly, raw.deferrable) == (True, None, None, None)
         else:
             assert raw.autocommit is True
             with raw.cursor() as cur:  # as dbrouter opened it: unbuffered

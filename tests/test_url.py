@@ -7,7 +7,7 @@ from urllib.parse import quote
 import pytest
 
 from dbrouter import ConfigurationError
-from dbrouter.url import mask_password, parse_address
+from dbrouter.url import NodeAddress, mask_password, parse_address, resolve_driver
 
 
 @pytest.mark.parametrize(
@@ -25,6 +25,43 @@ def test_schemes(url: str, engine: str, port: int) -> None:
     assert (address.engine, address.host, address.port, address.user, address.database) == (
         engine, "db1", port, "app", "shop",
     )
+
+
+@pytest.mark.parametrize(
+    ("url", "scheme", "driver"),
+    [
+        ("postgresql://app@db1/shop", "postgresql", ""),
+        ("postgresql+psycopg://app@db1/shop", "postgresql+psycopg", "psycopg"),
+        ("postgres+psycopg://app@db1/shop", "postgres+psycopg", "psycopg"),
+        ("PostgreSQL+Psycopg2://app@db1/shop", "postgresql+psycopg2", "psycopg2"),
+        ("postgres+psycopg2://app@db1/shop", "postgres+psycopg2", "psycopg2"),
+        ("mariadb://app@db1/shop", "mariadb", ""),
+    ],
+)
+def test_a_scheme_may_name_the_driver(url: str, scheme: str, driver: str) -> None:
+    address = parse_address(url.replace("@", ":pw-secret@"))
+    assert (address.scheme, address.driver, address.host, address.database) == (scheme, driver, "db1", "shop")
+    assert address.engine == ("mysql" if scheme == "mariadb" else "postgres")
+    assert address.redacted.startswith(f"{scheme}://app:***@db1:")  # shown as it was written
+
+
+@pytest.mark.parametrize("url", ["postgresql+asyncpg://app@db1/x", "mysql+psycopg://app@db1/x", "postgresql+://app@db1/x"])
+def test_a_scheme_naming_a_driver_dbrouter_has_no_adapter_for_is_refused(url: str) -> None:
+    with pytest.raises(ConfigurationError, match="unknown URL scheme .*: use one of .*postgresql\\+psycopg, "):
+        parse_address(url)
+
+
+def test_resolve_driver() -> None:
+    plain, named = parse_address("postgresql://app@db1/x"), parse_address("postgresql+psycopg://app@db1/x")
+    assert [resolve_driver(plain), resolve_driver(plain, "psycopg"), resolve_driver(named), resolve_driver(named, "psycopg")] == [
+        "psycopg2", "psycopg", "psycopg", "psycopg"]
+    assert resolve_driver(parse_address("mysql://app@db1/x")) == "mysql-connector"
+    with pytest.raises(ConfigurationError, match="names the driver 'psycopg' but the driver option names 'psycopg2'"):
+        resolve_driver(named, "psycopg2")
+    with pytest.raises(ConfigurationError, match="driver 'psycopg' does not serve mysql node db1:3306"):
+        resolve_driver(parse_address("mysql://app@db1/x"), "psycopg")
+    with pytest.raises(ConfigurationError, match="driver 'odbc' does not serve postgres node db2:5432"):
+        resolve_driver(NodeAddress(engine="postgres", host="db2", port=5432, driver="odbc"))
 
 
 def test_url_details() -> None:

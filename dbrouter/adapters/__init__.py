@@ -11,6 +11,8 @@ import importlib.util
 import sys
 from typing import TYPE_CHECKING
 
+from ..errors import ConfigurationError
+from ..url import resolve_driver
 from .base import Adapter, ErrorKind, ReturnState
 
 if TYPE_CHECKING:
@@ -20,9 +22,11 @@ if TYPE_CHECKING:
 
 __all__ = ["Adapter", "ErrorKind", "ReturnState", "make_adapter", "make_async_adapter", "mysql_extension_error", "preload_mysql_extension"]
 
+# Driver -> (adapter module, adapter class, the driver's package, the dbrouter extra that installs it).
 _ADAPTERS = {
-    "postgres": ("dbrouter.adapters.postgres", "PostgresAdapter"),
-    "mysql": ("dbrouter.adapters.mysql", "MySQLAdapter"),
+    "psycopg2": ("dbrouter.adapters.postgres", "PostgresAdapter", "psycopg2", "postgres"),
+    "psycopg": ("dbrouter.adapters.psycopg", "PsycopgAdapter", "psycopg", "psycopg"),
+    "mysql-connector": ("dbrouter.adapters.mysql", "MySQLAdapter", "mysql.connector", "mysql"),
 }
 
 
@@ -35,8 +39,28 @@ _ASYNC_ADAPTERS = {
 
 
 def make_adapter(address: NodeAddress, options: ConnectOptions | None = None) -> Adapter:
-    """The adapter for ``address.engine``, importing its driver on first use."""
-    module_name, class_name = _ADAPTERS[address.engine]
+    """The adapter for ``address``'s driver (its URL scheme's, else ``options.driver``, else
+    the engine's default), importing the driver on first use.
+
+    Raises `ConfigurationError` when the scheme and the option name different drivers, and
+    when the driver is not installed or does not load (naming the extra to install).
+    """
+    driver = resolve_driver(address, options.driver if options is not None else None)
+    module_name, class_name, package, extra = _ADAPTERS[driver]
+    if module_name not in sys.modules:
+        problem = None
+        if importlib.util.find_spec(package.split(".")[0]) is None:
+            problem = "is not installed"
+        elif driver != "mysql-connector":  # mysql-connector is loaded by its adapter, after its C extension
+            try:
+                importlib.import_module(package)
+            except ImportError as exc:  # psycopg without a libpq it can load, a broken install
+                problem = f"does not load ({exc})"
+        if problem is not None:
+            raise ConfigurationError(
+                f"{address.engine} node {address.name} uses the {driver} driver, which {problem}: "
+                f"pip install 'dbrouter[{extra}]'"
+            )
     module = importlib.import_module(module_name)
     cls: type[Adapter] = getattr(module, class_name)
     return cls(address, options)

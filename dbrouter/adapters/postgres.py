@@ -5,63 +5,35 @@ from __future__ import annotations
 import contextlib
 import io
 import itertools
-import math
 import os
 import socket
-import time
 from itertools import chain
 from typing import Any, Mapping, Sequence
 
 import psycopg2
-import psycopg2.errors
 import psycopg2.extensions as ext
+from psycopg2.extras import Json
 
-from ..config import MAX_KEEPALIVE_COUNT, MAX_KEEPALIVE_SECONDS, MAX_WAIT, ConnectOptions
+from ..config import ConnectOptions
 from ..errors import ConfigurationError, ConnectError
 from ..url import NodeAddress
-from ._copy import CATALOG_SQL, CopyPlan, copy_target, encode_batch, make_plan
+from ._copy import CopyRules
+from ._pg import COPY_CHUNK, KEPT_QUERY_BYTES, KEPT_ROWS, PostgresBase, libpq_params
 from ._text import first_line, scrub, split_insert_values
-from .base import Adapter, ErrorKind, ReturnState
+from .base import ReturnState
 
-__all__ = ["PostgresAdapter"]
-
-# SQLSTATEs, by what they mean for routing (Appendix A of the PostgreSQL manual).
-_UNREACHABLE_CODES = frozenset({"57P01", "57P02", "57P03", "53300", "08000", "08003", "08006", "08001", "08004"})
-_CONFLICT_CODES = frozenset({"40001", "40P01", "55P03"})
-_READ_ONLY_CODES = frozenset({"25006"})
-_TIMEOUT_CODES = frozenset({"57014"})
+__all__ = ["COPY_RULES", "PostgresAdapter"]
 
 _STATUS_IDLE = ext.TRANSACTION_STATUS_IDLE
 _CLEAN = ReturnState.CLEAN
 _STATUS_UNKNOWN = ext.TRANSACTION_STATUS_UNKNOWN
 _STATUS_ACTIVE = ext.TRANSACTION_STATUS_ACTIVE
+_KEPT_ROWS = KEPT_ROWS
+_KEPT_QUERY_BYTES = KEPT_QUERY_BYTES
 
-# libpq's integer options that a URL query may set, with the range dbrouter accepts: libpq reads
-# them only when it connects (so a typo would fail every connect under load), and
-# connect_timeout=0 there means waiting forever.
-_INT_OPTIONS: Mapping[str, tuple[int, int]] = {
-    "connect_timeout": (1, int(MAX_WAIT)),
-    "keepalives": (0, 1),
-    "keepalives_idle": (1, MAX_KEEPALIVE_SECONDS),
-    "keepalives_interval": (1, MAX_KEEPALIVE_SECONDS),
-    "keepalives_count": (1, MAX_KEEPALIVE_COUNT),
-    "tcp_user_timeout": (0, 2147483647),  # milliseconds, an int; 0: the system's default
-}
-
-# Wait for replay by polling: PostgreSQL 15 has no server-side wait for an LSN.
-_REPLAY_POLL = 0.005
-
-# A statement cursor that fetched more rows than this, or ran a longer statement (the
-# text includes the bound values), is replaced by a new one: an idle pooled connection
-# never holds on to a large result or a large statement.
-_KEPT_ROWS = 1000
-_KEPT_QUERY_BYTES = 64 * 1024
-
-# COPY takes two round trips (the statement, then the data) where a multi-row INSERT takes
-# one; below this many rows a batch goes as the INSERT.
-_COPY_MIN_ROWS = 64
-# The COPY data goes to libpq in pieces of this size (it copies each into its send buffer).
-_COPY_CHUNK = 256 * 1024
+COPY_RULES = CopyRules(json={Json: (lambda value: str(value.dumps(value.adapted)), None)}, text_array_strings=True)
+"""psycopg2 sends each value as a literal that the column's input function parses, its `Json` as
+an untyped string literal (so its JSON text goes into any column), and a list as ``ARRAY[...]``."""
 
 _stream_names = itertools.count(1)  # server-side cursor names, unique in the process
 
@@ -88,50 +60,17 @@ def _replace_cursor(conn: _Connection) -> ext.cursor:
     return old
 
 
-class PostgresAdapter(Adapter):
+class PostgresAdapter(PostgresBase):
     """psycopg2 connections in autocommit mode, so a plain read is one round trip."""
 
-    engine = "postgres"
     driver = "psycopg2"
-    needs_watchdog = True  # libpq has no read timeout
 
     def __init__(self, address: NodeAddress, options: ConnectOptions | None = None) -> None:
         super().__init__(address, options)
         self._params = self._connect_params()
 
     def _connect_params(self) -> dict[str, Any]:
-        opts = self.options
-        params: dict[str, Any] = {
-            "host": self.address.host,
-            "port": self.address.port,
-            # libpq takes whole seconds and treats anything under 2 as 2.
-            "connect_timeout": max(2, math.ceil(opts.connect_timeout)),
-            "keepalives": 1,
-            "keepalives_idle": max(1, round(opts.keepalive_idle)),
-            "keepalives_interval": max(1, round(opts.keepalive_interval)),
-            "keepalives_count": opts.keepalive_count,
-            # Keepalives only probe an idle connection: with a statement sent and no ACK (a
-            # node whose packets are dropped, an RDS failover), Linux retransmits for about 15
-            # minutes. TCP_USER_TIMEOUT ends that after as long as keepalives would take.
-            "tcp_user_timeout": 1000 * (round(opts.keepalive_idle)
-                                        + round(opts.keepalive_interval) * opts.keepalive_count),
-            "application_name": opts.application_name,
-        }
-        if self.address.user:
-            params["user"] = self.address.user
-        if self.address.database:
-            params["dbname"] = self.address.database
-        for key, (low, high) in _INT_OPTIONS.items():
-            text = self.address.options.get(key)
-            if text is not None and not (text.isascii() and text.isdigit() and low <= int(text) <= high):
-                raise ConfigurationError(
-                    f"invalid value for option {key!r} of postgres node {self.node}: "
-                    f"expected a whole number from {low} to {high}, got {text!r}"
-                )
-        params.update(self.address.options)
-        if opts.statement_timeout is not None:
-            ms = max(1, round(opts.statement_timeout * 1000))
-            params["options"] = f"{params.get('options', '')} -c statement_timeout={ms}".strip()
+        params = libpq_params(self.address, self.options, self.node, self.address.options)
         try:
             # libpq validates the keywords here, with no network traffic.
             ext.parse_dsn(ext.make_dsn(**params))
@@ -238,33 +177,16 @@ class PostgresAdapter(Adapter):
         finally:
             cur.close()
 
-    bulk_min_rows = _COPY_MIN_ROWS
+    def copy_rules(self, conn: Any) -> CopyRules:
+        return COPY_RULES
 
-    def bulk_plan(self, conn: Any, sql: str) -> CopyPlan | None:
-        """A `CopyPlan` when ``sql`` is a plain INSERT into a table COPY can load alike."""
-        target = copy_target(sql)
-        if target is None:
-            return None
-        rows, _ = self.execute(conn, CATALOG_SQL, (target[0],))
-        return make_plan(sql, rows or [])
+    def python_encoding(self, conn: Any) -> str:
+        return ext.encodings.get(conn.encoding, "utf-8")
 
-    def write_batch(self, conn: Any, sql: str, rows: list[Any], plan: Any) -> int:
-        """``COPY ... FROM STDIN`` in text format when ``plan`` allows it and every value of
-        the batch is one COPY stores as the INSERT would (see `dbrouter.adapters._copy`);
-        else the multi-row INSERT."""
-        if isinstance(plan, CopyPlan) and len(rows) >= _COPY_MIN_ROWS:
-            text = encode_batch(plan, rows)
-            if text is not None:
-                try:
-                    data = text.encode(ext.encodings.get(conn.encoding, "utf-8"))
-                except (UnicodeError, LookupError):
-                    data = None  # not in the connection's encoding: psycopg2 says so for the INSERT
-                if data is not None:
-                    del text
-                    cur = conn.statement_cursor
-                    cur.copy_expert(plan.statement, io.BytesIO(data), size=_COPY_CHUNK)
-                    return int(cur.rowcount)
-        return self.execute_many(conn, sql, rows)
+    def copy_in(self, conn: Any, statement: str, data: bytes) -> int:
+        cur = conn.statement_cursor
+        cur.copy_expert(statement, io.BytesIO(data), size=COPY_CHUNK)
+        return int(cur.rowcount)
 
     def open_stream(self, conn: Any, sql: str, params: Any, batch_size: int) -> Any:
         # A named (server-side) cursor lives in a transaction: psycopg2 sends BEGIN, then
@@ -286,100 +208,9 @@ class PostgresAdapter(Adapter):
         conn.autocommit = True
         return True
 
-    def begin(self, conn: Any) -> None:
-        conn.statement_cursor.execute("BEGIN")
+    def sqlstate(self, exc: BaseException) -> str | None:
+        return exc.pgcode if isinstance(exc, psycopg2.Error) else None
 
-    # On an autocommit connection psycopg2's commit()/rollback() do nothing:
-    # the transaction was opened by our BEGIN, so close it the same way.
-    def commit(self, conn: Any) -> None:
-        conn.statement_cursor.execute("COMMIT")
-
-    def rollback(self, conn: Any) -> None:
-        conn.statement_cursor.execute("ROLLBACK")
-
-    def is_writable(self, conn: Any) -> bool:
-        rows, _ = self.execute(conn, "SELECT pg_is_in_recovery()")
-        return not self._first_column(rows)
-
-    def server_port(self, conn: Any) -> int:
-        rows, _ = self.execute(conn, "SELECT inet_server_port()")
-        return int(self._first_column(rows))
-
-    def server_identity(self, conn: Any) -> str:
-        # A primary and its streaming replicas share the system identifier; the postmaster's
-        # start time (to the microsecond) and port tell them apart. Where a hosted service
-        # keeps pg_control_system() from the user, start time and port alone still do.
-        started = "current_setting('port') || '/' || extract(epoch FROM pg_postmaster_start_time())::text"
-        try:
-            rows, _ = self.execute(conn, f"SELECT system_identifier::text || '/' || {started} FROM pg_control_system()")
-        except psycopg2.errors.InsufficientPrivilege:
-            rows, _ = self.execute(conn, f"SELECT {started}")
-        return str(self._first_column(rows))
-
-    def replication_position(self, conn: Any) -> str:
-        rows, _ = self.execute(
-            conn,
-            "SELECT (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()"
-            " ELSE pg_current_wal_lsn() END)::text",
-        )
-        return str(self._first_column(rows))
-
-    def position_covers(self, have: str, want: str) -> bool | None:
-        try:
-            return _lsn(have) >= _lsn(want)
-        except ValueError:
-            return None
-
-    def has_replayed(self, conn: Any, position: str, timeout: float = 0.0) -> bool:
-        deadline = time.monotonic() + timeout
-        sql = (
-            "SELECT (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()"
-            " ELSE pg_current_wal_lsn() END) >= %s::pg_lsn"
-        )
-        while True:
-            rows, _ = self.execute(conn, sql, (position,))
-            if self._first_column(rows):
-                return True
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(min(_REPLAY_POLL, max(0.0, deadline - time.monotonic())))
-
-    def replica_lag(self, conn: Any, primary_position: str | None = None) -> float | None:
-        rows, _ = self.execute(
-            conn,
-            "SELECT pg_is_in_recovery(),"
-            " pg_last_wal_replay_lsn() >= COALESCE(%s::pg_lsn, pg_last_wal_receive_lsn()),"
-            " EXTRACT(EPOCH FROM now() - pg_last_xact_replay_timestamp())::float8",
-            (primary_position,),
-        )
-        in_recovery, caught_up, since_replay = rows[0] if rows else (False, True, None)
-        if not in_recovery or caught_up:
-            return 0.0
-        return None if since_replay is None else max(0.0, float(since_replay))
-
-    def classify(self, exc: BaseException) -> ErrorKind:
-        if isinstance(exc, ConnectError):
-            return ErrorKind.UNREACHABLE
-        if not isinstance(exc, psycopg2.Error):
-            return ErrorKind.CALLER
-        code = exc.pgcode
-        if code is None:
-            # libpq reports lost and failed connections without a SQLSTATE.
-            if isinstance(exc, (psycopg2.OperationalError, psycopg2.InterfaceError)):
-                return ErrorKind.UNREACHABLE
-            return ErrorKind.CALLER
-        if code in _CONFLICT_CODES:
-            return ErrorKind.CONFLICT
-        if code in _READ_ONLY_CODES:
-            return ErrorKind.READ_ONLY
-        if code in _TIMEOUT_CODES:
-            return ErrorKind.TIMEOUT
-        if code in _UNREACHABLE_CODES or code.startswith("08"):
-            return ErrorKind.UNREACHABLE
-        return ErrorKind.CALLER
-
-
-def _lsn(text: str) -> int:
-    """A WAL location 'X/Y' (two hex numbers) as one integer."""
-    high, low = text.split("/")
-    return (int(high, 16) << 32) + int(low, 16)
+    def connection_lost(self, exc: BaseException) -> bool:
+        # libpq reports lost and failed connections without a SQLSTATE.
+        return isinstance(exc, (psycopg2.OperationalError, psycopg2.InterfaceError)) and exc.pgcode is None

@@ -19,10 +19,10 @@ liveness checks, lifetime, leak detection and statistics are dbrouter's. A
 connection that SQLAlchemy invalidates (a disconnect, or ``Connection.invalidate()``)
 is discarded by the dbrouter pool, never handed out again. dbrouter's connections are
 in autocommit mode, but SQLAlchemy's transactions rely on the driver's own, so
-autocommit is switched off at checkout (psycopg2: an attribute, no round trip;
+autocommit is switched off at checkout (psycopg2, psycopg: an attribute, no round trip;
 mysql-connector: one statement) and the dbrouter pool switches it back on when the
 connection returns, after SQLAlchemy's rollback. Session settings that SQLAlchemy
-sets on a psycopg2 connection (isolation level, read only, deferrable) are put back
+sets on a PostgreSQL connection (isolation level, read only, deferrable) are put back
 to the server's defaults on return.
 
 **Failures.** Each checkout is a dbrouter lease: the node's breaker admits it, and a
@@ -100,8 +100,9 @@ log = logging.getLogger("dbrouter.integrations.sqlalchemy")
 
 T = TypeVar("T")
 
-# The SQLAlchemy dialect for each dbrouter adapter's driver.
-_URLS = {"postgres": "postgresql+psycopg2://", "mysql": "mysql+mysqlconnector://"}
+# The SQLAlchemy dialect for each dbrouter adapter's driver (a MySQL adapter's driver names
+# its implementation after the package: "mysql-connector (C extension)").
+_URLS = {"psycopg2": "postgresql+psycopg2://", "psycopg": "postgresql+psycopg://", "mysql-connector": "mysql+mysqlconnector://"}
 
 # create_engine options that would configure a second pool; dbrouter's does that job.
 _POOL_OPTIONS = {
@@ -174,7 +175,7 @@ class _Checkouts:
             return
         if not broken and self._engine == "mysql":
             conn._buffered = False  # as dbrouter opened it; the pool restores autocommit
-        # The pool rolls back, restores autocommit and (psycopg2) the session defaults.
+        # The pool rolls back, restores autocommit and (PostgreSQL) the session defaults.
         self._router.checkin(node, conn, error, broken=broken)
 
     def _prepare(self, conn: Any) -> None:
@@ -258,11 +259,13 @@ class RoutingEngines:
         for name in engine_options:
             if name in _POOL_OPTIONS:
                 raise ConfigurationError(f"create_engines: {name} is not supported: {_POOL_OPTIONS[name]}")
-        engine = router.primary.adapter.engine
-        if engine not in _URLS:
-            raise ConfigurationError(f"create_engines: no SQLAlchemy dialect for a {engine!r} router")
+        adapter = router.primary.adapter
+        engine, driver = adapter.engine, adapter.driver.partition(" ")[0]
+        if driver not in _URLS:
+            raise ConfigurationError(f"create_engines: no SQLAlchemy dialect for a {engine!r} router on {driver!r}")
         self.router = router
         self._engine = engine
+        self._url = _URLS[driver]
         self._options = engine_options
         self._lock = threading.Lock()
         self._by_node: dict[str, Engine] = {}
@@ -282,7 +285,7 @@ class RoutingEngines:
     def _make(self, name: str, intent: str, node: Node | None = None) -> Engine:
         options = {"logging_name": f"dbrouter-{name}", "pool_logging_name": f"dbrouter-{name}", **self._options}
         creator = _Checkouts(self.router, self._engine, intent, node)
-        engine = create_engine(_URLS[self._engine], creator=creator, poolclass=_HandOffPool, **options)
+        engine = create_engine(self._url, creator=creator, poolclass=_HandOffPool, **options)
         event.listen(engine, "commit", _committing)
         event.listen(engine, "begin", _begun)
         event.listen(engine, "handle_error", partial(_handle_error, creator, self.router))

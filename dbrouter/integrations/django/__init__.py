@@ -204,6 +204,10 @@ def _cluster(settings_dict: dict[str, Any], engine: str) -> tuple[tuple[Any, ...
     primary = _node_url(engine, host, source.get("PORT"), source, str(name), query)
     replicas = [_replica_entry(engine, item, source, str(name), query) for item in options.get("replicas") or ()]
     router_options = dict(options.get("dbrouter") or {})
+    if engine == "postgres" and router_options.get("driver") not in (None, "", "psycopg2"):
+        # Django's backend and dbrouter's connections must be one driver's, and Django's is psycopg2.
+        raise ImproperlyConfigured("OPTIONS['dbrouter']['driver']: dbrouter's Django PostgreSQL backend runs on "
+                                   f"psycopg2, got {router_options['driver']!r}")
     key = (engine, primary, repr(replicas), repr(sorted(router_options.items())))
     return key, primary, replicas, router_options
 

@@ -1,8 +1,9 @@
 """Django's PostgreSQL backend (psycopg2) on a dbrouter `Router`; see `dbrouter.integrations.django`.
 
-Django's own backend does the SQL; this one borrows its connections from the router.
-dbrouter's PostgreSQL adapter is psycopg2's, so Django must run on psycopg2 too: with
-psycopg 3 installed, Django picks it, and this backend refuses to load.
+Django's own backend does the SQL; this one borrows its connections from the router, on
+dbrouter's psycopg2 adapter (its psycopg 3 adapter is not used here: the ``driver`` option must
+be psycopg2 or absent), so Django must run on psycopg2 too: with psycopg 3 installed, Django
+picks it, and this backend refuses to load.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from .. import RoutedCreation, RoutedWrapper
 
 if is_psycopg3:
     raise ImproperlyConfigured(
-        "dbrouter.integrations.django.postgresql runs on psycopg2 (dbrouter's PostgreSQL driver), but Django "
+        "dbrouter.integrations.django.postgresql runs on psycopg2 (dbrouter's psycopg2 adapter), but Django "
         "chose psycopg 3 because it is installed: uninstall psycopg (3) in this environment"
     )
 

@@ -19,6 +19,7 @@ import asyncio
 import threading
 import time
 import uuid
+import warnings
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Iterator, TypeVar
@@ -29,7 +30,7 @@ import dbrouter
 from dbrouter import NotAReadStatement, Router
 from dbrouter.cluster import LocalCluster, make_cluster
 
-from ._loopcheck import LoopCheck
+from ._loopcheck import BUSY, LoopCheck
 from .conftest import port_sql
 
 T = TypeVar("T")
@@ -76,11 +77,18 @@ class _Loop:
         return future.result(timeout)
 
     def close(self) -> list[str]:
+        """Stop the loop; what its check found (reported, not returned, when the machine
+        was overloaded: see `tests._loopcheck`)."""
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(10)
         self.loop.close()
         self.check.uninstall()
-        return self.check.problems
+        problems = self.check.problems
+        if problems and self.check.overloaded:
+            warnings.warn(f"every core was {BUSY:.0%} busy or more: {len(problems)} slow-callback report(s) not "
+                          f"counted, the first: {problems[0][:300]}", stacklevel=1)
+            return []
+        return problems
 
 
 class Client:

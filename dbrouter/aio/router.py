@@ -145,7 +145,9 @@ class AsyncRouter:
             self._loop = loop = asyncio.get_running_loop()
             control = self._control
             control._opened = True
-            control._open_pools()  # on the loop: the pools' tasks are its
+            for node in control.topology.nodes:  # on the loop: the pools' tasks are its
+                node.pool.open()
+                await asyncio.sleep(0)  # one pool per step: in debug mode making tasks is not cheap
             await loop.run_in_executor(self._blocking, control._start_control)
         return self
 

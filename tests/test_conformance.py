@@ -27,8 +27,9 @@ from typing import Any, Awaitable, Callable, Iterator, TypeVar
 import pytest
 
 import dbrouter
-from dbrouter import NotAReadStatement, Router
+from dbrouter import NotAReadStatement, Router, WriteOutcomeUnknown
 from dbrouter.cluster import LocalCluster, make_cluster
+from dbrouter.faultproxy import FaultProxy
 
 from ._loopcheck import BUSY, LoopCheck
 from .conftest import port_sql
@@ -179,6 +180,9 @@ class Client:
 
     def stats(self) -> dict[str, Any]:
         return self.router.stats()  # type: ignore[no-any-return]
+
+    def wait_for_probes(self, rounds: int = 1, timeout: float = 10.0) -> bool:
+        return self.call(self.router.wait_for_probes(rounds, timeout))  # type: ignore[no-any-return]
 
     def close(self) -> list[str]:
         """Close the router; the loop's slow-callback reports, for an async pair."""
@@ -370,3 +374,68 @@ def test_kill_primary_then_promote(pair: Pair) -> None:
         finally:
             slow = client.close()
         assert not slow, slow
+
+
+def test_a_write_cut_after_it_was_sent_is_outcome_unknown_and_never_resent(
+        pair: Pair, pair_cluster: LocalCluster) -> None:
+    table = "conf_cut_" + uuid.uuid4().hex[:8]
+    primary = pair_cluster.primary
+    primary.query(f"CREATE TABLE {table} (v int)", database=pair_cluster.database)  # no key: a resend would show
+
+    def count(v: int) -> int:
+        return int(primary.query(f"SELECT count(*) FROM {table} WHERE v = {v}", database=pair_cluster.database)[0][0])
+
+    try:
+        with FaultProxy(upstream=("127.0.0.1", primary.port)) as proxy:
+            url = primary.url.replace(f":{primary.port}/", f":{proxy.port}/")
+            client = Client(pair, url, [], health_interval=60, min_size=1, max_size=1, validation_bypass=60)
+            try:
+                assert client.wait_for_probes(1, timeout=10)
+                client.write(f"INSERT INTO {table} VALUES (0)")  # warms the pooled connection
+                proxy.cut_after_client_sends()
+                with pytest.raises(WriteOutcomeUnknown, match="may or may not"):
+                    client.write(f"INSERT INTO {table} VALUES (1)")
+                assert client.stats()["write_outcome_unknown"] == 1
+                deadline = time.monotonic() + 3
+                while count(1) != 1 and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                time.sleep(0.3)
+                assert count(1) == 1  # applied once, not sent again
+                proxy.cut_after_client_sends()  # marked idempotent, the same failure is retried
+                client.write(f"INSERT INTO {table} VALUES (2)", idempotent=True)
+                assert count(2) == 2
+            finally:
+                slow = client.close()
+            assert not slow, slow
+    finally:
+        primary.query(f"DROP TABLE IF EXISTS {table}", database=pair_cluster.database)
+
+
+def test_a_blackholed_replica_costs_a_read_no_more_than_the_statement_timeout(
+        pair: Pair, pair_cluster: LocalCluster) -> None:
+    """A replica stops answering: no read fails, none waits much past statement_timeout, and
+    its breaker opens."""
+    hung, other = pair_cluster.replicas
+    with FaultProxy(upstream=("127.0.0.1", hung.port)) as proxy:
+        proxied = hung.url.replace(f":{hung.port}/", f":{proxy.port}/")
+        client = Client(pair, pair_cluster.primary.url, [proxied, other.url], statement_timeout=0.5,
+                        fail_max=3, reset_timeout=30, min_size=2, max_size=8)
+        try:
+            assert client.wait_for_probes(1, timeout=10)
+            for _ in range(10):
+                client.read("SELECT 1")
+            proxy.blackhole()
+            latencies = []
+            until = time.monotonic() + 2.5
+            while time.monotonic() < until:
+                started = time.monotonic()
+                assert client.read("SELECT 1") == [(1,)]
+                latencies.append(time.monotonic() - started)
+            breaker = next(n for n in client.stats()["nodes"].values() if n["pool"] and n["breaker"] != "closed")
+        finally:
+            proxy.pass_through()
+            slow = client.close()
+    assert breaker["breaker"] == "open"
+    assert max(latencies) < 0.5 + 0.125 + 0.5, sorted(latencies)[-5:]  # the guard, then another node
+    assert len(latencies) > 20
+    assert not slow, slow

@@ -114,8 +114,8 @@ class AsyncPool:
     def _spawn(self, coro: Any, name: str) -> bool:
         """Run ``coro`` as a task of the pool's loop; False (``coro`` dropped) when the loop is gone."""
         loop = self._loop
-        if loop is None or loop.is_closed():
-            coro.close()
+        if loop is None or loop.is_closed() or not loop.is_running():
+            coro.close()  # a stopped loop would never run it
             return False
         task = loop.create_task(coro, name=f"dbrouter-{self.name}-{name}")
         self._tasks.add(task)

@@ -66,12 +66,12 @@ def abandon(conn: Any, fd: int | None) -> None:
     Closing it would end the parent's server session (Terminate, COM_QUIT), and so would
     letting it be garbage-collected: the MySQL C extension's deallocator calls
     ``mysql_close()``, which sends COM_QUIT, and the pure-Python connector's socket shuts
-    itself down, which the parent shares. (psycopg2 skips the close when its pid changed,
-    but its ``close()`` does not, and takes a mutex that a thread of the parent may have
-    held at the fork.) So, in the child:
+    itself down, which the parent shares. (psycopg2 and psycopg 3 skip the close when the
+    pid changed, but their ``close()`` does not, and psycopg2's takes a mutex that a thread
+    of the parent may have held at the fork.) So, in the child:
 
-    1. When the adapter can tell the connection's descriptor (``fd``; psycopg2 and the
-       pure-Python connector can, the MySQL C extension cannot), it is pointed at
+    1. When the adapter can tell the connection's descriptor (``fd``; psycopg2, psycopg 3 and
+       the pure-Python connector can, the MySQL C extension cannot), it is pointed at
        /dev/null with ``dup2``: the child no longer holds the parent's socket open (a
        socket lives until its last descriptor closes, so the parent's close or crash
        reaches the server as it should), and whatever the driver might still send on it

@@ -212,7 +212,7 @@ class Pool:
         self._stop = threading.Event()
         self._maint = self._maintenance_thread()
         # A pool dropped without close(): close its idle connections when it is collected
-        # (a psycopg2 connection keeps a cursor that refers back to it, so it would
+        # (a PostgreSQL connection keeps a cursor that refers back to it, so it would
         # otherwise stay open until the cycle collector runs). Also at interpreter exit: so
         # a forked child empties this very deque rather than replacing it (_after_fork_in_child).
         weakref.finalize(self, _close_idle, self._idle, adapter)

@@ -2,7 +2,7 @@
 
 A node that accepts connections but never answers must not keep a thread
 longer than the configured timeout. Drivers without a client-side read timeout
-(libpq through psycopg2) get their statements aborted from this one background
+(libpq, through psycopg2 or psycopg 3) get their statements aborted from this one background
 thread when they outlive their deadline.
 """
 

@@ -478,7 +478,7 @@ def test_from_config_dict_toml_and_env(cluster: Any, driver: str, tmp_path: Any)
     configs = [dbrouter.config.load_router_config(mapping), dbrouter.config.load_router_config(toml),
                dbrouter.config.load_router_config(None, env=env)]
     assert configs[0] == configs[1] == configs[2]
-    assert configs[0].connect.driver == driver
+    assert configs[0].connect.driver == (driver or None)
     with Router.from_config(toml, max_size=2) as router:
         assert router.config.pool.max_size == 2 and router.config.routing.policy == "random"
         assert router.read(f"SELECT {port_sql(cluster)}")[0][0] in replica_ports(cluster)

@@ -58,7 +58,7 @@ class Adapter(ABC):
     """``"postgres"`` or ``"mysql"``."""
     driver: str = ""
     """The driver and its implementation, as `Router.stats` and ``dbrouter status`` show it
-    (``"psycopg2"``, ``"mysql-connector (C extension)"``, ``"mysql-connector (pure Python)"``)."""
+    (``"psycopg2"``, ``"psycopg"``, ``"mysql-connector (C extension)"``, ``"mysql-connector (pure Python)"``)."""
     needs_watchdog: bool = False
     """True when the driver has no client-side read timeout, so a statement on a hung
     node must be aborted from outside (see `abort` and `resilience.Watchdog`)."""

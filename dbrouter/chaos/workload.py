@@ -399,6 +399,6 @@ def _expected(exc: BaseException) -> bool:
     if isinstance(inner, DbRouterError):
         return True
     module = type(inner).__module__
-    if not module.startswith(("psycopg2", "mysql", "_mysql_connector")):
+    if not module.startswith(("psycopg", "mysql", "_mysql_connector")):  # psycopg2 and psycopg 3
         return False
     return not any(cls.__name__ in ("ProgrammingError", "NotSupportedError") for cls in type(inner).__mro__)

@@ -39,6 +39,7 @@ from .pool import WAIT_BUCKETS
 from .resilience import STATE_CODES
 
 if TYPE_CHECKING:
+    from .aio import AsyncRouter
     from .router import Router
 
 __all__ = ["MetricsServer", "RouterCollector", "start_http_server"]
@@ -67,7 +68,7 @@ _ROUTER_COUNTERS = (
 class RouterCollector(Collector):
     """A collector for one router; register it on any registry."""
 
-    def __init__(self, router: Router, name: str = "default") -> None:
+    def __init__(self, router: Router | AsyncRouter, name: str = "default") -> None:
         self._router = router
         self._name = name
 
@@ -144,7 +145,7 @@ class MetricsServer:
         self._thread.join(timeout=5)
 
 
-def start_http_server(router: Router, port: int = 9187, addr: str = "127.0.0.1", *, name: str = "default") -> MetricsServer:
+def start_http_server(router: Router | AsyncRouter, port: int = 9187, addr: str = "127.0.0.1", *, name: str = "default") -> MetricsServer:
     """Serve ``router``'s metrics at ``http://addr:port/metrics`` (port 0 picks a free one).
 
     Binds to loopback by default; pass ``addr="0.0.0.0"`` to let a Prometheus on

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .router import Router
+if TYPE_CHECKING:
+    from .aio import AsyncRouter
+    from .router import Router
 
 __all__ = ["node_rows", "render_table"]
 
 COLUMNS = ("node", "role", "reachable", "lag", "latency", "breaker", "pool")
 
 
-def node_rows(router: Router) -> list[dict[str, Any]]:
-    """What the router knows of each node after its last probe round."""
+def node_rows(router: Router | AsyncRouter) -> list[dict[str, Any]]:
+    """What the router (sync or asyncio) knows of each node after its last probe round."""
     stats = router.stats()
     rows = []
     for name, info in stats["nodes"].items():

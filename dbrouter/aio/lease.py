@@ -24,9 +24,49 @@ if TYPE_CHECKING:
     from ..adapters.base import Result
     from ..topology import Node
 
-__all__ = ["AsyncHeldLease", "AsyncLease", "take"]
+__all__ = ["AsyncHeldLease", "AsyncLease", "guarded", "take"]
 
 T = TypeVar("T")
+
+# After the socket was cut, how long a driver may take to notice before its task is cancelled.
+_NOTICE = 1.0
+
+
+async def guarded(adapter: AsyncAdapter, conn: Any, call: Awaitable[T], limit: float) -> T:
+    """``await call`` (a call on ``conn``), raising `asyncio.TimeoutError` after ``limit`` seconds.
+
+    At the limit the connection's socket is cut (`AsyncAdapter.abort`), so the driver's own
+    wait ends with a connection error at once; the task is not cancelled first, because a
+    driver handles a cancellation by talking to the server: psycopg 3 sends a cancel
+    request and waits for the statement to end, 5 s and 5 s more, on a node that does not
+    answer. Only a driver that has not noticed the cut ``_NOTICE`` later is cancelled.
+    """
+    task = asyncio.current_task()
+    assert task is not None
+    loop = asyncio.get_running_loop()
+    fired: list[bool] = []
+    later: list[asyncio.TimerHandle] = []
+
+    def cut() -> None:
+        fired.append(True)
+        adapter.abort(conn)
+        later.append(loop.call_later(_NOTICE, task.cancel))
+
+    handle = loop.call_later(limit, cut)
+    try:
+        return await call
+    except BaseException as exc:
+        if not fired:
+            raise
+        if isinstance(exc, asyncio.CancelledError):
+            uncancel = getattr(task, "uncancel", None)
+            if uncancel is not None:  # Python 3.11+: this cancellation was ours, not the caller's
+                uncancel()
+        raise asyncio.TimeoutError(f"no answer within {limit:.3g}s") from exc
+    finally:
+        handle.cancel()
+        for pending in later:
+            pending.cancel()
 
 
 class AsyncLease(Lease):
@@ -52,29 +92,16 @@ class AsyncLease(Lease):
                 self._aborted = True
                 adapter.abort(self.conn)
                 raise
-        task = asyncio.current_task()
-        assert task is not None
-        fired: list[bool] = []
-
-        def cut() -> None:
-            fired.append(True)
-            task.cancel()
-
-        handle = asyncio.get_running_loop().call_later(limit + extra, cut)
         try:
-            return await op(adapter, self.conn)
+            return await guarded(adapter, self.conn, op(adapter, self.conn), limit + extra)
+        except asyncio.TimeoutError as exc:
+            self._aborted = True
+            raise Hung(f"node {node.name} did not answer within {limit + extra:.3g}s "
+                       "(statement timeout plus grace): hung or unreachable", node=node.name) from exc
         except asyncio.CancelledError:
             self._aborted = True
             adapter.abort(self.conn)
-            if not fired:
-                raise
-            uncancel = getattr(task, "uncancel", None)
-            if uncancel is not None:  # Python 3.11+: this cancellation was ours, not the caller's
-                uncancel()
-            raise Hung(f"node {node.name} did not answer within {limit + extra:.3g}s "
-                       "(statement timeout plus grace): hung or unreachable", node=node.name) from None
-        finally:
-            handle.cancel()
+            raise
 
 
 class AsyncHeldLease(AsyncLease, HeldLease):

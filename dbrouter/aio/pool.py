@@ -51,6 +51,7 @@ from ..pool import (
     _format_stack,
     _quantile,
 )
+from .lease import guarded
 
 __all__ = ["AsyncPool"]
 
@@ -163,7 +164,8 @@ class AsyncPool:
                 continue
             if now - entry.last_used > self._bypass:
                 try:
-                    await asyncio.wait_for(self.adapter.ping(entry.conn), self.adapter.options.connect_timeout)
+                    await guarded(self.adapter, entry.conn, self.adapter.ping(entry.conn),
+                                  self.adapter.options.connect_timeout)
                 except (Exception, asyncio.CancelledError) as exc:
                     self.adapter.abort(entry.conn)
                     self._discard(entry, f"failed liveness check: {exc.__class__.__name__}", not_acquired=True)
@@ -275,7 +277,7 @@ class AsyncPool:
 
     async def _reset(self, entry: _Entry) -> None:
         try:
-            await asyncio.wait_for(self.adapter.reset(entry.conn), self.adapter.options.connect_timeout)
+            await guarded(self.adapter, entry.conn, self.adapter.reset(entry.conn), self.adapter.options.connect_timeout)
         except (Exception, asyncio.CancelledError) as exc:  # noqa: BLE001 - a connection that cannot be reset goes
             self.adapter.abort(entry.conn)
             self._discard(entry, f"reset failed: {exc.__class__.__name__}")
@@ -299,7 +301,7 @@ class AsyncPool:
 
     async def _close_conn(self, conn: Any) -> None:
         try:
-            await asyncio.wait_for(self.adapter.close(conn), 1.0)
+            await guarded(self.adapter, conn, self.adapter.close(conn), 1.0)
         except (Exception, asyncio.TimeoutError):  # noqa: BLE001 - closing a broken connection may fail
             self.adapter.abort(conn)
 

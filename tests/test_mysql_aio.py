@@ -421,6 +421,65 @@ def test_abort_after_a_cancelled_call(maria_cluster: Any) -> None:
     assert wait_until(lambda: sessions(session) == 0, timeout=8), "the server session outlived the abort"
 
 
+def test_read_timeout_url_option_bounds_each_read(maria_cluster: Any) -> None:
+    """The aio connection's read timeout (off unless the URL sets it): a read that waits
+    longer raises ReadTimeoutError, whose errno is 3024 like MySQL's max_execution_time, but
+    which is the client giving up on the node (UNREACHABLE, not TIMEOUT); the connector
+    closes the connection."""
+
+    async def body() -> None:
+        adapter = adapter_for(maria_cluster.primary.url + "?read_timeout=1")
+        conn = await adapter.connect()
+        try:
+            start = time.monotonic()
+            error = await raised(adapter.execute(conn, "SELECT SLEEP(3)"))
+            assert 0.9 <= time.monotonic() - start < 2.5
+            assert getattr(error, "errno", None) == 3024, error
+            assert adapter.classify(error) is ErrorKind.UNREACHABLE
+            assert adapter.return_state(conn) is ReturnState.BROKEN
+        finally:
+            await adapter.close(conn)
+
+    asyncio.run(body())
+
+
+def test_cancelled_write_on_a_compressed_connection_stays_cancelled(
+    maria_cluster: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A compressed connection's writes turn CancelledError into WriteTimeoutError: the
+    adapter gives the caller its cancellation back. (A write that waits: the first drain
+    waits until cancelled, as it would for a server that stopped reading.)"""
+    from mysql.connector.aio import utils
+
+    async def body() -> None:
+        adapter = adapter_for(maria_cluster.primary.url + "?compress=true")
+        conn = await adapter.connect()
+        try:
+            assert await adapter.execute(conn, "SELECT %s, REPEAT('x', 100)", (1,)) == ([(1, "x" * 100)], 1)
+            drain = utils.StreamWriter.drain
+            stuck: list[asyncio.Event] = []
+
+            async def stuck_once(writer: Any) -> None:
+                if not stuck:
+                    stuck.append(asyncio.Event())
+                    await stuck[0].wait()
+                await drain(writer)
+
+            monkeypatch.setattr(utils.StreamWriter, "drain", stuck_once)
+            task = asyncio.create_task(adapter.execute(conn, "SELECT 1 /* more than 50 bytes: compressed */"))
+            await asyncio.sleep(0.1)
+            assert stuck and not task.done()
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert adapter.return_state(conn) is ReturnState.BROKEN
+        finally:
+            monkeypatch.undo()
+            await adapter.close(conn)
+
+    asyncio.run(body())
+
+
 def test_connect_cancelled_leaves_nothing_open(maria_cluster: Any) -> None:
     """A connect cancelled while it waits for the server (here one that never answers) drops
     its socket: the listener sees it closed."""

@@ -131,6 +131,14 @@ def _one_call(
         conn._dbrouter_busy = True
         try:
             result = await method(self, conn, *args, **kwargs)
+        except myerrors.WriteTimeoutError as exc:
+            if isinstance(exc.__cause__, asyncio.CancelledError):
+                # A compressed connection (compress=true) turns a cancellation during a write
+                # into WriteTimeoutError, after closing itself: the call stays cancelled, or
+                # asyncio.timeout() would not see its timeout and task.cancel() would be lost.
+                raise exc.__cause__ from None
+            conn._dbrouter_busy = False
+            raise
         except Exception:
             # The driver's errors come after it read the whole reply (a server error), or with
             # the connection lost or closed (which _is_broken sees).

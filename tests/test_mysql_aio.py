@@ -311,6 +311,37 @@ def test_return_state_and_reset(maria_cluster: Any, maria_table: str) -> None:
     asyncio.run(body())
 
 
+def test_values_that_look_like_delimiter_commands_arrive_intact(maria_cluster: Any, maria_table: str) -> None:
+    """The connector's cursor runs a multi-statement splitter over the statement with its
+    values in, which takes ``DELIMITER`` in a value for the client command when the quotes
+    after it pair up ("DELIMITER $$ '" was stored as ";\\n'"): the adapter sends statements
+    with parameters past it."""
+    values = ["DELIMITER $$ '", "x'\nDELIMITER //\n'", "delimiter ; \"", "DELIMITER\t;;'; SELECT 2; '"]
+
+    async def body() -> None:
+        adapter = adapter_for(maria_cluster.primary.url)
+        conn = await adapter.connect()
+        try:
+            for value in values:
+                assert await adapter.execute(conn, "SELECT %s", (value,)) == ([(value,)], 1), value
+                assert await adapter.execute(conn, "SELECT %(v)s", {"v": value}) == ([(value,)], 1), value
+            insert = f"INSERT INTO {maria_table} (id, v) VALUES (%s, %s)"
+            await adapter.execute(conn, insert, (0, values[0]))
+            assert await adapter.execute_many(conn, insert, list(enumerate(values[1:], start=1))) == 3
+            mapped = f"INSERT INTO {maria_table} (id, v) VALUES (%(id)s, %(v)s)"
+            assert await adapter.execute_many(conn, mapped, [{"id": 10 + i, "v": v} for i, v in enumerate(values)]) == 4
+            update = f"UPDATE {maria_table} SET v = %s WHERE id = %s"
+            assert await adapter.execute_many(conn, update, [(v, 20 + i) for i, v in enumerate(values)]) == 0
+            assert await adapter.execute_many(conn, update, [(v, 10 + i) for i, v in enumerate(reversed(values))]) == 4
+            assert adapter.return_state(conn) is ReturnState.CLEAN
+        finally:
+            await adapter.close(conn)
+        stored = dict(maria_cluster.primary.query(f"SELECT id, v FROM {maria_table}"))
+        assert stored == {**dict(enumerate(values)), **{10 + i: v for i, v in enumerate(reversed(values))}}
+
+    asyncio.run(body())
+
+
 def test_execute_many_is_one_multi_row_insert(maria_cluster: Any, maria_table: str) -> None:
     async def body() -> None:
         adapter = adapter_for(maria_cluster.primary.url)
@@ -328,13 +359,16 @@ def test_execute_many_is_one_multi_row_insert(maria_cluster: Any, maria_table: s
             assert await inserts() == before + 1  # one statement for the four rows
             assert maria_cluster.primary.query(f"SELECT id, v FROM {maria_table} ORDER BY id") == rows
 
-            # Rows as mappings, and statements other than INSERT ... VALUES: the driver's executemany.
+            # Rows as mappings: the connector's multi-row rewrite, also one statement.
             count = await adapter.execute_many(
                 conn, f"INSERT INTO {maria_table} (id, v) VALUES (%(id)s, %(v)s)", [{"id": 5, "v": "e"}, {"id": 6, "v": "f"}]
             )
             assert count == 2
+            assert await inserts() == before + 2
+            # Other statements: once per row.
             count = await adapter.execute_many(conn, f"UPDATE {maria_table} SET v = %s WHERE id = %s", [("x", 1), ("y", 2)])
             assert count == 2
+            assert await adapter.execute_many(conn, f"UPDATE {maria_table} SET v = %s", []) == 0
             upsert = f"INSERT INTO {maria_table} (id, v) VALUES (%s, %s) ON DUPLICATE KEY UPDATE v = VALUES(v)"
             assert await adapter.execute_many(conn, upsert, [(1, "z"), (7, "g")]) == 3  # 2 for the update, 1 insert
             assert adapter.return_state(conn) is ReturnState.CLEAN

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable, Concatenate, Coroutine, Mapping
 from mysql.connector import errors as myerrors
 from mysql.connector.aio.connection import MySQLConnection as _AioMySQLConnection
 from mysql.connector.constants import ClientFlag
+from mysql.connector.cursor import RE_SQL_INSERT_STMT as _INSERT
 from mysql.connector.utils import get_platform
 
 from ..config import ConnectOptions
@@ -360,39 +361,56 @@ class AsyncMySQLAdapter(AsyncAdapter):
     @_one_call
     async def execute(self, conn: Any, sql: str, params: Any = None) -> Result:
         if params is None:
-            # The connector's documented lower-level calls: the same round trip and the same
-            # conversions as the cursor's, without its statement splitting.
-            result = await conn.cmd_query(sql)
-            if "columns" in result:
-                rows, _ = await conn.get_rows()
-                return rows, len(rows)
-            return None, result["affected_rows"]
+            return await self._query(conn, sql)
+        # The values escaped and put in by the cursor's own code (with the sql_mode asked at
+        # connect: no round trip), then sent as the connection's lower-level call: the cursor's
+        # execute() would then run its multi-statement splitter over the statement, values
+        # included, and that splitter takes "DELIMITER" in a value for its command when the
+        # quotes after it pair up (the value "DELIMITER $$ '" came back as ";\n'").
         cur: _AioCursor = conn._dbrouter_cursor
-        await cur.execute(sql, params)
-        if cur.description is not None:
-            fetched = await cur.fetchall()
-            return fetched, cur.rowcount
-        return None, cur.rowcount
+        return await self._query(conn, await cur._prepare_statement(sql, params))
+
+    @staticmethod
+    async def _query(conn: Any, statement: str | bytes) -> Result:
+        """One statement as it is, its rows read (buffered): one round trip."""
+        result = await conn.cmd_query(statement)
+        if "columns" in result:
+            rows, _ = await conn.get_rows()
+            return rows, len(rows)
+        return None, int(result["affected_rows"])
 
     @_one_call
     async def execute_many(self, conn: Any, sql: str, rows: Sequence[Any]) -> int:
+        if not rows:
+            return 0
         cur: _AioCursor = conn._dbrouter_cursor
         insert = split_insert_values(sql)
         width = insert[1] if insert else 0
-        if insert and rows and all(not isinstance(row, Mapping) and len(row) == width for row in rows):
-            # Every value escaped in one call (the cursor's own escaping, with the sql_mode
-            # asked at connect: no round trip), and one multi-row INSERT: the connector's
-            # executemany does the same rewrite with a regular expression per row.
+        statement: bytes | None = None
+        if insert and all(not isinstance(row, Mapping) and len(row) == width for row in rows):
+            # Every value escaped in one call (the cursor's own escaping), and one multi-row
+            # INSERT: the connector's executemany does the same rewrite with a regular
+            # expression per row.
             head, _, tail = insert
             escaped = [
                 v if isinstance(v, (bytes, bytearray)) else str(v).encode()
                 for v in await cur._process_params(list(chain.from_iterable(rows)))
             ]
             values = b",".join(b"(" + b",".join(escaped[i:i + width]) + b")" for i in range(0, len(escaped), width))
-            result = await conn.cmd_query(head.encode() + values + tail.encode())
-            return int(result["affected_rows"])
-        await cur.executemany(sql, rows)
-        return cur.rowcount
+            statement = head.encode() + values + tail.encode()
+        elif _INSERT.match(sql):
+            # Rows as mappings (or another INSERT form): the connector's own multi-row rewrite.
+            statement = await cur._batch_insert(sql, rows)
+        if statement is not None:
+            _, count = await self._query(conn, statement)
+            return count
+        # Anything else runs once per row, as the connector's executemany would (without its
+        # statement splitter: see execute).
+        total = 0
+        for row in rows:
+            _, count = await self._query(conn, await cur._prepare_statement(sql, row))
+            total += count
+        return total
 
     @_one_call
     async def begin(self, conn: Any) -> None:

@@ -20,7 +20,7 @@ from typing import Any, Awaitable, Callable, Iterator
 
 import pytest
 
-from dbrouter import ConnectError, ConnectOptions
+from dbrouter import ConfigurationError, ConnectError, ConnectOptions
 from dbrouter.adapters import ErrorKind, ReturnState, make_async_adapter
 from dbrouter.adapters.mysql import MySQLAdapter
 from dbrouter.adapters.mysql_aio import DRIVER_AIO, AsyncMySQLAdapter
@@ -77,6 +77,8 @@ def test_make_async_adapter_wraps_the_sync_adapter(maria_cluster: Any) -> None:
     # No read timeout on the aio connection unless the URL asks for one (see _connect_params).
     assert "read_timeout" in adapter.sync._params and "read_timeout" not in adapter._params
     assert adapter_for(url + "?read_timeout=7")._params["read_timeout"] == 7
+    with pytest.raises(ConfigurationError, match="ssl_cert and ssl_key"):
+        adapter_for(url + "?ssl_cert=/nonexistent/client.pem")
 
 
 def test_connect_and_query(maria_cluster: Any) -> None:

@@ -159,9 +159,12 @@ def test_caller_errors_are_never_node_failures(cluster, table: str, driver: str)
     primary = Opened(cluster.primary, driver=driver)
     try:
         primary.run(f"INSERT INTO {table} VALUES (4, 40)")
-        for bad in (f"INSERT INTO {table} VALUES (4, 41)", "SELEC 1", "SELECT * FROM no_such_table_x"):
+        # The last: a client-side error without an error number (on MySQL with or without the
+        # C extension: without it, such errors were classified as a lost connection).
+        for bad, params in ((f"INSERT INTO {table} VALUES (4, 41)", None), ("SELEC 1", None),
+                            ("SELECT * FROM no_such_table_x", None), ("SELECT %s, %s", (1,))):
             with pytest.raises(Exception) as info:
-                primary.run(bad)
+                primary.run(bad, params)
             assert primary.adapter.classify(info.value) is ErrorKind.CALLER, bad
             assert primary.adapter.return_state(primary.conn) is ReturnState.CLEAN
         assert primary.adapter.classify(ValueError("not a driver error")) is ErrorKind.CALLER

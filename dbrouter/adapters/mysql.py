@@ -30,10 +30,17 @@ else:
     _CConnection = CMySQLConnection
     _C_EXTENSION_ERROR = None
 
+
+class _NoCExtensionError(Exception):
+    """Stands in for the C extension's error class when it did not load: nothing raises it.
+    (``myerrors.Error`` in its place made every client-side error without a number, such as
+    "Not enough parameters for the SQL statement", a lost connection in `classify`.)"""
+
+
 try:  # the C extension's own errors: its connection's commit() and rollback() raise them as they are
     from _mysql_connector import MySQLError as _CExtensionError  # type: ignore[import-not-found]  # untyped C module
 except ImportError:  # pure Python only
-    _CExtensionError = myerrors.Error
+    _CExtensionError = _NoCExtensionError
 
 HAVE_C_EXTENSION = _CConnection is not None
 """Whether mysql-connector's C extension loaded in this process."""

@@ -175,7 +175,7 @@ def test_leak_detection_reports_the_borrower(cluster: Any, caplog: pytest.LogCap
 
     with caplog.at_level(logging.WARNING, logger="dbrouter.pool"):
         run(body)
-    assert [e for e, _ in events] == ["leak"]
+    assert [e for e, _ in events] == ["leak"], events
     assert "entry = await pool.borrow()" in events[0][1]
 
 

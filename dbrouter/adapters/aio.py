@@ -85,6 +85,11 @@ class AsyncAdapter(ABC):
         """Make sure ``conn`` is never used again after a call on it was cancelled halfway:
         close its socket without a round trip (and without raising)."""
 
+    def discard(self, conn: Any) -> None:
+        """Close ``conn`` now, without a round trip and without raising (nobody is using it):
+        the pool's way to drop a broken or invalidated connection without a task."""
+        self.abort(conn)
+
     @abstractmethod
     async def execute(self, conn: Any, sql: str, params: Any = None) -> Result:
         """Run one statement: ``(rows or None, rowcount)``, one round trip when the

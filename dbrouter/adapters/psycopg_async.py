@@ -89,6 +89,12 @@ class AsyncPsycopgAdapter(AsyncAdapter):
         finally:
             sock.close()
 
+    def discard(self, conn: Any) -> None:
+        self.abort(conn)
+        with contextlib.suppress(Exception):  # PQfinish: its goodbye fails at once on a shut socket
+            conn.pgconn.finish()
+        conn.statement_cursor = None
+
     async def ping(self, conn: Any) -> None:
         await conn.statement_cursor.execute("SELECT 1")
 

@@ -124,9 +124,9 @@ class AsyncPool:
         return True
 
     def _close_later(self, conn: Any) -> None:
-        """Close ``conn`` in a task; without a loop to run it, cut its socket now."""
+        """Close ``conn`` in a task; without a loop to run it, cut it now."""
         if not self._spawn(self._close_conn(conn), "close"):
-            self.adapter.abort(conn)
+            self.adapter.discard(conn)
 
     # -- checkout and return -----------------------------------------------------------
 
@@ -258,7 +258,7 @@ class AsyncPool:
             log.exception("pool %s: cannot tell the state of a returned connection; discarding it", self.name)
             state = _BROKEN
         if state is _BROKEN or now >= entry.expires or self._closed:
-            self._discard(entry, "broken" if state is _BROKEN else "retired")
+            self._discard(entry, "broken" if state is _BROKEN else "retired", polite=state is not _BROKEN)
             return now
         if state is _DIRTY:
             if not self._spawn(self._reset(entry), "reset"):
@@ -287,7 +287,9 @@ class AsyncPool:
             return
         self._park(entry, time.monotonic())
 
-    def _discard(self, entry: _Entry, why: str, *, not_acquired: bool = False) -> None:
+    def _discard(self, entry: _Entry, why: str, *, not_acquired: bool = False, polite: bool = False) -> None:
+        """Drop a connection that must not be reused: cut at once (broken, invalidated: a
+        goodbye to a node that failed could wait), or closed in a task when ``polite``."""
         log.debug("pool %s: discarding connection (%s)", self.name, why)
         if not_acquired:
             self._retried += 1
@@ -295,7 +297,10 @@ class AsyncPool:
         self._open -= 1
         self._counts[DISCARDED] += 1
         self._counts[CLOSED] += 1
-        self._close_later(entry.conn)
+        if polite:
+            self._close_later(entry.conn)
+        else:
+            self.adapter.discard(entry.conn)
         if not self._closed:
             self._grow()
 
@@ -365,8 +370,8 @@ class AsyncPool:
         self._open -= len(idle)
         self._counts[CLOSED] += len(idle)
         self._counts[DISCARDED] += len(idle)
-        for entry in idle:
-            self._close_later(entry.conn)
+        for entry in idle:  # the node failed or changed role: cut, no goodbye
+            self.adapter.discard(entry.conn)
         self._grow()
         if idle:
             log.info("pool %s: closed %d idle connection(s): %s", self.name, len(idle), why)

@@ -181,6 +181,9 @@ class Client:
     def stats(self) -> dict[str, Any]:
         return self.router.stats()  # type: ignore[no-any-return]
 
+    def write_many(self, sql: str, rows: Any, **kw: Any) -> int:
+        return self.call(self.router.write_many(sql, rows, **kw))  # type: ignore[no-any-return]
+
     def wait_for_probes(self, rounds: int = 1, timeout: float = 10.0) -> bool:
         return self.call(self.router.wait_for_probes(rounds, timeout))  # type: ignore[no-any-return]
 
@@ -469,3 +472,20 @@ def test_stats_status_table_and_prometheus_see_the_same_nodes(client: Client, pa
                 if line.startswith("dbrouter_pool_acquired_total{") and not line.endswith(" 0.0")]
     assert acquired, text[:2000]  # the read's and the probes' checkouts are counted, per node
     assert f"127.0.0.1:{pair_cluster.primary.port}" in text
+
+
+def test_write_many_writes_every_row_once_in_batches(client: Client, pair_cluster: LocalCluster,
+                                                     pair_table: str) -> None:
+    reports: list[Any] = []
+    total = client.write_many(f"INSERT INTO {pair_table} (id, note) VALUES (%s, %s)",
+                              ((i, f"row {i}") for i in range(5000)), batch_size=500, workers=3,
+                              progress=reports.append)
+    assert total == 5000
+    assert sorted(r.index for r in reports) == list(range(10)) and {r.status for r in reports} == {"committed"}
+    rows = pair_cluster.primary.query(f"SELECT count(*), count(DISTINCT id), min(id), max(id) FROM {pair_table}",
+                                      database=pair_cluster.database)
+    assert [tuple(int(v) for v in rows[0])] == [(5000, 5000, 0, 4999)]
+    with pytest.raises(dbrouter.BulkWriteError) as failed:  # batch 1 repeats an id: it alone fails
+        client.write_many(f"INSERT INTO {pair_table} (id) VALUES (%s)", [(10_000 + i,) for i in range(10)]
+                          + [(0,)] + [(20_000 + i,) for i in range(9)], batch_size=10, workers=2)
+    assert failed.value.committed == [0] and failed.value.failed == [1] and failed.value.rowcount == 10

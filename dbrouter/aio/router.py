@@ -25,11 +25,12 @@ import contextvars
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Awaitable, Callable, Mapping, Sequence, TypeVar, cast
+from typing import Any, AsyncIterable, Awaitable, Callable, Iterable, Mapping, Sequence, TypeVar, cast
 
 from ..adapters import Adapter, make_async_adapter
 from ..adapters.aio import AsyncAdapter
 from ..adapters.base import Rows
+from ..bulk import BatchReport
 from ..config import SECTIONS, RouterConfig, build_router_config, check_wait, load_router_config
 from ..decisions import Action, Failure, Phase, Work, failure_of
 from ..errors import (
@@ -50,6 +51,7 @@ from ..statements import UNSEEN
 from ..topology import Node
 from ..transactions import Results
 from ..url import NodeAddress
+from .bulk import write_many
 from .lease import AsyncHeldLease, AsyncLease, take
 from .pool import AsyncPool
 
@@ -443,6 +445,16 @@ class AsyncRouter:
             return await self._control._executor.run_async(attempt, after=first, on_retry=self.counts.retries.inc)
         except Retry as last:
             raise last.cause from None
+
+    async def write_many(self, sql: str, rows: Iterable[Any] | AsyncIterable[Any], *, batch_size: int = 1000,
+                         workers: int = 4, outside_transaction: bool = False,
+                         progress: Callable[[BatchReport], object] | None = None) -> int:
+        """As `Router.write_many` (the same batches, reports and `BulkWriteError`), with the
+        batches as tasks; ``rows`` may be an async iterable. Multi-row INSERTs: COPY is the
+        sync router's for now (`dbrouter.aio.bulk`)."""
+        self._check_loop()
+        return await write_many(self, sql, rows, batch_size=batch_size, workers=workers,
+                                outside_transaction=outside_transaction, progress=progress)
 
     def session(self) -> AsyncSession:
         """A read-your-writes session (as `Router.session`), for one task."""

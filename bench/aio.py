@@ -652,13 +652,14 @@ async def _fair_engine(engine: str, targets: Targets, sql: str, *, size: int, ta
         service: list[float] = []
         for r in range(rounds):
             await asyncio.to_thread(gate.wait, f"async many tasks, {engine}, round {r + 1}")
-            # The query's service time on one raw connection, one task: the I/O ceiling is
-            # 10 connections / that time.
-            one = await fair_cell(lambda _i: raw["0"].run, sql, 1, service_window)
-            service.append(service_window / one.ops if one.ops else float("nan"))
             order = [*runners, "reference"]
             rng.shuffle(order)
             for key in order:
+                # The query's service time on one raw connection, one task, right before each
+                # cell: the I/O ceiling is 10 connections / the median of these (on a busy box
+                # the time drifts, so it is sampled as often as the cells are).
+                one = await fair_cell(lambda _i: raw["0"].run, sql, 1, service_window)
+                service.append(service_window / one.ops if one.ops else float("nan"))
                 if key == "reference":
                     # 10 tasks on 10 raw connections, no pool: what a pool of 10 could reach at best here.
                     reference.append(await fair_cell(lambda i: raw[str(i)].run, sql, size, window))

@@ -48,7 +48,8 @@ Run = Callable[[str], Awaitable[Any]]
 
 _MAX_BATCH = 2_000  # ops per batch, whatever the calibration says
 _ERROR_PAUSE = 0.001  # after a failed op, so that a broken contender cannot spin
-_GRACE = 15.0  # seconds past a window that the tasks of a cell may take to finish their last op
+_GRACE = 15.0  # seconds past a window (and past draining the queue) that a cell's tasks may take to finish
+_MAX_DRAIN = 120.0  # at most this long for a queue of tasks to drain after a window
 _names = itertools.count(1)
 
 
@@ -509,8 +510,10 @@ async def fair_cell(run_for: Callable[[int], Run], sql: str, tasks: int, window:
     calls at the window's end and finishes the call under way. A call counts toward
     throughput if it completed inside the window; every call's time is kept (so a task
     stuck waiting shows in ``max``), and each task's longest time without a completed
-    query, counted from the window's start, is ``max_gap``. Tasks still running
-    ``_GRACE`` seconds after the window are cancelled and reported as ``hung``.
+    query, counted from the window's start, is ``max_gap``. After the window every task
+    still waiting in the pool's queue finishes its call: the cell waits for the queue to
+    drain at the window's rate (times 1.5, at most ``_MAX_DRAIN`` seconds) plus ``_GRACE``;
+    tasks still running then are cancelled and reported as ``hung``.
     """
     clock = time.perf_counter
     go = asyncio.Event()
@@ -520,6 +523,7 @@ async def fair_cell(run_for: Callable[[int], Run], sql: str, tasks: int, window:
     errors = [0] * tasks
     lats: list[list[float]] = []
     first_error: list[str] = []
+    completed = [0]  # calls completed inside the window, so far
 
     async def worker(i: int) -> None:
         run = run_for(i)
@@ -549,6 +553,7 @@ async def fair_cell(run_for: Callable[[int], Run], sql: str, tasks: int, window:
             prev = t1
             if t1 <= end:
                 done += 1
+                completed[0] += 1
         counts[i] = done
         gaps[i] = worst
 
@@ -561,7 +566,9 @@ async def fair_cell(run_for: Callable[[int], Run], sql: str, tasks: int, window:
     go.set()
     await asyncio.sleep(window)
     cpu = time.process_time() - cpu0
-    _, pending = await asyncio.wait(workers, timeout=max(0.0, box["end"] + _GRACE - clock()))
+    rate = completed[0] / window
+    drain = min(_MAX_DRAIN, 1.5 * tasks / rate) if rate else _MAX_DRAIN
+    _, pending = await asyncio.wait(workers, timeout=max(0.0, box["end"] + drain + _GRACE - clock()))
     for w in pending:
         w.cancel()
     if pending:

@@ -746,8 +746,8 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
         add("* *asyncio, 95% of the I/O ceiling, no starved task*: median throughput over rounds / (10 connections "
             "/ the median of the 5 ms query's times on one raw connection, one task, measured right before each "
             "cell) ≥ 0.95; no task "
-            "that completed nothing in the window in any round; no errors; no task still running 15 s after a "
-            "window.")
+            "that completed nothing in the window in any round; no errors; no task still running 15 s after the "
+            "queue it left at the window's end had time to drain (1.5 × tasks / throughput, at most 120 s).")
     add("* *streams*: rows/s as the median of per-round ratios; peak RSS growth = the child process's peak RSS "
         "(VmHWM, reset after a 10,000-row warm-up) minus its RSS before the stream, the largest over the rounds.")
     add("")

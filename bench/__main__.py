@@ -82,7 +82,7 @@ FULL = Settings(
     mode="full", single_rounds=400, single_batch_s=0.004, single_time_limit_s=100, single_epochs=5, round_trip_ops=100,
     matrix_rounds=4, window_s=1.5, threads=(1, 4, 16, 64), scale_rounds=5, scale_window_s=2.0, scale_threads=32,
     memory_conns=50, memory_runs=3, bulk_rows=1_000_000, bulk_rounds=3, stream_rows=5_000_000, stream_rounds=3,
-    stream_batch=2000, quiet_budget_s=120, aio_rounds=400, aio_batch_s=0.004, aio_epochs=4, aio_time_limit_s=60,
+    stream_batch=2000, quiet_budget_s=120, aio_rounds=400, aio_batch_s=0.004, aio_epochs=4, aio_time_limit_s=40,
     aio_trip_ops=100, aio_fair_tasks=1000, aio_fair_rounds=2, aio_fair_window_s=10.0, aio_service_window_s=1.0,
 )
 

@@ -552,6 +552,13 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
             add(f"* {engine}, one thread: `router.read('SELECT 1')` costs {over:+.1f} µs (p50) over the raw driver on "
                 f"one open connection, {r['contenders'][other]['label']} {over_other:+.1f} µs; per op it takes "
                 f"{ratio:.2f}x dbrouter's time.")
+    aio_pg = r.get("async", {}).get("single", {}).get("postgres", {})
+    if all(k in aio_pg for k in (AIO_ROUTER["postgres"], AIO_FLOOR["postgres"], AIO_POOL["postgres"])):
+        floor = aio_pg[AIO_FLOOR["postgres"]]["p50_us"]
+        mine = added_over_floor(aio_pg[AIO_ROUTER["postgres"]]["p50_us"], floor)[0]
+        theirs = added_over_floor(aio_pg[AIO_POOL["postgres"]]["p50_us"], floor)[0]
+        add(f"* postgres, asyncio, one task: `await router.read('SELECT 1')` adds {mine:+.1f} µs (median call) over a "
+            f"raw psycopg AsyncConnection, psycopg_pool's AsyncConnectionPool (autocommit) {theirs:+.1f} µs.")
     add("")
     add("## Targets from the issue")
     add("")

@@ -24,7 +24,7 @@ from typing import Any
 
 from dbrouter.cluster import make_cluster
 
-from . import bulk, measure, memory, report
+from . import aio, bulk, measure, memory, report
 from .contenders import CHECKOUT_HOW, CONTENDERS, Contender, Opened, Targets, by_engine
 
 log = logging.getLogger("bench")
@@ -60,33 +60,46 @@ class Settings:
     stream_rounds: int
     stream_batch: int  # router.stream's batch_size = the named cursor's itersize
     quiet_budget_s: float  # total seconds the run may wait for other work on the box to finish
+    aio_rounds: int  # async, one task: interleaved rounds (split into epochs, as single_*)
+    aio_batch_s: float
+    aio_epochs: int
+    aio_time_limit_s: float
+    aio_trip_ops: int
+    aio_fair_tasks: int  # async, many tasks: tasks on each pool of 10
+    aio_fair_rounds: int
+    aio_fair_window_s: float
+    aio_service_window_s: float  # the 5 ms query on one raw connection, each round: the ceiling's service time
 
 
 QUICK = Settings(
     mode="quick", single_rounds=60, single_batch_s=0.004, single_time_limit_s=30, single_epochs=2, round_trip_ops=30,
     matrix_rounds=2, window_s=0.5, threads=(1, 4, 16, 64), scale_rounds=2, scale_window_s=0.5, scale_threads=32,
     memory_conns=50, memory_runs=1, bulk_rows=200_000, bulk_rounds=2, stream_rows=1_000_000, stream_rounds=2,
-    stream_batch=2000, quiet_budget_s=10,
+    stream_batch=2000, quiet_budget_s=10, aio_rounds=60, aio_batch_s=0.004, aio_epochs=2, aio_time_limit_s=30,
+    aio_trip_ops=30, aio_fair_tasks=1000, aio_fair_rounds=1, aio_fair_window_s=3.0, aio_service_window_s=0.5,
 )
 FULL = Settings(
     mode="full", single_rounds=400, single_batch_s=0.004, single_time_limit_s=100, single_epochs=5, round_trip_ops=100,
     matrix_rounds=4, window_s=1.5, threads=(1, 4, 16, 64), scale_rounds=5, scale_window_s=2.0, scale_threads=32,
     memory_conns=50, memory_runs=3, bulk_rows=1_000_000, bulk_rounds=3, stream_rows=5_000_000, stream_rounds=3,
-    stream_batch=2000, quiet_budget_s=120,
+    stream_batch=2000, quiet_budget_s=120, aio_rounds=400, aio_batch_s=0.004, aio_epochs=4, aio_time_limit_s=40,
+    aio_trip_ops=100, aio_fair_tasks=1000, aio_fair_rounds=2, aio_fair_window_s=10.0, aio_service_window_s=1.0,
 )
 
-PHASES = ("single", "trips", "matrix", "scale", "memory", "bulk", "stream")
+PHASES = ("single", "trips", "matrix", "scale", "memory", "bulk", "stream", "async")
 # The results each phase writes, and the settings it reads (for a run of some phases only,
 # the other phases' results and settings are carried over from the previous results.json).
 PHASE_KEYS = {
     "single": ("single_thread", "checkout_only"), "trips": ("round_trips",), "matrix": ("matrix",),
-    "scale": ("scale_out",), "memory": ("memory",), "bulk": ("bulk",), "stream": ("stream",),
+    "scale": ("scale_out",), "memory": ("memory",), "bulk": ("bulk",), "stream": ("stream",), "async": ("async",),
 }
 PHASE_SETTINGS = {
     "single": ("single_rounds", "single_batch_s", "single_time_limit_s", "single_epochs", "single_pinned"),
     "trips": ("round_trip_ops",), "matrix": ("matrix_rounds", "window_s", "threads"),
     "scale": ("scale_rounds", "scale_window_s", "scale_threads"), "memory": ("memory_conns", "memory_runs"),
     "bulk": ("bulk_rows", "bulk_rounds"), "stream": ("stream_rows", "stream_rounds", "stream_batch"),
+    "async": ("aio_rounds", "aio_batch_s", "aio_epochs", "aio_time_limit_s", "aio_trip_ops", "aio_fair_tasks",
+              "aio_fair_rounds", "aio_fair_window_s", "aio_service_window_s"),
 }
 
 
@@ -372,6 +385,32 @@ def phase_memory(s: Settings, targets: dict[str, Targets]) -> dict[str, Any]:
     return out
 
 
+def phase_async(s: Settings, targets: dict[str, Targets], ports: dict[str, tuple[int, int]], server_pids: list[int],
+                seed: int, gate: measure.QuietGate) -> dict[str, Any]:
+    """AsyncRouter against the asyncio pools: one task (pinned apart, as the one-thread phase),
+    round trips on the wire, and 1,000 tasks on pools of 10 (unpinned, as the many-thread phase)."""
+    started = time.perf_counter()
+    failed: dict[str, str] = {}  # contenders that could not run, and why
+    out: dict[str, Any] = {
+        "loop": aio.loop_info(),
+        "contenders": {c.key: {"label": c.label, "engine": c.engine, "note": c.note, "floor": c.floor,
+                               "fair": c.fair, "gate": c.gate} for c in aio.AIO_CONTENDERS},
+    }
+    with PinnedApart(server_pids) as pinned:
+        out["single"] = aio.single_phase(
+            targets, ENGINES, rounds=s.aio_rounds, batch_seconds=s.aio_batch_s, epochs=s.aio_epochs,
+            time_limit=s.aio_time_limit_s, seed=seed, gate=gate, size=POOL_SIZE, failed=failed)
+    out["single_pinned"] = pinned.active
+    out["trips"] = aio.trips_phase(targets, ports, ENGINES, ops=s.aio_trip_ops, failed=failed)
+    out["fair"] = aio.fair_phase(
+        targets, ENGINES, {e: SQL[e]["sleep"] for e in ENGINES}, size=POOL_SIZE, tasks=s.aio_fair_tasks,
+        rounds=s.aio_fair_rounds, window=s.aio_fair_window_s, service_window=s.aio_service_window_s, seed=seed,
+        gate=gate, failed=failed)
+    out["failed"] = failed
+    out["duration_s"] = time.perf_counter() - started
+    return out
+
+
 # -- main --------------------------------------------------------------------------
 
 
@@ -418,6 +457,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
     logging.getLogger("dbrouter").setLevel(logging.WARNING)
+    logging.getLogger("mysql.connector").setLevel(logging.WARNING)  # mysql.connector.aio logs each login at INFO
     logging.getLogger("psycopg").setLevel(logging.ERROR)  # e.g. 'rolling back returned connection' (reported by the relay instead)
     s = QUICK if args.quick else FULL
     phases = set(args.only.split(","))
@@ -472,6 +512,10 @@ def main(argv: list[str] | None = None) -> int:
                      s.stream_rounds)
             results["stream"] = bulk.run_streams(clusters, s.stream_rows, s.stream_rounds, s.stream_batch,
                                                  args.seed, gate)
+        if "async" in phases:
+            log.info("8. asyncio: AsyncRouter against the async pools")
+            pids = [n.pid for c in clusters.values() for n in c.nodes if n.pid]
+            results["async"] = phase_async(s, targets, ports, pids, args.seed, gate)
     finally:
         for cluster in clusters.values():
             cluster.destroy()

@@ -31,10 +31,15 @@ EXECUTEMANY_SPEEDUP = 20.0
 STREAM_RSS_LIMIT = 64 * 2**20
 STREAM_SHARE = 0.9
 BULK_TARGET = "write_many_w2"  # the setting the targets are judged on: batch_size=10000, workers=2
+# asyncio (phase async): the contenders the targets are judged on, per engine.
+AIO_ROUTER = {"postgres": "pg.aio_router", "mysql": "my.aio_router"}
+AIO_FLOOR = {"postgres": "pg.aio_raw", "mysql": "my.aio_raw"}
+AIO_POOL = {"postgres": "pg.aio_psycopg_pool_ac", "mysql": "my.aio_connector_pool"}  # beside the router
+ENGINE_LABELS = {"postgres": "PostgreSQL", "mysql": "MySQL/MariaDB"}
 
 DISTRIBUTIONS = [
     "dbrouter", "psycopg2-binary", "psycopg", "psycopg-binary", "psycopg-pool", "SQLAlchemy", "DBUtils",
-    "mysql-connector-python",
+    "mysql-connector-python", "asyncpg", "greenlet", "uvloop",
 ]
 
 
@@ -242,6 +247,70 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             })
     out += _bulk_targets(results.get("bulk", {}), results.get("config", {}))
     out += _stream_targets(results.get("stream", {}), results.get("config", {}))
+    out += _async_targets(results.get("async", {}))
+    return out
+
+
+def added_over_floor(values: list[float], floor: list[float]) -> tuple[float, float, float]:
+    """What a contender adds to the floor: the median of per-round differences of the batch
+    medians (both measured in the same round), with its 95% bootstrap interval."""
+    return _diff(values, floor)
+
+
+def _async_targets(aio: dict[str, Any]) -> list[dict[str, Any]]:
+    """The asyncio targets: one task against psycopg_pool (PostgreSQL), one round trip per read,
+    and 1,000 tasks on a pool of 10 (both engines)."""
+    out: list[dict[str, Any]] = []
+    pg = aio.get("single", {}).get("postgres", {})
+    mine, floor, pool = (pg.get(AIO_ROUTER["postgres"]), pg.get(AIO_FLOOR["postgres"]),
+                         pg.get(AIO_POOL["postgres"]))
+    if mine and floor and pool:
+        added, lo, hi = added_over_floor(mine["p50_us"], floor["p50_us"])
+        theirs, tlo, thi = added_over_floor(pool["p50_us"], floor["p50_us"])
+        paired, plo, phi = _diff(mine["p50_us"], pool["p50_us"])
+        out.append({
+            "target": "PostgreSQL, asyncio, one task: AsyncRouter.read('SELECT 1') adds no more over a raw "
+                      "psycopg AsyncConnection than psycopg_pool's AsyncConnectionPool (autocommit) does",
+            "verdict": _verdict(added - theirs <= 0.0),
+            "numbers": f"AsyncRouter - raw {added:+.1f} us [95% CI {lo:+.1f} to {hi:+.1f}], AsyncConnectionPool - raw "
+                       f"{theirs:+.1f} us [{tlo:+.1f} to {thi:+.1f}]: difference {added - theirs:+.1f} us (paired "
+                       f"per round, AsyncRouter - pool = {paired:+.1f} us [{plo:+.1f} to {phi:+.1f}]); "
+                       f"floor median {center(floor['p50_us']):.1f} us",
+        })
+    for engine, label in ENGINE_LABELS.items():
+        counted = aio.get("trips", {}).get(engine, {}).get(AIO_ROUTER[engine])
+        if counted:
+            trips = counted["round_trips"]
+            out.append({
+                "target": f"{label}, asyncio: exactly one round trip per AsyncRouter.read on a warm connection",
+                "verdict": _verdict(abs(trips - 1.0) < 1e-9),
+                "numbers": f"{trips:.2f} round trips per read over {counted['ops']} reads (counted on the wire)",
+            })
+    for engine, label in ENGINE_LABELS.items():
+        fair = aio.get("fair", {}).get(engine)
+        c = fair and fair["cells"].get(AIO_ROUTER[engine])
+        if not fair or not c:
+            continue
+        share = c["throughput"] / fair["ceiling"]
+        ok = share >= CEILING_SHARE and c["starved_worst"] == 0 and c["errors"] == 0 and c["hung"] == 0
+        other = fair["cells"].get(AIO_POOL[engine])
+        beside = (f"; beside it, {AIO_POOL[engine].split('.', 1)[1]}: {other['throughput'] / fair['ceiling']:.1%}, "
+                  f"starved {other['starved_worst']}" if other else "")
+        ref = fair.get("reference")
+        if ref:
+            beside += (f"; {fair['size']} raw connections without a pool: {ref['throughput']:,.0f} ops/s "
+                       f"({ref['throughput'] / fair['ceiling']:.1%})")
+        out.append({
+            "target": f"{label}, asyncio, {fair['tasks']:,} tasks on a pool of {fair['size']}, 5 ms server wait: "
+                      f">= 95% of the I/O ceiling ({fair['size']} connections / service time), no starved task",
+            "verdict": _verdict(ok),
+            "numbers": f"{c['throughput']:,.0f} ops/s = {share:.1%} of {fair['size']} / {fair['service_time_ms']:.2f} ms "
+                       f"= {fair['ceiling']:,.0f}; starved tasks (worst round) {c['starved_worst']} (a fair queue's "
+                       f"wait W = {fair['tasks'] / c['throughput'] if c['throughput'] else float('inf'):.2f} s, "
+                       f"window {fair.get('window_s', float('nan')):.0f} s); longest wait "
+                       f"between two queries of a task {c['max_gap_ms']:,.0f} ms; errors {c['errors']}; "
+                       f"hung {c['hung']}{beside}",
+        })
     return out
 
 
@@ -483,6 +552,13 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
             add(f"* {engine}, one thread: `router.read('SELECT 1')` costs {over:+.1f} µs (p50) over the raw driver on "
                 f"one open connection, {r['contenders'][other]['label']} {over_other:+.1f} µs; per op it takes "
                 f"{ratio:.2f}x dbrouter's time.")
+    aio_pg = r.get("async", {}).get("single", {}).get("postgres", {})
+    if all(k in aio_pg for k in (AIO_ROUTER["postgres"], AIO_FLOOR["postgres"], AIO_POOL["postgres"])):
+        floor = aio_pg[AIO_FLOOR["postgres"]]["p50_us"]
+        mine = added_over_floor(aio_pg[AIO_ROUTER["postgres"]]["p50_us"], floor)[0]
+        theirs = added_over_floor(aio_pg[AIO_POOL["postgres"]]["p50_us"], floor)[0]
+        add(f"* postgres, asyncio, one task: `await router.read('SELECT 1')` adds {mine:+.1f} µs (median call) over a "
+            f"raw psycopg AsyncConnection, psycopg_pool's AsyncConnectionPool (autocommit) {theirs:+.1f} µs.")
     add("")
     add("## Targets from the issue")
     add("")
@@ -641,6 +717,7 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
         add("")
 
     _bulk_sections(r, add)
+    _async_sections(r, add)
 
     add("## Contenders and how each is set up")
     add("")
@@ -666,6 +743,18 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
         "rounds of the per-round ratio of rows/s (every contender loads in every round, in a fresh random order); "
         "judged on `write_many(batch_size=10000, workers=2)`. The best multi-row INSERT is the best of the three "
         "statement sizes in each round.")
+    if r.get("async"):
+        add("* *asyncio, adds no more than psycopg_pool*: added = the median over rounds of (contender's median call "
+            "− the raw AsyncConnection's median call), both measured in the same round; PASS when AsyncRouter's "
+            "added ≤ AsyncConnectionPool (autocommit)'s added (difference ≤ 0). The paired per-round "
+            "AsyncRouter − pool median is shown too, with its 95% bootstrap interval.")
+        add("* *asyncio, exactly one round trip*: client turns counted by the relay / reads, after a warm-up; PASS "
+            "only at exactly 1.")
+        add("* *asyncio, 95% of the I/O ceiling, no starved task*: median throughput over rounds / (10 connections "
+            "/ the median of the 5 ms query's times on one raw connection, one task, measured right before each "
+            "cell) ≥ 0.95; no task "
+            "that completed nothing in the window in any round; no errors; no task still running 15 s after the "
+            "queue it left at the window's end had time to drain (1.5 × tasks / throughput, at most 120 s).")
     add("* *streams*: rows/s as the median of per-round ratios; peak RSS growth = the child process's peak RSS "
         "(VmHWM, reset after a 10,000-row warm-up) minus its RSS before the stream, the largest over the rounds.")
     add("")
@@ -675,3 +764,124 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
         add(f"* {note}")
     add("")
     path.write_text("\n".join(lines))
+
+
+def _async_sections(r: dict[str, Any], add: Any) -> None:
+    aio = r.get("async")
+    if not aio:
+        return
+    cfg = r["config"]
+    labels = {key: info["label"] for key, info in aio["contenders"].items()}
+    loop = aio.get("loop", {})
+    add("## 8. asyncio: AsyncRouter against the async pools")
+    add("")
+    add(f"Every contender runs in the same event loop conditions: `asyncio.run(..., debug=False)` on "
+        f"`{loop.get('loop')}` (policy {loop.get('policy')}, debug {loop.get('debug')}). uvloop is "
+        + ("installed but not used" if loop.get("uvloop_installed") else "not installed (and would not be used)")
+        + f". The phase took {aio.get('duration_s', float('nan')) / 60:.1f} min.")
+    add("")
+    failed = aio.get("failed", {})
+    if failed:
+        add("Contenders that could not run (they are not dropped silently: this is why):")
+        add("")
+        for key, why in failed.items():
+            add(f"* {labels.get(key, key)}: `{why}`")
+        add("")
+    single = aio.get("single", {})
+    trips = aio.get("trips", {})
+    for engine, title in (("postgres", "PostgreSQL"), ("mysql", "MySQL / MariaDB")):
+        data = single.get(engine)
+        if not data:
+            continue
+        floor_key = AIO_FLOOR[engine]
+        floor = data.get(floor_key)
+        rounds = next(iter(data.values()))["rounds"]
+        add(f"### 8a. One task, `SELECT 1`, {title}")
+        add("")
+        if engine != "postgres" and "postgres" in single:
+            add(f"{rounds} interleaved rounds, measured as above.")
+        else:
+            add(f"{rounds} interleaved rounds in {cfg.get('aio_epochs')} epochs (each epoch a new `asyncio.run` that "
+                "opens every contender anew); in each round every contender, in a fresh random order, runs one "
+                f"short batch (about {cfg.get('aio_batch_s', 0) * 1000:.0f} ms of back-to-back awaited calls, each "
+                "timed). Median and p99 are over every call of every round; *added* is the median over rounds of "
+                "(the contender's median call − the floor's median call in the same round), with a 95% bootstrap "
+                "interval; client CPU = process CPU time per call, a 10%-trimmed mean over rounds."
+                + (" The client ran pinned to one CPU and the servers to the other, as in the one-thread phase."
+                   if aio.get("single_pinned") else ""))
+        add("")
+        add("| Contender | median per call (µs) | p99 per call (µs) | added over the floor (µs) [95% CI] | "
+            "client CPU (µs/call) | round trips | client sends per call |")
+        add("| --- | ---: | ---: | ---: | ---: | ---: | --- |")
+        for key, res in data.items():
+            if floor and key != floor_key:
+                over, lo, hi = added_over_floor(res["p50_us"], floor["p50_us"])
+                over_text = f"{over:+.1f} [{lo:+.1f}, {hi:+.1f}]"
+            else:
+                over_text = "(floor)" if key == floor_key else ""
+            counted = trips.get(engine, {}).get(key)
+            add(f"| {labels[key]} | {_fmt(res['median_us'])} | {_fmt(res['p99_us'])} | {over_text} | "
+                f"{_fmt(center(res['cpu_us']))} | {_fmt(counted['round_trips'], 2) if counted else '–'} | "
+                f"{_sends(counted['messages']) if counted else ''} |")
+        add("")
+    fair = aio.get("fair", {})
+    for engine, title in (("postgres", "PostgreSQL"), ("mysql", "MySQL / MariaDB")):
+        f = fair.get(engine)
+        if not f:
+            continue
+        add(f"### 8c. {f['tasks']:,} tasks on a pool of {f['size']}, 5 ms in the server (`{f['sql']}`), {title}")
+        add("")
+        add(f"{cfg.get('aio_fair_rounds')} interleaved round(s) of {f['window_s']:.1f} s windows per contender, all "
+            f"in one event loop; every task runs the query back to back. The I/O ceiling is {f['size']} connections / "
+            f"the query's time on one raw connection, one task, measured right before each cell (median of "
+            f"{len(f.get('service_rounds_ms', []))}: {', '.join(f'{x:.2f}' for x in f.get('service_rounds_ms', []))} "
+            f"ms): {f['service_time_ms']:.2f} ms, so {f['ceiling']:,.0f} ops/s ('% of 2,000' is against the nominal "
+            f"{f['size']} / 5 ms). First row: {f['size']} tasks on {f['size']} raw connections, no pool. Starved = "
+            "tasks that completed nothing in the window (worst round); longest wait = the longest any task went "
+            "between two completed queries (from the window's start; the wait for a connection included); "
+            "W = tasks / throughput, the wait a fair queue gives (Little's law); client CPU = the bench process's "
+            "CPU over the window (1.0 = one core). Pools that raise when exhausted are behind an "
+            "`asyncio.Semaphore(10)`.")
+        add("")
+        add("| Contender | ops/s | % of ceiling | % of 2,000 | % of reference | p50 (ms) | p99 (ms) | longest wait "
+            "(ms) | W (ms) | queries per task (min–max) | starved | errors | client CPU |")
+        add("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |")
+        ref = f["reference"]
+        rows = [("*10 raw connections, one task each, no pool (reference)*", ref)]
+        rows += [(labels[key] + (" (semaphore-gated)" if aio["contenders"][key]["gate"] else ""), c)
+                 for key, c in f["cells"].items()]
+        for name, c in rows:
+            wait = c["tasks"] / c["throughput"] * 1e3 if c["throughput"] else float("nan")
+            of_ref = f"{c['throughput'] / ref['throughput']:.1%}" if c is not ref and ref["throughput"] else ""
+            add(f"| {name} | {_fmt(c['throughput'], 0)} | {c['throughput'] / f['ceiling']:.1%} | "
+                f"{c['throughput'] / f['ceiling_nominal']:.1%} | {of_ref} | {_fmt(c['p50_ms'], 1)} | "
+                f"{_fmt(c['p99_ms'], 1)} | {_fmt(c['max_gap_ms'], 0)} | {_fmt(wait, 0)} | "
+                f"{c['per_task_min']}–{c['per_task_max']} | {c['starved_worst']} | {c['errors']} | "
+                f"{c['client_cpu']:.2f} |")
+        add("")
+    add("**How each async contender is set up**")
+    add("")
+    add("| Contender | engine | setup |")
+    add("| --- | --- | --- |")
+    for info in aio["contenders"].values():
+        add(f"| {info['label']} | {info['engine']} | {info['note']} |")
+    add("")
+    for note in AIO_NOTES:
+        add(f"* {note}")
+    add("")
+
+
+AIO_NOTES = [
+    "The floors make the calls dbrouter makes, with no pool: psycopg's AsyncConnection with one cursor kept "
+    "(`await cur.execute(sql)`, `await cur.fetchall()`), mysql.connector.aio's `cmd_query` + `get_rows`. "
+    "psycopg prepares a statement after 5 executions (prepare_threshold=5, its default, which the floor, "
+    "psycopg_pool and SQLAlchemy keep); dbrouter sets prepare_threshold=None (never prepare: a query without "
+    "parameters goes as one simple Query message), so the floor with that setting is shown too.",
+    "mysql.connector.aio has no C extension: the raw connection, its pool and AsyncRouter's MySQL adapter all run "
+    "the connector's pure-Python protocol. Against the bench's servers (no TLS) it needs ssl_disabled=True to "
+    "connect at all: otherwise connect() ends in `TypeError: cannot unpack non-iterable NoneType object` (it "
+    "unpacks the cipher of a plain socket); dbrouter's adapter works around that itself.",
+    "AsyncRouter runs as AsyncRouter(primary, [replica 1], max_size=10): its reads go to the same replica as "
+    "everyone else's, its health monitor probes once a second from a thread (once an hour while round trips are "
+    "counted). In the 1,000-task cells every pool is first filled to its 10 connections.",
+]

@@ -144,3 +144,58 @@ def test_stream_memory_and_speed(growth_mib: float, share: float, expected: tupl
     found = {t["target"]: t["verdict"] for t in report.evaluate_targets(results)}
     assert (found["PostgreSQL: router.stream of 5,000,000 rows: peak RSS growth < 64 MiB"],
             found["PostgreSQL: router.stream rows/s >= 0.9x a psycopg2 named cursor with the same itersize"]) == expected
+
+
+# -- asyncio (phase async): built here too --------------------------------------------------------
+
+
+def aio_verdict(aio: dict[str, Any], target_starts: str) -> str:
+    found = [t for t in report.evaluate_targets({"async": aio}) if t["target"].startswith(target_starts)]
+    assert len(found) == 1, [t["target"] for t in report.evaluate_targets({"async": aio})]
+    return found[0]["verdict"]
+
+
+@pytest.mark.parametrize(("router_added", "pool_added", "expected"),
+                         [(20.0, 20.0, "PASS"), (12.0, 20.0, "PASS"), (20.5, 20.0, "FAIL")])
+def test_async_router_adds_no_more_than_psycopg_pool(router_added: float, pool_added: float, expected: str) -> None:
+    # The floor swings from round to round (a busy box): what each adds is taken within each round.
+    floor = [100.0, 900.0, 95.0, 4000.0, 105.0, 110.0, 98.0]
+    single = {"postgres": {"pg.aio_raw": {"p50_us": floor},
+                           "pg.aio_router": {"p50_us": [x + router_added for x in floor]},
+                           "pg.aio_psycopg_pool_ac": {"p50_us": [x + pool_added for x in floor]}}}
+    assert aio_verdict({"single": single}, "PostgreSQL, asyncio, one task: AsyncRouter.read") == expected
+
+
+def test_async_added_is_the_median_of_per_round_differences() -> None:
+    floor = [100.0, 100.0, 100.0]
+    router = [110.0, 110.0, 500.0]  # one bad round does not move the median difference (+10)
+    pool = [112.0, 112.0, 112.0]
+    assert report.added_over_floor(router, floor)[0] == 10.0
+    single = {"postgres": {"pg.aio_raw": {"p50_us": floor}, "pg.aio_router": {"p50_us": router},
+                           "pg.aio_psycopg_pool_ac": {"p50_us": pool}}}
+    assert aio_verdict({"single": single}, "PostgreSQL, asyncio, one task") == "PASS"
+
+
+@pytest.mark.parametrize(("turns", "expected"), [(100, "PASS"), (101, "FAIL"), (99, "FAIL"), (200, "FAIL")])
+def test_async_exactly_one_round_trip(turns: int, expected: str) -> None:
+    trips = {engine: {key: {"ops": 100, "round_trips": turns / 100, "messages": {}}}
+             for engine, key in report.AIO_ROUTER.items()}
+    for label in ("PostgreSQL", "MySQL/MariaDB"):
+        assert aio_verdict({"trips": trips}, f"{label}, asyncio: exactly one round trip") == expected
+
+
+def _fair(share: float, *, starved: int = 0, errors: int = 0, hung: int = 0) -> dict[str, Any]:
+    service_ms = 5.8
+    ceiling = 10 / (service_ms / 1e3)
+    cell = {"throughput": share * ceiling, "starved_worst": starved, "errors": errors, "hung": hung,
+            "max_gap_ms": 700.0}
+    return {"postgres": {"tasks": 1000, "size": 10, "service_time_ms": service_ms, "ceiling": ceiling,
+                         "cells": {"pg.aio_router": cell}}}
+
+
+@pytest.mark.parametrize(("fair", "expected"), [
+    (_fair(0.951), "PASS"), (_fair(0.949), "FAIL"), (_fair(0.99, starved=1), "FAIL"), (_fair(0.99, errors=1), "FAIL"),
+    (_fair(0.99, hung=1), "FAIL"),
+])
+def test_async_ceiling_share_and_starvation(fair: dict[str, Any], expected: str) -> None:
+    assert aio_verdict({"fair": fair}, "PostgreSQL, asyncio, 1,000 tasks on a pool of 10") == expected

@@ -325,3 +325,70 @@ def test_writes_waiting_for_a_primary_do_not_starve_the_reads(pg_cluster: Any) -
     assert len(late_reads) > 20, f"{len(late_reads)} reads in the last second"
     assert all(not op.ok for op in ops if op.kind == "write")
     assert workload.writers == 2
+
+
+# -- --async: the workload as asyncio tasks through AsyncRouter ---------------------------------------
+
+class _FlakyRouter:
+    """Stands in for an AsyncRouter: every third write raises, one read never returns, and
+    every read blocks the loop for 20 ms (as a callback that computes would)."""
+
+    def __init__(self) -> None:
+        self.writes = 0
+        self.reads = 0
+        self.opened = self.closed = False
+
+    async def open(self) -> None:
+        self.opened = True
+
+    async def close(self, timeout: float = 5.0) -> None:
+        self.closed = True
+
+    async def write(self, sql: str, params: Any = None) -> int:
+        import asyncio
+
+        self.writes += 1
+        await asyncio.sleep(0.001)
+        if self.writes % 3 == 0:
+            raise RuntimeError(f"write {self.writes} failed\nsecond line")
+        return 1
+
+    async def read(self, sql: str, params: Any = None) -> list[tuple[Any, ...]]:
+        import asyncio
+
+        self.reads += 1
+        time.sleep(0.02)  # on the loop: asyncio's debug mode reports it
+        if self.reads == 5:
+            await asyncio.Event().wait()  # hangs until cancelled
+        await asyncio.sleep(0.001)
+        return [(0,)]
+
+
+def test_async_workload_records_every_failure_and_stops_within_its_bounds() -> None:
+    """An exception in a task is that operation's error; a task stuck in an operation is
+    cancelled at stop's timeout and the operation recorded as cancelled; the loop's thread
+    ends with close; asyncio debug mode's slow-callback reports are counted, not printed."""
+    import threading
+
+    from dbrouter.workload import AsyncWorkload
+
+    router = _FlakyRouter()
+    workload = AsyncWorkload(router, threads=2, write_ratio=0.5, duration=30.0, debug=True)  # type: ignore[arg-type]
+    workload.open(timeout=10)
+    assert router.opened
+    workload.start()
+    time.sleep(0.5)
+    began = time.monotonic()
+    assert not workload.stop(timeout=0.3)  # the hung read is cancelled
+    assert time.monotonic() - began < 5
+    assert workload.close(timeout=5) and router.closed
+    assert not any(t.name == "dbrouter-workload-loop" for t in threading.enumerate())
+    ops = workload.snapshot()
+    writes = [op for op in ops if op.kind == "write"]
+    failed = [op for op in writes if not op.ok]
+    assert len(writes) == router.writes and len(failed) == router.writes // 3
+    assert {op.error for op in failed} == {"RuntimeError"} and failed[0].detail == "write 3 failed"
+    assert [op.error for op in ops if op.kind == "read" and not op.ok] == ["CancelledError"]
+    assert workload.failures == []
+    assert workload.acknowledged == [op.row_id for op in writes if op.ok]
+    assert workload.slow_callbacks >= 1 and "took" in workload.slow_callback_reports[0]

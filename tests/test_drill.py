@@ -176,6 +176,8 @@ def test_a_violated_limit_exits_non_zero_and_names_it(tmp_path: Path) -> None:
         (["--config", "{config}", "--scenario", "shell", "--inject", "true"], "cluster not reachable"),
         (["--config", "{config}", "--scenario", "kill-primary"], "acts on a local cluster"),
         (["--local", "postgres", "--scenario", "shell"], "needs --inject"),
+        (["--local", "postgres", "--asyncio-debug"], "--asyncio-debug needs --async"),
+        (["--async", "--config", "{config}", "--scenario", "shell", "--inject", "true"], "cluster not reachable"),
     ],
 )
 def test_bad_input_fails_before_any_fault_and_leaves_nothing_running(args: list[str], message: str, tmp_path: Path) -> None:
@@ -329,6 +331,10 @@ def test_writes_waiting_for_a_primary_do_not_starve_the_reads(pg_cluster: Any) -
 
 # -- --async: the workload as asyncio tasks through AsyncRouter ---------------------------------------
 
+ASYNC_DRIVERS = {"postgres": "psycopg (async)", "mariadb": "mysql-connector (asyncio)"}
+WRITE_ERRORS = {"NoPrimaryAvailable", "WriteOutcomeUnknown"}  # what a write raises while there is no primary
+
+
 class _FlakyRouter:
     """Stands in for an AsyncRouter: every third write raises, one read never returns, and
     every read blocks the loop for 20 ms (as a callback that computes would)."""
@@ -392,3 +398,55 @@ def test_async_workload_records_every_failure_and_stops_within_its_bounds() -> N
     assert workload.failures == []
     assert workload.acknowledged == [op.row_id for op in writes if op.ok]
     assert workload.slow_callbacks >= 1 and "took" in workload.slow_callback_reports[0]
+
+
+def _reads_during(report: dict[str, Any], spans: list[list[float]]) -> tuple[int, int]:
+    """(reads, at most this many of them failed) in the timeline slots within ``spans``: every
+    error of a kind a write raises without a primary is a write's, any other counted as a read's."""
+    reads = failed = 0
+    for slot in report["timeline"]:
+        if any(begin <= slot["t"] < end for begin, end in spans):
+            reads += slot["reads"]
+            failed += sum(n for kind, n in slot["errors"].items() if kind not in WRITE_ERRORS)
+    return reads, failed
+
+
+@pytest.mark.parametrize("engine", [pytest.param("postgres", marks=pytest.mark.postgres, id="postgres"),
+                                    pytest.param("mariadb", marks=pytest.mark.mysql, id="mariadb")])
+def test_async_drill_with_synchronous_replication_loses_no_acknowledged_write(engine: str, tmp_path: Path) -> None:
+    """``drill --async``: the workload as asyncio tasks through AsyncRouter, with PostgreSQL
+    in asyncio's debug mode (its slow callbacks are printed, not judged: on this loaded
+    machine most are preemption, see tests/_loopcheck.py)."""
+    debug = ["--asyncio-debug"] if engine == "postgres" else []
+    done = subprocess.run([*CLI, "drill", "--async", *debug, "--local", engine, "--scenario", "kill-primary-promote",
+                           "--sync", "--duration", "10s", "--fault-at", "3s", "--promote-after", "1.5s", "--no-recover",
+                           "--threads", "8", "--quiet", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert f"workload           asyncio, 8 tasks on one event loop; driver {ASYNC_DRIVERS[engine]}" in done.stdout
+    report = json.loads((tmp_path / "dbrouter-drill-kill-primary-promote.json").read_text())
+    settings, results = report["settings"], report["results"]
+    assert settings["workload"] == "asyncio" and settings["driver"] == ASYNC_DRIVERS[engine]
+    assert results["lost_writes"] == 0 and results["duplicated_writes"] == 0, results
+    assert results["acknowledged_writes"] > 50
+    assert not [note for note in report["notes"] if "failed outside an operation" in note]
+    # Reads went on through the outage, nearly all answered.
+    outages = results["write_outages"]
+    assert outages, results
+    reads, failed = _reads_during(report, outages)
+    assert reads > 0 and failed <= 0.1 * reads, (reads, failed, outages)
+    assert results["read_availability"] >= 99.0, results["errors_by_kind"]
+    # Writes came back after the promotion: acknowledged, with no error, from the end of the
+    # last outage to the end of the drill.
+    failover = [e["t"] for e in report["events"] if e["name"] == "failover"]
+    assert failover, report["events"]
+    back = outages[-1][1]
+    assert failover[0] - 1.0 <= back < report["duration"] - 1.0, (failover, outages)
+    after = [slot for slot in report["timeline"] if slot["t"] >= back]
+    assert sum(slot["writes"] for slot in after) > 10
+    assert not [slot for slot in after if set(slot["errors"]) & WRITE_ERRORS]
+    if debug:
+        assert isinstance(results["slow_callbacks"], int)
+        print(f"asyncio debug mode: {results['slow_callbacks']} slow callbacks (5 ms or more) on the workload's loop")
+    else:
+        assert "slow_callbacks" not in results

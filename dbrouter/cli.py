@@ -166,7 +166,7 @@ def _drill_options(args: argparse.Namespace) -> Any:
             promote_after=_seconds(args.promote_after), latency=_seconds(args.latency), inject=args.inject,
             recover=args.recover, failover_wait=None if args.failover_wait is None else _seconds(args.failover_wait),
             out=Path(args.out),
-            live=not args.quiet, limits=limits,
+            live=not args.quiet, limits=limits, asyncio=args.asyncio, asyncio_debug=args.asyncio_debug,
         )
     except ValueError as exc:
         raise ConfigurationError(f"cannot read a duration: {exc}") from None
@@ -240,7 +240,15 @@ def _add_drill_arguments(p: argparse.ArgumentParser, *, demo: bool) -> None:
     p.add_argument("--replicas", type=int, default=2)
     p.add_argument("--sync", action="store_true", help="synchronous (PostgreSQL) / semi-synchronous (MariaDB) replication;"
                                                        " Patroni's synchronous_mode: true")
-    p.add_argument("--threads", type=int, default=8)
+    p.add_argument("--threads", type=int, default=8,
+                   help="workers: threads, or with --async asyncio tasks on one event loop (default 8)")
+    p.add_argument("--async", dest="asyncio", action="store_true",
+                   help="run the workload as asyncio tasks through dbrouter.AsyncRouter (psycopg 3's async "
+                        "connection, mysql.connector.aio) on an event loop in a thread of its own, instead of threads "
+                        "through Router")
+    p.add_argument("--asyncio-debug", action="store_true",
+                   help="with --async: asyncio's debug mode on the workload's loop; callbacks that run 5 ms or more "
+                        "are counted in the report (slow_callbacks)")
     p.add_argument("--write-ratio", type=float, default=0.3, help="share of writes, 0 to 1")
     p.add_argument("--duration", default="15s" if demo else "20s")
     p.add_argument("--rate", type=float, help="target operations per second over all threads (default: flat out)")

@@ -1,26 +1,45 @@
-"""A mixed read/write workload through a `Router`, recording what the application saw.
+"""A mixed read/write workload through a router, recording what the application saw.
 
 Used by failover drills and by the resilience tests. Every write inserts a row
 with a unique id, and the ids the router acknowledged are kept, so that after
 a fault one can count lost writes (acknowledged but absent) and duplicated
 writes (present more than once; the table has no unique key on purpose, so a
 write applied twice would show).
+
+Two ways to run it, one model: `Workload` runs threads through a `Router`,
+`AsyncWorkload` runs asyncio tasks through an `AsyncRouter` on an event loop in a
+thread of its own. Both record every operation as an `Op` and check the writes
+with `BaseWorkload`'s code.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import itertools
+import logging
 import random
 import threading
 import time
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Awaitable, Callable, Generic, TypeVar
 
+from .adapters.base import Rows
+from .aio.router import AsyncRouter
+from .errors import DbRouterError
 from .router import Router
 
-__all__ = ["Op", "Workload"]
+__all__ = ["AsyncWorkload", "BaseWorkload", "Op", "Workload"]
+
+log = logging.getLogger("dbrouter.workload")
 
 DEFAULT_TABLE = "dbrouter_drill"
+SLOW_CALLBACK = 0.005
+"""Seconds: with asyncio's debug mode on, a callback that runs this long on the loop is reported."""
+
+R = TypeVar("R")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -44,28 +63,25 @@ class Op:
 
 
 @dataclass
-class Workload:
-    """``threads`` workers issuing reads and writes until `stop` or ``duration``.
-
-    ``write_ratio`` is the share of writes, given to separate workers: that share of
-    the threads only writes and the rest only reads, so that writes waiting out a
-    failover cannot starve the reads unseen (with one thread, it does both). ``rate``
-    (operations per second over all threads) paces the workers, None runs them flat
-    out. Bounded: every worker stops at ``duration`` seconds after `start` at the latest.
+class BaseWorkload(Generic[R]):
+    """What both workloads share: the settings, the statements, the write ids, the record
+    of operations and the check of the writes. `Workload` and `AsyncWorkload` add the
+    workers (threads or tasks); see `Workload` for the settings.
     """
 
-    router: Router
+    router: R
     threads: int = 8
     write_ratio: float = 0.3
     rate: float | None = None
     duration: float = 60.0
     table: str = DEFAULT_TABLE
     ops: list[Op] = field(default_factory=list)
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _workers: list[threading.Thread] = field(default_factory=list)
     _ids: Any = field(default_factory=lambda: itertools.count(1))
     _lock: threading.Lock = field(default_factory=threading.Lock)
     started_at: float = 0.0
+
+    kind = ""
+    """``threads`` or ``asyncio``: how the workers run (for reports)."""
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.write_ratio <= 1.0:
@@ -73,79 +89,59 @@ class Workload:
         if self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
 
-    def prepare(self) -> None:
-        """Create the table (empty) on the primary. The table has no key: duplicates must show."""
-        self.router.write(f"DROP TABLE IF EXISTS {self.table}")
-        self.router.write(f"CREATE TABLE {self.table} (id bigint NOT NULL, worker int NOT NULL)")
-
-    def start(self) -> None:
-        self.started_at = time.monotonic()
-        self._stop.clear()
-        writers = self.writers
-        for index in range(self.threads):
-            role = "mixed" if self.threads == 1 else "write" if index < writers else "read"
-            worker = threading.Thread(target=self._work, args=(index, role), name=f"dbrouter-workload-{index}",
-                                      daemon=True)
-            worker.start()
-            self._workers.append(worker)
-
-    def stop(self, timeout: float = 30.0) -> bool:
-        """Stop the workers; True when all of them finished within ``timeout``."""
-        self._stop.set()
-        deadline = time.monotonic() + timeout
-        for worker in self._workers:
-            worker.join(max(0.0, deadline - time.monotonic()))
-        return not any(worker.is_alive() for worker in self._workers)
-
     @property
     def writers(self) -> int:
-        """How many of the threads only write (the others only read)."""
+        """How many of the workers only write (the others only read)."""
         if self.write_ratio == 0.0 or self.threads == 1:
             return 0 if self.write_ratio == 0.0 else 1
         if self.write_ratio == 1.0:
             return self.threads
         return min(self.threads - 1, max(1, round(self.threads * self.write_ratio)))
 
-    def _work(self, index: int, role: str) -> None:
-        rng = random.Random(index)
-        interval = self.threads / self.rate if self.rate else 0.0
-        next_at = time.monotonic()
-        end = self.started_at + self.duration
-        while not self._stop.is_set() and time.monotonic() < end:
-            if interval:
-                next_at += interval
-                delay = next_at - time.monotonic()
-                if delay > 0 and self._stop.wait(delay):
-                    break
-            if role == "write" or (role == "mixed" and rng.random() < self.write_ratio):
-                self._write(index)
-            else:
-                self._read(rng)
+    def _role(self, index: int) -> str:
+        """``write``, ``read``, or ``mixed`` (a single worker does both)."""
+        return "mixed" if self.threads == 1 else "write" if index < self.writers else "read"
+
+    def _writes_next(self, role: str, rng: random.Random) -> bool:
+        return role == "write" or (role == "mixed" and rng.random() < self.write_ratio)
+
+    @property
+    def _interval(self) -> float:
+        """Seconds between one worker's operations under ``rate``; 0 runs flat out."""
+        return self.threads / self.rate if self.rate else 0.0
+
+    # -- the statements -------------------------------------------------------------
+
+    def _setup_statements(self) -> list[str]:
+        """The table, empty, with no key: duplicates must show."""
+        return [f"DROP TABLE IF EXISTS {self.table}",
+                f"CREATE TABLE {self.table} (id bigint NOT NULL, worker int NOT NULL)"]
+
+    def _insert(self, index: int) -> tuple[int, str, tuple[int, int]]:
+        """A new write id, and the statement that writes it."""
+        row_id = next(self._ids)
+        return row_id, f"INSERT INTO {self.table} (id, worker) VALUES (%s, %s)", (row_id, index)
+
+    def _select(self, rng: random.Random) -> tuple[str, tuple[int]]:
+        return f"SELECT count(*) FROM {self.table} WHERE id = %s", (rng.randrange(1, 1_000_000),)
+
+    @property
+    def _ids_statement(self) -> str:
+        return f"SELECT id FROM {self.table}"
+
+    # -- the record --------------------------------------------------------------------
 
     def _record(self, op: Op) -> None:
         with self._lock:
             self.ops.append(op)
 
-    def _write(self, index: int) -> None:
-        row_id = next(self._ids)
-        start = time.monotonic()
-        try:
-            self.router.write(f"INSERT INTO {self.table} (id, worker) VALUES (%s, %s)", (row_id, index))
-        except Exception as exc:  # noqa: BLE001 - the drill reports every kind of failure
-            self._record(Op("write", start, time.monotonic(), type(exc).__name__, row_id, _first_line(exc)))
+    def _done(self, kind: str, start: float, exc: BaseException | None = None, row_id: int | None = None) -> None:
+        """Record an operation begun at ``start`` that ended now, failed with ``exc`` or not."""
+        end = time.monotonic()
+        if exc is None:
+            self._record(Op(kind, start, end, None, row_id))
         else:
-            self._record(Op("write", start, time.monotonic(), None, row_id))
-
-    def _read(self, rng: random.Random) -> None:
-        start = time.monotonic()
-        try:
-            self.router.read(f"SELECT count(*) FROM {self.table} WHERE id = %s", (rng.randrange(1, 1_000_000),))
-        except Exception as exc:  # noqa: BLE001
-            self._record(Op("read", start, time.monotonic(), type(exc).__name__, None, _first_line(exc)))
-        else:
-            self._record(Op("read", start, time.monotonic()))
-
-    # -- results -------------------------------------------------------------
+            self._record(Op(kind, start, end, type(exc).__name__, row_id, _first_line(exc)))
 
     def snapshot(self) -> list[Op]:
         with self._lock:
@@ -166,6 +162,349 @@ class Workload:
         duplicated = sorted(i for i, n in counts.items() if n > 1)
         return lost, duplicated
 
+
+@dataclass
+class Workload(BaseWorkload[Router]):
+    """``threads`` workers issuing reads and writes through a `Router` until `stop` or ``duration``.
+
+    ``write_ratio`` is the share of writes, given to separate workers: that share of
+    the threads only writes and the rest only reads, so that writes waiting out a
+    failover cannot starve the reads unseen (with one thread, it does both). ``rate``
+    (operations per second over all threads) paces the workers, None runs them flat
+    out. Bounded: every worker stops at ``duration`` seconds after `start` at the latest.
+    """
+
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _workers: list[threading.Thread] = field(default_factory=list)
+
+    kind = "threads"
+
+    def prepare(self) -> None:
+        """Create the table (empty) on the primary. The table has no key: duplicates must show."""
+        for statement in self._setup_statements():
+            self.router.write(statement)
+
+    def start(self) -> None:
+        self.started_at = time.monotonic()
+        self._stop.clear()
+        for index in range(self.threads):
+            worker = threading.Thread(target=self._work, args=(index, self._role(index)),
+                                      name=f"dbrouter-workload-{index}", daemon=True)
+            worker.start()
+            self._workers.append(worker)
+
+    def stop(self, timeout: float = 30.0) -> bool:
+        """Stop the workers; True when all of them finished within ``timeout``."""
+        self._stop.set()
+        deadline = time.monotonic() + timeout
+        for worker in self._workers:
+            worker.join(max(0.0, deadline - time.monotonic()))
+        return not any(worker.is_alive() for worker in self._workers)
+
+    def read_ids(self) -> Rows:
+        """``SELECT id`` of the table, in a transaction on the primary (for `check_writes`)."""
+        with self.router.transaction() as tx:
+            return tx.read(self._ids_statement)
+
+    def _work(self, index: int, role: str) -> None:
+        rng = random.Random(index)
+        interval = self._interval
+        next_at = time.monotonic()
+        end = self.started_at + self.duration
+        while not self._stop.is_set() and time.monotonic() < end:
+            if interval:
+                next_at += interval
+                delay = next_at - time.monotonic()
+                if delay > 0 and self._stop.wait(delay):
+                    break
+            if self._writes_next(role, rng):
+                self._write(index)
+            else:
+                self._read(rng)
+
+    def _write(self, index: int) -> None:
+        row_id, sql, params = self._insert(index)
+        start = time.monotonic()
+        try:
+            self.router.write(sql, params)
+        except Exception as exc:  # noqa: BLE001 - the drill reports every kind of failure
+            self._done("write", start, exc, row_id)
+        else:
+            self._done("write", start, None, row_id)
+
+    def _read(self, rng: random.Random) -> None:
+        sql, params = self._select(rng)
+        start = time.monotonic()
+        try:
+            self.router.read(sql, params)
+        except Exception as exc:  # noqa: BLE001
+            self._done("read", start, exc)
+        else:
+            self._done("read", start)
+
+
+@dataclass
+class AsyncWorkload(BaseWorkload[AsyncRouter]):
+    """`Workload` as asyncio tasks: ``threads`` tasks issue the reads and writes through an
+    `AsyncRouter`, on one event loop that runs in a thread of its own
+    (``dbrouter-workload-loop``), so that the caller's threads (a drill's fault
+    injection and live view) go on as they do for `Workload`.
+
+    The settings, the statements, the record and the check of the writes are
+    `BaseWorkload`'s; ``threads`` counts tasks. `open` starts the loop and opens the
+    router there, `close` closes the router there and stops the loop: call them from
+    another thread, as every public method here. An operation that raises (a
+    cancellation too) is recorded as that operation's error; a task that dies outside an
+    operation is listed in `failures`.
+
+    ``debug`` turns asyncio's debug mode on for the loop, with `SLOW_CALLBACK` as its
+    slow-callback threshold: its "Executing ... took" reports from the loop are counted in
+    `slow_callbacks` (the first few kept in `slow_callback_reports`) and kept off the
+    console, where they would bury a drill's live view.
+    """
+
+    debug: bool = False
+    slow_callbacks: int = 0
+    slow_callback_reports: list[str] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    _loop: asyncio.AbstractEventLoop | None = None
+    _thread: threading.Thread | None = None
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    _stopping: asyncio.Event | None = None
+    _filter: logging.Filter | None = None
+
+    kind = "asyncio"
+
+    # -- the loop and the router ---------------------------------------------------------
+
+    def open(self, timeout: float = 30.0) -> None:
+        """Start the loop in its thread and open the router on it. Raises the router's error,
+        or `DbRouterError` when it has not opened within ``timeout``; call `close` after
+        either way."""
+        if self._loop is not None:
+            raise DbRouterError("the workload's event loop was started already")
+        loop = asyncio.new_event_loop()
+        if self.debug:
+            loop.set_debug(True)
+            loop.slow_callback_duration = SLOW_CALLBACK
+        self._loop = loop
+        self._thread = threading.Thread(target=self._run_loop, args=(loop,), name="dbrouter-workload-loop",
+                                        daemon=True)
+        if self.debug:
+            self._filter = _SlowCallbacks(self)
+            logging.getLogger("asyncio").addFilter(self._filter)
+        self._thread.start()
+        self.call(self.router.open, timeout)
+
+    @staticmethod
+    def _run_loop(loop: asyncio.AbstractEventLoop) -> None:
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_forever()
+        finally:
+            # What is left (only after a close that timed out: the router's pools close
+            # their own tasks) is cancelled and given a moment, then the loop is closed.
+            # No wait for the default executor: a thread stuck in it must not hold this up.
+            try:
+                pending = asyncio.all_tasks(loop)
+                for task in pending:
+                    task.cancel()
+                if pending:
+                    loop.run_until_complete(asyncio.wait(pending, timeout=_CANCEL_GRACE))
+                loop.run_until_complete(loop.shutdown_asyncgens())
+            finally:
+                loop.close()
+
+    def call(self, fn: Callable[[], Awaitable[T]], timeout: float) -> T:
+        """``await fn()`` on the workload's loop, from another thread, and return its result
+        (raise its exception). `DbRouterError` when it takes longer than ``timeout`` (the
+        call is then cancelled) or the loop is not running."""
+        loop, thread = self._loop, self._thread
+        if loop is None or thread is None or not thread.is_alive() or loop.is_closed():
+            raise DbRouterError("the workload's event loop is not running")
+
+        async def run() -> T:
+            return await fn()
+
+        future = asyncio.run_coroutine_threadsafe(run(), loop)
+        try:
+            return future.result(timeout)
+        except FutureTimeout:
+            if future.done():
+                raise  # fn's own timeout: its error
+            future.cancel()
+            raise DbRouterError(f"the workload's event loop did not answer within {timeout:g}s") from None
+
+    def close(self, timeout: float = 30.0) -> bool:
+        """Close the router on the loop, stop the loop and join its thread; True when all that
+        finished within ``timeout``. Safe in any state (a router never opened is closed
+        too: it holds a thread from its construction)."""
+        deadline = time.monotonic() + timeout
+        loop, thread = self._loop, self._thread
+        clean = True
+        try:
+            if loop is None or thread is None:
+                asyncio.run(self.router.close(0))  # never opened: only its construction's thread to stop
+                return True
+            if not thread.is_alive():
+                log.warning("the workload's event loop had stopped before close: the router was not closed")
+                return False
+            try:
+                # The router gets most of the time; the loop's own shut down the rest.
+                self.call(lambda: self.router.close(max(0.1, 0.8 * (deadline - time.monotonic()) - 1.0)),
+                          max(0.1, deadline - time.monotonic() - _CANCEL_GRACE))
+            except Exception as exc:  # noqa: BLE001 - the loop is stopped whatever happened
+                log.warning("closing the router on the workload's event loop: %s", exc)
+                clean = False
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(max(0.0, deadline - time.monotonic()) + _CANCEL_GRACE)
+            if thread.is_alive():
+                log.warning("the workload's event loop did not stop within %.1fs", timeout)
+                clean = False
+            return clean
+        finally:
+            if self._filter is not None:
+                logging.getLogger("asyncio").removeFilter(self._filter)
+                self._filter = None
+
+    # -- the workload ----------------------------------------------------------------------
+
+    def prepare(self, timeout: float = 60.0) -> None:
+        """Create the table (empty) on the primary. The table has no key: duplicates must show."""
+        async def prepare() -> None:
+            for statement in self._setup_statements():
+                await self.router.write(statement)
+
+        self.call(prepare, timeout)
+
+    def start(self) -> None:
+        self.started_at = time.monotonic()
+
+        async def start() -> None:
+            self._stopping = asyncio.Event()
+            for index in range(self.threads):
+                task = asyncio.create_task(self._work(index, self._role(index)), name=f"dbrouter-workload-{index}")
+                task.add_done_callback(self._task_done)
+                self._tasks.append(task)
+
+        self.call(start, 30.0)
+
+    def stop(self, timeout: float = 30.0) -> bool:
+        """Stop the tasks: each ends after its current operation; those still in one at
+        ``timeout`` are cancelled (the operation is recorded as cancelled). True when all
+        ended within ``timeout`` without being cancelled."""
+        if not self._tasks:
+            return True
+        tasks = list(self._tasks)
+
+        async def stop() -> bool:
+            assert self._stopping is not None
+            self._stopping.set()
+            _, pending = await asyncio.wait(tasks, timeout=timeout)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=_CANCEL_GRACE)
+            return not pending
+
+        try:
+            return self.call(stop, timeout + _CANCEL_GRACE + 5.0)
+        except DbRouterError as exc:
+            log.warning("stopping the workload's tasks: %s", exc)
+            return False
+
+    def read_ids(self, timeout: float = 30.0) -> Rows:
+        """``SELECT id`` of the table, in a transaction on the primary (for `check_writes`)."""
+        async def read_ids() -> Rows:
+            async with self.router.transaction() as tx:
+                return await tx.read(self._ids_statement)
+
+        return self.call(read_ids, timeout)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            error = task.exception()
+            self.failures.append(f"{task.get_name()}: {type(error).__name__}: {error}")
+            log.error("workload task %s failed outside an operation", task.get_name(), exc_info=error)
+
+    async def _work(self, index: int, role: str) -> None:
+        rng = random.Random(index)
+        interval = self._interval
+        next_at = time.monotonic()
+        end = self.started_at + self.duration
+        stopping = self._stopping
+        assert stopping is not None
+        while not stopping.is_set() and time.monotonic() < end:
+            if interval:
+                next_at += interval
+                delay = next_at - time.monotonic()
+                if delay > 0:
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(stopping.wait(), delay)
+                    if stopping.is_set():
+                        break
+            if self._writes_next(role, rng):
+                await self._write(index)
+            else:
+                await self._read(rng)
+            # A call that fails without waiting (no primary, an open breaker) returns without
+            # giving the loop up; the other tasks get their turn before the next one (threads
+            # get theirs from the interpreter's switch interval).
+            await asyncio.sleep(0)
+
+    async def _write(self, index: int) -> None:
+        row_id, sql, params = self._insert(index)
+        start = time.monotonic()
+        try:
+            await self.router.write(sql, params)
+        except BaseException as exc:
+            self._done("write", start, exc, row_id)  # a cancelled write too: its outcome is not known
+            if not isinstance(exc, Exception):
+                raise
+        else:
+            self._done("write", start, None, row_id)
+
+    async def _read(self, rng: random.Random) -> None:
+        sql, params = self._select(rng)
+        start = time.monotonic()
+        try:
+            await self.router.read(sql, params)
+        except BaseException as exc:
+            self._done("read", start, exc)
+            if not isinstance(exc, Exception):
+                raise
+        else:
+            self._done("read", start)
+
+
+_CANCEL_GRACE = 2.0
+"""Seconds the loop gives cancelled tasks to end."""
+_KEPT_REPORTS = 5
+
+
+class _SlowCallbacks(logging.Filter):
+    """On the ``asyncio`` logger: counts the slow-callback reports of one workload's loop
+    (emitted on its thread) and drops them; every other record passes."""
+
+    def __init__(self, workload: AsyncWorkload) -> None:
+        super().__init__()
+        self._workload = workload
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        workload = self._workload
+        thread = workload._thread
+        if thread is None or record.thread != thread.ident:
+            return True
+        message = record.getMessage()
+        if not (message.startswith("Executing ") and " took " in message):
+            return True
+        workload.slow_callbacks += 1  # only the loop's thread gets here
+        if len(workload.slow_callback_reports) < _KEPT_REPORTS:
+            # Debug mode's handle reprs run long (where each task was made): keep the head, which
+            # names the callback, and the tail, which says how long it took.
+            workload.slow_callback_reports.append(message if len(message) <= 300 else
+                                                  f"{message[:220]} ... {message[-40:]}")
+        return False
 
 def _first_line(exc: BaseException) -> str:
     lines = str(exc).strip().splitlines()

@@ -176,6 +176,8 @@ def test_a_violated_limit_exits_non_zero_and_names_it(tmp_path: Path) -> None:
         (["--config", "{config}", "--scenario", "shell", "--inject", "true"], "cluster not reachable"),
         (["--config", "{config}", "--scenario", "kill-primary"], "acts on a local cluster"),
         (["--local", "postgres", "--scenario", "shell"], "needs --inject"),
+        (["--local", "postgres", "--asyncio-debug"], "--asyncio-debug needs --async"),
+        (["--async", "--config", "{config}", "--scenario", "shell", "--inject", "true"], "cluster not reachable"),
     ],
 )
 def test_bad_input_fails_before_any_fault_and_leaves_nothing_running(args: list[str], message: str, tmp_path: Path) -> None:
@@ -325,3 +327,126 @@ def test_writes_waiting_for_a_primary_do_not_starve_the_reads(pg_cluster: Any) -
     assert len(late_reads) > 20, f"{len(late_reads)} reads in the last second"
     assert all(not op.ok for op in ops if op.kind == "write")
     assert workload.writers == 2
+
+
+# -- --async: the workload as asyncio tasks through AsyncRouter ---------------------------------------
+
+ASYNC_DRIVERS = {"postgres": "psycopg (async)", "mariadb": "mysql-connector (asyncio)"}
+WRITE_ERRORS = {"NoPrimaryAvailable", "WriteOutcomeUnknown"}  # what a write raises while there is no primary
+
+
+class _FlakyRouter:
+    """Stands in for an AsyncRouter: every third write raises, one read never returns, and
+    every read blocks the loop for 20 ms (as a callback that computes would)."""
+
+    def __init__(self) -> None:
+        self.writes = 0
+        self.reads = 0
+        self.opened = self.closed = False
+
+    async def open(self) -> None:
+        self.opened = True
+
+    async def close(self, timeout: float = 5.0) -> None:
+        self.closed = True
+
+    async def write(self, sql: str, params: Any = None) -> int:
+        import asyncio
+
+        self.writes += 1
+        await asyncio.sleep(0.001)
+        if self.writes % 3 == 0:
+            raise RuntimeError(f"write {self.writes} failed\nsecond line")
+        return 1
+
+    async def read(self, sql: str, params: Any = None) -> list[tuple[Any, ...]]:
+        import asyncio
+
+        self.reads += 1
+        time.sleep(0.02)  # on the loop: asyncio's debug mode reports it
+        if self.reads == 5:
+            await asyncio.Event().wait()  # hangs until cancelled
+        await asyncio.sleep(0.001)
+        return [(0,)]
+
+
+def test_async_workload_records_every_failure_and_stops_within_its_bounds() -> None:
+    """An exception in a task is that operation's error; a task stuck in an operation is
+    cancelled at stop's timeout and the operation recorded as cancelled; the loop's thread
+    ends with close; asyncio debug mode's slow-callback reports are counted, not printed."""
+    import threading
+
+    from dbrouter.workload import AsyncWorkload
+
+    router = _FlakyRouter()
+    workload = AsyncWorkload(router, threads=2, write_ratio=0.5, duration=30.0, debug=True)  # type: ignore[arg-type]
+    workload.open(timeout=10)
+    assert router.opened
+    workload.start()
+    time.sleep(0.5)
+    began = time.monotonic()
+    assert not workload.stop(timeout=0.3)  # the hung read is cancelled
+    assert time.monotonic() - began < 5
+    assert workload.close(timeout=5) and router.closed
+    assert not any(t.name == "dbrouter-workload-loop" for t in threading.enumerate())
+    ops = workload.snapshot()
+    writes = [op for op in ops if op.kind == "write"]
+    failed = [op for op in writes if not op.ok]
+    assert len(writes) == router.writes and len(failed) == router.writes // 3
+    assert {op.error for op in failed} == {"RuntimeError"} and failed[0].detail == "write 3 failed"
+    assert [op.error for op in ops if op.kind == "read" and not op.ok] == ["CancelledError"]
+    assert workload.failures == []
+    assert workload.acknowledged == [op.row_id for op in writes if op.ok]
+    assert workload.slow_callbacks >= 1 and "took" in workload.slow_callback_reports[0]
+
+
+def _reads_during(report: dict[str, Any], spans: list[list[float]]) -> tuple[int, int]:
+    """(reads, at most this many of them failed) in the timeline slots within ``spans``: every
+    error of a kind a write raises without a primary is a write's, any other counted as a read's."""
+    reads = failed = 0
+    for slot in report["timeline"]:
+        if any(begin <= slot["t"] < end for begin, end in spans):
+            reads += slot["reads"]
+            failed += sum(n for kind, n in slot["errors"].items() if kind not in WRITE_ERRORS)
+    return reads, failed
+
+
+@pytest.mark.parametrize("engine", [pytest.param("postgres", marks=pytest.mark.postgres, id="postgres"),
+                                    pytest.param("mariadb", marks=pytest.mark.mysql, id="mariadb")])
+def test_async_drill_with_synchronous_replication_loses_no_acknowledged_write(engine: str, tmp_path: Path) -> None:
+    """``drill --async``: the workload as asyncio tasks through AsyncRouter, with PostgreSQL
+    in asyncio's debug mode (its slow callbacks are printed, not judged: on this loaded
+    machine most are preemption, see tests/_loopcheck.py)."""
+    debug = ["--asyncio-debug"] if engine == "postgres" else []
+    done = subprocess.run([*CLI, "drill", "--async", *debug, "--local", engine, "--scenario", "kill-primary-promote",
+                           "--sync", "--duration", "10s", "--fault-at", "3s", "--promote-after", "1.5s", "--no-recover",
+                           "--threads", "8", "--quiet", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert f"workload           asyncio, 8 tasks on one event loop; driver {ASYNC_DRIVERS[engine]}" in done.stdout
+    report = json.loads((tmp_path / "dbrouter-drill-kill-primary-promote.json").read_text())
+    settings, results = report["settings"], report["results"]
+    assert settings["workload"] == "asyncio" and settings["driver"] == ASYNC_DRIVERS[engine]
+    assert results["lost_writes"] == 0 and results["duplicated_writes"] == 0, results
+    assert results["acknowledged_writes"] > 50
+    assert not [note for note in report["notes"] if "failed outside an operation" in note]
+    # Reads went on through the outage, nearly all answered.
+    outages = results["write_outages"]
+    assert outages, results
+    reads, failed = _reads_during(report, outages)
+    assert reads > 0 and failed <= 0.1 * reads, (reads, failed, outages)
+    assert results["read_availability"] >= 99.0, results["errors_by_kind"]
+    # Writes came back after the promotion: acknowledged, with no error, from the end of the
+    # last outage to the end of the drill.
+    failover = [e["t"] for e in report["events"] if e["name"] == "failover"]
+    assert failover, report["events"]
+    back = outages[-1][1]
+    assert failover[0] - 1.0 <= back < report["duration"] - 1.0, (failover, outages)
+    after = [slot for slot in report["timeline"] if slot["t"] >= back]
+    assert sum(slot["writes"] for slot in after) > 10
+    assert not [slot for slot in after if set(slot["errors"]) & WRITE_ERRORS]
+    if debug:
+        assert isinstance(results["slow_callbacks"], int)
+        print(f"asyncio debug mode: {results['slow_callbacks']} slow callbacks (5 ms or more) on the workload's loop")
+    else:
+        assert "slow_callbacks" not in results

@@ -109,12 +109,13 @@ def render_html(report: DrillReport) -> str:
     limits = "".join(f"<li>{html.escape(limit.describe())}</li>" for limit in report.limits)
     notes = "".join(f"<li>{html.escape(note)}</li>" for note in report.notes)
     title = f"dbrouter drill: {report.scenario} on {report.engine}"
+    workload = report.workload_line()
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:sans-serif;margin:20px;color:#222}} table{{border-collapse:collapse}} td{{border:1px solid #ddd;padding:2px 8px;font-size:13px}}</style>
 </head><body>
 <h1>{html.escape(title)}</h1>
-<p>fault at {report.fault_at:.1f}s{f", recovery at {report.recover_at:.1f}s" if report.recover_at is not None else ""}; duration {report.duration:.1f}s</p>
+<p>fault at {report.fault_at:.1f}s{f", recovery at {report.recover_at:.1f}s" if report.recover_at is not None else ""}; duration {report.duration:.1f}s{html.escape(f"; workload: {workload}" if workload else "")}</p>
 {_panel("Throughput", "ops/s", throughput, report, colors)}
 {_panel("Errors by kind", "errors/s", errors, report, colors)}
 {_panel("Latency", "ms (log)", latency, report, colors, log=True)}

@@ -5,10 +5,11 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
-from typing import Callable, TextIO
+from typing import Any, Callable, TextIO
 
+from ..aio.router import AsyncRouter
 from ..router import Router
-from ..workload import Workload
+from ..workload import BaseWorkload
 
 __all__ = ["LiveView"]
 
@@ -16,7 +17,8 @@ __all__ = ["LiveView"]
 class LiveView:
     """Prints one block per second: throughput, errors, latency, and each node's state."""
 
-    def __init__(self, router: Router, workload: Workload, stream: TextIO, names: Callable[[str], str]) -> None:
+    def __init__(self, router: Router | AsyncRouter, workload: BaseWorkload[Any], stream: TextIO,
+                 names: Callable[[str], str]) -> None:
         self._router = router
         self._workload = workload
         self._stream = stream

@@ -188,6 +188,15 @@ class DrillReport:
     def violated(self) -> list[Limit]:
         return [limit for limit in self.limits if not limit.ok]
 
+    def workload_line(self) -> str:
+        """``asyncio, 8 tasks on one event loop; driver psycopg (async)``: how the workload ran
+        ("" for a report written before reports said so)."""
+        kind, threads, driver = (self.settings.get(key) for key in ("workload", "threads", "driver"))
+        if kind is None:
+            return ""
+        workers = f"{threads} tasks on one event loop" if kind == "asyncio" else f"{threads} threads"
+        return f"{kind}, {workers}; driver {driver}"
+
     def to_json(self) -> dict[str, Any]:
         return {
             "scenario": self.scenario,
@@ -227,6 +236,11 @@ class DrillReport:
                 f"lost {r['lost_writes']}, duplicated {r['duplicated_writes']}" if r["lost_writes"] is not None
                 else "lost and duplicated: not checked (the writes could not be read back)"),
         ]
+        workload = self.workload_line()
+        if workload:
+            lines.insert(1, f"  workload           {workload}")
+        if "slow_callbacks" in r:
+            lines.append(f"  slow callbacks     {r['slow_callbacks']} (asyncio debug mode, on the workload's loop)")
         if self.patroni is not None:
             p = self.patroni
             lines.insert(4, f"  Patroni's downtime {p['write_unavailability']:.2f}s" + _spans(p["write_outages"])

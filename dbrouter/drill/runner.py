@@ -1,5 +1,9 @@
 """Run a drill: a workload through a Router, one fault, an optional recovery, a report.
 
+The workload is threads through a `Router`, or with ``--async`` asyncio tasks through an
+`AsyncRouter` on an event loop in a thread of its own (`AsyncWorkload`): the rest of the
+drill (fault injection, timers, live view, checks, report) is the same threads either way.
+
 Everything the drill starts (local cluster, fault proxies, router, workload
 threads, timers, the Patroni timeline) is stopped by the time `run_drill`
 returns or raises; a cluster passed in is left running.
@@ -18,10 +22,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from .._files import write_private
+from ..aio.router import AsyncRouter
 from ..config import check_range
 from ..errors import ConfigurationError, DbRouterError
 from ..router import Router
-from ..workload import Workload
+from ..workload import SLOW_CALLBACK, AsyncWorkload, Workload
 from .chart import render_html
 from .live import LiveView
 from .report import DrillReport, Limit, build_timeline, summarise
@@ -95,6 +100,8 @@ class DrillOptions:
     live: bool = True
     limits: list[Limit] = field(default_factory=list)
     table: str = "dbrouter_drill"
+    asyncio: bool = False  # --async: the workload as asyncio tasks through an AsyncRouter
+    asyncio_debug: bool = False  # --asyncio-debug: the loop in debug mode, slow callbacks counted
 
     def validate(self) -> None:
         """Raise `ConfigurationError` for any bad option, naming its flag and the allowed range.
@@ -117,6 +124,8 @@ class DrillOptions:
             raise ConfigurationError(f"scenario {self.scenario} does not run on --local {self.local} "
                                      f"(it runs on --local {' or '.join(scenario.engines[:2])}); "
                                      f"on {self.local}: {', '.join(fits)}")
+        if self.asyncio_debug and not self.asyncio:
+            raise ConfigurationError("--asyncio-debug needs --async")
         if self.scenario == "shell" and not self.inject:
             raise ConfigurationError("--scenario shell needs --inject CMD")
         check_range("", "--duration", self.duration, low=0, low_open=True, high=MAX_DRILL_SECONDS)
@@ -160,10 +169,10 @@ class Drill:
         self.cluster: LocalCluster | None = cluster
         self._owns_cluster = cluster is None
         self.proxies: dict[str, FaultProxy] = {}
-        self.router: Router | None = None
+        self.router: Router | AsyncRouter | None = None
         self.names: dict[str, str] = {}
         self.events: list[dict[str, Any]] = []
-        self.workload: Workload | None = None
+        self.workload: Workload | AsyncWorkload | None = None
         self.start = 0.0
         self.patroni: dict[str, Any] | None = None  # Patroni's own timeline, on a Patroni cluster
 
@@ -173,8 +182,11 @@ class Drill:
 
     # -- set up and tear down ----------------------------------------------------
 
-    def set_up(self) -> Router:
+    def set_up(self) -> Router | AsyncRouter:
+        """Start what the drill needs (cluster, proxies, router, and for ``--async`` the
+        workload's event loop with the router opened on it) and check that a primary answers."""
         options = self.options
+        router_class = AsyncRouter if options.asyncio else Router
         if options.local is not None:
             from ..cluster import make_cluster
             from ..faultproxy import FaultProxy
@@ -187,9 +199,7 @@ class Drill:
                 raise ConfigurationError(f"the cluster given is a {self.cluster.engine} cluster, not --local {options.local}")
             cluster = self.cluster
             if options.local in PATRONI:
-                router = self._patroni_router(cluster)
-                self.router = router
-                return self._check_reachable(router)
+                return self._check_reachable(self._patroni_router(cluster))
             urls = {}
             for node in cluster.nodes:
                 proxy = FaultProxy(upstream=("127.0.0.1", node.port)).start()
@@ -198,26 +208,37 @@ class Drill:
                 self.names[f"127.0.0.1:{proxy.port}"] = node.name
             primary = cluster.primary
             replicas = [{"url": urls[n.name], "name": n.name} for n in cluster.replicas]
-            router = Router({"url": urls[primary.name], "name": primary.name}, replicas,
-                            **{**LOCAL_ROUTER_OPTIONS, "failover_wait": options.failover_wait or 0.0})
+            router = router_class({"url": urls[primary.name], "name": primary.name}, replicas,
+                                  **{**LOCAL_ROUTER_OPTIONS, "failover_wait": options.failover_wait or 0.0})
         else:
             given = {} if options.failover_wait is None else {"failover_wait": options.failover_wait}
-            router = Router.from_config(options.config, **given)  # --failover-wait 0 overrides the file too
-        self.router = router
+            router = router_class.from_config(options.config, **given)  # --failover-wait 0 overrides the file too
         return self._check_reachable(router)
 
-    def _patroni_router(self, cluster: LocalCluster) -> Router:
+    def _patroni_router(self, cluster: LocalCluster) -> Router | AsyncRouter:
         """A router on the members' own addresses, named as Patroni names them; it finds the
         leader by probing (primary_discovery auto), as it would with any failover manager."""
         leader = cluster.primary
         for node in cluster.nodes:
             self.names[f"{node.host}:{node.port}"] = node.name
         replicas = [{"url": node.url, "name": node.name} for node in cluster.replicas]
-        return Router({"url": leader.url, "name": leader.name}, replicas,
-                      **{**PATRONI_ROUTER_OPTIONS, "failover_wait": self.options.failover_wait or 0.0})
+        router_class = AsyncRouter if self.options.asyncio else Router
+        return router_class({"url": leader.url, "name": leader.name}, replicas,
+                            **{**PATRONI_ROUTER_OPTIONS, "failover_wait": self.options.failover_wait or 0.0})
 
-    def _check_reachable(self, router: Router) -> Router:
-        router.wait_for_probes(1, timeout=router.config.connect.connect_timeout + 10)
+    def _check_reachable(self, router: Router | AsyncRouter) -> Router | AsyncRouter:
+        """Make the workload (an `AsyncWorkload` opens the router on its loop), then wait for
+        a probe round: `ConfigurationError` when no primary answers."""
+        self.router = router
+        timeout = router.config.connect.connect_timeout + 10
+        if isinstance(router, AsyncRouter):
+            workload = AsyncWorkload(router, debug=self.options.asyncio_debug, **self._workload_settings())
+            self.workload = workload  # before it opens: tear_down closes it whatever happens
+            workload.open(timeout=timeout)
+            workload.call(lambda: router.wait_for_probes(1, timeout=timeout), timeout + 5)
+        else:
+            self.workload = Workload(router, **self._workload_settings())
+            router.wait_for_probes(1, timeout=timeout)
         problem = router.topology.primary_problem()
         if problem is not None:
             raise ConfigurationError(f"cluster not reachable, no fault injected: {problem}")
@@ -226,7 +247,9 @@ class Drill:
         return router
 
     def tear_down(self) -> None:
-        if self.router is not None:
+        if isinstance(self.workload, AsyncWorkload):
+            self.workload.close(timeout=30)  # the router, on the workload's loop, then the loop
+        elif isinstance(self.router, Router):
             self.router.close()
         for proxy in self.proxies.values():
             proxy.stop()
@@ -238,10 +261,8 @@ class Drill:
     def run(self) -> DrillReport:
         options = self.options
         router = self.set_up()
-        overtime = PATRONI_OVERTIME + PATRONI_SETTLE if options.local in PATRONI else 0.0
-        workload = Workload(router, threads=options.threads, write_ratio=options.write_ratio, rate=options.rate,
-                            duration=options.duration + overtime + 30, table=options.table)
-        self.workload = workload
+        workload = self.workload
+        assert workload is not None
         workload.prepare()
         if self.cluster is not None:
             self.cluster.wait_replicated(timeout=30)
@@ -256,7 +277,8 @@ class Drill:
         live = LiveView(router, workload, self.stream, lambda name: self.names.get(name, name))
         timeline = self._patroni_timeline()
         recover_at = options.recover_at
-        self.say(f"drill {options.scenario}: {options.threads} threads, {options.write_ratio:.0%} writes, "
+        workers = f"{options.threads} asyncio tasks" if options.asyncio else f"{options.threads} threads"
+        self.say(f"drill {options.scenario}: {workers}, {options.write_ratio:.0%} writes, "
                  f"{options.duration:g}s; fault at {options.fault_at:g}s"
                  + (f", recovery at {recover_at:g}s" if recover_at is not None else ""))
         workload.start()
@@ -294,10 +316,19 @@ class Drill:
         if timeline is not None:
             self.patroni = timeline.summary(self.start, end)
         if not stopped:
-            target.notes.append("some workload threads did not stop within 30s")
+            target.notes.append(f"some workload {'tasks' if options.asyncio else 'threads'} did not stop within 30s")
         lost, duplicated = self._check_writes(workload, target)
         ops = workload.snapshot()
         results = summarise(ops, start=self.start, fault_at=fault_time, events=self.events, lost=lost, duplicated=duplicated)
+        if isinstance(workload, AsyncWorkload):
+            target.notes.extend(f"a workload task failed outside an operation: {failure}" for failure in workload.failures)
+            if workload.debug:
+                results["slow_callbacks"] = workload.slow_callbacks
+                if workload.slow_callbacks:
+                    target.notes.append(
+                        f"asyncio debug mode: {workload.slow_callbacks} callbacks ran {SLOW_CALLBACK * 1000:g} ms or "
+                        "more on the workload's loop (on a busy machine most are preemption, not work on the loop); "
+                        "first: " + "; ".join(workload.slow_callback_reports[:3]))
         for limit in options.limits:
             limit.measured = {"max-write-downtime": results["write_unavailability"],
                               "min-read-availability": results["read_availability"],
@@ -308,7 +339,8 @@ class Drill:
         return DrillReport(
             scenario=options.scenario,
             engine=router.primary.adapter.engine if options.local is None else options.local,
-            settings={"threads": options.threads, "write_ratio": options.write_ratio, "rate": options.rate,
+            settings={"workload": workload.kind, "driver": router.primary.pool.adapter.driver,
+                      "threads": options.threads, "write_ratio": options.write_ratio, "rate": options.rate,
                       "replicas": options.replicas if options.local else len(router.replicas), "sync": options.sync,
                       "failover_wait": router.config.routing.failover_wait,  # what the router used
                       "health_interval": router.config.monitor.health_interval},
@@ -324,6 +356,14 @@ class Drill:
             started=started,
             patroni=self.patroni,
         )
+
+    def _workload_settings(self) -> dict[str, Any]:
+        """`Workload` / `AsyncWorkload` settings; every worker stops by the drill's own end
+        (a Patroni drill may run past --duration), plus room."""
+        options = self.options
+        overtime = PATRONI_OVERTIME + PATRONI_SETTLE if options.local in PATRONI else 0.0
+        return {"threads": options.threads, "write_ratio": options.write_ratio, "rate": options.rate,
+                "duration": options.duration + overtime + 30, "table": options.table}
 
     def _patroni_timeline(self) -> Any:
         """Patroni's own view, sampled from every member's REST API from now on (None when
@@ -357,7 +397,8 @@ class Drill:
         if delay > 0:
             time.sleep(delay)
 
-    def _check_writes(self, workload: Workload, target: DrillTarget) -> tuple[list[int] | None, list[int] | None]:
+    def _check_writes(self, workload: Workload | AsyncWorkload,
+                      target: DrillTarget) -> tuple[list[int] | None, list[int] | None]:
         """Read the ids back from the primary (waiting a few probe rounds for one to be known);
         (None, None) when they cannot be read back."""
         router = self.router
@@ -368,9 +409,7 @@ class Drill:
                 router.topology.wake()
                 time.sleep(0.2)
             try:
-                with router.transaction() as tx:
-                    rows = tx.read(f"SELECT id FROM {workload.table}")
-                return workload.check_writes(rows)
+                return workload.check_writes(workload.read_ids())
             except DbRouterError as exc:
                 # Only a read: a connection lost on the way (a primary Patroni is still
                 # settling) is read again until the deadline, never taken for an answer.

@@ -8,9 +8,11 @@ waits. What differs is only what the loop makes simpler: everything runs on the
 pool's loop, one step at a time, so the bookkeeping needs no lock; the waits are
 futures; connects, resets and housekeeping are tasks.
 
-The control plane and the lease call three methods from plain code: `give_back`,
-`invalidate` and `reclaim` return at once (a connection that needs a reset or a
-close gets a task for it), and `stats` only reads. `borrow` and `aclose` are awaited.
+The lease calls `give_back` and `invalidate` from plain code on the loop: they return at
+once (a connection that needs a reset gets a task for it). The control plane's thread
+calls `invalidate` (on a failover) and `close`: from another thread those are handed to
+the loop (``call_soon_threadsafe``), whose state the pool's is. `reclaim` (a finalizer's)
+only appends to a deque, and `stats` only reads. `borrow` and `aclose` are awaited.
 
 A pool is bound to the loop it was opened on; use it from that loop only.
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from bisect import bisect_left
 from collections import deque
@@ -105,6 +108,7 @@ class AsyncPool:
         self._wait_sum = 0.0
         self._last_exhausted_event = 0.0
         self._housekeeper: asyncio.Task[None] | None = None
+        self._loop_thread: int | None = None
 
     def __repr__(self) -> str:
         return f"<AsyncPool {self.name} open={self._open} idle={len(self._idle)} max={self.config.max_size}>"
@@ -116,6 +120,7 @@ class AsyncPool:
         if self._opened or self._closed:
             return self
         self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
         self._opened = True
         self._housekeeper = self._loop.create_task(self._housekeeping(), name=f"dbrouter-{self.name}-maint")
         self._grow()
@@ -379,8 +384,23 @@ class AsyncPool:
         finally:
             self._growing = False
 
+    def _elsewhere(self, call: Callable[..., Any], *args: Any) -> bool:
+        """From a thread other than the loop's (the control plane's): hand ``call`` to the
+        loop and say so; the pool's state is the loop's alone."""
+        if self._loop_thread is None or threading.get_ident() == self._loop_thread:
+            return False
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # closed meanwhile: nothing left to do
+                loop.call_soon_threadsafe(call, *args)
+        return True
+
     def invalidate(self, why: str) -> int:
-        """Retire every current connection: idle ones now, borrowed ones when returned."""
+        """Retire every current connection: idle ones now, borrowed ones when returned. From
+        another thread (the control plane, on a failover), it runs on the loop soon after and
+        returns 0."""
+        if self._elsewhere(self.invalidate, why):
+            return 0
         self._generation += 1
         idle = list(self._idle)
         self._idle.clear()
@@ -487,8 +507,9 @@ class AsyncPool:
 
     def close(self, timeout: float = 0.0, *, removed: bool = False) -> None:
         """Stop: fail the waiters, close idle connections (in tasks), and borrowed ones as they
-        come back. Never waits; `aclose` waits for the borrowers too."""
-        if self._closed:
+        come back. Never waits; `aclose` waits for the borrowers too. From another thread, it
+        runs on the loop soon after."""
+        if self._closed or self._elsewhere(lambda: self.close(timeout, removed=removed)):
             return
         self._closed = True
         self._removed = removed

@@ -342,6 +342,29 @@ def test_mysql_use_pure_url_option_chooses_the_implementation(maria_cluster, mys
 
 
 @pytest.mark.mysql
+@pytest.mark.parametrize("name", ["dbrouter", "app-" + "x" * 300])
+def test_mysql_pure_python_connection_attributes_fit(maria_cluster, name: str) -> None:
+    """The connector's Python code sends the connection attributes' total length in one byte:
+    dbrouter's pure-Python connection drops and cuts attributes until they fit, each connection
+    in a dict of its own. (Under the asyncio connection's name for that dict, every pure-Python
+    connect failed, in both runs: use_pure=true.)"""
+    url = with_option(maria_cluster.primary.url, "use_pure=true")
+    adapter = make_adapter(parse_address(url), ConnectOptions(application_name=name))
+    conns = [adapter.connect() for _ in range(2)]
+    try:
+        first, second = (conn._conn_attrs for conn in conns)
+        assert first is not second and first == second
+        assert sum(2 + len(k.encode()) + len(str(v or "").encode()) for k, v in first.items()) <= 250
+        assert first["program_name"] == (name if len(name) < 32 else name[:32])
+        assert adapter._params["conn_attrs"] == {"program_name": name}  # type: ignore[attr-defined]
+        for conn in conns:
+            assert adapter.execute(conn, "SELECT %s", (name,)) == ([(name,)], 1)
+    finally:
+        for conn in conns:
+            adapter.close(conn)
+
+
+@pytest.mark.mysql
 def test_mysql_statement_with_parameters_is_the_first_thing_sent(maria_cluster) -> None:
     """The pure-Python connection asked the server for its sql_mode (a ping, then a SELECT) at
     its first statement with parameters, before sending it: two more round trips, and a cut

@@ -213,7 +213,9 @@ class _PureConnection(MySQLConnection):
 
     def _add_default_conn_attrs(self) -> None:
         super()._add_default_conn_attrs()
-        fit_conn_attrs(self._connection_attrs)  # type: ignore[attr-defined]  # the connector's, untyped
+        # The sync connection's dict is _conn_attrs (the asyncio connection's, _connection_attrs):
+        # with the other name, every pure-Python connect failed with an AttributeError.
+        fit_conn_attrs(self._conn_attrs)
 
 
 _fallback_logged = False
@@ -363,9 +365,12 @@ class MySQLAdapter(Adapter):
         return params
 
     def connect(self, *, read_timeout: float | None = None) -> Any:
-        params = self._params
+        # The connector adds its attributes to the conn_attrs dict it is given, and
+        # _PureConnection drops some of them: each connection gets a copy of its own, not the
+        # one dict of every connection (and thread) of this adapter.
+        params = {**self._params, "conn_attrs": dict(self._params["conn_attrs"])}
         if read_timeout is not None:
-            params = {**params, "read_timeout": max(1, math.ceil(read_timeout))}
+            params["read_timeout"] = max(1, math.ceil(read_timeout))
         try:
             if self._pure or _c_client.ready:
                 conn: Any = self._connection_class(**params)

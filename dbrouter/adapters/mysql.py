@@ -9,7 +9,7 @@ import math
 import threading
 from bisect import bisect_right
 from itertools import accumulate, chain
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol, Sequence, cast
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol, Sequence
 
 from . import mysql_extension_error, preload_mysql_extension
 
@@ -18,6 +18,12 @@ preload_mysql_extension()
 from mysql.connector import errors as myerrors  # noqa: E402 - must come after the C extension is loaded
 from mysql.connector.connection import MySQLConnection  # noqa: E402
 from mysql.connector.constants import ClientFlag  # noqa: E402
+from mysql.connector.cursor import (  # noqa: E402
+    RE_PY_PARAM,
+    RE_SQL_INSERT_STMT,
+    _bytestr_format_dict,
+    _ParamSubstitutor,
+)
 
 _CConnection: Callable[..., Any] | None
 _C_EXTENSION_ERROR: str | None
@@ -91,8 +97,8 @@ if TYPE_CHECKING:
 
     class _Cursor(Protocol):
         """The calls made on the connector's cursor, C or pure Python (a connection's
-        ``_dbrouter_cursor``). The connector annotates ``execute`` as taking str only; it
-        also takes the bytes of a prebuilt multi-row INSERT."""
+        ``_dbrouter_cursor``): its execute() for statements without parameters on the
+        pure-Python connection, and its own code that puts parameters in."""
 
         @property
         def description(self) -> Sequence[tuple[Any, ...]] | None: ...
@@ -100,13 +106,16 @@ if TYPE_CHECKING:
         @property
         def rowcount(self) -> int: ...
 
-        def execute(self, operation: str | bytes, params: Any = ...) -> None: ...
-
-        def executemany(self, operation: str, seq_params: Sequence[Any]) -> None: ...
+        def execute(self, operation: str, params: Any = ...) -> None: ...
 
         def fetchall(self) -> list[tuple[Any, ...]]: ...
 
-        def fetchmany(self, size: int = ...) -> list[tuple[Any, ...]]: ...
+        def _batch_insert(self, operation: str, seq_params: Sequence[Any]) -> bytes | None: ...
+
+        # The pure-Python cursor's (the C extension's connection has prepare_for_mysql).
+        def _process_params(self, params: Sequence[Any]) -> tuple[Any, ...]: ...
+
+        def _process_params_dict(self, params: dict[str, Any]) -> dict[bytes, Any]: ...
 
 
 # Client (2xxx) and server error numbers, by what they mean for routing.
@@ -383,6 +392,8 @@ class MySQLAdapter(Adapter):
             ) from None
         try:
             conn._dbrouter_cursor = conn.cursor()
+            # The encoding the cursor gives a statement (utf8mb4's is Python's utf8), asked once.
+            conn._dbrouter_charset = conn.python_charset
             if self._pure:
                 # The pure-Python connection asks for the session's sql_mode (a ping, then a
                 # SELECT) at its first statement with parameters, which it needs to escape them:
@@ -461,33 +472,96 @@ class MySQLAdapter(Adapter):
                 rows = conn.get_rows()[0]
                 return rows, len(rows)
             return None, result["affected_rows"]
-        cur: _Cursor = conn._dbrouter_cursor
-        cur.execute(sql, params)
-        if cur.description is not None:
-            rows = cur.fetchall()
-            return rows, cur.rowcount
-        return None, cur.rowcount
+        if params is None:
+            cur: _Cursor = conn._dbrouter_cursor
+            cur.execute(sql)
+            if cur.description is not None:
+                rows = cur.fetchall()
+                return rows, cur.rowcount
+            return None, cur.rowcount
+        # With parameters, the statement is put together here by the connector's own code and
+        # sent by the connection's lower-level call: the cursor's execute() runs a
+        # multi-statement splitter over the statement after the values are in
+        # (mysql.connector._scripting.split_multi_statement), which takes "DELIMITER" and
+        # whitespace in a value for its client command when the quotes after it pair up, and
+        # rewrites the statement: the value "DELIMITER $$ '" was stored as ";\n'", and one
+        # with a backslash after the word failed as a lost connection.
+        return self._query(conn, self._statement(conn, sql, params))
+
+    def _statement(self, conn: Any, sql: str, params: Any) -> bytes:
+        """``sql`` with ``params`` put in as the cursor's execute() puts them (the connector's
+        escaping, in C with the extension; the same errors), before its splitter."""
+        statement = self._encode(conn, sql)
+        if not params:
+            return statement
+        if isinstance(params, dict):
+            if self._pure:
+                cur: _Cursor = conn._dbrouter_cursor
+                return _bytestr_format_dict(statement, cur._process_params_dict(params))
+            return _bytestr_format_dict(statement, conn.prepare_for_mysql(params))
+        if not isinstance(params, (list, tuple)):
+            raise myerrors.ProgrammingError(
+                f"Could not process parameters: {type(params).__name__}, it must be of type list, tuple or dict"
+            )
+        escaped = conn._dbrouter_cursor._process_params(params) if self._pure else conn.prepare_for_mysql(params)
+        put = _ParamSubstitutor(escaped)
+        statement = RE_PY_PARAM.sub(put, statement)
+        if put.remaining != 0:
+            raise myerrors.ProgrammingError("Not all parameters were used in the SQL statement")
+        return statement
+
+    @staticmethod
+    def _encode(conn: Any, sql: str) -> bytes:
+        try:
+            return sql.encode(conn._dbrouter_charset)
+        except UnicodeError as exc:  # what the cursor raises (a charset other than utf8mb4)
+            raise myerrors.ProgrammingError(str(exc)) from None
+
+    def _escape(self, conn: Any, values: list[Any]) -> Sequence[bytes | bytearray]:
+        """Each value as the connector escapes it, quoted: in one call into C with the extension;
+        by the pure-Python cursor's code otherwise (bytes or bytearrays)."""
+        if self._pure:
+            cur: _Cursor = conn._dbrouter_cursor
+            return [v if isinstance(v, (bytes, bytearray)) else str(v).encode() for v in cur._process_params(values)]
+        escaped: Sequence[bytes] = conn.prepare_for_mysql(values)
+        return escaped
+
+    def _query(self, conn: Any, statement: bytes) -> tuple[list[tuple[Any, ...]] | None, int]:
+        """One statement sent as it is (no statement splitting), its rows read: one round trip."""
+        if self._pure:
+            conn.handle_unread_result()  # as the cursor does (the C extension's cmd_query does it)
+        result = conn.cmd_query(statement)
+        if "columns" in result:
+            rows = conn.get_rows()[0]
+            return rows, len(rows)
+        return None, int(result["affected_rows"])
 
     def execute_many(self, conn: Any, sql: str, rows: Sequence[Any]) -> int:
-        cur: _Cursor = conn._dbrouter_cursor
-        if self._pure:
-            # The pure-Python connection cannot escape a batch in one call (no
-            # prepare_for_mysql); its executemany makes the same multi-row INSERT.
-            cur.executemany(sql, rows)
-            return cur.rowcount
+        if not rows:
+            return 0
         insert = split_insert_values(sql)
         width = insert[1] if insert else 0
-        if insert and rows and all(not isinstance(row, Mapping) and len(row) == width for row in rows):
+        statement: bytes | None = None
+        if insert and all(not isinstance(row, Mapping) and len(row) == width for row in rows):
             # Escape every value in one call (C code with the extension) and build the
             # multi-row INSERT directly: the connector's executemany does the same
             # rewrite with Python work per row, which serialises bulk writers on the GIL.
             head, _, tail = insert
-            escaped = conn.prepare_for_mysql(list(chain.from_iterable(rows)))
+            escaped = self._escape(conn, list(chain.from_iterable(rows)))
             values = b",".join(b"(" + b",".join(escaped[i:i + width]) + b")" for i in range(0, len(escaped), width))
-            cur.execute(head.encode() + values + tail.encode())
-            return cur.rowcount
-        cur.executemany(sql, rows)
-        return cur.rowcount
+            statement = self._encode(conn, head) + values + self._encode(conn, tail)
+        elif RE_SQL_INSERT_STMT.match(sql):
+            # Rows as mappings (or another INSERT form): the connector's own multi-row rewrite.
+            cur: _Cursor = conn._dbrouter_cursor
+            statement = cur._batch_insert(sql, rows)
+        if statement is not None:
+            return self._query(conn, statement)[1]
+        # Anything else runs once per row, as the connector's executemany would (without its
+        # statement splitter: see execute).
+        total = 0
+        for row in rows:
+            total += self._query(conn, self._statement(conn, sql, row))[1]
+        return total
 
     def bulk_plan(self, conn: Any, sql: str) -> int:
         """The server's max_allowed_packet, which bounds each INSERT of a batch (asked once per
@@ -507,17 +581,10 @@ class MySQLAdapter(Adapter):
                 or set(map(len, rows)) != {width}):
             return self.execute_many(conn, sql, rows)  # mappings, or rows of another width: the driver's way
         head, _, tail = insert
-        cur: _Cursor = conn._dbrouter_cursor
-        if self._pure:
-            # The pure-Python cursor escapes a row at a time (what its executemany does), into
-            # bytes or bytearrays; Decimals come back as they are.
-            process = cast(Any, cur)._process_params
-            escaped = [v if isinstance(v, (bytes, bytearray)) else str(v).encode() for row in rows for v in process(row)]
-        else:
-            escaped = conn.prepare_for_mysql(list(chain.from_iterable(rows)))
+        escaped = self._escape(conn, list(chain.from_iterable(rows)))
         values = [b"(" + b",".join(escaped[i:i + width]) + b")" for i in range(0, len(escaped), width)]
         del escaped
-        start, end = head.encode(), tail.encode()
+        start, end = self._encode(conn, head), self._encode(conn, tail)
         limit = (plan if isinstance(plan, int) else 1 << 62) - len(start) - len(end) - _PACKET_MARGIN
         widest = max(map(len, values))
         if widest > limit:
@@ -530,22 +597,25 @@ class MySQLAdapter(Adapter):
         count, first, base = 0, 0, 0
         while first < len(values):
             last = max(first + 1, bisect_right(ends, base + limit, lo=first))
-            cur.execute(start + b",".join(values[first:last]) + end)
-            count += cur.rowcount
+            count += self._query(conn, start + b",".join(values[first:last]) + end)[1]
             base = ends[last - 1]
             first = last
         return count
 
     def open_stream(self, conn: Any, sql: str, params: Any, batch_size: int) -> Any:
-        # The connection's cursor is unbuffered: the rows stay on the server's side of the
-        # socket until fetched (mysql_use_result with the C extension).
-        cur: _Cursor = conn._dbrouter_cursor
-        cur.execute(sql, params)
-        return cur, batch_size
+        # The statement as execute() sends it (past the cursor's splitter), its result left
+        # unbuffered: the rows stay on the server's side of the socket until fetched
+        # (mysql_use_result with the C extension).
+        statement = self._encode(conn, sql) if params is None else self._statement(conn, sql, params)
+        if self._pure:
+            conn.handle_unread_result()
+        conn.cmd_query(statement)
+        return batch_size
 
     def fetch_stream(self, conn: Any, state: Any) -> list[tuple[Any, ...]]:
-        cur, size = state
-        rows: list[tuple[Any, ...]] = cur.fetchmany(size)
+        if not conn.unread_result:  # the end was read (or the statement had no rows)
+            return []
+        rows: list[tuple[Any, ...]] = conn.get_rows(count=state)[0]
         return rows
 
     def close_stream(self, conn: Any, state: Any, finished: bool) -> bool:

@@ -331,7 +331,9 @@ class MySQLAdapter(Adapter):
         self.is_mariadb: bool | None = None
         self._max_packet: int | None = None  # @@max_allowed_packet, asked at the first bulk write
         # Statements without parameters go straight to the C extension's connection (see
-        # execute); the pure-Python one refuses a multi-statement there, so it uses the cursor.
+        # execute), and through the cursor on the pure-Python one. (The reason given for the
+        # cursor, that the pure-Python cmd_query refuses a multi-statement, does not hold for
+        # connector 26.10: statements with parameters go to cmd_query on both.)
         self._direct = not self._pure
 
     def _connect_params(self) -> dict[str, Any]:
@@ -574,7 +576,7 @@ class MySQLAdapter(Adapter):
     def write_batch(self, conn: Any, sql: str, rows: list[Any], plan: Any) -> int:
         """The batch as multi-row INSERTs, as many rows in each as ``max_allowed_packet``
         takes (``plan``; one statement when it is unknown), every value escaped by the
-        connector (in C with the extension); other statements through ``executemany``."""
+        connector (in C with the extension); other statements through `execute_many`."""
         insert = split_insert_values(sql)
         width = insert[1] if insert else 0
         if (not insert or not rows or not all(issubclass(kind, (tuple, list)) for kind in set(map(type, rows)))

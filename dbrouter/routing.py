@@ -366,16 +366,25 @@ class Core:
                                       give_up=give_up, pause=pause, on_retry=self.counts.retries.inc)
         except Retry as failed:
             last = failed
-        cause = last.cause
-        spent = "; not retried: the retry budget is spent" if last.budget_spent else ""
-        if last.decision.demoted:
-            raise NoPrimaryAvailable(
-                f"primary {last.node.name} refused the write as read-only (demoted?): {short(cause)}{spent}"
-            ) from cause
-        if last.failure in _NODE_FAILURES:
-            what = "not sent" if last.phase is not Phase.SENT else "failed"
-            raise NoPrimaryAvailable(f"write {what}: primary {last.node.name}: {short(cause)}{spent}") from cause
-        raise cause  # a deadlock or serialization failure that outlived the retries
+        error = write_failed(last)
+        if error is last.cause:
+            raise error  # a deadlock or serialization failure that outlived the retries, as it was
+        raise error from last.cause
+
+
+def write_failed(last: Retry) -> BaseException:
+    """What a write raises once its retries are spent (`Core.on_primary` and the asyncio
+    router's): `NoPrimaryAvailable` when the primary refused it or could not be reached,
+    else its own error (a deadlock or serialization failure that outlived the retries)."""
+    cause = last.cause
+    spent = "; not retried: the retry budget is spent" if last.budget_spent else ""
+    if last.decision.demoted:
+        return NoPrimaryAvailable(
+            f"primary {last.node.name} refused the write as read-only (demoted?): {short(cause)}{spent}")
+    if last.failure in _NODE_FAILURES:
+        what = "not sent" if last.phase is not Phase.SENT else "failed"
+        return NoPrimaryAvailable(f"write {what}: primary {last.node.name}: {short(cause)}{spent}")
+    return cause
 
 
 def _in_transaction(call: str) -> UsageError:

@@ -46,7 +46,7 @@ from ..events import Event
 from ..lease import Outcome, answered, not_taken
 from ..retrying import Retry
 from ..router import Router, _fields
-from ..routing import _NODE_FAILURES, _in_transaction, _retry_or_raise, refuse_read, short
+from ..routing import _NODE_FAILURES, _in_transaction, _retry_or_raise, refuse_read, short, write_failed
 from ..statements import UNSEEN
 from ..topology import Node
 from ..transactions import Results
@@ -410,16 +410,10 @@ class AsyncRouter:
                 on_retry=self.counts.retries.inc)
         except Retry as failed:
             last = failed
-        cause = last.cause
-        spent = "; not retried: the retry budget is spent" if last.budget_spent else ""
-        if last.decision.demoted:
-            raise NoPrimaryAvailable(
-                f"primary {last.node.name} refused the write as read-only (demoted?): {short(cause)}{spent}"
-            ) from cause
-        if last.failure in _NODE_FAILURES:
-            what = "not sent" if last.phase is not Phase.SENT else "failed"
-            raise NoPrimaryAvailable(f"write {what}: primary {last.node.name}: {short(cause)}{spent}") from cause
-        raise cause
+        error = write_failed(last)
+        if error is last.cause:
+            raise error  # a deadlock or serialization failure that outlived the retries, as it was
+        raise error from last.cause
 
     # -- transactions and sessions ------------------------------------------------------------------
 

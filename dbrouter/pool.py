@@ -45,7 +45,7 @@ from . import _fork
 from ._counter import Counter
 from .adapters.base import Adapter, ErrorKind, ReturnState
 from .config import PoolConfig, check_wait
-from .errors import ConnectError, NodeRemoved, PoolClosed, PoolError, PoolTimeout, TooManyWaiting
+from .errors import ConnectError, NodeRemoved, NodeUnavailable, PoolClosed, PoolError, PoolTimeout, TooManyWaiting
 
 if TYPE_CHECKING:
     from .watchdog import Watchdog
@@ -648,6 +648,21 @@ class Pool:
         if idle:
             log.info("pool %s: closed %d idle connection(s): %s", self.name, len(idle), why)
         return len(idle)
+
+    def fail_waiters(self, why: str) -> int:
+        """Fail every queued caller at once with `NodeUnavailable` saying ``why``; returns how
+        many there were.
+
+        Called when the node is seen down: a connection borrowed before the failure may
+        still be out (even by the same thread, under another alias), and waiting for it to
+        come back would spend the callers' whole ``acquire_timeout`` on a dead node.
+        """
+        with self._lock:
+            waiters = list(self._waiters)
+            self._waiters.clear()
+            for waiter in waiters:  # an exception each: they are raised in as many threads
+                waiter.serve(None, NodeUnavailable(f"pool {self.name}: {why}", node=self.name))
+        return len(waiters)
 
     # -- housekeeping --------------------------------------------------------
 

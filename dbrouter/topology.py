@@ -620,7 +620,10 @@ class Topology:
             node.last_error = None
             effects.emit("node_up", node.name, f"{node.role} answers probes{again}")
         else:
-            effects.emit("node_down", node.name, f"{node.role} failed its probe: {result.error}", logging.WARNING)
+            down = f"{node.role} failed its probe: {result.error}"
+            effects.emit("node_down", node.name, down, logging.WARNING)
+            # Callers queued on its pool wait for connections that will come back broken.
+            effects.actions.append(lambda: _fail_waiters(node.pool, f"node {down}"))
 
     def _set_lag_exclusion(self, node: Node, effects: _Effects) -> None:
         max_lag = self._routing.max_replica_lag
@@ -732,6 +735,10 @@ class _Reply:
         self.done = threading.Event()
         self.result: Any = None
         self.error: Exception | None = None
+
+
+def _fail_waiters(pool: Pool, why: str) -> None:
+    pool.fail_waiters(why)
 
 
 def _invalidate(pool: Pool, why: str) -> None:

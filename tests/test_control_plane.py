@@ -363,6 +363,48 @@ def test_primary_back_on_the_same_node_takes_writes_before_its_breaker_timer(clu
             assert close_within(router)
 
 
+@pytest.mark.proxy
+def test_callers_queued_on_a_node_seen_down_fail_at_once(cluster: Any) -> None:
+    """Issue 17 (Django kill-primary-promote on MariaDB). A thread held the primary's only
+    connection under one Django alias when the primary died, and asked for another under
+    the other alias: new connections were refused, but one was still out, so the pool kept
+    it waiting for that one the whole acquire_timeout (2 s), long after the probes had seen
+    the node down and a replica had been promoted. A node seen down now fails its pool's
+    queued callers with NodeUnavailable, and a writer goes on to the new primary.
+    """
+    node = cluster.primary
+    with behind_proxy(node) as (proxy, proxied):
+        router = Router({"url": proxied, "name": "target"}, [r.url for r in cluster.replicas],
+                        health_interval=INTERVAL, connect_timeout=2, min_size=0, max_size=1, acquire_timeout=30)
+        try:
+            target = router.primary
+            assert target.name == "target"
+            held = acquire_soon(target.pool)  # the connection the same thread holds elsewhere
+            outcome: list[BaseException | None] = []
+            waiting = threading.Thread(target=lambda: outcome.append(_acquire_error(target.pool)), daemon=True)
+            waiting.start()
+            assert wait_until(lambda: target.pool.stats()["waiting"] == 1, timeout=5), target.pool.stats()
+            proxy.refuse()  # the node goes down, as a killed server does: no new connection, the open ones cut;
+            proxy.reset_connections()  # the held one is not used, so no call learns it: only the probes do
+            waiting.join(10 * INTERVAL + 5)  # the probes see it in a few intervals; the pool would wait 30 s
+            assert not waiting.is_alive(), f"the queued caller still waits: {target.pool.stats()}"
+            assert isinstance(outcome[0], NodeUnavailable) and not isinstance(outcome[0], dbrouter.PoolTimeout), outcome
+            assert "target" in str(outcome[0]) and "probe" in str(outcome[0]), outcome
+            target.pool.release(held, broken=True)
+            assert target.pool.stats()["in_use"] == 0
+        finally:
+            proxy.pass_through()
+            assert close_within(router)
+
+
+def _acquire_error(pool: Any) -> BaseException | None:
+    try:
+        pool.release(pool.acquire())
+    except Exception as exc:  # noqa: BLE001 - the test looks at what it was
+        return exc
+    return None
+
+
 # -- bug 3: failures charged to the wrong node ---------------------------------------------
 
 

@@ -31,7 +31,7 @@ from typing import Any, Callable
 from ..adapters.aio import AsyncAdapter
 from ..adapters.base import ReturnState
 from ..config import PoolConfig, check_wait
-from ..errors import ConnectError, NodeRemoved, PoolClosed, PoolError, PoolTimeout, TooManyWaiting
+from ..errors import ConnectError, NodeRemoved, NodeUnavailable, PoolClosed, PoolError, PoolTimeout, TooManyWaiting
 from ..pool import (
     ACQUIRED,
     CLOSED,
@@ -413,6 +413,21 @@ class AsyncPool:
         if idle:
             log.info("pool %s: closed %d idle connection(s): %s", self.name, len(idle), why)
         return len(idle)
+
+    def fail_waiters(self, why: str) -> int:
+        """Fail every queued caller with `NodeUnavailable` saying ``why`` (the node was seen down; see
+        `dbrouter.pool.Pool.fail_waiters`). From another thread it runs on the loop soon
+        after and returns 0."""
+        if self._elsewhere(self.fail_waiters, why):
+            return 0
+        failed = 0
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            self._since.pop(id(waiter), None)
+            if not waiter.done():
+                waiter.set_exception(NodeUnavailable(f"pool {self.name}: {why}", node=self.name))
+                failed += 1
+        return failed
 
     # -- housekeeping ---------------------------------------------------------------------
 

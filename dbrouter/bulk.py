@@ -17,6 +17,7 @@ per batch, in the order the batches finish.
 
 from __future__ import annotations
 
+import contextvars
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -141,7 +142,8 @@ def write_many(core: Core, sql: str, rows: Iterable[Any], *, batch_size: int = 1
                     exhausted = True
                     break
                 spans[index] = (offset, len(batch))
-                in_flight[executor.submit(run, batch)] = index
+                # In the caller's context: its deadline (dbrouter.deadline) bounds every batch.
+                in_flight[executor.submit(contextvars.copy_context().run, run, batch)] = index
                 index += 1
                 offset += len(batch)
                 del batch  # the worker holds it now, until the batch is done

@@ -249,6 +249,10 @@ class RoutingConfig:
     failover_wait: float = 0.0
     """Seconds a write waits for a new primary when none is available (a planned
     switchover, a promotion). 0: fail at once with `NoPrimaryAvailable`."""
+    call_timeout: float | None = None
+    """Seconds each call (read, write, transaction, ...) may take in all, retries,
+    failover wait and statements included, when it has no ``timeout=`` of its own and no
+    `Router.deadline` is in force: past it, `DeadlineExceeded`. None: no such limit."""
     slow_replica_ratio: float | None = None
     """Slow-replica ejection: a replica whose moving average read time is more than this
     many times the median of the other replicas' (and more than ``slow_replica_margin``
@@ -272,6 +276,7 @@ class RoutingConfig:
         check_range(owner, "causal_wait", self.causal_wait, low=0, high=60)
         check_range(owner, "sticky_seconds", self.sticky_seconds, low=0, low_open=True, high=MAX_AGE, optional=True)
         check_range(owner, "failover_wait", self.failover_wait, low=0, high=3600)
+        check_range(owner, "call_timeout", self.call_timeout, low=0, low_open=True, high=MAX_WAIT, optional=True)
         check_range(owner, "slow_replica_ratio", self.slow_replica_ratio, low=1, low_open=True, high=1000, optional=True)
         check_range(owner, "slow_replica_margin", self.slow_replica_margin, low=0, high=3600)
         check_range(owner, "slow_replica_ejection", self.slow_replica_ejection, low=0, low_open=True, high=MAX_WAIT)

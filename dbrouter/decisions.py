@@ -26,6 +26,8 @@ READ_ONLY                 -           write: retry d; read, unchecked, rerun, bl
                                                    raise (the caller may have asked for read-only)
 TIMEOUT, CALLER           raise       raise        raise                       raise
 INTERRUPTED               raise, connection discarded, node not blamed
+DEADLINE                  raise (a write or COMMIT that was sent and cut: unknown), connection
+                          discarded when cut, node not blamed
 UNROUTABLE                raise
 ========================  ==========  ===========  ==========================  ==================
 
@@ -42,6 +44,7 @@ from typing import TYPE_CHECKING
 from .adapters.base import ErrorKind
 from .errors import (
     ConnectError,
+    DeadlineExceeded,
     NodeRemoved,
     NodeUnavailable,
     NoPrimaryAvailable,
@@ -111,6 +114,9 @@ class Failure(enum.Enum):
     """Not an Exception (KeyboardInterrupt, SystemExit, GeneratorExit)."""
     UNROUTABLE = "unroutable"
     """No node can take the call (no primary, no replica, split brain)."""
+    DEADLINE = "deadline"
+    """The call's own deadline passed (`dbrouter.deadline`); a statement running then was
+    cut. Says nothing about the node."""
 
 
 class Action(enum.Enum):
@@ -154,6 +160,8 @@ def failure_of(exc: BaseException, adapter: Adapter) -> Failure:
     """Classify ``exc``, raised by work on ``adapter``'s node (or by dbrouter around it)."""
     if not isinstance(exc, Exception):
         return Failure.INTERRUPTED
+    if isinstance(exc, DeadlineExceeded):
+        return Failure.DEADLINE
     if isinstance(exc, (BreakerOpen, NodeRemoved)):
         return Failure.REFUSED
     if isinstance(exc, Hung):
@@ -173,6 +181,8 @@ _LOST_RETRY = Decision(Action.RETRY, blame_node=True, connection_lost=True)
 _LOST_RAISE = Decision(Action.RAISE, blame_node=True, connection_lost=True)
 _LOST_UNKNOWN = Decision(Action.UNKNOWN, blame_node=True, connection_lost=True)
 _DEMOTED_RETRY = Decision(Action.RETRY, demoted=True)
+_CUT = Decision(Action.RAISE, connection_lost=True)
+_CUT_UNKNOWN = Decision(Action.UNKNOWN, connection_lost=True)
 
 
 def decide(failure: Failure, phase: Phase, work: Work) -> Decision:
@@ -202,4 +212,8 @@ def decide(failure: Failure, phase: Phase, work: Work) -> Decision:
         return _DEMOTED_RETRY if work is Work.WRITE or work is Work.IDEMPOTENT else _RAISE
     if failure is Failure.INTERRUPTED:
         return Decision(Action.RAISE, connection_lost=True)
+    if failure is Failure.DEADLINE:
+        if phase is Phase.COMMIT or (phase is Phase.SENT and (work is Work.WRITE or work is Work.UNCHECKED)):
+            return _CUT_UNKNOWN
+        return _CUT
     return _RAISE

@@ -13,6 +13,8 @@ __all__ = [
     "ConfigurationError",
     "ConnectError",
     "DbRouterError",
+    "DeadlineExceeded",
+    "DeadlineExceededAfterWrite",
     "DiscoveryError",
     "NoPrimaryAvailable",
     "NoReplicaAvailable",
@@ -124,6 +126,22 @@ class UsageError(DbRouterError, RuntimeError):
 
 class WriteOutcomeUnknown(DbRouterError):
     """The connection broke after a write was sent: it may or may not have been applied."""
+
+
+class DeadlineExceeded(DbRouterError, TimeoutError):
+    """A call's deadline (``timeout=``, `Router.deadline`, the ``call_timeout`` option) ran
+    out before it finished. The message says where the time went (breaker, pool wait,
+    statements, retry pauses, failover wait) and names the nodes; ``node`` is the node the
+    call was on when it ran out (None between nodes)."""
+
+    def __init__(self, message: str, node: str | None = None) -> None:
+        super().__init__(message)
+        self.node = node
+
+
+class DeadlineExceededAfterWrite(DeadlineExceeded, WriteOutcomeUnknown):
+    """The deadline ran out after a write (or a COMMIT) was sent: it was cut, and it may
+    or may not have been applied. Also a `WriteOutcomeUnknown`."""
 
 
 class BulkWriteError(DbRouterError):

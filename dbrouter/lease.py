@@ -31,8 +31,10 @@ import enum
 import time
 from typing import TYPE_CHECKING, Any, Callable, TypeVar, cast
 
+from .deadline import CANCELLER, TIMER
+from .deadline import current as current_deadline
 from .decisions import Action, BreakerOpen, Decision, Failure, Hung, Phase, Work, decide, failure_of
-from .errors import ConnectError, DbRouterError
+from .errors import ConnectError, DbRouterError, DeadlineExceeded, PoolTimeout
 from .resilience import REFUSED, TRIAL
 
 if TYPE_CHECKING:
@@ -83,13 +85,14 @@ def outcome_of(failure: Failure, phase: Phase, decision: Decision) -> Outcome:
 class Lease:
     """A connection borrowed from ``node``; release it exactly once."""
 
-    __slots__ = ("node", "conn", "_entry", "_aborted", "_timed", "_trial")
+    __slots__ = ("node", "conn", "_entry", "_aborted", "_cut", "_timed", "_trial")
 
     def __init__(self, node: Node, entry: _Entry, trial: bool = False) -> None:
         self.node = node
         self.conn = entry.conn
         self._entry: _Entry | None = entry
         self._aborted = False
+        self._cut = False  # cut at the call's deadline: the connection is lost, the node not blamed
         self._timed = False  # one statement ran through execute(): its time feeds Node.latency
         self._trial = trial  # admitted as the half-open breaker's trial
 
@@ -100,17 +103,49 @@ class Lease:
         """Run one statement under the hung-statement guard; raises `Hung` when it was cut."""
         self._timed = True
         node = self.node
-        if node.guard is None:
+        if node.guard is None and current_deadline() is None:
             return node.adapter.execute(self.conn, sql, params)
         return self.run(lambda adapter, conn: cast("Result", adapter.execute(conn, sql, params)))
 
     def run(self, op: Callable[[Any, Any], T], extra: float = 0.0) -> T:
         """``op(adapter, conn)`` under the hung-statement guard (``extra`` seconds more
-        for work that waits on purpose, such as a replay wait)."""
+        for work that waits on purpose, such as a replay wait) and the call's deadline
+        (`dbrouter.deadline`: cut when it passes, `DeadlineExceeded`)."""
         node = self.node
+        if current_deadline() is not None:
+            return self._run_by_deadline(op, extra)
         guard = node.guard
         if guard is None:
             return op(node.adapter, self.conn)
+        return self._guarded(op, guard, extra)
+
+    def _run_by_deadline(self, op: Callable[[Any, Any], T], extra: float) -> T:
+        """`run` for a call with a deadline: the hung-statement guard as always, and the
+        `Timer` cuts the connection when the deadline passes (a server-side cancel follows)."""
+        deadline = current_deadline()
+        assert deadline is not None
+        node = self.node
+        started = time.monotonic()
+        if deadline.at <= started:
+            raise self._judged(deadline.exceeded(f"before a statement on {node.name} was sent", node.name))
+        cut = TIMER.arm(deadline.at, self._cut_now)
+        try:
+            guard = node.guard
+            result = op(node.adapter, self.conn) if guard is None else self._guarded(op, guard, extra)
+        except BaseException as exc:
+            deadline.note(f"statements on {node.name}", time.monotonic() - started)
+            if TIMER.disarm(cut) or not isinstance(exc, Exception):
+                raise
+            self._aborted = self._cut = True
+            raise self._judged(deadline.exceeded(f"in a statement on {node.name}, which was cut and cancelled",
+                                                 node.name)) from exc
+        deadline.note(f"statements on {node.name}", time.monotonic() - started)
+        if not TIMER.disarm(cut):
+            self._aborted = self._cut = True  # cut just as it finished: the answer is good, the socket is not
+        return result
+
+    def _guarded(self, op: Callable[[Any, Any], T], guard: float, extra: float) -> T:
+        node = self.node
         watchdog = node.watchdog
         token = watchdog.arm(time.monotonic() + guard + extra, lambda: node.adapter.abort(self.conn))
         try:
@@ -127,6 +162,20 @@ class Lease:
         if not watchdog.disarm(token):
             self._aborted = True  # cut just as it finished: the answer is good, the socket is not
         return result
+
+    def _cut_now(self) -> None:
+        """The deadline passed mid-statement (the timer's thread): cut the socket, so that
+        the call returns now, then have the server cancel what the session runs."""
+        node, conn = self.node, self.conn
+        adapter = node.adapter
+        session = adapter.session_id(conn)
+        adapter.abort(conn)
+        CANCELLER.cancel(adapter, session, node.healthy)
+
+    def _judged(self, exc: DeadlineExceeded) -> DeadlineExceeded:
+        with contextlib.suppress(Exception):
+            setattr(exc, _JUDGED, self)
+        return exc
 
     def release(self, outcome: Outcome = Outcome.OK, error: BaseException | None = None) -> None:
         """Give the connection back and tell the node's breaker how it went."""
@@ -173,7 +222,14 @@ class Lease:
         if self.foreign(exc):
             self.release(Outcome.DISCARDED if not isinstance(exc, Exception) else _CALLER_ERROR, exc)
             return _FOREIGN
-        failure = Failure.HUNG if self._aborted and isinstance(exc, Exception) else failure_of(exc, self.node.adapter)
+        if self._cut:
+            failure = Failure.DEADLINE
+        elif isinstance(exc, DeadlineExceeded):
+            failure, phase = Failure.DEADLINE, Phase.BEFORE_SEND  # ran out before sending: nothing cut
+        elif self._aborted and isinstance(exc, Exception):
+            failure = Failure.HUNG
+        else:
+            failure = failure_of(exc, self.node.adapter)
         decision = decide(failure, phase, work)
         with contextlib.suppress(Exception):  # exceptions of C types without a __dict__
             setattr(exc, _JUDGED, self)
@@ -242,6 +298,9 @@ def take(node: Node, timeout: float | None = None, kind: type[Lease] = Lease) ->
             raise BreakerOpen(f"node {node.name}: circuit breaker {breaker.state} after {breaker.failures} failures",
                               node=node.name)
         trial = admitted is TRIAL
+    deadline = current_deadline()
+    if deadline is not None:
+        return _take_by_deadline(node, timeout, kind, trial, deadline)
     try:
         entry = node.pool.borrow(timeout)
     except BaseException as exc:
@@ -249,4 +308,26 @@ def take(node: Node, timeout: float | None = None, kind: type[Lease] = Lease) ->
         if trial and not isinstance(exc, ConnectError):
             breaker.abandon_trial()  # a trial that never reached the node must not hold it out
         raise
+    return kind(node, entry, trial)
+
+
+def _take_by_deadline(node: Node, timeout: float | None, kind: type[Lease], trial: bool, deadline: Any) -> Lease:
+    """`take`'s checkout for a call with a deadline: it waits at most what is left."""
+    started = time.monotonic()
+    left = deadline.at - started
+    wait = node.pool.config.acquire_timeout if timeout is None else timeout
+    try:
+        if left <= 0:
+            raise deadline.exceeded(f"before a connection of {node.name} was taken", node.name)
+        entry = node.pool.borrow(min(wait, left))
+    except BaseException as exc:
+        waited = time.monotonic() - started
+        deadline.note(f"pool wait on {node.name}", waited)
+        not_taken(node, exc)
+        if trial and not isinstance(exc, ConnectError):
+            node.breaker.abandon_trial()
+        if isinstance(exc, PoolTimeout) and left < wait:
+            raise deadline.exceeded(f"waiting for a connection of {node.name}", node.name) from exc
+        raise
+    deadline.note(f"pool wait on {node.name}", time.monotonic() - started)
     return kind(node, entry, trial)

@@ -47,6 +47,7 @@ class ProbeResult:
     error: str | None = None
     latency: float | None = None  # seconds the role probe took
     identity: str | None = None  # the server behind the probe connection (Adapter.server_identity)
+    unresponsive: bool = False  # failed by running out of time (no answer, a connect that timed out), not by a refusal
 
 
 class _Lane:
@@ -187,7 +188,8 @@ class Monitor:
                 self._lanes[node.name].future = future
         for node in late:
             log.debug("probe of %s: no answer within %.3gs", node.name, self._probe_timeout)
-            self._on_result(ProbeResult(node, ok=False, error=f"no answer within {self._probe_timeout:.3g}s"))
+            self._on_result(ProbeResult(node, ok=False, error=f"no answer within {self._probe_timeout:.3g}s",
+                                        unresponsive=True))
 
     def _end_round_if_complete(self) -> None:
         """A round ends when every node has reported for it, except that a node whose last
@@ -237,6 +239,7 @@ class Monitor:
         if (conn is None and kept is not None and not self._stop.is_set()
                 and time.monotonic() - started < self._probe_timeout / 2):  # failed fast: not a hang
             conn = self._attempt(adapter, None, result)
+        result.unresponsive = not result.ok and time.monotonic() - started >= self._probe_timeout / 2
         with self._lock:
             self._in_flight.pop(node.name, None)
             keep = (conn is not None and not self._stop.is_set() and node.name not in self._probes

@@ -649,6 +649,22 @@ class Pool:
             log.info("pool %s: closed %d idle connection(s): %s", self.name, len(idle), why)
         return len(idle)
 
+    def cut_in_use(self, why: str) -> int:
+        """Cut every borrowed connection's socket (`Adapter.abort`): a call blocked on one
+        returns at once with a lost connection. Returns how many were cut.
+
+        Called when the node stops answering its probes: a statement in flight there
+        would otherwise wait for the driver's own timeout, which by default is none
+        (MySQL) or minutes of TCP retransmission. Their borrowers give them back as lost.
+        """
+        with self._lock:
+            borrowed = list(self._in_use.values())
+        for entry in borrowed:
+            self.adapter.abort(entry.conn)
+        if borrowed:
+            log.warning("pool %s: cut %d connection(s) in use: %s", self.name, len(borrowed), why)
+        return len(borrowed)
+
     def fail_waiters(self, why: str) -> int:
         """Fail every queued caller at once with `NodeUnavailable` saying ``why``; returns how
         many there were.

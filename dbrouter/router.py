@@ -22,11 +22,12 @@ from .adapters import Adapter, make_adapter
 from .balancing import make_balancer
 from .bulk import BatchReport, write_many
 from .config import SECTIONS, ReplicaSpec, RouterConfig, build_router_config, check_range, check_wait, load_router_config
+from .deadline import Deadline, within
 from .decisions import Phase, Work
 from .discovery import PRIMARY as MEMBER_PRIMARY
 from .discovery import Member, Provider, ask
 from .discovery.loop import DiscoveryLoop, member_address
-from .errors import ConfigurationError, PoolError
+from .errors import ConfigurationError, DeadlineExceeded, PoolError
 from .events import Event, Events
 from .fleet import shared_storage
 from .lease import HeldLease, Lease, Outcome, take
@@ -373,17 +374,42 @@ class Router(Core):
 
     # -- transactions, sessions, bulk ------------------------------------------------
 
-    def run_transaction(self, fn: Callable[[Transaction], T], *, outside_transaction: bool = False) -> T:
+    @contextmanager
+    def deadline(self, seconds: float) -> Iterator[Deadline]:
+        """Every call in the block (on any router, in this thread or task) ends within
+        ``seconds`` from now, retries, failover waits and statements included: a statement
+        still running then is cut (and cancelled on the server), and the call raises
+        `DeadlineExceeded`, saying where the time went. Nested blocks only shorten it.
+        """
+        with within(seconds) as deadline:
+            assert deadline is not None
+            try:
+                yield deadline
+            except DeadlineExceeded as exc:
+                self.count_deadline(exc)
+                raise
+
+    def run_transaction(self, fn: Callable[[Transaction], T], *, outside_transaction: bool = False,
+                        timeout: float | None = None) -> T:
         """Run ``fn(tx)`` in a transaction on the primary and return its result, retrying the
         whole function on serialization failures and deadlocks, and when the connection
         was lost before the commit (the server rolled it back). A failure during the
         commit itself raises `WriteOutcomeUnknown`. Raises `UsageError` inside another
-        transaction of this router on the same thread, as `transaction` does.
+        transaction of this router on the same thread, as `transaction` does. ``timeout``
+        bounds it all, reruns included (`DeadlineExceeded`).
         """
-        return run_transaction(self, fn, outside_transaction=outside_transaction)
+        scope = self.call_scope(timeout)
+        if scope is None:
+            return run_transaction(self, fn, outside_transaction=outside_transaction)
+        with scope:
+            try:
+                return run_transaction(self, fn, outside_transaction=outside_transaction)
+            except DeadlineExceeded as exc:
+                self.count_deadline(exc)
+                raise
 
     @contextmanager
-    def transaction(self, *, outside_transaction: bool = False) -> Iterator[Transaction]:
+    def transaction(self, *, outside_transaction: bool = False, timeout: float | None = None) -> Iterator[Transaction]:
         """A transaction on the primary: reads inside it go to the primary too.
 
         Commits when the block ends, rolls back if it raises. If the connection is
@@ -395,9 +421,23 @@ class Router(Core):
         for its locks. Use ``tx.execute``. Pass ``outside_transaction=True`` to one of
         them to run it on a connection of its own anyway, committed apart. Reads,
         `connection`, `checkout` and `lease` are not checked.
+
+        ``timeout`` (seconds) bounds the whole block, from BEGIN to COMMIT: a statement
+        running when it passes is cut, and the block raises `DeadlineExceeded` (the server
+        rolls the transaction back), or `DeadlineExceededAfterWrite` if it was the COMMIT.
         """
-        with transaction(self, outside_transaction=outside_transaction) as tx:
-            yield tx
+        scope = self.call_scope(timeout)
+        if scope is None:
+            with transaction(self, outside_transaction=outside_transaction) as tx:
+                yield tx
+            return
+        with scope:
+            try:
+                with transaction(self, outside_transaction=outside_transaction) as tx:
+                    yield tx
+            except DeadlineExceeded as exc:
+                self.count_deadline(exc)
+                raise
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -405,7 +445,8 @@ class Router(Core):
         yield Session(self)
 
     def write_many(self, sql: str, rows: Iterable[Any], *, batch_size: int = 1000, workers: int = 4,
-                   outside_transaction: bool = False, progress: Callable[[BatchReport], object] | None = None) -> int:
+                   outside_transaction: bool = False, progress: Callable[[BatchReport], object] | None = None,
+                   timeout: float | None = None) -> int:
         """Run ``sql`` for every parameter row of ``rows`` (any iterable, read as it goes), in
         batches of ``batch_size`` spread over ``workers`` pooled primary connections.
 
@@ -419,10 +460,16 @@ class Router(Core):
         with a `BatchReport`. Returns the total rowcount; when a batch did not commit, raises
         `BulkWriteError` (after the others finished) with the committed, failed and unknown
         batches. Raises `UsageError` inside a `transaction` of this router on the same thread,
-        unless ``outside_transaction=True``.
+        unless ``outside_transaction=True``. ``timeout`` bounds the whole call: batches cut
+        by it fail with `DeadlineExceeded` (unknown when cut in their COMMIT).
         """
-        return write_many(self, sql, rows, batch_size=batch_size, workers=workers,
-                          outside_transaction=outside_transaction, progress=progress)
+        scope = self.call_scope(timeout)
+        if scope is None:
+            return write_many(self, sql, rows, batch_size=batch_size, workers=workers,
+                              outside_transaction=outside_transaction, progress=progress)
+        with scope:
+            return write_many(self, sql, rows, batch_size=batch_size, workers=workers,
+                              outside_transaction=outside_transaction, progress=progress)
 
     def stream(self, sql: str, params: Any = None, *, batch_size: int = 1000) -> Stream:
         """The rows of one read statement, fetched ``batch_size`` at a time, for a ``with`` block::
@@ -535,6 +582,7 @@ class Router(Core):
             "failovers": self.topology.failovers.value,
             "causal_primary_reads": counts.causal_primary_reads.value,
             "write_outcome_unknown": counts.write_outcome_unknown.value,
+            "deadline_exceeded": counts.deadline_exceeded.value,
             "discovery": None if self.discovery is None else self.discovery.stats(),
         }
 

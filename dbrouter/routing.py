@@ -44,8 +44,18 @@ from ._counter import Counter
 from .adapters.base import Rows
 from .balancing import Balancer
 from .config import RouterConfig
+from .deadline import current as current_deadline
+from .deadline import within
 from .decisions import Action, Failure, Phase, Work, decide, failure_of
-from .errors import NoPrimaryAvailable, NoReplicaAvailable, NotAReadStatement, SplitBrain, UsageError, WriteOutcomeUnknown
+from .errors import (
+    DeadlineExceeded,
+    NoPrimaryAvailable,
+    NoReplicaAvailable,
+    NotAReadStatement,
+    SplitBrain,
+    UsageError,
+    WriteOutcomeUnknown,
+)
 from .events import Events
 from .lease import Lease, answered, not_taken, take
 from .retrying import Retry, RetryExecutor
@@ -74,6 +84,8 @@ class Counts:
     fallbacks: Counter = field(default_factory=Counter)
     causal_primary_reads: Counter = field(default_factory=Counter)
     write_outcome_unknown: Counter = field(default_factory=Counter)
+    deadline_exceeded: Counter = field(default_factory=Counter)
+    """Calls that ran out of their deadline (`dbrouter.deadline`)."""
 
 
 class OpenTransactions(threading.local):
@@ -136,11 +148,18 @@ class Core:
                 return snapshot.primary, snapshot.version
             now = time.monotonic()
             if now >= failover_deadline:
+                deadline = current_deadline()
+                if deadline is not None and now >= deadline.at:
+                    raise deadline.exceeded(f"waiting for a primary that can take writes ({problem})")
                 if snapshot.split_brain:
                     raise SplitBrain(f"writes stopped: {problem}; make all but one node read-only")
                 raise NoPrimaryAvailable(f"no primary can take writes: {problem}")
             topology.wake()
+            waited = time.monotonic()
             topology.wait_for_change(snapshot.version, min(failover_deadline, now + self.config.monitor.health_interval))
+            deadline = current_deadline()
+            if deadline is not None:
+                deadline.note("waiting for a primary", time.monotonic() - waited)
 
     # -- one attempt ---------------------------------------------------------------
 
@@ -179,6 +198,11 @@ class Core:
 
     def outcome_unknown(self, node: Node, exc: BaseException, when: str, hint: str = "") -> WriteOutcomeUnknown:
         self.counts.write_outcome_unknown.inc()
+        deadline = current_deadline()
+        if isinstance(exc, DeadlineExceeded) and deadline is not None:
+            cut = deadline.exceeded(f"{when} on {node.role} {node.name}", node.name, after_write=True)
+            assert isinstance(cut, WriteOutcomeUnknown)
+            return cut
         return WriteOutcomeUnknown(
             f"connection to {node.role} {node.name} broke {when}: it may or may not have been applied "
             f"({short(exc)}); not retried{hint}"
@@ -191,11 +215,34 @@ class Core:
             return attempt()
         except Retry as failed:
             first = failed
-        return self._executor.run(attempt, after=first, on_retry=self.counts.retries.inc)
+        try:
+            return self._executor.run(attempt, after=first, deadline=_until(self.config.retry.retry_deadline),
+                                      on_retry=self.counts.retries.inc)
+        except Retry as last:
+            ran_out = _ran_out(last)
+            if ran_out is None:
+                raise
+            raise ran_out from last.cause
+
+    def call_scope(self, timeout: float | None) -> Any:
+        """The deadline scope of one public call: ``timeout`` if given, else ``call_timeout``
+        when no deadline is in force; None when the call runs as it is (the hot path)."""
+        if timeout is None:
+            timeout = self.config.routing.call_timeout
+            if timeout is None or current_deadline() is not None:
+                return None
+        return within(timeout)
+
+    def count_deadline(self, exc: DeadlineExceeded) -> None:
+        """Count a call that ran out of time (once, however many scopes it leaves)."""
+        if not getattr(exc, "_dbrouter_counted", False):
+            exc._dbrouter_counted = True  # type: ignore[attr-defined]
+            self.counts.deadline_exceeded.inc()
 
     # -- reads -----------------------------------------------------------------
 
-    def read(self, sql: str, params: Any = None, *, unchecked: bool = False, idempotent: bool = False) -> Rows:
+    def read(self, sql: str, params: Any = None, *, unchecked: bool = False, idempotent: bool = False,
+             timeout: float | None = None) -> Rows:
         """Run one read statement on a replica chosen by the policy; returns the rows (a list of tuples).
 
         Retried on another node when a node fails. Falls back to the primary when
@@ -208,7 +255,19 @@ class Core:
         ``unchecked=True`` runs a statement you know only reads although the rule refuses
         it: it goes where a read goes, but once it was sent it is never run again (a lost
         connection raises `WriteOutcomeUnknown`) unless ``idempotent=True`` says it may.
+
+        ``timeout`` (seconds) bounds the whole call, retries included (`dbrouter.deadline`):
+        past it, `DeadlineExceeded`.
         """
+        if timeout is not None or self.config.routing.call_timeout is not None:
+            scope = self.call_scope(timeout)
+            if scope is not None:
+                with scope:
+                    try:
+                        return self.read(sql, params, unchecked=unchecked, idempotent=idempotent)
+                    except DeadlineExceeded as exc:
+                        self.count_deadline(exc)
+                        raise
         if unchecked:
             return self.read_as(sql, params, Work.READ if idempotent else Work.UNCHECKED)
         verdicts = self._read_verdicts
@@ -220,7 +279,7 @@ class Core:
                 refuse_read(problem, params)
         self.counts.reads.inc()
         node = self.choose_reader()
-        if not node.breaker.clean or node.guard is not None:
+        if not node.breaker.clean or node.guard is not None or current_deadline() is not None:
             return self.read_with(node, statement(sql, params))
         # The hot path: run_on inlined, the entry borrowed without a lease object while the
         # breaker is clean (nothing to admit, no trial); a failure gets its lease and its rules.
@@ -281,6 +340,8 @@ class Core:
 
         def attempt() -> Any:
             node = self.choose_reader(exclude=tried)
+            if node in tried and not node.healthy:
+                raise _NoOtherNode(node)  # the only node left failed and its probes see it down
             try:
                 return self.run_on(node, op, work)
             except Retry as again:
@@ -290,16 +351,25 @@ class Core:
 
         try:
             rows, _ = self._executor.run(attempt, attempts=max(1, self.config.retry.retry_attempts - 1),
+                                         deadline=_until(self.config.retry.retry_deadline),
                                          on_retry=self.counts.retries.inc)
         except Retry as last:
+            ran_out = _ran_out(last)
+            if ran_out is not None:
+                raise ran_out from last.cause
             summary = "; ".join(f"{name}: {short(err)}" for name, err in errors.items())
             spent = "; no more retries: the retry budget is spent" if last.budget_spent else ""
             raise NoReplicaAvailable(f"read failed on every node tried ({summary}){spent}") from last.cause
+        except _NoOtherNode as only:
+            summary = "; ".join(f"{name}: {short(err)}" for name, err in errors.items())
+            raise NoReplicaAvailable(f"read failed on every node tried ({summary}); {only.node.name} is down "
+                                     f"({only.node.last_error})") from errors[only.node.name]
         return rows or []
 
     # -- writes ----------------------------------------------------------------------
 
-    def write(self, sql: str, params: Any = None, *, idempotent: bool = False, outside_transaction: bool = False) -> int:
+    def write(self, sql: str, params: Any = None, *, idempotent: bool = False, outside_transaction: bool = False,
+              timeout: float | None = None) -> int:
         """Run one statement on the primary in its own committed transaction; returns the rowcount.
 
         Raises `NoPrimaryAvailable` when no primary can take it (after waiting up to
@@ -308,7 +378,19 @@ class Core:
         (unless ``idempotent=True``, which allows a retry). Raises `UsageError` at once
         when this thread has a `transaction` of this router open (see
         `refuse_in_transaction`), unless ``outside_transaction=True``.
+
+        ``timeout`` (seconds) bounds the whole call, a failover wait included: past it,
+        `DeadlineExceeded` (`DeadlineExceededAfterWrite` when the write was sent and cut).
         """
+        if timeout is not None or self.config.routing.call_timeout is not None:
+            scope = self.call_scope(timeout)
+            if scope is not None:
+                with scope:
+                    try:
+                        return self.write(sql, params, idempotent=idempotent, outside_transaction=outside_transaction)
+                    except DeadlineExceeded as exc:
+                        self.count_deadline(exc)
+                        raise
         self.refuse_in_transaction("router.write()", outside_transaction)
         self.counts.writes.inc()
         _, count = self.on_primary(statement(sql, params), Work.IDEMPOTENT if idempotent else Work.WRITE)
@@ -331,8 +413,8 @@ class Core:
         applied, waiting for a failover up to ``failover_wait``. See `run_on` for the rest."""
         routing, retry, monitor = self.config.routing, self.config.retry, self.config.monitor
         start = time.monotonic()
-        failover_deadline = start + routing.failover_wait
-        deadline = max(start + retry.retry_deadline, failover_deadline)
+        failover_deadline = _until(routing.failover_wait, start)
+        deadline = max(_until(retry.retry_deadline, start), failover_deadline)
         version = [0]
 
         def attempt() -> T:
@@ -366,6 +448,9 @@ class Core:
                                       give_up=give_up, pause=pause, on_retry=self.counts.retries.inc)
         except Retry as failed:
             last = failed
+        ran_out = _ran_out(last)
+        if ran_out is not None:
+            raise ran_out from last.cause
         error = write_failed(last)
         if error is last.cause:
             raise error  # a deadlock or serialization failure that outlived the retries, as it was
@@ -385,6 +470,31 @@ def write_failed(last: Retry) -> BaseException:
         what = "not sent" if last.phase is not Phase.SENT else "failed"
         return NoPrimaryAvailable(f"write {what}: primary {last.node.name}: {short(cause)}{spent}")
     return cause
+
+
+class _NoOtherNode(Exception):
+    """A read's retry found no node but one that failed it and is seen down."""
+
+    def __init__(self, node: Node) -> None:
+        super().__init__(node.name)
+        self.node = node
+
+
+def _until(seconds: float, start: float | None = None) -> float:
+    """``seconds`` from ``start`` (now), or the call's deadline if that comes first."""
+    until = (time.monotonic() if start is None else start) + seconds
+    deadline = current_deadline()
+    return until if deadline is None or deadline.at >= until else deadline.at
+
+
+def _ran_out(last: Retry) -> DeadlineExceeded | None:
+    """The error for retries that the call's deadline ended (None when it did not)."""
+    deadline = current_deadline()
+    if deadline is None or deadline.left() > 0:
+        return None
+    if isinstance(last.cause, DeadlineExceeded):
+        return last.cause
+    return deadline.exceeded(f"retrying after {short(last.cause)} on {last.node.name}", last.node.name)
 
 
 def _in_transaction(call: str) -> UsageError:

@@ -612,6 +612,12 @@ class Topology:
             if breaker.state != OPEN:
                 failure = _ProbeFailed(result.error or "probe failed")
                 effects.actions.append(lambda: breaker.failure(failure))
+            if result.unresponsive:
+                # A node that does not answer its probe in probe_timeout will not answer the
+                # statements in flight there either: they are cut now rather than left to the
+                # driver's timeouts (none by default on MySQL, TCP's minutes on a lost host).
+                why = f"{node.role} {node.name} did not answer its probe ({result.error})"
+                effects.actions.append(lambda: _cut_in_use(node.pool, why))
         if result.ok == node.healthy:
             return
         node.healthy = result.ok
@@ -735,6 +741,10 @@ class _Reply:
         self.done = threading.Event()
         self.result: Any = None
         self.error: Exception | None = None
+
+
+def _cut_in_use(pool: Pool, why: str) -> None:
+    pool.cut_in_use(why)
 
 
 def _fail_waiters(pool: Pool, why: str) -> None:

@@ -152,6 +152,11 @@ class PostgresBase(Adapter):
     needs_watchdog = True  # libpq has no read timeout
     bulk_min_rows = COPY_MIN_ROWS
 
+    def cancel_sql(self, session_id: int) -> str | None:
+        # pg_cancel_backend, not libpq's cancel request: that one cannot be given a timeout
+        # before PostgreSQL 17's libpq, and a hung node must not hold the thread that asks.
+        return f"SELECT pg_cancel_backend({int(session_id)})"
+
     @abstractmethod
     def sqlstate(self, exc: BaseException) -> str | None:
         """The SQLSTATE of a driver exception (None for any other, or for a lost connection)."""

@@ -13,6 +13,7 @@ from typing import Any, Sequence
 
 from ..config import ConnectOptions
 from ..url import NodeAddress
+from . import _sockets
 
 __all__ = ["Adapter", "ErrorKind", "Result", "ReturnState", "Rows"]
 
@@ -77,8 +78,21 @@ class Adapter(ABC):
             return None
         return timeout + min(1.0, max(0.1, 0.25 * timeout))
 
-    def abort(self, conn: Any) -> None:  # noqa: B027 - an optional hook: by default there is nothing to break
-        """Break a connection from another thread so that a blocked call returns now."""
+    def abort(self, conn: Any) -> None:
+        """Break a connection from another thread so that a blocked call returns now: its
+        socket is shut down (when `socket_fd` knows it), and the connection then reports
+        itself lost."""
+        _sockets.shutdown(self.socket_fd(conn))
+
+    def session_id(self, conn: Any) -> int | None:
+        """The server's id of ``conn``'s session (PostgreSQL's backend pid, MySQL's
+        connection id), read without a round trip; None when unknown."""
+        return None
+
+    def cancel_sql(self, session_id: int) -> str | None:
+        """The statement that, on another connection, cancels the statement session
+        ``session_id`` is running (None: the engine has none)."""
+        return None
 
     def socket_fd(self, conn: Any) -> int | None:
         """The descriptor of ``conn``'s socket, when the driver tells it (None otherwise);

@@ -6,7 +6,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import random
 import threading
+import time
 from bisect import bisect_right
 from itertools import accumulate, chain
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol, Sequence
@@ -57,6 +59,7 @@ DRIVER_PURE = "mysql-connector (pure Python)"
 from ..config import MAX_WAIT, ConnectOptions  # noqa: E402
 from ..errors import ConfigurationError, ConnectError  # noqa: E402
 from ..url import NodeAddress  # noqa: E402
+from . import _sockets  # noqa: E402
 from ._text import first_line, scrub, split_insert_values  # noqa: E402
 from .base import Adapter, ErrorKind, ReturnState  # noqa: E402
 
@@ -393,6 +396,8 @@ class MySQLAdapter(Adapter):
                 f"cannot connect to mysql node {self.node}: {reason}", node=self.node
             ) from None
         try:
+            if not self._pure:
+                self._find_socket(conn)
             conn._dbrouter_cursor = conn.cursor()
             # The encoding the cursor gives a statement (utf8mb4's is Python's utf8), asked once.
             conn._dbrouter_charset = conn.python_charset
@@ -418,14 +423,43 @@ class MySQLAdapter(Adapter):
         return conn
 
     def socket_fd(self, conn: Any) -> int | None:
-        # The pure-Python connection's socket; the C extension does not tell its descriptor.
+        # The pure-Python connection's socket; the C extension's, found when it connected.
         sock = getattr(getattr(conn, "_socket", None), "sock", None)
         if sock is None:
-            return None
+            return _sockets.claimed_fd(conn)
         try:
             return int(sock.fileno())
         except (OSError, ValueError):
             return None
+
+    def _find_socket(self, conn: Any) -> None:
+        """Find the C extension's socket among the process's descriptors (`_sockets`), so
+        that `abort` can cut it (and a forked child leave it alone)."""
+        found = _sockets.candidates(self.address.port)
+        for attempt in range(10):
+            if len(found) <= 1:
+                break
+            # Two connects to this server raced: the socket whose received bytes grow with a
+            # ping on this connection is its own (the other may be pinging too: then again,
+            # after a random pause that breaks the lockstep).
+            if attempt:
+                time.sleep(random.uniform(0, 0.002 * attempt))
+            before = [_sockets.received(fd) for fd, _, _ in found]
+            conn.ping()
+            grew = [c for c, was in zip(found, before, strict=True)
+                    if was is not None and _sockets.received(c[0]) != was]
+            found = grew or found
+        if len(found) == 1:
+            _sockets.claim(conn, found[0][0], found[0][1])
+
+    def session_id(self, conn: Any) -> int | None:
+        try:
+            return int(conn.connection_id)
+        except (TypeError, ValueError, myerrors.Error):
+            return None
+
+    def cancel_sql(self, session_id: int) -> str | None:
+        return f"KILL QUERY {int(session_id)}"
 
     def ping(self, conn: Any) -> None:
         conn.ping(reconnect=False)

@@ -114,6 +114,12 @@ class PostgresAdapter(PostgresBase):
         except (psycopg2.Error, TypeError, ValueError):  # closed
             return None
 
+    def session_id(self, conn: Any) -> int | None:
+        try:
+            return int(conn.get_backend_pid())
+        except (psycopg2.Error, TypeError, ValueError):  # closed
+            return None
+
     def ping(self, conn: Any) -> None:
         conn.statement_cursor.execute("SELECT 1")
 

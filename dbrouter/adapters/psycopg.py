@@ -174,6 +174,12 @@ class PsycopgAdapter(PostgresBase):
         except (psycopg.Error, TypeError, ValueError):  # closed
             return None
 
+    def session_id(self, conn: Any) -> int | None:
+        try:
+            return int(conn.pgconn.backend_pid)
+        except (psycopg.Error, TypeError, ValueError):  # closed
+            return None
+
     def ping(self, conn: Any) -> None:
         conn.statement_cursor.execute("SELECT 1")
 

@@ -414,6 +414,18 @@ class AsyncPool:
             log.info("pool %s: closed %d idle connection(s): %s", self.name, len(idle), why)
         return len(idle)
 
+    def cut_in_use(self, why: str) -> int:
+        """Cut every borrowed connection (see `dbrouter.pool.Pool.cut_in_use`). From another
+        thread it runs on the loop soon after and returns 0."""
+        if self._elsewhere(self.cut_in_use, why):
+            return 0
+        borrowed = list(self._in_use.values())
+        for entry in borrowed:
+            self.adapter.abort(entry.conn)
+        if borrowed:
+            log.warning("pool %s: cut %d connection(s) in use: %s", self.name, len(borrowed), why)
+        return len(borrowed)
+
     def fail_waiters(self, why: str) -> int:
         """Fail every queued caller with `NodeUnavailable` saying ``why`` (the node was seen down; see
         `dbrouter.pool.Pool.fail_waiters`). From another thread it runs on the loop soon

@@ -1,0 +1,243 @@
+"""Per-call deadlines: ``timeout=`` on a call, ``with router.deadline(s):`` around several
+calls, and the ``call_timeout`` option for every call that has neither.
+
+A deadline is a point on the monotonic clock, kept in a context variable: it follows the
+call into the breaker, the pool, the retries, transactions and sessions without being
+passed along, and each asyncio task sees its own. A deadline only shortens: one nested
+inside a shorter one changes nothing.
+
+Where it is enforced (`dbrouter.lease`, `dbrouter.routing`):
+
+- breaker admission costs nothing to wait for;
+- a pool checkout waits at most what is left;
+- retries, their pauses and a write's wait for a failover stop at it;
+- a statement still running at the deadline has its connection cut by `Timer` (the
+  socket is shut down, so the call returns at once whatever the node does, hung or
+  blackholed), and `Canceller` asks the server, on a connection of its own, to cancel
+  what the session was running (PostgreSQL ``pg_cancel_backend``, MySQL ``KILL QUERY``),
+  so that the work does not run on unseen. The node is not blamed: the call ran out of
+  time, which says nothing about the node (its probes judge it).
+
+Then the call raises `DeadlineExceeded` (`DeadlineExceededAfterWrite` when a write or a
+COMMIT had been sent), saying where the time went.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import itertools
+import logging
+import math
+import threading
+import time
+from contextvars import ContextVar
+from typing import TYPE_CHECKING, Any, Callable, Iterator
+
+from . import _fork
+from .config import MAX_WAIT
+from .errors import ConfigurationError, DeadlineExceeded, DeadlineExceededAfterWrite
+
+if TYPE_CHECKING:
+    from .adapters.base import Adapter
+
+__all__ = ["Canceller", "Deadline", "Timer", "current", "within"]
+
+log = logging.getLogger("dbrouter.deadline")
+
+_current: ContextVar[Deadline | None] = ContextVar("dbrouter_deadline", default=None)
+
+current = _current.get
+"""The deadline of the call running in this context, or None."""
+
+
+class Deadline:
+    """When a call must be done by, and where its time went (``note``)."""
+
+    __slots__ = ("at", "seconds", "spans")
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.at = time.monotonic() + seconds
+        self.spans: list[tuple[str, float]] = []
+
+    def left(self) -> float:
+        """Seconds left (negative once it passed)."""
+        return self.at - time.monotonic()
+
+    def note(self, what: str, seconds: float) -> None:
+        """Record that ``seconds`` went to ``what`` (``"pool wait on db1:5432"``)."""
+        self.spans.append((what, seconds))
+
+    def where(self) -> str:
+        """The recorded spans, summed by what they were spent on, in order of first use."""
+        totals: dict[str, list[float]] = {}
+        for what, seconds in self.spans:
+            total = totals.setdefault(what, [0.0, 0])
+            total[0] += seconds
+            total[1] += 1
+        parts = [f"{what} {1000 * total:.0f} ms" + (f" ({count} times)" if count > 1 else "")
+                 for what, (total, count) in totals.items()]
+        return ", ".join(parts) if parts else "nothing recorded"
+
+    def exceeded(self, doing: str, node: str | None = None, *, after_write: bool = False) -> DeadlineExceeded:
+        """The error for this deadline running out while ``doing`` (on ``node``)."""
+        kind = DeadlineExceededAfterWrite if after_write else DeadlineExceeded
+        unknown = ": the write was sent and cut, it may or may not have been applied" if after_write else ""
+        return kind(f"deadline of {self.seconds:.3g}s exceeded {doing}{unknown} (time went to: {self.where()})",
+                    node=node)
+
+    def __repr__(self) -> str:
+        return f"<Deadline {self.seconds:.3g}s, {self.left():.3g}s left>"
+
+
+def check_timeout(seconds: Any, name: str = "timeout") -> None:
+    """A call's ``timeout=``: a number of seconds, > 0 and finite (at most `MAX_WAIT`)."""
+    if (isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not math.isfinite(seconds)
+            or not 0 < seconds <= MAX_WAIT):
+        raise ConfigurationError(f"{name} must be a number of seconds > 0 and <= {MAX_WAIT:g}, got {seconds!r}")
+
+
+@contextlib.contextmanager
+def within(seconds: float | None) -> Iterator[Deadline | None]:
+    """Run the body under a deadline ``seconds`` from now (None: whatever applies already),
+    unless the one around it ends sooner. Yields the deadline in force."""
+    outer = _current.get()
+    if seconds is None:
+        yield outer
+        return
+    check_timeout(seconds)
+    if outer is not None and outer.at <= time.monotonic() + seconds:
+        yield outer
+        return
+    deadline = Deadline(seconds)
+    token = _current.set(deadline)
+    try:
+        yield deadline
+    finally:
+        _current.reset(token)
+
+
+class _Armed:
+    __slots__ = ("at", "seq", "fire", "state")
+
+    def __init__(self, at: float, seq: int, fire: Callable[[], None]) -> None:
+        self.at, self.seq, self.fire, self.state = at, seq, fire, _PENDING
+
+    def __lt__(self, other: _Armed) -> bool:
+        return (self.at, self.seq) < (other.at, other.seq)
+
+
+_PENDING, _DISARMED, _FIRED = 0, 1, 2
+
+
+class Timer:
+    """Calls ``fire()`` at its time, to the millisecond, from one background thread.
+
+    `arm` returns a token; `disarm` returns False when it fired already (the connection was
+    cut: discard it). ``fire`` runs without the timer's lock held and must not block.
+    """
+
+    def __init__(self, name: str = "dbrouter-deadline") -> None:
+        self._name = name
+        self._heap: list[_Armed] = []
+        self._seq = itertools.count()
+        self._cond = threading.Condition(threading.Lock())  # guards _heap and the tokens' state
+        self._thread: threading.Thread | None = None
+        self.fired = 0
+        _fork.register(self)
+
+    def _after_fork_in_child(self) -> None:
+        """In a forked child: forget the parent's armed calls (their sockets are the parent's)."""
+        self._heap = []
+        self._cond = threading.Condition(threading.Lock())
+        self._thread = None
+
+    def arm(self, at: float, fire: Callable[[], None]) -> _Armed:
+        token = _Armed(at, next(self._seq), fire)
+        with self._cond:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+                self._thread.start()
+            heapq.heappush(self._heap, token)
+            if self._heap[0] is token:
+                self._cond.notify()
+        return token
+
+    def disarm(self, token: _Armed) -> bool:
+        """True when it had not fired: nothing was cut."""
+        with self._cond:
+            if token.state == _FIRED:
+                return False
+            token.state = _DISARMED
+            return True
+
+    def _run(self) -> None:
+        cond = self._cond
+        while True:
+            with cond:
+                heap = self._heap
+                while heap and heap[0].state == _DISARMED:
+                    heapq.heappop(heap)
+                if not heap:
+                    cond.wait()
+                    continue
+                wait = heap[0].at - time.monotonic()
+                if wait > 0:
+                    cond.wait(wait)
+                    continue
+                token = heapq.heappop(heap)
+                token.state = _FIRED
+                self.fired += 1
+            try:
+                token.fire()
+            except Exception:  # noqa: BLE001 - the timer must keep running
+                log.exception("cutting a call at its deadline failed")
+
+
+class Canceller:
+    """Asks servers to cancel statements cut at their deadline, on connections of its own.
+
+    At most ``workers`` threads at a time, each bounded by the node's ``connect_timeout``
+    (its connection is cut by the `Timer` past it); past that, or for a node that the
+    probes see down, the cancel is skipped: the statement's socket is already cut, and the
+    server stops at its next write to it.
+    """
+
+    def __init__(self, timer: Timer, workers: int = 2) -> None:
+        self._timer = timer
+        self._slots = threading.BoundedSemaphore(workers)
+        self.sent = 0
+        self.skipped = 0
+
+    def cancel(self, adapter: Adapter, session_id: int | None, node_up: bool = True) -> None:
+        sql = None if session_id is None else adapter.cancel_sql(session_id)
+        if sql is None or not node_up or not self._slots.acquire(blocking=False):
+            self.skipped += 1
+            return
+        threading.Thread(target=self._run, args=(adapter, sql), name="dbrouter-cancel", daemon=True).start()
+
+    def _run(self, adapter: Adapter, sql: str) -> None:
+        limit = adapter.options.connect_timeout
+        try:
+            conn = adapter.connect(read_timeout=limit)
+        except Exception as exc:  # noqa: BLE001 - the cut stands; the cancel was a courtesy
+            log.info("cancel on %s skipped: %s", adapter.node, exc)
+            self._slots.release()
+            return
+        token = self._timer.arm(time.monotonic() + limit, lambda: adapter.abort(conn))
+        try:
+            adapter.execute(conn, sql)
+            self.sent += 1
+        except Exception as exc:  # noqa: BLE001 - as above
+            log.info("cancel on %s failed: %s", adapter.node, exc)
+        finally:
+            self._timer.disarm(token)
+            adapter.close(conn)
+            self._slots.release()
+
+
+TIMER = Timer()
+"""The process's deadline timer (one thread, started at the first deadline)."""
+CANCELLER = Canceller(TIMER)
+"""The process's server-side canceller."""

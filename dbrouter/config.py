@@ -249,6 +249,12 @@ class RoutingConfig:
     failover_wait: float = 0.0
     """Seconds a write waits for a new primary when none is available (a planned
     switchover, a promotion). 0: fail at once with `NoPrimaryAvailable`."""
+    hedge_after: float | str | None = None
+    """Hedged reads (`Router.read` only): a read still running after this many seconds is
+    also sent to another replica, the first answer wins and the other is cut and cancelled.
+    ``"auto"``: the first node's p95 read time over its last 256 reads. None: off."""
+    hedge_budget: float = 0.05
+    """The most hedges may add to the reads (of the last 10 s, plus one a second)."""
     call_timeout: float | None = None
     """Seconds each call (read, write, transaction, ...) may take in all, retries,
     failover wait and statements included, when it has no ``timeout=`` of its own and no
@@ -276,6 +282,12 @@ class RoutingConfig:
         check_range(owner, "causal_wait", self.causal_wait, low=0, high=60)
         check_range(owner, "sticky_seconds", self.sticky_seconds, low=0, low_open=True, high=MAX_AGE, optional=True)
         check_range(owner, "failover_wait", self.failover_wait, low=0, high=3600)
+        if isinstance(self.hedge_after, str) and self.hedge_after != "auto":
+            raise ConfigurationError(f"{owner}.hedge_after must be 'auto' or a number > 0 and <= {MAX_WAIT:g}, "
+                                     f"got {self.hedge_after!r}")
+        if not isinstance(self.hedge_after, str):
+            check_range(owner, "hedge_after", self.hedge_after, low=0, low_open=True, high=MAX_WAIT, optional=True)
+        check_range(owner, "hedge_budget", self.hedge_budget, low=0, low_open=True, high=1)
         check_range(owner, "call_timeout", self.call_timeout, low=0, low_open=True, high=MAX_WAIT, optional=True)
         check_range(owner, "slow_replica_ratio", self.slow_replica_ratio, low=1, low_open=True, high=1000, optional=True)
         check_range(owner, "slow_replica_margin", self.slow_replica_margin, low=0, high=3600)
@@ -675,7 +687,12 @@ def _convert(key: str, text: str, type_name: str) -> Any:
         if type_name.startswith("int"):
             return int(text)
         if type_name.startswith("float"):
-            return float(text)
+            try:
+                return float(text)
+            except ValueError:
+                if "str" not in type_name:  # a number or a word (hedge_after: seconds or "auto")
+                    raise
+                return text
         if type_name.startswith("tuple"):
             return tuple(part.strip() for part in text.split(",") if part.strip())
     except ValueError as exc:

@@ -128,7 +128,7 @@ class Lease:
         started = time.monotonic()
         if deadline.at <= started:
             raise self._judged(deadline.exceeded(f"before a statement on {node.name} was sent", node.name))
-        cut = TIMER.arm(deadline.at, self._cut_now)
+        cut = TIMER.arm(deadline.at, self.cut_now)
         try:
             guard = node.guard
             result = op(node.adapter, self.conn) if guard is None else self._guarded(op, guard, extra)
@@ -163,9 +163,14 @@ class Lease:
             self._aborted = True  # cut just as it finished: the answer is good, the socket is not
         return result
 
-    def _cut_now(self) -> None:
-        """The deadline passed mid-statement (the timer's thread): cut the socket, so that
-        the call returns now, then have the server cancel what the session runs."""
+    def mark_cut(self) -> None:
+        """This lease is about to be cut on purpose (`cut_now`, from another thread): its
+        connection is discarded when released, and its node not blamed."""
+        self._aborted = self._cut = True
+
+    def cut_now(self) -> None:
+        """Cut the socket, so that a statement running on it returns now (the deadline
+        passed, or a hedge won), then have the server cancel what the session runs."""
         node, conn = self.node, self.conn
         adapter = node.adapter
         session = adapter.session_id(conn)
@@ -273,6 +278,7 @@ def answered(node: Node, entry: _Entry, timed: bool, aborted: bool = False) -> N
     if timed:
         elapsed, latency = returned - entry.borrowed_at, node.latency
         node.latency = elapsed if latency == 0.0 else latency + _LATENCY_ALPHA * (elapsed - latency)
+        node.read_times.append(elapsed)
     breaker = node.breaker
     if not breaker.clean:
         breaker.success()

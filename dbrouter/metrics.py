@@ -19,7 +19,8 @@ follow the Prometheus conventions (base units, ``_total`` for counters):
   ``dbrouter_node_slow_ejected{node}``
 - ``dbrouter_reads_total``, ``dbrouter_writes_total``, ``dbrouter_retries_total``, ``dbrouter_retries_refused_total``,
   ``dbrouter_fallbacks_total``, ``dbrouter_failovers_total``,
-  ``dbrouter_write_outcome_unknown_total``, ``dbrouter_deadline_exceeded_total``, ``dbrouter_split_brain``
+  ``dbrouter_write_outcome_unknown_total``, ``dbrouter_deadline_exceeded_total``,
+  ``dbrouter_hedges_total``, ``dbrouter_hedges_won_total``, ``dbrouter_hedges_refused_total``, ``dbrouter_split_brain``
 
 Every metric also carries a ``router`` label (the router's name, ``default``
 unless given), so that one process can export several routers.
@@ -63,6 +64,9 @@ _ROUTER_COUNTERS = (
     ("failovers", "dbrouter_failovers", "Times another node became the primary."),
     ("write_outcome_unknown", "dbrouter_write_outcome_unknown", "Writes whose connection broke after sending."),
     ("deadline_exceeded", "dbrouter_deadline_exceeded", "Calls that ran out of their deadline (timeout=, deadline(), call_timeout)."),
+    ("hedges", "dbrouter_hedges", "Hedged reads sent to a second replica (hedge_after)."),
+    ("hedges_won", "dbrouter_hedges_won", "Hedged reads whose second replica answered first."),
+    ("hedges_refused", "dbrouter_hedges_refused", "Hedges the hedge budget refused."),
 )
 
 

@@ -30,6 +30,7 @@ from .discovery.loop import DiscoveryLoop, member_address
 from .errors import ConfigurationError, DeadlineExceeded, PoolError
 from .events import Event, Events
 from .fleet import shared_storage
+from .hedging import Hedger
 from .lease import HeldLease, Lease, Outcome, take
 from .pool import Pool
 from .resilience import NodeBreaker
@@ -107,6 +108,9 @@ class Router(Core):
         self._read_verdicts = verdicts(nodes[0].adapter.engine)
         self._balancer = make_balancer(config.routing.policy)
         self._executor = RetryExecutor(config.retry, budget=self._retry_budget(config), on_refused=self._retry_refused)
+        routing = config.routing
+        if routing.hedge_after is not None:
+            self.hedger = Hedger(self, routing.hedge_after, routing.hedge_budget)
         self._budget_event_at = float("-inf")
         if open:
             self.open()
@@ -583,6 +587,9 @@ class Router(Core):
             "causal_primary_reads": counts.causal_primary_reads.value,
             "write_outcome_unknown": counts.write_outcome_unknown.value,
             "deadline_exceeded": counts.deadline_exceeded.value,
+            "hedges": 0 if self.hedger is None else self.hedger.sent.value,
+            "hedges_won": 0 if self.hedger is None else self.hedger.won.value,
+            "hedges_refused": 0 if self.hedger is None else self.hedger.refused.value,
             "discovery": None if self.discovery is None else self.discovery.stats(),
         }
 
@@ -595,6 +602,8 @@ class Router(Core):
         if self.discovery is not None:
             self.discovery.stop(timeout)
         self.topology.stop(timeout)
+        if self.hedger is not None:
+            self.hedger.close()
         self._close_pools(timeout)
         self._watchdog.stop()
 

@@ -38,7 +38,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Sequence, TypeVar
 
 from ._counter import Counter
 from .adapters.base import Rows
@@ -60,7 +60,10 @@ from .events import Events
 from .lease import Lease, answered, not_taken, take
 from .retrying import Retry, RetryExecutor
 from .statements import QUOTED_PLACEHOLDER, UNSEEN, Verdicts
-from .topology import Node, Topology, same_server_error
+from .topology import REPLICA, Node, Topology, same_server_error
+
+if TYPE_CHECKING:
+    from .hedging import Hedger
 
 __all__ = ["Core", "Counts", "OpenTransactions", "Rows", "refuse_read", "short", "statement"]
 
@@ -107,6 +110,8 @@ class Core:
     _executor: RetryExecutor
     _read_verdicts: Verdicts
     """The read rule's verdicts for this cluster's engine (`dbrouter.statements`)."""
+    hedger: Hedger | None = None
+    """Hedged reads (`dbrouter.hedging`), when ``hedge_after`` is set."""
 
     # -- who serves -----------------------------------------------------------
 
@@ -279,6 +284,9 @@ class Core:
                 refuse_read(problem, params)
         self.counts.reads.inc()
         node = self.choose_reader()
+        hedger = self.hedger
+        if hedger is not None and node.role == REPLICA:
+            return hedger.read(node, sql, params)
         if not node.breaker.clean or node.guard is not None or current_deadline() is not None:
             return self.read_with(node, statement(sql, params))
         # The hot path: run_on inlined, the entry borrowed without a lease object while the

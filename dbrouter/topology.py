@@ -86,6 +86,7 @@ class Node:
         self.lag: float | None = 0.0
         self.lag_excluded = False
         self.latency = 0.0
+        self.read_times: deque[float] = deque(maxlen=256)  # the latest statements' times (hedge_after="auto")
         self.probe_latency: float | None = None
         self.slow_until = 0.0  # monotonic time until which a slow replica gets no reads (0: not ejected)
         self.slow_ejections = 0  # ejections in a row

@@ -106,6 +106,11 @@ class AsyncRouter:
                                      "would block the event loop")
         if config.discovery.discovery != "static":
             raise ConfigurationError("discovery is not supported by AsyncRouter yet: list the nodes")
+        if config.routing.hedge_after is not None:
+            raise ConfigurationError("hedge_after is not supported by AsyncRouter yet")
+        if config.routing.call_timeout is not None:
+            raise ConfigurationError("call_timeout is not supported by AsyncRouter yet: bound calls with "
+                                     "asyncio.timeout(), which cuts a statement's connection when it expires")
         self._control = control = _Control(config=config, open=False)
         self.config = config
         self.events = control.events

@@ -1,0 +1,134 @@
+"""Budgeted hedged reads (issue: overload and tail latency, item 5) on real replicas.
+
+One replica is made slow for the test's reads only: the statement sleeps on that server
+(its port decides), so the other replica answers at once. A read that went to the slow
+one first is hedged on the other after ``hedge_after``: it returns the fast answer, the slow
+statement is cut and cancelled on its server, and neither node is blamed.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+import pytest
+
+from dbrouter import Router
+
+from .conftest import port_sql, wait_until
+from .test_control_plane import close_within
+
+
+def slow_on(cluster: Any, port: int, seconds: float, marker: str) -> str:
+    """A read that sleeps ``seconds`` on the server listening on ``port``, at once elsewhere,
+    and says which port answered."""
+    if cluster.engine == "postgres":
+        return (f"SELECT {port_sql(cluster)}, '{marker}' FROM pg_sleep(CASE WHEN {port_sql(cluster)} = {port} "
+                f"THEN {seconds} ELSE 0 END)")
+    return f"SELECT {port_sql(cluster)}, '{marker}', SLEEP(IF({port_sql(cluster)} = {port}, {seconds}, 0))"
+
+
+def running_on(cluster: Any, node: Any, marker: str) -> bool:
+    if cluster.engine == "postgres":
+        sql = "SELECT count(*) FROM pg_stat_activity WHERE query LIKE %s AND pid <> pg_backend_pid()"
+    else:
+        sql = "SELECT count(*) FROM information_schema.PROCESSLIST WHERE INFO LIKE %s AND ID <> CONNECTION_ID()"
+    return int(node.query(sql, (f"%{marker}%",))[0][0]) > 0
+
+
+def hedging_router(cluster: Any, **options: Any) -> Router:
+    options = {"health_interval": 0.1, "hedge_after": 0.05, "policy": "round_robin", **options}
+    router = Router(cluster.primary.url, [r.url for r in cluster.replicas], **options)
+    assert router.wait_for_probes(2)
+    return router
+
+
+def test_a_read_on_a_slow_replica_is_answered_by_the_other(cluster: Any) -> None:
+    slow, fast = cluster.replicas
+    marker = "hg" + uuid.uuid4().hex[:10]
+    router = hedging_router(cluster, hedge_budget=1.0)  # every read may be hedged: the race is under test
+    try:
+        for _ in range(6):  # round robin: half of them go to the slow one first
+            started = time.monotonic()
+            rows = router.read(slow_on(cluster, slow.port, 30, marker))
+            assert rows[0][0] == fast.port, rows  # the slow replica never answers first
+            assert time.monotonic() - started < 3.0  # not its 30 s
+        stats = router.stats()
+        assert stats["hedges"] >= 3 and stats["hedges_won"] >= 3, stats
+        # The losers were cut and cancelled: nothing sleeps on the slow server for 30 s.
+        assert wait_until(lambda: not running_on(cluster, slow, marker), timeout=5), "a cut read still runs"
+        for node in router.replicas:
+            assert stats["nodes"][node.name]["breaker"] == "closed", stats["nodes"][node.name]
+            assert wait_until(lambda n=node: n.pool.stats()["in_use"] == 0, timeout=2), node.pool.stats()
+        assert stats["deadline_exceeded"] == 0
+    finally:
+        assert close_within(router)
+
+
+def test_fast_reads_are_not_hedged_and_writes_never(cluster: Any, table: str) -> None:
+    slow, _ = cluster.replicas
+    marker = "hg" + uuid.uuid4().hex[:10]
+    router = hedging_router(cluster, hedge_after=0.5)
+    try:
+        for _ in range(10):
+            router.read("SELECT 1")
+        assert router.stats()["hedges"] == 0
+        # Statements that are not plain reads are never hedged, however slow.
+        router.read(slow_on(cluster, slow.port, 1, marker), unchecked=True)
+        router.read(slow_on(cluster, slow.port, 1, marker), unchecked=True)
+        sleep = "pg_sleep(1)" if cluster.engine == "postgres" else "SLEEP(1)"
+        router.write(f"INSERT INTO {table} (id, port) SELECT 1, 2 FROM (SELECT {sleep}) AS s")
+        with router.transaction() as tx:
+            tx.execute(f"SELECT {sleep}")
+        assert router.stats()["hedges"] == 0
+    finally:
+        assert close_within(router)
+
+
+def test_the_budget_caps_the_extra_reads(cluster: Any) -> None:
+    slow, fast = cluster.replicas
+    marker = "hg" + uuid.uuid4().hex[:10]
+    router = hedging_router(cluster, hedge_after=0.01, hedge_budget=0.05)
+    try:
+        started = time.monotonic()
+        reads = 0
+        for _ in range(40):
+            router.read(slow_on(cluster, slow.port, 0.15, marker))
+            reads += 1
+        elapsed = time.monotonic() - started
+        stats = router.stats()
+        # 5% of the reads of the last 10 s, plus one a second (the floor), and the first.
+        assert stats["hedges"] <= 0.05 * stats["reads"] + elapsed + 1, (stats["hedges"], stats["reads"], elapsed)
+        assert stats["hedges_refused"] > 0, stats
+        assert stats["hedges"] > 0, stats
+    finally:
+        assert close_within(router)
+
+
+@pytest.mark.parametrize("bad", ["fast", -1, 0, float("nan")])
+def test_hedge_after_is_seconds_or_auto(bad: Any) -> None:
+    from dbrouter import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match="hedge_after"):
+        Router("postgresql://app@127.0.0.1:1/app", hedge_after=bad, open=False)
+    with pytest.raises(ConfigurationError, match="hedge_budget"):
+        Router("postgresql://app@127.0.0.1:1/app", hedge_after="auto", hedge_budget=0, open=False)
+
+
+def test_auto_threshold_follows_the_replicas_own_read_times(cluster: Any) -> None:
+    slow, fast = cluster.replicas
+    marker = "hg" + uuid.uuid4().hex[:10]
+    router = hedging_router(cluster, hedge_after="auto", hedge_budget=1.0)
+    try:
+        router.read(slow_on(cluster, slow.port, 2, marker))  # no p95 known yet: not hedged, it waits
+        assert router.stats()["hedges"] == 0
+        for _ in range(80):  # each replica's p95 is then a few milliseconds
+            router.read("SELECT 1")
+        for _ in range(4):
+            started = time.monotonic()
+            assert router.read(slow_on(cluster, slow.port, 30, marker))[0][0] == fast.port
+            assert time.monotonic() - started < 3.0
+        assert router.stats()["hedges_won"] >= 2
+    finally:
+        assert close_within(router)

@@ -172,6 +172,7 @@ class Stream:
         if lease is None:
             return
         state, finished = self._state, self._finished
+        self._state = None  # the driver's cursor and its last batch go with the stream's end
         try:
             clean = lease.run(lambda adapter, conn: adapter.close_stream(conn, state, finished))
         except BaseException as exc:

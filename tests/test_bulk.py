@@ -601,6 +601,30 @@ def test_stream_reads_a_replica_in_batches_and_holds_its_connection(cluster: Any
         assert all(n["breaker_failures"] == 0 for n in stats["nodes"].values())
 
 
+@both_drivers
+def test_stream_closes_cleanly(cluster: Any, driver: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Closing a stream, read to its end or not, raises nothing inside (the close failed on
+    psycopg2 once, and its connection went back through the error path), and the connection
+    serves the next call as it is."""
+    caplog.set_level("DEBUG", logger="dbrouter.stream")
+    with Router(cluster.primary.url, [cluster.replicas[0].url], driver=driver, **FAST) as router:
+        for n, batch_size in ((10, 3), (10, 10), (0, 5), (5000, 1000)):
+            with router.stream(f"{_series(cluster, max(n, 1))} LIMIT {n}", batch_size=batch_size) as rows:
+                node = rows.node
+                assert [r[0] for r in rows] == list(range(1, n + 1))
+            assert node.pool.stats()["in_use"] == 0
+        with router.stream(_series(cluster, 5000), batch_size=100) as rows:
+            assert next(iter(rows))[0] == 1
+        assert router.read(f"SELECT {port_sql(cluster)}") == [(node.address.port,)]
+        opened = node.pool.stats()["opened"]
+        with router.stream(_series(cluster, 10), batch_size=4) as rows:
+            assert rows.node is node and len(list(rows)) == 10
+        with router.stream(_series(cluster, 10), batch_size=4) as rows:
+            assert [len(batch) for batch in rows.batches()] == [4, 4, 2]
+        assert node.pool.stats()["opened"] == opened  # read to the end: the same connection each time
+    assert [r.getMessage() for r in caplog.records if r.name == "dbrouter.stream"] == []
+
+
 def test_stream_memory_stays_bounded(cluster: Any) -> None:
     """300,000 rows of about 60 bytes: held at once they take about 60 MiB here."""
     with make_router(cluster) as router:

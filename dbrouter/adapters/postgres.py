@@ -204,7 +204,8 @@ class PostgresAdapter(PostgresBase):
 
     def close_stream(self, conn: Any, state: Any, finished: bool) -> bool:
         conn.rollback()  # ends the transaction and the cursor with it: one round trip
-        state.close()
+        # Not state.close(): after the rollback psycopg2 refuses it ("named cursor isn't
+        # valid anymore"), and there is nothing left to close on the server.
         conn.autocommit = True
         return True
 

@@ -165,9 +165,9 @@ class Adapter(ABC):
 
     @abstractmethod
     def close_stream(self, conn: Any, state: Any, finished: bool) -> bool:
-        """End a stream (``finished``: its last fetch came back empty). True when the
-        connection is clean again; False when it must be discarded (the rest of an
-        unbuffered result was not read)."""
+        """End a stream (``finished``: a fetch came back short of the batch size, so every
+        row was fetched). True when the connection is clean again; False when it must be
+        discarded (the rest of an unbuffered result was not read)."""
 
     @abstractmethod
     def begin(self, conn: Any) -> None:

@@ -22,8 +22,10 @@ Streamed reads run each contender in a fresh interpreter (``python -m bench.bulk
 ...``), which streams a warm-up of 10,000 rows, reads its RSS, then reads N rows
 (``generate_series`` / ``seq_1_to_N`` on a replica: nothing stored) into a
 ``deque(maxlen=0)``, so that the loop costs nothing per row beyond the library's work, and
-reports rows per second and the growth of its peak RSS over the baseline (the kernel's peak,
-VmHWM, reset after the warm-up).
+reports rows per second, the client's CPU time per row (all its threads: the rows/s of a
+stream is mostly the server's time, so this is where a client library's own cost shows) and
+the growth of its peak RSS over the baseline (the kernel's peak, VmHWM, reset after the
+warm-up).
 """
 
 from __future__ import annotations
@@ -401,9 +403,11 @@ def _stream_child(key: str, primary: str, replica: str, n: int, size: int) -> di
         run(SOURCES[engine].format(n=10_000))  # imports, buffers, the first batch: paid before the baseline
         reset = _reset_peak()
         before = _rss()
+        cpu_start = time.process_time()
         start = time.perf_counter()
         count = run(SOURCES[engine].format(n=n))
         seconds = time.perf_counter() - start
+        cpu = time.process_time() - cpu_start
         peak = _peak()
     finally:
         for close in closers:
@@ -411,7 +415,7 @@ def _stream_child(key: str, primary: str, replica: str, n: int, size: int) -> di
     if count != n:
         raise RuntimeError(f"{key}: {count} rows, expected {n}")
     return {"rows": count, "seconds": seconds, "rows_per_s": count / seconds, "peak_growth": peak - before,
-            "peak_reset": reset}
+            "peak_reset": reset, "cpu_s": cpu}
 
 
 def _stream_once(key: str, primary: str, replica: str, n: int, size: int, timeout: float = 900.0) -> dict[str, Any]:
@@ -440,12 +444,15 @@ def run_streams(clusters: dict[str, Any], rows_total: int, rounds: int, size: in
             for key in order:
                 res = _stream_once(key, primary, replica, rows_total, size)
                 runs[key].append(res)
-                log.info("7. stream, %s, round %d: %-14s %9.0f rows/s, peak RSS +%.1f MiB", engine, r + 1, key,
-                         res["rows_per_s"], res["peak_growth"] / 2**20)
+                log.info("7. stream, %s, round %d: %-14s %9.0f rows/s, client CPU %5.0f ns/row, peak RSS +%.1f MiB",
+                         engine, r + 1, key, res["rows_per_s"], 1e9 * res["cpu_s"] / rows_total,
+                         res["peak_growth"] / 2**20)
         out[engine] = {
             key: {"label": STREAMS[key][0].replace("N", f"{size:,}"), "rows": rows_total, "batch_size": size,
                   "rows_per_s": [x["rows_per_s"] for x in runs[key]],
                   "median": statistics.median(x["rows_per_s"] for x in runs[key]),
+                  "cpu_ns_per_row": [1e9 * x["cpu_s"] / rows_total for x in runs[key]],
+                  "cpu_ns_per_row_median": statistics.median(1e9 * x["cpu_s"] / rows_total for x in runs[key]),
                   "peak_growth": [x["peak_growth"] for x in runs[key]],
                   "peak_growth_max": max(x["peak_growth"] for x in runs[key])}
             for key in keys

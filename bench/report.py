@@ -468,7 +468,9 @@ def _bulk_sections(r: dict[str, Any], add: Any) -> None:
             "`seq_1_to_N` on MariaDB, so nothing is stored) read from a replica into `deque(maxlen=0)`, so that the "
             "loop adds no work per row; each run in a fresh interpreter, which first reads 10,000 rows the same way; "
             "peak RSS growth = the kernel's peak RSS (VmHWM, reset after the warm-up) minus the RSS before the "
-            f"run. {cfg.get('stream_rounds')} "
+            "run; client CPU = the child's CPU time (all its threads) over the run, per row: the rows/s of a stream "
+            "is mostly the server's time, so this is where a library's own cost shows. "
+            f"{cfg.get('stream_rounds')} "
             "interleaved rounds (fetchall: one).")
         add("")
         for engine, title, base in (("postgres", "PostgreSQL", "pg.named"), ("mysql", "MariaDB", "my.unbuffered")):
@@ -477,13 +479,15 @@ def _bulk_sections(r: dict[str, Any], add: Any) -> None:
                 continue
             add(f"**{title}**")
             add("")
-            add("| Contender | rows/s (median) | x the raw streaming cursor | peak RSS growth (MiB, max) | per round (rows/s) |")
-            add("| --- | ---: | ---: | ---: | --- |")
+            add("| Contender | rows/s (median) | x the raw streaming cursor | client CPU (ns/row, median) "
+                "| peak RSS growth (MiB, max) | per round (rows/s) |")
+            add("| --- | ---: | ---: | ---: | ---: | --- |")
             for c in cells.values():
                 ratio = (f"{paired_ratio(c['rows_per_s'], cells[base]['rows_per_s']):.2f}"
                          if base in cells and len(c["rows_per_s"]) == len(cells[base]["rows_per_s"]) else "–")
-                add(f"| {c['label']} | {c['median']:,.0f} | {ratio} | {c['peak_growth_max'] / 2**20:,.1f} | "
-                    f"{', '.join(f'{x:,.0f}' for x in c['rows_per_s'])} |")
+                cpu = c.get("cpu_ns_per_row_median")  # absent in results from before it was measured
+                add(f"| {c['label']} | {c['median']:,.0f} | {ratio} | {'–' if cpu is None else f'{cpu:,.0f}'} | "
+                    f"{c['peak_growth_max'] / 2**20:,.1f} | {', '.join(f'{x:,.0f}' for x in c['rows_per_s'])} |")
             add("")
 
 

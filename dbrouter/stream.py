@@ -1,10 +1,12 @@
 """Streamed reads: the rows of one read statement in bounded memory (`Router.stream`).
 
 A stream takes one lease where a read would go (a replica by the routing rules, the primary
-as the fallback) and keeps it until it is closed: a server-side cursor on PostgreSQL (a
-named cursor in a transaction, ``FETCH FORWARD batch_size`` per batch), an unbuffered result
-on MySQL/MariaDB (the rows stay on the server's side of the socket until read). Only one
-batch is held on the client at a time.
+as the fallback) and keeps it until it is closed: a server-side cursor on PostgreSQL (in a
+transaction, ``FETCH FORWARD batch_size`` per batch), an unbuffered result on MySQL/MariaDB
+(the rows stay on the server's side of the socket until read). Only one batch is held on the
+client at a time (with psycopg2, as the driver's result: each row is built as the iteration
+reaches it). Every fetch goes through the lease (`Lease.run`), so the hung-statement guard
+covers it.
 
 Failures follow the read rules until rows have been handed out: opening the stream and
 fetching its first batch is one attempt, retried on another node when its node fails. After
@@ -23,7 +25,7 @@ import logging
 from itertools import chain
 from typing import TYPE_CHECKING, Any, Iterator
 
-from .adapters.base import Rows
+from .adapters.base import Batch, Rows
 from .decisions import Action, Phase, Work
 from .errors import ConfigurationError, NoReplicaAvailable, StreamInterrupted, UsageError
 from .lease import HeldLease, Lease, Outcome
@@ -41,7 +43,8 @@ log = logging.getLogger("dbrouter.stream")
 
 class Stream:
     """``with router.stream(sql, params, batch_size=...) as rows``: iterate ``rows`` for the
-    rows (tuples), or `batches` for lists of up to ``batch_size`` rows. Read once."""
+    rows (tuples), or `batches` for lists of up to ``batch_size`` rows. Read once, inside the
+    ``with`` block."""
 
     def __init__(self, core: Core, sql: str, params: Any = None, *, batch_size: int = 1000) -> None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 1 <= batch_size <= 1_000_000:
@@ -53,7 +56,7 @@ class Stream:
         self.batch_size = batch_size
         self._lease: Lease | None = None
         self._state: Any = None
-        self._first: Rows | None = None
+        self._first: Batch | None = None
         self._node: Node | None = None
         self._opened = False
         self._read = False
@@ -90,14 +93,14 @@ class Stream:
         tried: list[Node] = []
         errors: dict[str, BaseException] = {}
 
-        def start(lease: Lease) -> tuple[Lease, Any, Rows]:
+        def start(lease: Lease) -> tuple[Lease, Any, Batch]:
             # A failure here is the attempt's: run_on releases the lease by the read rules, and
             # the pool's reset (ROLLBACK) ends a half-opened cursor with its transaction.
             state = lease.run(lambda adapter, conn: adapter.open_stream(conn, sql, params, size))
-            first: Rows = lease.run(lambda adapter, conn: adapter.fetch_stream(conn, state))
+            first: Batch = lease.run(lambda adapter, conn: adapter.fetch_stream(conn, state))
             return lease, state, first
 
-        def attempt() -> tuple[Lease, Any, Rows]:
+        def attempt() -> tuple[Lease, Any, Batch]:
             node = core.choose_reader(exclude=tried)
             try:
                 return core.run_on(node, start, Work.READ, keep=True, kind=HeldLease)
@@ -117,11 +120,15 @@ class Stream:
         return self
 
     def __iter__(self) -> Iterator[tuple[Any, ...]]:
-        # chain: the rows of each batch are handed out by C code, not a Python frame per row.
-        return chain.from_iterable(self.batches())
+        # chain: the rows of each batch are handed out by C code, not a Python frame per row
+        # (with psycopg2, each row is built from the driver's result only as it is reached).
+        return chain.from_iterable(self._start())
 
     def batches(self) -> Iterator[Rows]:
         """The rows in lists of up to ``batch_size``, as fetched."""
+        return map(_listed, self._start())
+
+    def _start(self) -> Iterator[Batch]:
         if not self._opened or (self._lease is None and not self._finished):
             raise UsageError("the stream is not open (or closed): use it in a with block")
         if self._read:
@@ -129,7 +136,7 @@ class Stream:
         self._read = True
         return self._batches()
 
-    def _batches(self) -> Iterator[Rows]:
+    def _batches(self) -> Iterator[Batch]:
         first, self._first = self._first, None
         if first:
             self.rows += len(first)
@@ -143,13 +150,14 @@ class Stream:
             self.rows += len(batch)
             yield batch
 
-    def _fetch(self) -> Rows:
+    def _fetch(self) -> Batch:
         lease = self._lease
         if lease is None:
             raise UsageError("the stream was closed")
         state = self._state
         try:
-            rows: Rows = lease.run(lambda adapter, conn: adapter.fetch_stream(conn, state))
+            # Through the lease, like every statement: the hung-node guard covers each FETCH.
+            rows: Batch = lease.run(lambda adapter, conn: adapter.fetch_stream(conn, state))
             return rows
         except BaseException as exc:
             self._lease = None
@@ -172,6 +180,7 @@ class Stream:
         if lease is None:
             return
         state, finished = self._state, self._finished
+        self._state = None  # the driver's cursor and its last batch go with the stream's end
         try:
             clean = lease.run(lambda adapter, conn: adapter.close_stream(conn, state, finished))
         except BaseException as exc:
@@ -184,3 +193,8 @@ class Stream:
             lease.release()
         else:
             lease.release(Outcome.DISCARDED)
+
+
+def _listed(batch: Batch) -> Rows:
+    """A batch as a list (a driver's lazy batch is read into one)."""
+    return batch if isinstance(batch, list) else list(batch)

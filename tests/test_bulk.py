@@ -601,6 +601,72 @@ def test_stream_reads_a_replica_in_batches_and_holds_its_connection(cluster: Any
         assert all(n["breaker_failures"] == 0 for n in stats["nodes"].values())
 
 
+@both_drivers
+def test_stream_closes_cleanly(cluster: Any, driver: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Closing a stream, read to its end or not, raises nothing inside (the close failed on
+    psycopg2 once, and its connection went back through the error path), and the connection
+    serves the next call as it is."""
+    caplog.set_level("DEBUG", logger="dbrouter.stream")
+    with Router(cluster.primary.url, [cluster.replicas[0].url], driver=driver, **FAST) as router:
+        for n, batch_size in ((10, 3), (10, 10), (0, 5), (5000, 1000)):
+            with router.stream(f"{_series(cluster, max(n, 1))} LIMIT {n}", batch_size=batch_size) as rows:
+                node = rows.node
+                assert [r[0] for r in rows] == list(range(1, n + 1))
+            assert node.pool.stats()["in_use"] == 0
+        with router.stream(_series(cluster, 5000), batch_size=100) as rows:
+            assert next(iter(rows))[0] == 1
+        assert router.read(f"SELECT {port_sql(cluster)}") == [(node.address.port,)]
+        opened = node.pool.stats()["opened"]
+        with router.stream(_series(cluster, 10), batch_size=4) as rows:
+            assert rows.node is node and len(list(rows)) == 10
+        with router.stream(_series(cluster, 10), batch_size=4) as rows:
+            batches = list(rows.batches())
+            assert [len(batch) for batch in batches] == [4, 4, 2] and all(type(b) is list for b in batches)
+            assert [r[0] for b in batches for r in b] == list(range(1, 11))
+        assert node.pool.stats()["opened"] == opened  # read to the end: the same connection each time
+    assert [r.getMessage() for r in caplog.records if r.name == "dbrouter.stream"] == []
+
+
+@both_drivers
+def test_stream_takes_a_statement_as_read_does(cluster: Any, driver: str) -> None:
+    """Parameters, a comment at the end, a semicolon at the end, a % without parameters."""
+    with make_router(cluster, driver) as router:
+        for sql, params, expected in (
+            ("SELECT %s, %s", (1, "a"), [(1, "a")]),
+            ("SELECT 2 -- a comment at the end", None, [(2,)]),
+            ("SELECT 3;", None, [(3,)]),
+            ("SELECT '100%'", None, [("100%",)]),
+            (f"{_series(cluster, 5)} /* a comment */", None, [(i, "x" * 50) for i in range(1, 6)]),
+        ):
+            assert router.read(sql, params) == expected
+            with router.stream(sql, params, batch_size=2) as rows:
+                assert list(rows) == expected, sql
+
+
+@pytest.mark.postgres
+def test_stream_on_a_node_that_hangs_mid_stream(pg_cluster: Any, pg_driver: str) -> None:
+    """A replica that stops answering between two FETCHes: the next FETCH is cut at the
+    statement timeout plus its grace (the watchdog), and the stream says so."""
+    replica = pg_cluster.replicas[0]
+    with Router(pg_cluster.primary.url, [replica.url], driver=pg_driver, statement_timeout=0.5, **FAST) as router:
+        try:
+            with router.stream(_series(pg_cluster, 100_000), batch_size=1000) as rows:
+                node, seen = rows.node, 0
+                guard = node.guard
+                assert guard is not None
+                with pytest.raises(StreamInterrupted) as info:
+                    for _ in rows:
+                        seen += 1
+                        if seen == 1500:
+                            replica.freeze()
+                            started = time.monotonic()
+                waited = time.monotonic() - started
+        finally:
+            replica.thaw()
+        assert info.value.rows == seen == 2000 and info.value.node == node.name
+        assert guard - 0.05 <= waited < guard + 1.0, (guard, waited)
+
+
 def test_stream_memory_stays_bounded(cluster: Any) -> None:
     """300,000 rows of about 60 bytes: held at once they take about 60 MiB here."""
     with make_router(cluster) as router:

@@ -9,18 +9,28 @@ from __future__ import annotations
 
 import enum
 from abc import ABC, abstractmethod
-from typing import Any, Sequence
+from typing import Any, Iterator, Protocol, Sequence
 
 from ..config import ConnectOptions
 from ..url import NodeAddress
 from . import _sockets
 
-__all__ = ["Adapter", "ErrorKind", "Result", "ReturnState", "Rows"]
+__all__ = ["Adapter", "Batch", "ErrorKind", "Result", "ReturnState", "Rows"]
 
 Rows = list[tuple[Any, ...]]
 """The rows of a statement, as every adapter returns them."""
 Result = tuple[Rows | None, int]
 """What `Adapter.execute` returns: the rows (None for a statement without a result) and the rowcount."""
+
+
+class Batch(Protocol):
+    """One batch of a stream (`Adapter.fetch_stream`): a list of rows, or rows that the driver
+    builds only as they are iterated over. Either is sized, iterated once, and good until the
+    stream's next fetch."""
+
+    def __len__(self) -> int: ...
+
+    def __iter__(self) -> Iterator[tuple[Any, ...]]: ...
 
 
 class ErrorKind(enum.Enum):
@@ -164,14 +174,14 @@ class Adapter(ABC):
         result); returns the stream's state for `fetch_stream` and `close_stream`."""
 
     @abstractmethod
-    def fetch_stream(self, conn: Any, state: Any) -> list[tuple[Any, ...]]:
-        """The next rows of a stream (at most its batch size); an empty list at the end."""
+    def fetch_stream(self, conn: Any, state: Any) -> Batch:
+        """The next rows of a stream (at most its batch size; none at the end)."""
 
     @abstractmethod
     def close_stream(self, conn: Any, state: Any, finished: bool) -> bool:
-        """End a stream (``finished``: its last fetch came back empty). True when the
-        connection is clean again; False when it must be discarded (the rest of an
-        unbuffered result was not read)."""
+        """End a stream (``finished``: a fetch came back short of the batch size, so every
+        row was fetched). True when the connection is clean again; False when it must be
+        discarded (the rest of an unbuffered result was not read)."""
 
     @abstractmethod
     def begin(self, conn: Any) -> None:

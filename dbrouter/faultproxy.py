@@ -1,9 +1,10 @@
 """A fault-injecting TCP proxy for tests and failover drills.
 
 `FaultProxy` sits between a client and a loopback server and can, at run
-time, refuse connections, swallow traffic (a hung node), add latency, reset
-every connection, or cut one connection right after a write reached the
-server. It exists so that tests exercise the drivers' real failure paths on
+time, refuse connections, swallow traffic (a hung node), add latency (to every
+chunk, or as spikes on a fraction of the replies), reset every connection, cut
+one connection right after a write reached the server, or reset a fraction of
+the requests (a flaky node). It exists so that tests exercise the drivers' real failure paths on
 real sockets instead of mocked exceptions.
 
 Design: one daemon thread (``dbrouter-proxy-<port>``) runs a `selectors` loop
@@ -23,6 +24,7 @@ import ipaddress
 import logging
 import math
 import queue
+import random
 import selectors
 import socket
 import struct
@@ -37,9 +39,11 @@ __all__ = [
     "FaultProxy",
     "MODE_BLACKHOLE",
     "MODE_CUT",
+    "MODE_FLAKY",
     "MODE_LATENCY",
     "MODE_PASS",
     "MODE_REFUSE",
+    "MODE_SPIKES",
 ]
 
 log = logging.getLogger("dbrouter.faultproxy")
@@ -50,6 +54,8 @@ MODE_REFUSE = "refuse"
 MODE_BLACKHOLE = "blackhole"
 MODE_LATENCY = "latency"
 MODE_CUT = "cut_after_client_sends"
+MODE_SPIKES = "spikes"
+MODE_FLAKY = "flaky"
 
 # Keys of FaultProxy.stats(): stable names that tests rely on.
 ACCEPTED = "connections_accepted"
@@ -177,6 +183,7 @@ class FaultProxy:
 
         self._mode = MODE_PASS
         self._delay = 0.0
+        self._fraction = 0.0  # spikes and flaky: the share of chunks affected
         self._cut_bytes = 0
 
         self._lock = threading.Lock()  # guards _counts only
@@ -298,6 +305,23 @@ class FaultProxy:
             raise ConfigurationError(f"faultproxy latency {seconds!r}: must be a finite number >= 0")
         self._set_mode(MODE_LATENCY, delay=float(seconds))
 
+    def spikes(self, fraction: float, seconds: float) -> None:
+        """Forward, delaying a random ``fraction`` of the server's chunks (its replies) by
+        ``seconds`` (order kept: what follows on that connection waits behind it). "A
+        replica adds 200 ms to 1% of its reads" is ``spikes(0.01, 0.2)``."""
+        if not (0 <= fraction <= 1) or not (seconds >= 0 and math.isfinite(seconds)):
+            raise ConfigurationError(f"faultproxy spikes({fraction!r}, {seconds!r}): need 0 <= fraction <= 1 "
+                                     "and a finite delay >= 0")
+        self._set_mode(MODE_SPIKES, delay=float(seconds), fraction=float(fraction))
+
+    def flaky(self, fraction: float) -> None:
+        """Forward, but reset the connection (RST both sides, nothing forwarded) on a random
+        ``fraction`` of the client's chunks (its requests): a node that fails that share of
+        its calls, each failure a lost connection."""
+        if not 0 <= fraction <= 1:
+            raise ConfigurationError(f"faultproxy flaky({fraction!r}): need 0 <= fraction <= 1")
+        self._set_mode(MODE_FLAKY, fraction=float(fraction))
+
     def cut_after_client_sends(self, n_bytes: int = 1) -> None:
         """One shot: once a client has sent ``n_bytes`` (counted from now), forward them, then cut.
 
@@ -331,7 +355,7 @@ class FaultProxy:
 
     # -- commands: run on the proxy thread --------------------------------------
 
-    def _set_mode(self, mode: str, *, delay: float = 0.0, cut_bytes: int = 0) -> None:
+    def _set_mode(self, mode: str, *, delay: float = 0.0, cut_bytes: int = 0, fraction: float = 0.0) -> None:
         def apply() -> None:
             old = self._mode
             if self._running():
@@ -341,14 +365,17 @@ class FaultProxy:
                     self._open_listener(self._port)  # raises OSError if the port was taken meanwhile
             # else: not started (start() applies the mode) or stopped (nothing left to change).
             self._mode = mode
-            self._delay = delay if mode == MODE_LATENCY else 0.0
+            self._delay = delay if mode in (MODE_LATENCY, MODE_SPIKES) else 0.0
+            self._fraction = fraction
             if mode == MODE_CUT:
                 self._cut_bytes = cut_bytes
                 for link in self._links.values():
                     link.cut_count = 0
-            if old != mode or mode == MODE_LATENCY:
-                log.info("faultproxy %s: mode %s -> %s%s", self.address, old, mode,
-                         f" ({delay:.3f}s)" if mode == MODE_LATENCY else "")
+            if old != mode or mode in (MODE_LATENCY, MODE_SPIKES, MODE_FLAKY):
+                detail = f" ({delay:.3f}s)" if mode == MODE_LATENCY else (
+                    f" ({fraction:.3g} of chunks{f', {delay:.3f}s' if mode == MODE_SPIKES else ''})"
+                    if mode in (MODE_SPIKES, MODE_FLAKY) else "")
+                log.info("faultproxy %s: mode %s -> %s%s", self.address, old, mode, detail)
 
         self._call(apply)
 
@@ -588,7 +615,14 @@ class FaultProxy:
         with self._lock:
             self._counts[BYTES_UP if pipe.up else BYTES_DOWN] += len(data)
         now = time.monotonic()
-        pipe.push(now + self._delay if self._mode == MODE_LATENCY else now, data)
+        mode = self._mode
+        if mode == MODE_FLAKY and pipe.up and random.random() < self._fraction:
+            self._drop(link, reset=True)  # the request never reaches the server
+            return
+        if mode == MODE_LATENCY or (mode == MODE_SPIKES and not pipe.up and random.random() < self._fraction):
+            pipe.push(now + self._delay, data)
+        else:
+            pipe.push(now, data)
         if pipe.up and self._mode == MODE_CUT:
             link.cut_count += len(data)
             if link.cut_count >= self._cut_bytes:

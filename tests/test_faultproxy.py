@@ -271,6 +271,52 @@ def test_latency_delays_each_direction_and_keeps_order(proxy: FaultProxy) -> Non
         assert time.monotonic() - started < 0.1
 
 
+def test_spikes_delay_that_share_of_the_replies(proxy: FaultProxy) -> None:
+    with connect(proxy) as s:
+        proxy.spikes(1.0, 0.2)  # every reply
+        started = time.monotonic()
+        assert roundtrip(s, b"slow") == b"slow"
+        assert 0.2 <= time.monotonic() - started < 1.0
+        proxy.spikes(0.0, 5.0)  # none
+        started = time.monotonic()
+        assert roundtrip(s, b"fast") == b"fast"
+        assert time.monotonic() - started < 0.5
+        proxy.spikes(0.5, 0.05)  # about half of 40 round trips
+        slow = 0
+        for i in range(40):
+            started = time.monotonic()
+            assert roundtrip(s, b"%02d" % i) == b"%02d" % i
+            slow += time.monotonic() - started >= 0.05
+        assert 5 <= slow <= 35, slow
+    with pytest.raises(ConfigurationError):
+        proxy.spikes(1.5, 0.1)
+
+
+def test_flaky_resets_that_share_of_the_requests(proxy: FaultProxy) -> None:
+    proxy.flaky(0.0)
+    with connect(proxy) as s:
+        assert roundtrip(s, b"ok") == b"ok"
+    proxy.flaky(1.0)
+    with connect(proxy) as s:
+        s.settimeout(2)
+        s.sendall(b"lost")
+        with pytest.raises((ConnectionResetError, ConnectionAbortedError)):
+            if not s.recv(10):
+                raise ConnectionResetError("closed")
+    resets = 0
+    proxy.flaky(0.5)
+    for _ in range(30):
+        with connect(proxy) as s:
+            s.settimeout(2)
+            try:
+                assert roundtrip(s, b"x") == b"x"
+            except (ConnectionResetError, ConnectionAbortedError, AssertionError):
+                resets += 1
+    assert 3 <= resets <= 27, resets
+    with pytest.raises(ConfigurationError):
+        proxy.flaky(-0.1)
+
+
 def test_reset_connections_sends_rst_both_ways(proxy: FaultProxy, echo: EchoServer) -> None:
     with connect(proxy) as a, connect(proxy) as b:
         assert roundtrip(a, b"a") == b"a"

@@ -14,6 +14,11 @@ callback (``Handle._run`` wrapped, on the loop's thread only) and counts a repor
 - or it waited of its own accord (a voluntary context switch: a lock, a blocking read) and
   took ``wait_limit`` (0.5 s) or more, longer than any GIL wait seen.
 
+Two costs are left out, being neither the callback's nor production's: the process's garbage
+collections that run during a step (a full collection of a test process's heap takes tens of
+ms, whoever triggers it), and the source files asyncio's debug mode reads for the tracebacks it
+records (the module sources are read into `linecache` at `install`).
+
 Even so, on a machine whose cores are all busy (this one is a VM: a virtual CPU that the
 host takes away keeps counting the thread's CPU time, and a GIL wait behind a preempted
 holder has lasted over a second), timings say little. `overloaded` tells whether the
@@ -24,7 +29,13 @@ instead of failing on them. On a machine with headroom (CI), they fail.
 from __future__ import annotations
 
 import asyncio
+import cProfile
+import gc
+import io
+import linecache
 import logging
+import os
+import pstats
 import re
 import resource
 import sys
@@ -52,9 +63,11 @@ class LoopCheck(logging.Handler):
         self._last: tuple[float, int, int] | None = None
         self._original: Callable[[Any], None] | None = None
         self._ticks = (0, 0)
+        self._install_step_seen = False
 
     def install(self, loop: asyncio.AbstractEventLoop) -> None:
         """Call on the loop's thread before it runs the code to check."""
+        _warm_linecache()
         self._ticks = _cpu_ticks()
         loop.set_debug(True)
         loop.slow_callback_duration = self.limit
@@ -66,13 +79,24 @@ class LoopCheck(logging.Handler):
             if threading.get_ident() != check._thread or _RUSAGE_THREAD is None:
                 original(handle)
                 return
+            profiler = cProfile.Profile() if _PROFILE_TO else None
+            collected = _gc_cpu[0]
             cpu, before = time.thread_time(), resource.getrusage(_RUSAGE_THREAD)
             try:
+                if profiler is not None:
+                    profiler.enable()
                 original(handle)
             finally:
+                if profiler is not None:
+                    profiler.disable()
                 after = resource.getrusage(_RUSAGE_THREAD)
-                check._last = (time.thread_time() - cpu, after.ru_nvcsw - before.ru_nvcsw,
+                # The process's garbage collections that ran on this thread meanwhile are not the
+                # callback's work: a full collection of a test process's heap takes tens of ms.
+                gc_cpu = _gc_cpu[0] - collected
+                check._last = (time.thread_time() - cpu - gc_cpu, after.ru_nvcsw - before.ru_nvcsw,
                                after.ru_nivcsw - before.ru_nivcsw)
+                if profiler is not None and check._last[0] >= check.limit:
+                    _dump_profile(profiler, handle, check._last[0])
 
         self._original = original
         asyncio.events.Handle._run = run  # type: ignore[method-assign]
@@ -98,6 +122,9 @@ class LoopCheck(logging.Handler):
             return  # a test harness hand-over that only makes the task
         last, self._last = self._last, None
         if last is None:
+            if not self._install_step_seen:  # the step that called install (and warmed the cache): not measured
+                self._install_step_seen = True
+                return
             self.reports.append(message)
             return
         cpu, waited, preempted = last
@@ -124,6 +151,47 @@ class LoopCheck(logging.Handler):
 
 
 BUSY = 0.9
+
+
+_gc_cpu = [0.0]  # CPU seconds of garbage collection so far, on the threads that ran one
+_gc_started: dict[int, float] = {}
+
+
+def _on_gc(phase: str, info: dict[str, Any]) -> None:
+    thread = threading.get_ident()
+    if phase == "start":
+        _gc_started[thread] = time.thread_time()
+    else:
+        started = _gc_started.pop(thread, None)
+        if started is not None:
+            _gc_cpu[0] += time.thread_time() - started
+
+
+gc.callbacks.append(_on_gc)
+
+
+def _warm_linecache() -> None:
+    """Read the source of every module loaded so far into `linecache`, off the checked loop.
+
+    In debug mode asyncio records where each future and handle was made, with the source
+    lines: the first time a stack passes through a module, its file is read from disk then,
+    on the loop (43 ms seen for one future on a failure path that had not run before). That
+    is the debug mode's I/O, not the callback's, and production never pays it."""
+    for module in list(sys.modules.values()):
+        path = getattr(module, "__file__", None)
+        if path and path.endswith(".py"):
+            linecache.getlines(path)
+
+# DBROUTER_LOOPCHECK_PROFILE=<file>: profile every callback, and append the top functions of
+# each one that used the CPU limit or more to <file> (finding what a failure path computes).
+_PROFILE_TO = os.environ.get("DBROUTER_LOOPCHECK_PROFILE")
+
+
+def _dump_profile(profiler: cProfile.Profile, handle: Any, cpu: float) -> None:
+    out = io.StringIO()
+    pstats.Stats(profiler, stream=out).sort_stats("cumulative").print_stats(25)
+    with open(str(_PROFILE_TO), "a") as fh:
+        fh.write(f"==== {handle!r:.300} CPU {cpu * 1000:.1f} ms\n{out.getvalue()}\n")
 
 
 def _cpu_ticks() -> tuple[int, int]:

@@ -210,12 +210,15 @@ class Canceller:
         self.sent = 0
         self.skipped = 0
 
-    def cancel(self, adapter: Adapter, session_id: int | None, node_up: bool = True) -> None:
+    def cancel(self, adapter: Adapter, session_id: int | None, node_up: bool = True) -> bool:
+        """Ask, from a thread of its own, that session ``session_id`` cancel its statement;
+        False when skipped."""
         sql = None if session_id is None else adapter.cancel_sql(session_id)
         if sql is None or not node_up or not self._slots.acquire(blocking=False):
             self.skipped += 1
-            return
+            return False
         threading.Thread(target=self._run, args=(adapter, sql), name="dbrouter-cancel", daemon=True).start()
+        return True
 
     def _run(self, adapter: Adapter, sql: str) -> None:
         limit = adapter.options.connect_timeout

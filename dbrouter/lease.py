@@ -85,7 +85,7 @@ def outcome_of(failure: Failure, phase: Phase, decision: Decision) -> Outcome:
 class Lease:
     """A connection borrowed from ``node``; release it exactly once."""
 
-    __slots__ = ("node", "conn", "_entry", "_aborted", "_cut", "_timed", "_trial")
+    __slots__ = ("node", "conn", "_entry", "_aborted", "_cut", "_cancel_sent", "_timed", "_trial")
 
     def __init__(self, node: Node, entry: _Entry, trial: bool = False) -> None:
         self.node = node
@@ -93,6 +93,7 @@ class Lease:
         self._entry: _Entry | None = entry
         self._aborted = False
         self._cut = False  # cut at the call's deadline: the connection is lost, the node not blamed
+        self._cancel_sent = False  # and the server asked to cancel its statement
         self._timed = False  # one statement ran through execute(): its time feeds Node.latency
         self._trial = trial  # admitted as the half-open breaker's trial
 
@@ -137,7 +138,9 @@ class Lease:
             if TIMER.disarm(cut) or not isinstance(exc, Exception):
                 raise
             self._aborted = self._cut = True
-            raise self._judged(deadline.exceeded(f"in a statement on {node.name}, which was cut and cancelled",
+            cancel = ("the server was asked to cancel it" if self._cancel_sent
+                      else "no cancel sent: the node is seen down, or cancels are busy")
+            raise self._judged(deadline.exceeded(f"in a statement on {node.name}, cut ({cancel})",
                                                  node.name)) from exc
         deadline.note(f"statements on {node.name}", time.monotonic() - started)
         if not TIMER.disarm(cut):
@@ -173,9 +176,8 @@ class Lease:
         passed, or a hedge won), then have the server cancel what the session runs."""
         node, conn = self.node, self.conn
         adapter = node.adapter
-        session = adapter.session_id(conn)
+        self._cancel_sent = CANCELLER.cancel(adapter, adapter.session_id(conn), node.healthy)  # before the cut wakes the caller
         adapter.abort(conn)
-        CANCELLER.cancel(adapter, session, node.healthy)
 
     def _judged(self, exc: DeadlineExceeded) -> DeadlineExceeded:
         with contextlib.suppress(Exception):

@@ -82,6 +82,7 @@ def test_slow_statement_is_cut_at_the_deadline_and_cancelled_on_the_server(clust
         assert took < 3.0, took  # not the statement's 30 s
         message = str(caught.value)
         assert "deadline of 0.3s exceeded in a statement on" in message and "statements on" in message, message
+        assert "the server was asked to cancel it" in message, message
         assert caught.value.node is not None and not isinstance(caught.value, WriteOutcomeUnknown)
         # The server was asked to cancel it: it does not sleep on for 30 s.
         assert wait_until(lambda: not running(cluster, marker), timeout=5), "the statement still runs on the server"

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import itertools
 import logging
 import random
+import resource
 import threading
 import time
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -258,13 +260,22 @@ class AsyncWorkload(BaseWorkload[AsyncRouter]):
     operation is listed in `failures`.
 
     ``debug`` turns asyncio's debug mode on for the loop, with `SLOW_CALLBACK` as its
-    slow-callback threshold: its "Executing ... took" reports from the loop are counted in
-    `slow_callbacks` (the first few kept in `slow_callback_reports`) and kept off the
-    console, where they would bury a drill's live view.
+    slow-callback threshold: its "Executing ... took" reports from the loop are kept off the
+    console, where they would bury a drill's live view, and counted in `slow_callbacks` (the
+    first few kept in `slow_callback_reports`), then told apart by what the callback's thread
+    did meanwhile (its CPU time, garbage collections left out, and its context switches):
+    `slow_computed`, `slow_waited`, `slow_preempted`.
     """
 
     debug: bool = False
     slow_callbacks: int = 0
+    """Callbacks that took `SLOW_CALLBACK` or more on the loop (asyncio's reports), of which:"""
+    slow_computed: int = 0
+    """... used that much CPU (garbage collections left out): work done on the loop;"""
+    slow_waited: int = 0
+    """... waited of their own accord meanwhile: a lock, the GIL (on a busy machine), a blocking call;"""
+    slow_preempted: int = 0
+    """... neither: the thread was preempted, or a garbage collection ran."""
     slow_callback_reports: list[str] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
     _loop: asyncio.AbstractEventLoop | None = None
@@ -293,6 +304,7 @@ class AsyncWorkload(BaseWorkload[AsyncRouter]):
         if self.debug:
             self._filter = _SlowCallbacks(self)
             logging.getLogger("asyncio").addFilter(self._filter)
+            _CallbackCpu.install(self._thread)
         self._thread.start()
         self.call(self.router.open, timeout)
 
@@ -326,6 +338,7 @@ class AsyncWorkload(BaseWorkload[AsyncRouter]):
         async def run() -> T:
             return await fn()
 
+        run.__qualname__ = f"AsyncWorkload.call({getattr(fn, '__qualname__', type(fn).__name__)})"  # in loop reports
         future = asyncio.run_coroutine_threadsafe(run(), loop)
         try:
             return future.result(timeout)
@@ -366,6 +379,7 @@ class AsyncWorkload(BaseWorkload[AsyncRouter]):
             if self._filter is not None:
                 logging.getLogger("asyncio").removeFilter(self._filter)
                 self._filter = None
+                _CallbackCpu.uninstall(self._thread)
 
     # -- the workload ----------------------------------------------------------------------
 
@@ -415,9 +429,22 @@ class AsyncWorkload(BaseWorkload[AsyncRouter]):
 
     def read_ids(self, timeout: float = 30.0) -> Rows:
         """``SELECT id`` of the table, in a transaction on the primary (for `check_writes`)."""
+        # In pages of ids: the driver decodes a result on the loop, and the whole table at
+        # once (10,000 rows) would hold it for 100 ms. Grouped by id, so that a page boundary
+        # never splits an id's copies; each id comes back as many times as it is there.
+        page = f"SELECT id, count(*) FROM {self.table} WHERE id > %s GROUP BY id ORDER BY id LIMIT {_ID_PAGE}"
+
         async def read_ids() -> Rows:
+            ids: Rows = []
+            last = -1
             async with self.router.transaction() as tx:
-                return await tx.read(self._ids_statement)
+                while True:
+                    rows = await tx.read(page, (last,))
+                    for row_id, copies in rows:
+                        ids.extend([(row_id,)] * int(copies))
+                    if len(rows) < _ID_PAGE:
+                        return ids
+                    last = rows[-1][0]
 
         return self.call(read_ids, timeout)
 
@@ -480,6 +507,8 @@ class AsyncWorkload(BaseWorkload[AsyncRouter]):
 _CANCEL_GRACE = 2.0
 """Seconds the loop gives cancelled tasks to end."""
 _KEPT_REPORTS = 5
+_ID_PAGE = 200
+"""Ids read per statement by `AsyncWorkload.read_ids`: a page decodes in about 3 ms in debug mode."""
 
 
 class _SlowCallbacks(logging.Filter):
@@ -499,12 +528,89 @@ class _SlowCallbacks(logging.Filter):
         if not (message.startswith("Executing ") and " took " in message):
             return True
         workload.slow_callbacks += 1  # only the loop's thread gets here
+        measured = _CallbackCpu.last.pop(thread, None)
+        if measured is not None:
+            cpu, waits = measured
+            if cpu >= SLOW_CALLBACK:
+                workload.slow_computed += 1
+            elif waits:
+                workload.slow_waited += 1
+            else:
+                workload.slow_preempted += 1
+            message = f"{message} (CPU {cpu * 1000:.1f} ms, {waits} voluntary waits)"
         if len(workload.slow_callback_reports) < _KEPT_REPORTS:
             # Debug mode's handle reprs run long (where each task was made): keep the head, which
             # names the callback, and the tail, which says how long it took.
             workload.slow_callback_reports.append(message if len(message) <= 300 else
-                                                  f"{message[:220]} ... {message[-40:]}")
+                                                  f"{message[:220]} ... {message[-90:]}")
         return False
+
+class _CallbackCpu:
+    """The thread CPU each callback of a watched loop thread used, garbage collections left
+    out (a collection of the whole heap can take tens of ms, whoever triggers it): asyncio's
+    ``Handle._run`` is wrapped while a debug workload runs (process-wide: the other threads'
+    callbacks run as they were)."""
+
+    last: dict[threading.Thread, tuple[float, int]] = {}  # loop thread -> its last callback's (CPU s, voluntary switches)
+    _watched: set[threading.Thread] = set()
+    _original: Callable[[Any], None] | None = None
+    _gc_cpu: dict[threading.Thread, float] = {}  # thread -> CPU seconds of the collections it ran
+    _gc_started: dict[threading.Thread, float] = {}
+
+    @classmethod
+    def install(cls, thread: threading.Thread) -> None:
+        cls._watched.add(thread)
+        if cls._original is not None:
+            return
+        original = cls._original = asyncio.events.Handle._run
+        watched, last, gc_cpu = cls._watched, cls.last, cls._gc_cpu
+
+        def run(handle: Any) -> None:
+            me = threading.current_thread()
+            if me not in watched:
+                original(handle)
+                return
+            collected, started = gc_cpu.get(me, 0.0), time.thread_time()
+            switches = _voluntary_switches()
+            try:
+                original(handle)
+            finally:
+                last[me] = (time.thread_time() - started - (gc_cpu.get(me, 0.0) - collected),
+                            _voluntary_switches() - switches)
+
+        setattr(asyncio.events.Handle, "_run", run)  # noqa: B010 - a method replaced, not an attribute set
+        gc.callbacks.append(cls._on_gc)
+
+    @classmethod
+    def uninstall(cls, thread: threading.Thread | None) -> None:
+        if thread is not None:
+            cls._watched.discard(thread)
+            cls.last.pop(thread, None)
+            cls._gc_cpu.pop(thread, None)
+        if not cls._watched and cls._original is not None:
+            setattr(asyncio.events.Handle, "_run", cls._original)  # noqa: B010 - as in install
+            cls._original = None
+            with contextlib.suppress(ValueError):
+                gc.callbacks.remove(cls._on_gc)
+
+    @classmethod
+    def _on_gc(cls, phase: str, info: dict[str, Any]) -> None:
+        me = threading.current_thread()
+        if me not in cls._watched:
+            return
+        if phase == "start":
+            cls._gc_started[me] = time.thread_time()
+        else:
+            started = cls._gc_started.pop(me, None)
+            if started is not None:
+                cls._gc_cpu[me] = cls._gc_cpu.get(me, 0.0) + time.thread_time() - started
+
+
+def _voluntary_switches() -> int:
+    """This thread's voluntary context switches so far (Linux; 0 elsewhere)."""
+    who = getattr(resource, "RUSAGE_THREAD", None)
+    return 0 if who is None else resource.getrusage(who).ru_nvcsw
+
 
 def _first_line(exc: BaseException) -> str:
     lines = str(exc).strip().splitlines()

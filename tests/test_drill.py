@@ -398,6 +398,8 @@ def test_async_workload_records_every_failure_and_stops_within_its_bounds() -> N
     assert workload.failures == []
     assert workload.acknowledged == [op.row_id for op in writes if op.ok]
     assert workload.slow_callbacks >= 1 and "took" in workload.slow_callback_reports[0]
+    # The fake router's time.sleep on the loop is a wait, not computation.
+    assert workload.slow_waited >= 1 and workload.slow_computed == 0, workload.slow_callback_reports
 
 
 def _reads_during(report: dict[str, Any], spans: list[list[float]]) -> tuple[int, int]:

@@ -324,11 +324,14 @@ class Drill:
             target.notes.extend(f"a workload task failed outside an operation: {failure}" for failure in workload.failures)
             if workload.debug:
                 results["slow_callbacks"] = workload.slow_callbacks
-                if workload.slow_callbacks:
+                results["slow_callbacks_computed"] = workload.slow_computed
+                results["slow_callbacks_waited"] = workload.slow_waited
+                results["slow_callbacks_preempted"] = workload.slow_preempted
+                if workload.slow_computed:
                     target.notes.append(
-                        f"asyncio debug mode: {workload.slow_callbacks} callbacks ran {SLOW_CALLBACK * 1000:g} ms or "
-                        "more on the workload's loop (on a busy machine most are preemption, not work on the loop); "
-                        "first: " + "; ".join(workload.slow_callback_reports[:3]))
+                        f"asyncio debug mode: {workload.slow_computed} callbacks used {SLOW_CALLBACK * 1000:g} ms or "
+                        "more of CPU on the workload's loop; the first reports: "
+                        + "; ".join(workload.slow_callback_reports[:3]))
         for limit in options.limits:
             limit.measured = {"max-write-downtime": results["write_unavailability"],
                               "min-read-availability": results["read_availability"],

@@ -5,8 +5,6 @@ from __future__ import annotations
 import contextlib
 import io
 import itertools
-import os
-import socket
 from itertools import chain
 from typing import Any, Iterator, Mapping, Sequence, cast
 
@@ -124,20 +122,6 @@ class PostgresAdapter(PostgresBase):
         conn.autocommit = True
         conn.statement_cursor = conn.cursor(cursor_factory=ext.cursor)
         return conn
-
-    def abort(self, conn: Any) -> None:
-        # Shutting the socket down wakes libpq from its blocking read at once; the
-        # connection then reports itself lost and the pool discards it.
-        try:
-            sock = socket.socket(fileno=os.dup(conn.fileno()))
-        except (OSError, psycopg2.Error):
-            return
-        try:
-            sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        finally:
-            sock.close()
 
     def socket_fd(self, conn: Any) -> int | None:
         try:

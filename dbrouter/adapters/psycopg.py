@@ -13,8 +13,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
-import os
-import socket
 import struct
 from itertools import chain
 from typing import Any, Mapping, Sequence
@@ -152,21 +150,6 @@ class PsycopgAdapter(PostgresBase):
             ) from None
         conn.statement_cursor = psycopg.Cursor(conn, row_factory=tuple_row)
         return conn
-
-    def abort(self, conn: Any) -> None:
-        # As for psycopg2: shutting the socket down wakes the driver's wait on it at once; the
-        # connection then reports itself lost and the pool discards it. (conn.cancel() would
-        # ask the server, which is what does not answer.)
-        try:
-            sock = socket.socket(fileno=os.dup(conn.pgconn.socket))
-        except (OSError, psycopg.Error):
-            return
-        try:
-            sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        finally:
-            sock.close()
 
     def socket_fd(self, conn: Any) -> int | None:
         try:

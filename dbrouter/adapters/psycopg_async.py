@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import socket
 import time
 from itertools import chain
 from typing import Any, Mapping, Sequence
@@ -25,6 +23,7 @@ from psycopg.rows import TupleRow, tuple_row
 from ..config import ConnectOptions
 from ..errors import ConnectError
 from ..url import NodeAddress
+from . import _sockets
 from ._pg import _HAS_REPLAYED_SQL, _POSITION_SQL, _REPLAY_POLL, KEPT_QUERY_BYTES, KEPT_ROWS
 from ._text import first_line, scrub, split_insert_values
 from .aio import AsyncAdapter
@@ -79,15 +78,10 @@ class AsyncPsycopgAdapter(AsyncAdapter):
     def abort(self, conn: Any) -> None:
         # Shut the socket down (no round trip): the connection reports itself lost from now on.
         try:
-            sock = socket.socket(fileno=os.dup(conn.pgconn.socket))
-        except (OSError, psycopg.Error, AttributeError):
+            fd = int(conn.pgconn.socket)
+        except (psycopg.Error, AttributeError, TypeError, ValueError):
             return
-        try:
-            sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        finally:
-            sock.close()
+        _sockets.shutdown(fd)
 
     def discard(self, conn: Any) -> None:
         self.abort(conn)

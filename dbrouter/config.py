@@ -252,7 +252,7 @@ class RoutingConfig:
     hedge_after: float | str | None = None
     """Hedged reads (`Router.read` only): a read still running after this many seconds is
     also sent to another replica, the first answer wins and the other is cut and cancelled.
-    ``"auto"``: the first node's p95 read time over its last 256 reads. None: off."""
+    ``"auto"``: the first node's p95 read time over its last 256 reads, at least 10 ms. None: off."""
     hedge_budget: float = 0.05
     """The most hedges may add to the reads (of the last 10 s, plus one a second)."""
     call_timeout: float | None = None

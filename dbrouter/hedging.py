@@ -43,7 +43,8 @@ log = logging.getLogger("dbrouter.hedging")
 AUTO = "auto"
 _SAMPLES = 256  # recent read times per node, for "auto"
 _MIN_SAMPLES = 32  # fewer: no auto threshold yet, no hedge
-_AUTO_FLOOR = 0.002  # seconds: below this, a hedge costs more than it can save
+_AUTO_FLOOR = 0.010  # seconds: a hedge that wins costs its loser's connection (a reconnect, ~5 ms);
+# below this, scheduling jitter on a busy client would set hedges off that cannot pay for themselves
 _AUTO_REFRESH = 0.5  # seconds between recomputations of a node's p95
 
 
@@ -94,25 +95,24 @@ class Hedger:
         after = self.threshold(node)
         if after is None:
             return core.read_with(node, statement(sql, params))
-        race = _Race(self, node, sql, params)
-        armed = TIMER.arm(time.monotonic() + after, race.start_hedge)
+        race = _Race(self, node, sql, params, after)
         try:
             rows, _ = core.run_on(node, race.first, Work.READ)
         except Retry as failed:  # the first node failed: the hedge's answer, or the usual retries
-            TIMER.disarm(armed)
+            race.disarm()
             won = race.hedge_rows()
             if won is not None:
                 return won
             race.call_off()
             return core.read_again(failed, statement(sql, params))
         except BaseException:
-            TIMER.disarm(armed)
+            race.disarm()
             won = race.hedge_rows()
             if won is not None:
                 return won  # the hedge answered first and cut this read
             race.call_off()
             raise
-        TIMER.disarm(armed)
+        race.disarm()
         return rows or []
 
     def submit(self, race: _Race) -> bool:
@@ -135,11 +135,13 @@ _RUNNING, _FIRST_WON, _HEDGE_WON, _CALLED_OFF = 0, 1, 2, 3
 class _Race:
     """One hedged read: the first node's lease, the hedge's, and who won (under ``_lock``)."""
 
-    def __init__(self, hedger: Hedger, node: Node, sql: str, params: Any) -> None:
+    def __init__(self, hedger: Hedger, node: Node, sql: str, params: Any, after: float) -> None:
         self._hedger = hedger
         self._node = node
         self._sql = sql
         self._params = params
+        self._after = after
+        self._armed: Any = None  # the timer's token, once the first statement started
         self._lock = threading.Lock()  # guards the fields below; only flags are set under it
         self._state = _RUNNING
         self._first: Lease | None = None
@@ -156,6 +158,10 @@ class _Race:
                 rows = self._rows or []
                 return rows, len(rows)
             self._first = lease
+        # Timed from the statement's start: a read that waits for a connection is not hedged
+        # (a hedge that wins costs its loser's connection, and a pool short of connections would
+        # feed on that).
+        self._armed = TIMER.arm(time.monotonic() + self._after, self.start_hedge)
         result = lease.execute(self._sql, self._params)
         loser = None
         with self._lock:
@@ -164,6 +170,10 @@ class _Race:
                 loser = self._claim_cut(self._hedge)
         _cut(loser)
         return result
+
+    def disarm(self) -> None:
+        if self._armed is not None:
+            TIMER.disarm(self._armed)
 
     def hedge_rows(self) -> list[tuple[Any, ...]] | None:
         with self._lock:

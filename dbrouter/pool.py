@@ -45,7 +45,18 @@ from . import _fork
 from ._counter import Counter
 from .adapters.base import Adapter, ErrorKind, ReturnState
 from .config import PoolConfig, check_wait
-from .errors import ConnectError, NodeRemoved, NodeUnavailable, PoolClosed, PoolError, PoolTimeout, TooManyWaiting
+from .deadline import TIMER, Deadline
+from .deadline import current as current_deadline
+from .errors import (
+    ConnectError,
+    DeadlineExceeded,
+    NodeRemoved,
+    NodeUnavailable,
+    PoolClosed,
+    PoolError,
+    PoolTimeout,
+    TooManyWaiting,
+)
 
 if TYPE_CHECKING:
     from .watchdog import Watchdog
@@ -378,8 +389,15 @@ class Pool:
                               not_acquired=True)
                 continue
             if now - entry.last_used > bypass:
+                call_deadline = current_deadline()
+                if call_deadline is not None and now >= call_deadline.at:  # no time left to check it: it stays pooled
+                    self.give_back(entry)
+                    raise call_deadline.exceeded(f"before a connection of {self.name} was checked", self.name)
                 try:
-                    self._ping(entry.conn)
+                    self._ping(entry.conn, call_deadline)
+                except DeadlineExceeded:
+                    self._discard(entry, "liveness check cut at the call's deadline", not_acquired=True)
+                    raise
                 except Exception as exc:  # noqa: BLE001 - any failure means the connection is unusable
                     self._discard(
                         entry, f"failed liveness check: {exc.__class__.__name__}", not_acquired=True
@@ -416,7 +434,23 @@ class Pool:
                 self._grow_locked()
         return self._wait(waiter, deadline, timeout)
 
-    def _ping(self, conn: Any) -> None:
+    def _ping(self, conn: Any, deadline: Deadline | None = None) -> None:
+        """The liveness check, bounded by ``connect_timeout`` (drivers without a read timeout)
+        and by the call's deadline, whichever comes first: cut then."""
+        if deadline is not None:
+            started = time.monotonic()
+            cut = TIMER.arm(deadline.at, lambda: self.adapter.abort(conn))
+            try:
+                self._ping(conn)
+            except Exception as exc:
+                if not TIMER.disarm(cut):
+                    deadline.note(f"liveness check on {self.name}", time.monotonic() - started)
+                    raise deadline.exceeded(f"in the liveness check of a connection of {self.name}",
+                                            self.name) from exc
+                raise
+            if not TIMER.disarm(cut):
+                raise deadline.exceeded(f"in the liveness check of a connection of {self.name}", self.name)
+            return
         if self._watchdog is None:
             self.adapter.ping(conn)
             return

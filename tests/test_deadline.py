@@ -287,3 +287,25 @@ def test_with_default_options_a_blackholed_primary_costs_a_call_a_bounded_time(c
         finally:
             proxy.pass_through()
             assert close_within(router)
+
+
+@pytest.mark.proxy
+def test_the_liveness_check_of_a_pooled_connection_stops_at_the_deadline(cluster: Any) -> None:
+    """A call that starts as the node goes silent borrows an idle connection that is checked
+    first (idle past validation_bypass): the check ran to connect_timeout (5 s), or, on MySQL,
+    until the probes cut it, before it counted against the call's deadline."""
+    with behind_proxy(cluster.primary) as (proxy, proxied):
+        router = Router({"url": proxied, "name": "target"}, [], health_interval=0.1, validation_bypass=0.05,
+                        min_size=2, max_size=2)
+        try:
+            router.read("SELECT 1")
+            time.sleep(0.2)  # idle past the bypass window: the next checkout checks it
+            proxy.blackhole()
+            started = time.monotonic()
+            with pytest.raises(DeadlineExceeded) as caught:
+                router.read("SELECT 1", timeout=0.3)
+            assert time.monotonic() - started < 1.5, caught.value
+            assert "liveness check" in str(caught.value), caught.value
+        finally:
+            proxy.pass_through()
+            assert close_within(router)

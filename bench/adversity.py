@@ -292,8 +292,12 @@ class Setup:
         if self.router is None:
             return {}
         s = self.router.stats()
-        return {k: s[k] for k in ("reads", "retries", "retries_refused", "hedges", "hedges_won", "hedges_refused",
-                                  "deadline_exceeded", "fallbacks")}
+        out = {k: s[k] for k in ("reads", "retries", "retries_refused", "hedges", "hedges_won", "hedges_refused",
+                                 "deadline_exceeded", "fallbacks")}
+        # Connections opened and discarded, all pools: a hedge's loser is cut, not pooled again.
+        out["opened"] = sum(n["pool"]["opened"] for n in s["nodes"].values())
+        out["discarded"] = sum(n["pool"]["discarded"] for n in s["nodes"].values())
+        return out
 
 
 def open_setup(key: str, engine: str, cluster: Any, proxy: ProxyProcess, size: int, *, timeout: float | None = None,
@@ -614,6 +618,7 @@ def scenario_deadline(engine: str, cluster: Any, proxy: ProxyProcess, calls: int
         try:
             closed_loop(s.read, threads, 500, 10.0)
             opened_threads = threading.active_count()
+            before = {t.ident for t in threading.enumerate()}
             c0 = s.counters()
             done = itertools.count()
             blackholed = threading.Event()
@@ -638,6 +643,9 @@ def scenario_deadline(engine: str, cluster: Any, proxy: ProxyProcess, calls: int
             if key == "on":
                 res["threads_before"] = opened_threads
                 res["threads_after"], res["threads_settled_s"] = _threads_settle(opened_threads, 5.0)
+                # Threads started during the calls and still there (the hedge executor's fixed pool of
+                # workers starts at the first hedge and stays until close: not a leak).
+                res["new_threads"] = sorted(t.name for t in threading.enumerate() if t.ident not in before)
                 nodes = s.router.stats()["nodes"]
                 res["in_use_after"] = sum(n["pool"]["in_use"] for n in nodes.values())
                 res["counters"] = _delta(s.counters(), c0)

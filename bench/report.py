@@ -55,8 +55,9 @@ ADVERSITY_RULES = [
     "*adversity, overload, goodput*: successful requests / the window ≥ 0.9 × the capacity measured right before "
     "(the 10 ms query, closed loop, 3 threads per connection, healthy proxy).",
     "*adversity, deadline*: calls that returned (rows or an error) within 250 ms / all calls ≥ 99.9%, and no leak: "
-    "after the calls, the process's thread count back to what it was before them within 5 s and no connection "
-    "in use in any pool.",
+    "5 s after the calls no connection in use in any pool and no thread started during the calls still alive "
+    "except the hedge executor's fixed pool of workers (started at the first hedge, kept until close), and after "
+    "close the process's thread count back to what it was before the router opened.",
     "*adversity, defaults*: the time from the write's start to its return or error ≤ max(1, connect_timeout) + "
     "health_interval = 6 s.",
 ]
@@ -419,7 +420,9 @@ def deadline_target(engine: str, res: dict[str, Any]) -> dict[str, Any] | None:
     if not on:
         return None
     share = on["share_within_target"]
-    leak_free = on["threads_after"] <= on["threads_before"] and on["in_use_after"] == 0
+    leaked = [name for name in on.get("new_threads", []) if not name.startswith("dbrouter-hedge")]
+    leak_free = (on["in_use_after"] == 0 and not leaked
+                 and on.get("threads_after_close", 0) <= on.get("threads_baseline", 0))
     naive = res.get("naive")
     beside = (f"; naive (no deadline): {naive['n']:,} of {res['calls']:,} calls finished in {naive['seconds']:.0f} s "
               f"({naive['share_within_target']:.1%} within 250 ms), {naive['blocked_at_end']} of {res['threads']} "
@@ -429,8 +432,10 @@ def deadline_target(engine: str, res: dict[str, Any]) -> dict[str, Any] | None:
                   f"{res['calls']:,} calls with timeout=0.2 return within 250 ms, no thread or connection leak",
         "verdict": _verdict(share >= DEADLINE_SHARE and leak_free),
         "numbers": f"{share:.2%} within 250 ms (p99.9 {on['p999_ms']:.0f} ms, max {on['max_ms']:.0f} ms; "
-                   f"{on['errors']:,} DeadlineExceeded or other errors); threads {on['threads_before']} before, "
-                   f"{on['threads_after']} after; connections in use after: {on['in_use_after']}{beside}",
+                   f"{on['errors']:,} DeadlineExceeded or other errors); threads {on['threads_before']} before the "
+                   f"calls, {on['threads_after']} 5 s after (new: {', '.join(on.get('new_threads', [])) or 'none'}), "
+                   f"{on.get('threads_after_close', '?')} after close against {on.get('threads_baseline', '?')} before "
+                   f"open; connections in use after: {on['in_use_after']}{beside}",
     }
 
 
@@ -1096,13 +1101,16 @@ def _adversity_sections(r: dict[str, Any], add: Any) -> None:
             if kind == "slow":
                 text += (f"; for the setups that eject, until the replica was ejected, at most 15 s). The proxy adds "
                          f"{t.get('added_ms_each_way', float('nan')):.2f} ms each way: 10x the healthy p50 per read")
-            add(text + "). Errors count as reads, at the time they failed. Extra = (hedges + retries) / reads.")
+            add(text + "). Errors count as reads, at the time they failed. Extra = (hedges + retries) / reads. "
+                "Connections opened = by all the setup's pools during the measured run (a hedge's losing read is "
+                "cut: its connection is discarded, not pooled again).")
             add("")
             add("| Setup | p50 (ms) | p99 (ms) | p99 / healthy p99 | p99.9 (ms) | max (ms) | errors | extra queries | "
-                "hedges won / sent / refused | read time direct / proxied (ms) | warm-up |")
-            add("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | --- |")
+                "hedges won / sent / refused | connections opened | read time direct / proxied (ms) | warm-up |")
+            add("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | --- | --- |")
             add(f"| *healthy baseline* | {_fmt(healthy['p50_ms'], 2)} | {_fmt(healthy['p99_ms'], 2)} | 1.00 | "
-                f"{_fmt(healthy['p999_ms'], 1)} | {_fmt(healthy['max_ms'], 0)} | {healthy['errors']} | | | | |")
+                f"{_fmt(healthy['p999_ms'], 1)} | {_fmt(healthy['max_ms'], 0)} | {healthy['errors']} | | | "
+                f"{healthy.get('counters', {}).get('opened', '–')} | | |")
             for key in ("on", "hedge_only", "eject_only", "off", "naive"):
                 c = t["setups"].get(key)
                 if not c:
@@ -1118,7 +1126,8 @@ def _adversity_sections(r: dict[str, Any], add: Any) -> None:
                 times = f"{lat['direct']:.2f} / {lat['proxied']:.2f}" if lat else "–"
                 add(f"| {ADV_LABELS.get(key, key)} | {_fmt(c['p50_ms'], 2)} | {_fmt(c['p99_ms'], 2)} | "
                     f"{c['p99_ms'] / healthy['p99_ms']:.2f} | {_fmt(c['p999_ms'], 1)} | {_fmt(c['max_ms'], 0)} | "
-                    f"{c['errors']} | {extra} | {hedges} | {times} | {warm_text} |")
+                    f"{c['errors']} | {extra} | {hedges} | {n.get('opened', '–') if n else '–'} | {times} | "
+                    f"{warm_text} |")
             add("")
         o = res.get("overload")
         if o:

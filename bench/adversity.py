@@ -380,6 +380,7 @@ def open_loop(read: Callable[..., Any], sql: str, rate: float, seconds: float, w
     failed: list[float] = []
     late: list[float] = []
     errors: Counter[str] = Counter()
+    samples: dict[str, str] = {}  # the first message of each error type, for the reader
     lock = threading.Lock()
     clock = time.perf_counter
     start = clock() + 0.05
@@ -399,6 +400,8 @@ def open_loop(read: Callable[..., Any], sql: str, rate: float, seconds: float, w
                 outcome = None
             except Exception as exc:  # noqa: BLE001 - shed, timed out or failed: counted by type
                 outcome = type(exc).__name__
+                if outcome not in samples:
+                    samples[outcome] = str(exc)[:300]
             took = clock() - due
             with lock:
                 late.append(began - due)
@@ -419,6 +422,7 @@ def open_loop(read: Callable[..., Any], sql: str, rate: float, seconds: float, w
     late.sort()
     issued = len(ok) + len(failed)
     return {"offered": total, "issued": issued, "ok": len(ok), "failed": len(failed), "errors": dict(errors),
+            "error_samples": samples,
             "seconds": elapsed, "window_s": seconds, "rate": rate, "goodput": len(ok) / max(seconds, elapsed),
             "ok_p50_ms": _quantile(ok, 0.5) * 1e3, "ok_p99_ms": _quantile(ok, 0.99) * 1e3,
             "late_p99_ms": _quantile(late, 0.99) * 1e3, "hung_workers": hung, "workers": workers}

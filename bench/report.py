@@ -1159,6 +1159,14 @@ def _adversity_sections(r: dict[str, Any], add: Any) -> None:
                     f"{_fmt(c['wait_p99_s'] * 1e3, 0)} | {_fmt(c['ok_p50_ms'], 0)} / {_fmt(c['ok_p99_ms'], 0)} | "
                     f"{_fmt(c['late_p99_ms'], 0)} | {errors} |")
             add("")
+            samples = [(key, name, text) for key in ("on", "off", "naive") if key in o["setups"]
+                       for name, text in o["setups"][key].get("error_samples", {}).items()]
+            if samples:
+                add("The first error of each kind, per setup:")
+                add("")
+                for key, name, text in samples:
+                    add(f"* {key}, {name}: `{text}`")
+                add("")
         d = res.get("deadline")
         if d:
             add(f"### 9d. {title}: a replica blackholed mid-run, {d['calls']:,} calls with `timeout={d['timeout_s']}`")

@@ -67,6 +67,7 @@ OVERLOAD = 3.0  # scenario 3: offered load / capacity
 CAP_S = 0.1  # scenario 3: every request's cap (deadline, acquire_timeout, the naive gate's wait)
 SLOW_MARGIN = 0.001  # slow_replica_margin of the "on" setup: the default 5 ms exceeds a 10x-slow point read here
 DEADLINE_POOL = 10  # scenario 4: connections per node (the Router's default max_size)
+SETTLE_S = 11.0  # scenario 4: threads back within 2 x connect_timeout (5 s) + 1 s, the cancels' own bound
 DEFAULTS_BOUND_S = 6.0  # scenario 5: max(1, connect_timeout) + health_interval with the defaults
 
 SETUPS = {
@@ -603,9 +604,17 @@ def scenario_overload(engine: str, cluster: Any, proxy: ProxyProcess, size: int,
     return out
 
 
-def _threads_settle(baseline: int, limit: float) -> tuple[int, float]:
+def _threads_settle(baseline: int, limit: float, before: set[int | None] | None = None) -> tuple[int, float]:
+    """Wait until the thread count is back to ``baseline`` and, given ``before`` (the idents alive
+    before the calls), no thread started since is alive but the hedge executor's fixed workers."""
+
+    def settled() -> bool:
+        new = [t for t in threading.enumerate() if before is not None and t.ident not in before]
+        workers = sum(t.name.startswith("dbrouter-hedge") for t in new)
+        return threading.active_count() - workers <= baseline and len(new) == workers
+
     start = time.perf_counter()
-    while threading.active_count() > baseline and time.perf_counter() - start < limit:
+    while not settled() and time.perf_counter() - start < limit:
         time.sleep(0.05)
     return threading.active_count(), time.perf_counter() - start
 
@@ -646,9 +655,10 @@ def scenario_deadline(engine: str, cluster: Any, proxy: ProxyProcess, calls: int
             proxy.set("pass_through")  # releases what still hangs in the proxy (the naive setup's calls)
             if key == "on":
                 res["threads_before"] = opened_threads
-                res["threads_after"], res["threads_settled_s"] = _threads_settle(opened_threads, 5.0)
-                # Threads started during the calls and still there (the hedge executor's fixed pool of
-                # workers starts at the first hedge and stays until close: not a leak).
+                # Threads started during the calls and still there after the wait (the hedge executor's
+                # fixed pool of workers starts at the first hedge and stays until close: not a leak; a
+                # server-side cancel sent to the blackholed node waits up to connect_timeout to connect).
+                res["threads_after"], res["threads_settled_s"] = _threads_settle(opened_threads, SETTLE_S, before)
                 res["new_threads"] = sorted(t.name for t in threading.enumerate() if t.ident not in before)
                 nodes = s.router.stats()["nodes"]
                 res["in_use_after"] = sum(n["pool"]["in_use"] for n in nodes.values())
@@ -732,6 +742,7 @@ def run_adversity(clusters: dict[str, Any], s: Any, seed: int, gate: Any) -> dic
     out: dict[str, Any] = {"setups": SETUPS, "constants": {
         "spikes": list(SPIKES), "slow_factor": SLOW_FACTOR, "flaky": FLAKY, "overload": OVERLOAD, "cap_s": CAP_S,
         "deadline_s": DEADLINE_S, "deadline_target_s": DEADLINE_TARGET_S, "slow_margin_s": SLOW_MARGIN,
+        "settle_s": SETTLE_S,
         "defaults_bound_s": DEFAULTS_BOUND_S}}
     for engine in ("postgres", "mysql"):
         cluster = clusters[engine]

@@ -271,19 +271,21 @@ def test_overload_amplification_queue_wait_and_goodput(overload: dict[str, Any],
     assert (only(verdicts, "reaching the servers"), only(verdicts, "queue wait"), only(verdicts, "goodput")) == expected
 
 
-def _deadline(share: float, *, new_threads: tuple[str, ...] = (), after_close: int = 2,
-              in_use: int = 0) -> dict[str, Any]:
+def _deadline(share: float, *, new_threads: tuple[str, ...] = (), after_close: int = 2, in_use: int = 0,
+              threads_after: int = 20) -> dict[str, Any]:
     return {"calls": 10_000, "threads": 32, "timeout_s": 0.2,
             "on": {"n": 10_000, "share_within_target": share, "p999_ms": 201.0, "max_ms": 230.0, "errors": 3000,
-                   "threads_before": 20, "threads_after": 20 + len(new_threads), "new_threads": list(new_threads),
+                   "threads_before": 20, "threads_after": threads_after, "new_threads": list(new_threads),
                    "threads_after_close": after_close, "threads_baseline": 2, "in_use_after": in_use},
             "naive": {"n": 900, "seconds": 10.0, "share_within_target": 0.09, "blocked_at_end": 32}}
 
 
 @pytest.mark.parametrize(("deadline", "expected"), [
     (_deadline(0.999), "PASS"), (_deadline(0.9989), "FAIL"),
-    (_deadline(1.0, new_threads=("dbrouter-hedge_0", "dbrouter-hedge_1")), "PASS"),  # the executor's fixed pool
+    (_deadline(1.0, new_threads=("dbrouter-hedge_0", "dbrouter-hedge_1"), threads_after=22), "PASS"),  # a fixed pool
     (_deadline(1.0, new_threads=("dbrouter-cancel",)), "FAIL"), (_deadline(1.0, after_close=3), "FAIL"),
+    (_deadline(1.0, new_threads=("dbrouter-hedge_0",), threads_after=21), "PASS"),
+    (_deadline(1.0, threads_after=21), "FAIL"),
     (_deadline(1.0, in_use=1), "FAIL"),
 ])
 def test_deadline_share_and_leaks(deadline: dict[str, Any], expected: str) -> None:

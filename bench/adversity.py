@@ -67,6 +67,9 @@ OVERLOAD = 3.0  # scenario 3: offered load / capacity
 CAP_S = 0.1  # scenario 3: every request's cap (deadline, acquire_timeout, the naive gate's wait)
 SLOW_MARGIN = 0.001  # slow_replica_margin of the "on" setup: the default 5 ms exceeds a 10x-slow point read here
 DEADLINE_POOL = 10  # scenario 4: connections per node (the Router's default max_size)
+# Scenario 4: each thread pauses between calls, so that 10,000 calls from 32 threads take about 10 s
+# and the blackhole lasts past the probes' verdict on the node (max(1, connect_timeout) = 5 s after it).
+DEADLINE_PAUSE_S = 0.03
 SETTLE_S = 11.0  # scenario 4: threads back within 2 x connect_timeout (5 s) + 1 s, the cancels' own bound
 DEFAULTS_BOUND_S = 6.0  # scenario 5: max(1, connect_timeout) + health_interval with the defaults
 
@@ -336,11 +339,12 @@ def summarize(lat: list[float], errors: Counter[str], seconds: float) -> dict[st
 
 
 def closed_loop(read: Callable[..., Any], threads: int, total: int, time_limit: float,
-                until: Callable[[], bool] | None = None, grace: float = 30.0
+                until: Callable[[], bool] | None = None, grace: float = 30.0, pause: float = 0.0
                 ) -> tuple[list[float], Counter[str], float, int]:
-    """``threads`` threads doing point reads back to back until ``total`` reads (or the time
-    limit, or ``until()``): each finished read's time, the errors by type, the seconds, and
-    the threads still blocked in a call ``grace`` seconds after the time limit."""
+    """``threads`` threads doing point reads back to back (or ``pause`` seconds apart) until
+    ``total`` reads (or the time limit, or ``until()``): each finished read's time, the errors
+    by type, the seconds, and the threads still blocked in a call ``grace`` seconds after the
+    time limit."""
     counter = itertools.count()
     lat: list[list[float]] = [[] for _ in range(threads)]
     errors: Counter[str] = Counter()
@@ -361,6 +365,8 @@ def closed_loop(read: Callable[..., Any], threads: int, total: int, time_limit: 
                 with lock:
                     errors[type(exc).__name__] += 1
             mine.append(clock() - t)
+            if pause:
+                time.sleep(pause)
 
     pool = [threading.Thread(target=worker, args=(lat[i],), daemon=True) for i in range(threads)]
     for t in pool:
@@ -635,23 +641,37 @@ def scenario_deadline(engine: str, cluster: Any, proxy: ProxyProcess, calls: int
             c0 = s.counters()
             done = itertools.count()
             blackholed = threading.Event()
+            at: dict[str, float] = {}  # when the blackhole began, when the probes marked the node down
+            samples: dict[str, str] = {}  # the first message of each error type
+            if s.router is not None:
+                s.router.on("node_down", lambda event, _at=at: _at.setdefault("down", time.perf_counter())
+                            if event.node == "proxied" else None)
 
             def read(sql: str, params: Any = None, _s: Setup = s, _done: Any = done,
-                     _blackholed: threading.Event = blackholed) -> Any:
+                     _blackholed: threading.Event = blackholed, _at: dict[str, float] = at,
+                     _samples: dict[str, str] = samples) -> Any:
                 if not _blackholed.is_set() and next(_done) >= calls // 3:
                     _blackholed.set()
                     proxy.set("blackhole")
-                return _s.read(sql, params)
+                    _at.setdefault("blackhole", time.perf_counter())
+                try:
+                    return _s.read(sql, params)
+                except Exception as exc:
+                    _samples.setdefault(type(exc).__name__, str(exc)[:300])
+                    raise
 
             # The naive setup has no deadline: its calls are given naive_limit seconds, then the
             # threads still blocked in a call are counted (and released by pass_through below).
             limit, grace = (120.0, 30.0) if key == "on" else (naive_limit, 0.5)
-            lat, errors, seconds, blocked = closed_loop(read, threads, calls, limit, grace=grace)
+            lat, errors, seconds, blocked = closed_loop(read, threads, calls, limit, grace=grace, pause=DEADLINE_PAUSE_S)
             res = summarize(lat, errors, seconds)
             res["within_target"] = sum(x <= DEADLINE_TARGET_S for x in lat)
             res["share_within_target"] = res["within_target"] / calls
             res["blocked_at_end"] = blocked
             res["unfinished"] = calls - len(lat)
+            res["error_samples"] = samples
+            if "blackhole" in at and "down" in at:
+                res["node_down_after_s"] = at["down"] - at["blackhole"]
             proxy.set("pass_through")  # releases what still hangs in the proxy (the naive setup's calls)
             if key == "on":
                 res["threads_before"] = opened_threads
@@ -742,7 +762,7 @@ def run_adversity(clusters: dict[str, Any], s: Any, seed: int, gate: Any) -> dic
     out: dict[str, Any] = {"setups": SETUPS, "constants": {
         "spikes": list(SPIKES), "slow_factor": SLOW_FACTOR, "flaky": FLAKY, "overload": OVERLOAD, "cap_s": CAP_S,
         "deadline_s": DEADLINE_S, "deadline_target_s": DEADLINE_TARGET_S, "slow_margin_s": SLOW_MARGIN,
-        "settle_s": SETTLE_S,
+        "settle_s": SETTLE_S, "deadline_pause_s": DEADLINE_PAUSE_S,
         "defaults_bound_s": DEFAULTS_BOUND_S}}
     for engine in ("postgres", "mysql"):
         cluster = clusters[engine]

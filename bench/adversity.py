@@ -643,22 +643,32 @@ def scenario_deadline(engine: str, cluster: Any, proxy: ProxyProcess, calls: int
             blackholed = threading.Event()
             at: dict[str, float] = {}  # when the blackhole began, when the probes marked the node down
             samples: dict[str, str] = {}  # the first message of each error type
+            late_calls: list[dict[str, Any]] = []
             if s.router is not None:
                 s.router.on("node_down", lambda event, _at=at: _at.setdefault("down", time.perf_counter())
                             if event.node == "proxied" else None)
 
             def read(sql: str, params: Any = None, _s: Setup = s, _done: Any = done,
                      _blackholed: threading.Event = blackholed, _at: dict[str, float] = at,
-                     _samples: dict[str, str] = samples) -> Any:
+                     _samples: dict[str, str] = samples, _late: list[dict[str, Any]] = late_calls) -> Any:
                 if not _blackholed.is_set() and next(_done) >= calls // 3:
                     _blackholed.set()
                     proxy.set("blackhole")
                     _at.setdefault("blackhole", time.perf_counter())
+                started = time.perf_counter()
+                outcome = "rows"
                 try:
                     return _s.read(sql, params)
                 except Exception as exc:
+                    outcome = f"{type(exc).__name__}: {str(exc)[:300]}"
                     _samples.setdefault(type(exc).__name__, str(exc)[:300])
                     raise
+                finally:
+                    took = time.perf_counter() - started
+                    if took > DEADLINE_TARGET_S and len(_late) < 10:
+                        # The calls past the target: when (from the blackhole) and how they ended.
+                        _late.append({"seconds": took, "started_after_blackhole_s":
+                                           started - _at.get("blackhole", started), "outcome": outcome})
 
             # The naive setup has no deadline: its calls are given naive_limit seconds, then the
             # threads still blocked in a call are counted (and released by pass_through below).
@@ -670,6 +680,7 @@ def scenario_deadline(engine: str, cluster: Any, proxy: ProxyProcess, calls: int
             res["blocked_at_end"] = blocked
             res["unfinished"] = calls - len(lat)
             res["error_samples"] = samples
+            res["late_calls"] = list(late_calls)  # a copy: the naive setup's blocked calls end later
             if "blackhole" in at and "down" in at:
                 res["node_down_after_s"] = at["down"] - at["blackhole"]
             proxy.set("pass_through")  # releases what still hangs in the proxy (the naive setup's calls)

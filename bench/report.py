@@ -1213,6 +1213,9 @@ def _adversity_sections(r: dict[str, Any], add: Any) -> None:
             for key in ("on", "naive"):
                 for name, text in d.get(key, {}).get("error_samples", {}).items():
                     add(f"* {key}, the first {name}: `{text}`")
+                for late in d.get(key, {}).get("late_calls", []):
+                    add(f"* {key}, a call past 250 ms: {late['seconds']:.3f} s, started "
+                        f"{late['started_after_blackhole_s']:.2f} s after the blackhole began, `{late['outcome']}`")
             add("")
         df = res.get("defaults")
         if df:

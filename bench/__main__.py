@@ -24,7 +24,7 @@ from typing import Any
 
 from dbrouter.cluster import make_cluster
 
-from . import aio, bulk, measure, memory, report
+from . import adversity, aio, bulk, measure, memory, report
 from .contenders import CHECKOUT_HOW, CONTENDERS, Contender, Opened, Targets, by_engine
 
 log = logging.getLogger("bench")
@@ -69,6 +69,16 @@ class Settings:
     aio_fair_rounds: int
     aio_fair_window_s: float
     aio_service_window_s: float  # the 5 ms query on one raw connection, each round: the ceiling's service time
+    adv_reads: int  # adversity, slow replicas: point reads per setup (and for the healthy baseline)
+    adv_threads: int  # adversity, slow replicas: closed-loop threads
+    adv_pool: int  # adversity, slow replicas: connections per node
+    adv_time_limit_s: float  # adversity: bound on each closed-loop run
+    adv_overload_pool: int  # adversity, overload: connections per replica (capacity = 2 x this / 10 ms)
+    adv_capacity_window_s: float
+    adv_overload_window_s: float  # adversity, overload: how long 3x the capacity is offered, per setup
+    adv_deadline_calls: int  # adversity, deadline: calls with timeout=0.2
+    adv_deadline_threads: int
+    adv_naive_limit_s: float  # adversity, deadline: how long the naive setup (no deadline) is given
 
 
 QUICK = Settings(
@@ -77,6 +87,8 @@ QUICK = Settings(
     memory_conns=50, memory_runs=1, bulk_rows=200_000, bulk_rounds=2, stream_rows=1_000_000, stream_rounds=2,
     stream_batch=2000, quiet_budget_s=10, aio_rounds=60, aio_batch_s=0.004, aio_epochs=2, aio_time_limit_s=30,
     aio_trip_ops=30, aio_fair_tasks=1000, aio_fair_rounds=1, aio_fair_window_s=3.0, aio_service_window_s=0.5,
+    adv_reads=3000, adv_threads=4, adv_pool=4, adv_time_limit_s=30, adv_overload_pool=2, adv_capacity_window_s=1.5,
+    adv_overload_window_s=2.0, adv_deadline_calls=2000, adv_deadline_threads=32, adv_naive_limit_s=5.0,
 )
 FULL = Settings(
     mode="full", single_rounds=400, single_batch_s=0.004, single_time_limit_s=100, single_epochs=5, round_trip_ops=100,
@@ -84,14 +96,17 @@ FULL = Settings(
     memory_conns=50, memory_runs=3, bulk_rows=1_000_000, bulk_rounds=3, stream_rows=5_000_000, stream_rounds=3,
     stream_batch=2000, quiet_budget_s=120, aio_rounds=400, aio_batch_s=0.004, aio_epochs=4, aio_time_limit_s=40,
     aio_trip_ops=100, aio_fair_tasks=1000, aio_fair_rounds=2, aio_fair_window_s=10.0, aio_service_window_s=1.0,
+    adv_reads=20_000, adv_threads=4, adv_pool=4, adv_time_limit_s=90, adv_overload_pool=2, adv_capacity_window_s=3.0,
+    adv_overload_window_s=6.0, adv_deadline_calls=10_000, adv_deadline_threads=32, adv_naive_limit_s=10.0,
 )
 
-PHASES = ("single", "trips", "matrix", "scale", "memory", "bulk", "stream", "async")
+PHASES = ("single", "trips", "matrix", "scale", "memory", "bulk", "stream", "async", "adversity")
 # The results each phase writes, and the settings it reads (for a run of some phases only,
 # the other phases' results and settings are carried over from the previous results.json).
 PHASE_KEYS = {
     "single": ("single_thread", "checkout_only"), "trips": ("round_trips",), "matrix": ("matrix",),
     "scale": ("scale_out",), "memory": ("memory",), "bulk": ("bulk",), "stream": ("stream",), "async": ("async",),
+    "adversity": ("adversity",),
 }
 PHASE_SETTINGS = {
     "single": ("single_rounds", "single_batch_s", "single_time_limit_s", "single_epochs", "single_pinned"),
@@ -100,6 +115,9 @@ PHASE_SETTINGS = {
     "bulk": ("bulk_rows", "bulk_rounds"), "stream": ("stream_rows", "stream_rounds", "stream_batch"),
     "async": ("aio_rounds", "aio_batch_s", "aio_epochs", "aio_time_limit_s", "aio_trip_ops", "aio_fair_tasks",
               "aio_fair_rounds", "aio_fair_window_s", "aio_service_window_s"),
+    "adversity": ("adv_reads", "adv_threads", "adv_pool", "adv_time_limit_s", "adv_overload_pool",
+                  "adv_capacity_window_s", "adv_overload_window_s", "adv_deadline_calls", "adv_deadline_threads",
+                  "adv_naive_limit_s"),
 }
 
 
@@ -516,6 +534,9 @@ def main(argv: list[str] | None = None) -> int:
             log.info("8. asyncio: AsyncRouter against the async pools")
             pids = [n.pid for c in clusters.values() for n in c.nodes if n.pid]
             results["async"] = phase_async(s, targets, ports, pids, args.seed, gate)
+        if "adversity" in phases:
+            log.info("9. adversity: slow replicas, overload, hung nodes; dbrouter with its features on, off, and naive")
+            results["adversity"] = adversity.run_adversity(clusters, s, args.seed, gate)
     finally:
         for cluster in clusters.values():
             cluster.destroy()

@@ -36,6 +36,36 @@ AIO_ROUTER = {"postgres": "pg.aio_router", "mysql": "my.aio_router"}
 AIO_FLOOR = {"postgres": "pg.aio_raw", "mysql": "my.aio_raw"}
 AIO_POOL = {"postgres": "pg.aio_psycopg_pool_ac", "mysql": "my.aio_connector_pool"}  # beside the router
 ENGINE_LABELS = {"postgres": "PostgreSQL", "mysql": "MySQL/MariaDB"}
+# adversity (phase adversity, issue 15): the lines the issue draws.
+TAIL_P99_RATIO = 1.5  # slow replica: read p99 <= 1.5x the healthy p99
+EXTRA_QUERIES = 0.05  # ... with at most 5% extra queries (hedges + retries) / reads
+AMPLIFICATION = 1.2  # overload: queries reaching the servers / requests offered
+GOODPUT_SHARE = 0.9  # overload: successful requests/s >= 90% of the measured capacity
+DEADLINE_SHARE = 0.999  # deadline: 99.9% of the calls return within the target
+DEFAULTS_SLACK_S = 0.05  # defaults: the bound leaves out the cut itself and the woken thread (milliseconds)
+ADVERSITY_RULES = [
+    "*adversity, slow replica*: the read p99 (every read of the measured run, failures included at the time they "
+    "failed) of dbrouter with the features on ≤ 1.5 × the p99 of the healthy baseline (the same reads through "
+    "dbrouter with its defaults while the proxy passes through), and (hedges + retries) / reads ≤ 5% over the same "
+    "run (from `stats()`).",
+    "*adversity, overload, amplification*: queries counted on the servers (PostgreSQL: xact_commit + "
+    "xact_rollback of the database on every node; MariaDB: Com_select on every node; the bench's own counting "
+    "subtracted) / requests issued ≤ 1.2.",
+    "*adversity, overload, queue wait*: the largest `acquire_wait_p99` of any node's pool (`stats()`, interpolated "
+    "in its histogram bucket) ≤ the cap every request had (its deadline).",
+    "*adversity, overload, goodput*: successful requests / the window ≥ 0.9 × the capacity measured right before "
+    "(the 10 ms query, closed loop, 3 threads per connection, healthy proxy).",
+    "*adversity, deadline*: calls that returned (rows or an error) within 250 ms / all calls ≥ 99.9%, and no leak: "
+    "after the calls, within 11 s (2 × connect_timeout + 1: a server-side cancel sent to the blackholed node "
+    "before the probes saw it down waits up to connect_timeout to connect), the thread count back to what it was "
+    "before them and no thread started during them still alive except the hedge executor's fixed pool of workers "
+    "(started at the first hedge, kept until close); no connection in use in any pool; and after close the "
+    "process's thread count back to what it was before the router opened. The time it took is shown.",
+    "*adversity, defaults*: the time from the write's start to its return or error ≤ max(1, connect_timeout) + "
+    "health_interval = 6 s, plus 50 ms: the write starts right after a probe round (`wait_for_probes`), the worst "
+    "phase, where the documented bound is met exactly by the probe's interval and timeout and leaves out the few "
+    "milliseconds the cut and the woken caller take.",
+]
 
 DISTRIBUTIONS = [
     "dbrouter", "psycopg2-binary", "psycopg", "psycopg-binary", "psycopg-pool", "SQLAlchemy", "DBUtils",
@@ -248,6 +278,7 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     out += _bulk_targets(results.get("bulk", {}), results.get("config", {}))
     out += _stream_targets(results.get("stream", {}), results.get("config", {}))
     out += _async_targets(results.get("async", {}))
+    out += adversity_targets(results.get("adversity", {}))
     return out
 
 
@@ -311,6 +342,137 @@ def _async_targets(aio: dict[str, Any]) -> list[dict[str, Any]]:
                        f"between two queries of a task {c['max_gap_ms']:,.0f} ms; errors {c['errors']}; "
                        f"hung {c['hung']}{beside}",
         })
+    return out
+
+
+def _engine_label(engine: str) -> str:
+    return "PostgreSQL" if engine == "postgres" else "MariaDB"
+
+
+def _beside(cells: dict[str, Any], keys: tuple[str, ...], fmt: Any) -> str:
+    names = {"off": "defaults", "naive": "naive", "hedge_only": "hedge_after alone", "eject_only": "ejection alone"}
+    return ", ".join(f"{names.get(k, k)} {fmt(cells[k])}" for k in keys if k in cells)
+
+
+def tail_target(engine: str, kind: str, res: dict[str, Any]) -> dict[str, Any] | None:
+    """Scenarios 1 and 2: the features-on read p99 against the healthy p99, and the extra queries."""
+    on = res.get("setups", {}).get("on")
+    healthy = res.get("healthy")
+    if not on or not healthy:
+        return None
+    base = healthy["p99_ms"]
+    ratio = on["p99_ms"] / base
+    extra = on["extra_share"]
+    counted = on.get("counters", {})
+    what = ("one replica with latency spikes (1% of its replies 200 ms late)" if kind == "spikes"
+            else "one replica 10x slower throughout")
+    cells = res["setups"]
+    others = _beside(cells, ("hedge_only", "eject_only", "off", "naive"),
+                     lambda c: f"{c['p99_ms'] / base:.2f}x ({c['p99_ms']:.2f} ms)")
+    tails = _beside(cells, ("on", "hedge_only", "eject_only", "off", "naive"), lambda c: f"{c['p999_ms']:.1f}")
+    ejected = ""
+    if kind == "slow":
+        warm = on.get("warmup", {})
+        ejected = (f"; ejected after {warm.get('seconds_to_steady', float('nan')):.1f} s under the fault (p99 "
+                   f"{warm.get('p99_ms', float('nan')):.1f} ms until then)" if warm.get("ejected")
+                   else "; NOT ejected within 15 s of the fault")
+    return {
+        "target": f"{_engine_label(engine)}, adversity, {what}: read p99 with the features on <= "
+                  f"{TAIL_P99_RATIO}x the healthy p99, <= {EXTRA_QUERIES:.0%} extra queries",
+        "verdict": _verdict(ratio <= TAIL_P99_RATIO and extra <= EXTRA_QUERIES),
+        "numbers": f"p99 {on['p99_ms']:.2f} ms = {ratio:.2f}x the healthy {base:.2f} ms; extra queries {extra:.1%} "
+                   f"(hedges {counted.get('hedges', 0)}, retries {counted.get('retries', 0)} over "
+                   f"{counted.get('reads', 0)} reads; hedges refused by the budget {counted.get('hedges_refused', 0)})"
+                   f"{ejected}; beside it: {others}; p99.9 (ms): {tails}",
+    }
+
+
+def overload_targets(engine: str, res: dict[str, Any]) -> list[dict[str, Any]]:
+    """Scenario 3: amplification, queue wait and goodput of the features-on setup under 3x load."""
+    on = res.get("setups", {}).get("on")
+    if not on:
+        return []
+    cells = res["setups"]
+    label = _engine_label(engine)
+    load = (f"{res['overload']:g}x the measured capacity ({res['capacity']:,.0f}/s) offered open loop, one replica "
+            f"resetting {res['flaky']:.0%} of its requests")
+    cap_ms = res["cap_s"] * 1e3
+    return [{
+        "target": f"{label}, adversity, overload ({load}): queries reaching the servers <= {AMPLIFICATION}x the "
+                  "requests (features on)",
+        "verdict": _verdict(on["amplification"] <= AMPLIFICATION),
+        "numbers": f"{on['server_queries']:,.0f} server queries / {on['issued']:,} requests = "
+                   f"{on['amplification']:.2f}x; beside it: "
+                   + _beside(cells, ("off", "naive"), lambda c: f"{c['amplification']:.2f}x"),
+    }, {
+        "target": f"{label}, adversity, overload: pool queue wait p99 <= the cap ({cap_ms:.0f} ms, features on)",
+        "verdict": _verdict(on["wait_p99_s"] <= res["cap_s"]),
+        "numbers": f"{on['wait_p99_s'] * 1e3:.0f} ms (largest of the pools' acquire_wait_p99); beside it: "
+                   + _beside(cells, ("off", "naive"), lambda c: f"{c['wait_p99_s'] * 1e3:.0f} ms")
+                   + " (naive: the wait for its gate, measured by the client)",
+    }, {
+        "target": f"{label}, adversity, overload: goodput >= {GOODPUT_SHARE:.0%} of the capacity (features on)",
+        "verdict": _verdict(on["goodput_share"] >= GOODPUT_SHARE),
+        "numbers": f"{on['goodput']:,.0f} successful requests/s = {on['goodput_share']:.0%} of {res['capacity']:,.0f}; "
+                   "beside it: " + _beside(cells, ("off", "naive"),
+                                           lambda c: f"{c['goodput']:,.0f}/s ({c['goodput_share']:.0%})"),
+    }]
+
+
+def deadline_target(engine: str, res: dict[str, Any]) -> dict[str, Any] | None:
+    """Scenario 4: calls with timeout=0.2 while a replica is blackholed return within 250 ms; nothing leaks."""
+    on = res.get("on")
+    if not on:
+        return None
+    share = on["share_within_target"]
+    leaked = [name for name in on.get("new_threads", []) if not name.startswith("dbrouter-hedge")]
+    workers = len(on.get("new_threads", [])) - len(leaked)
+    leak_free = (on["in_use_after"] == 0 and not leaked and on["threads_after"] - workers <= on["threads_before"]
+                 and on.get("threads_after_close", 0) <= on.get("threads_baseline", 0))
+    naive = res.get("naive")
+    beside = (f"; naive (no deadline): {naive['n']:,} of {res['calls']:,} calls finished in {naive['seconds']:.0f} s "
+              f"({naive['share_within_target']:.1%} within 250 ms), {naive['blocked_at_end']} of {res['threads']} "
+              f"threads still blocked in a call at the cut-off" if naive else "")
+    return {
+        "target": f"{_engine_label(engine)}, adversity, a replica blackholed mid-run: {DEADLINE_SHARE:.1%} of "
+                  f"{res['calls']:,} calls with timeout=0.2 return within 250 ms, no thread or connection leak",
+        "verdict": _verdict(share >= DEADLINE_SHARE and leak_free),
+        "numbers": f"{share:.2%} within 250 ms (p99.9 {on['p999_ms']:.0f} ms, max {on['max_ms']:.0f} ms; "
+                   f"{on['errors']:,} DeadlineExceeded or other errors); threads {on['threads_before']} before the "
+                   f"calls, {on['threads_after']} after (settled in {on.get('threads_settled_s', float('nan')):.1f} s; "
+                   f"still there: {', '.join(on.get('new_threads', [])) or 'none'}), "
+                   f"{on.get('threads_after_close', '?')} after close against {on.get('threads_baseline', '?')} before "
+                   f"open; connections in use after: {on['in_use_after']}{beside}",
+    }
+
+
+def defaults_target(engine: str, res: dict[str, Any]) -> dict[str, Any] | None:
+    """Scenario 5: with no timeout option, a write to a blackholed primary returns within the documented bound."""
+    if not res:
+        return None
+    return {
+        "target": f"{_engine_label(engine)}, adversity, Router defaults (no timeout option): a write to a blackholed "
+                  f"primary returns within {res['bound_s']:g} s",
+        "verdict": _verdict(res["seconds"] <= res["bound_s"] + DEFAULTS_SLACK_S),
+        "numbers": f"{res['seconds']:.3f} s (the write starts right after a probe round: the worst phase), "
+                   f"{res['outcome']}",
+    }
+
+
+def adversity_targets(adv: dict[str, Any]) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for engine in ("postgres", "mysql"):
+        res = adv.get(engine)
+        if not res:
+            continue
+        for kind in ("spikes", "slow"):
+            t = tail_target(engine, kind, res.get(kind, {}))
+            if t:
+                out.append(t)
+        out += overload_targets(engine, res.get("overload", {}))
+        for t in (deadline_target(engine, res.get("deadline", {})), defaults_target(engine, res.get("defaults", {}))):
+            if t:
+                out.append(t)
     return out
 
 
@@ -722,6 +884,7 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
 
     _bulk_sections(r, add)
     _async_sections(r, add)
+    _adversity_sections(r, add)
 
     add("## Contenders and how each is set up")
     add("")
@@ -761,6 +924,9 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
             "queue it left at the window's end had time to drain (1.5 × tasks / throughput, at most 120 s).")
     add("* *streams*: rows/s as the median of per-round ratios; peak RSS growth = the child process's peak RSS "
         "(VmHWM, reset after a 10,000-row warm-up) minus its RSS before the stream, the largest over the rounds.")
+    if r.get("adversity"):
+        for rule in ADVERSITY_RULES:
+            add(f"* {rule}")
     add("")
     add("## Notes")
     add("")
@@ -889,3 +1055,173 @@ AIO_NOTES = [
     "everyone else's, its health monitor probes once a second from a thread (once an hour while round trips are "
     "counted). In the 1,000-task cells every pool is first filled to its 10 connections.",
 ]
+
+
+ADV_LABELS = {"on": "dbrouter, features on", "hedge_only": "dbrouter, hedge_after='auto' alone",
+              "eject_only": "dbrouter, slow_replica_ratio=3 alone", "off": "dbrouter, defaults (features off)",
+              "naive": "naive (driver pool per node, round-robin, tenacity)"}
+
+
+def _adversity_sections(r: dict[str, Any], add: Any) -> None:
+    adv = r.get("adversity")
+    if not adv:
+        return
+    cfg = r["config"]
+    k = adv.get("constants", {})
+    add("## 9. Adversity: slow replicas, overload, hung nodes")
+    add("")
+    add("Each engine's cluster (primary + 2 replicas) with a `dbrouter.faultproxy.FaultProxy` in front of the second "
+        "replica (the primary in the last scenario), run in a child process of its own so that the delays it adds do "
+        "not wait for the bench's GIL. Setups, side by side in one run:")
+    add("")
+    for key, label in adv.get("setups", {}).items():
+        add(f"* **{key}**: {label}")
+    add(f"* **hedge_only** / **eject_only** (scenarios 1 / 2): the defaults plus that one option (ejection with "
+        f"`slow_replica_margin={k.get('slow_margin_s', 0.001)}`: the default 5 ms margin is more than a 10x-slow point "
+        "read takes here, so it would never eject).")
+    add("")
+    add("The features-on setup: `Router(primary, [replica1, replica2 via the proxy], hedge_after='auto', "
+        f"slow_replica_ratio=3, slow_replica_margin={k.get('slow_margin_s', 0.001)}, retry_budget=0.2, "
+        "max_waiting=2 x pool size)`; every dbrouter setup has `min_size = max_size` = the pool size given below. "
+        "The naive setup wraps each driver pool in a `BoundedSemaphore` of its size (both raise when exhausted), sends "
+        "each attempt to the next replica and retries with tenacity (`stop_after_attempt(3)`, "
+        "`retry_if_exception_type((OperationalError, InterfaceError))`, `wait_exponential(multiplier=0.02, max=1)`); "
+        "psycopg2 connections in autocommit, mysql.connector.pooling with its defaults (it pings at checkout and "
+        f"resets the session on return). The phase took {adv.get('duration_s', float('nan')) / 60:.1f} min.")
+    add("")
+    for engine in ("postgres", "mysql"):
+        res = adv.get(engine)
+        if not res:
+            continue
+        title = _engine_label(engine)
+        for kind, head in (("spikes", "one replica with latency spikes"), ("slow", "one replica 10x slower")):
+            t = res.get(kind)
+            if not t:
+                continue
+            add(f"### 9{'a' if kind == 'spikes' else 'b'}. {title}: {head} (`{t['fault']}`)")
+            add("")
+            healthy = t["healthy"]
+            text = (f"Point reads (`{t.get('sql', '')}`) from {t['threads']} threads back to back, {t['reads']:,} per setup, "
+                    f"pools of {t['pool_size']} per node. Healthy baseline first (dbrouter defaults, proxy passing "
+                    f"through): p50 {healthy['p50_ms']:.2f} ms, p99 {healthy['p99_ms']:.2f} ms. Then every setup under "
+                    f"the fault, in a random order ({', '.join(t.get('order', []))}), each after a warm-up under it "
+                    "(a fifth of the reads")
+            if kind == "slow":
+                text += (f"; for the setups that eject, until the replica was ejected, at most 15 s). The proxy adds "
+                         f"{t.get('added_ms_each_way', float('nan')):.2f} ms each way: 10x the healthy p50 per read")
+            add(text + "). Errors count as reads, at the time they failed. Extra = (hedges + retries) / reads. "
+                "Connections opened = by all the setup's pools during the measured run (a hedge's losing read is "
+                "cut: its connection is discarded, not pooled again).")
+            add("")
+            add("| Setup | p50 (ms) | p99 (ms) | p99 / healthy p99 | p99.9 (ms) | max (ms) | errors | extra queries | "
+                "hedges won / sent / refused | connections opened | read time direct / proxied (ms) | warm-up |")
+            add("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | --- | --- |")
+            add(f"| *healthy baseline* | {_fmt(healthy['p50_ms'], 2)} | {_fmt(healthy['p99_ms'], 2)} | 1.00 | "
+                f"{_fmt(healthy['p999_ms'], 1)} | {_fmt(healthy['max_ms'], 0)} | {healthy['errors']} | | | "
+                f"{healthy.get('counters', {}).get('opened', '–')} | | |")
+            for key in ("on", "hedge_only", "eject_only", "off", "naive"):
+                c = t["setups"].get(key)
+                if not c:
+                    continue
+                n = c.get("counters")
+                lat = c.get("node_latency_ms")
+                warm = c.get("warmup", {})
+                warm_text = f"{warm.get('n', 0):,} reads, {warm.get('seconds_to_steady', float('nan')):.1f} s"
+                if "ejected" in warm:
+                    warm_text += ", ejected" if warm["ejected"] else ", not ejected"
+                extra = f"{c['extra_share']:.1%}" if n else "–"
+                hedges = f"{n['hedges_won']} / {n['hedges']} / {n['hedges_refused']}" if n else "–"
+                times = f"{lat['direct']:.2f} / {lat['proxied']:.2f}" if lat else "–"
+                add(f"| {ADV_LABELS.get(key, key)} | {_fmt(c['p50_ms'], 2)} | {_fmt(c['p99_ms'], 2)} | "
+                    f"{c['p99_ms'] / healthy['p99_ms']:.2f} | {_fmt(c['p999_ms'], 1)} | {_fmt(c['max_ms'], 0)} | "
+                    f"{c['errors']} | {extra} | {hedges} | {n.get('opened', '–') if n else '–'} | {times} | "
+                    f"{warm_text} |")
+            add("")
+        o = res.get("overload")
+        if o:
+            add(f"### 9c. {title}: overload, {o['overload']:g}x the capacity, one replica `flaky({o['flaky']})`")
+            add("")
+            add(f"Capacity measured first: `{o['sql']}` on pools of {o['pool_size']} per replica ({o['connections']} "
+                f"connections; nominal {o['nominal_capacity']:,.0f}/s), closed loop, 3 threads per connection, proxy "
+                f"passing through: **{o['capacity']:,.0f} requests/s**. Then {o['rate']:,.0f} requests/s offered open "
+                f"loop for {o['window_s']:g} s per setup (request i due at start + i / rate, issued by "
+                f"{o['workers']} threads; its time counts from when it was due), one setup at a time in a random order "
+                f"({', '.join(o.get('order', []))}), with the proxied replica resetting {o['flaky']:.0%} of its "
+                f"requests. Every request is capped at {o['cap_s'] * 1e3:.0f} ms: features on by `timeout=` (and "
+                "`acquire_timeout`), defaults by `acquire_timeout` per attempt, naive by its gate's wait per attempt. "
+                "Server queries = the servers' counters before the load and after the setup closed (PostgreSQL: "
+                "xact_commit + xact_rollback of the database; MariaDB: Com_select; every node, primary included, "
+                "minus the bench's own counting), so they include reconnections' transactions and dbrouter's probes.")
+            add("")
+            add("| Setup | requests | ok | goodput (/s) | % of capacity | server queries (primary, replica 1, "
+                "replica 2) | amplification | queue wait p99 (ms) | ok p50 / p99 (ms) | late start p99 (ms) | errors |")
+            add("| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | --- | ---: | --- |")
+            for key in ("on", "off", "naive"):
+                c = o["setups"].get(key)
+                if not c:
+                    continue
+                by_node = ", ".join(f"{v:,.0f}" for v in c["server_queries_by_node"].values())
+                errors = ", ".join(f"{name} {count:,}" for name, count in c["errors"].items()) or "–"
+                add(f"| {ADV_LABELS.get(key, key)} | {c['issued']:,} | {c['ok']:,} | {_fmt(c['goodput'], 0)} | "
+                    f"{c['goodput_share']:.0%} | {c['server_queries']:,.0f} ({by_node}) | {c['amplification']:.2f}x | "
+                    f"{_fmt(c['wait_p99_s'] * 1e3, 0)} | {_fmt(c['ok_p50_ms'], 0)} / {_fmt(c['ok_p99_ms'], 0)} | "
+                    f"{_fmt(c['late_p99_ms'], 0)} | {errors} |")
+            add("")
+            samples = [(key, name, text) for key in ("on", "off", "naive") if key in o["setups"]
+                       for name, text in o["setups"][key].get("error_samples", {}).items()]
+            if samples:
+                add("The first error of each kind, per setup:")
+                add("")
+                for key, name, text in samples:
+                    add(f"* {key}, {name}: `{text}`")
+                add("")
+        d = res.get("deadline")
+        if d:
+            add(f"### 9d. {title}: a replica blackholed mid-run, {d['calls']:,} calls with `timeout={d['timeout_s']}`")
+            add("")
+            pause = k.get("deadline_pause_s")
+            paced = f", each thread pausing {pause * 1e3:.0f} ms between calls" if pause else ""
+            down = d.get("on", {}).get("node_down_after_s")
+            seen = (f" dbrouter's probes marked it down {down:.1f} s after the blackhole began." if down is not None
+                    else " dbrouter's probes did not mark it down before the calls ended.")
+            add(f"{d['threads']} threads{paced}, pools of 10 (the default), point reads; the proxied replica is "
+                "blackholed once a third of the calls were made and stays so until the end." + seen
+                + " The naive setup has no deadline (psycopg2 `connect_timeout=5`, mysql.connector "
+                "`connection_timeout=5`): it is given "
+                f"{cfg.get('adv_naive_limit_s', float('nan')):g} s, then the threads still blocked in a call are counted "
+                "and the proxy passes through again, which releases them.")
+            add("")
+            add("| Setup | calls finished | within 250 ms (of all calls) | p50 (ms) | p99 (ms) | p99.9 (ms) | max (ms) | "
+                "errors | threads blocked at the end | after |")
+            add("| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | --- |")
+            for key in ("on", "naive"):
+                c = d.get(key)
+                if not c:
+                    continue
+                if key == "on":
+                    after = (f"threads {c['threads_before']} before the calls, {c['threads_after']} after (settled in "
+                             f"{c['threads_settled_s']:.2f} s); connections in use {c['in_use_after']}")
+                else:
+                    after = (f"connections in use at the cut-off {c['in_use_after']}, all back "
+                             f"{c.get('released_after_s', float('nan')):.1f} s after pass-through "
+                             f"(left: {c.get('in_use_after_release', '?')})")
+                errors = ", ".join(f"{name} {count:,}" for name, count in c["error_types"].items()) or "–"
+                add(f"| {ADV_LABELS.get(key, key)} | {c['n']:,} | {c['share_within_target']:.2%} | "
+                    f"{_fmt(c['p50_ms'], 2)} | {_fmt(c['p99_ms'], 1)} | {_fmt(c['p999_ms'], 1)} | {_fmt(c['max_ms'], 0)} "
+                    f"| {errors} | {c['blocked_at_end']} | {after} |")
+            add("")
+            for key in ("on", "naive"):
+                for name, text in d.get(key, {}).get("error_samples", {}).items():
+                    add(f"* {key}, the first {name}: `{text}`")
+                for late in d.get(key, {}).get("late_calls", []):
+                    add(f"* {key}, a call past 250 ms: {late['seconds']:.3f} s, started "
+                        f"{late['started_after_blackhole_s']:.2f} s after the blackhole began, `{late['outcome']}`")
+            add("")
+        df = res.get("defaults")
+        if df:
+            add(f"### 9e. {title}: Router defaults, a write to a blackholed primary")
+            add("")
+            add(f"`Router(primary via the proxy, [replicas])` with no option at all; after a first write, the proxy "
+                f"blackholes and one `router.write(INSERT ...)` is timed: **{df['seconds']:.3f} s**, "
+                f"`{df['outcome']}` (documented bound: max(1, connect_timeout) + health_interval = {df['bound_s']:g} s).")
+            add("")

@@ -205,3 +205,105 @@ def _fair(share: float, *, starved: int = 0, errors: int = 0, hung: int = 0) -> 
 ])
 def test_async_ceiling_share_and_starvation(fair: dict[str, Any], expected: str) -> None:
     assert aio_verdict({"fair": fair}, "PostgreSQL, asyncio, 1,000 tasks on a pool of 10") == expected
+
+
+# -- adversity (phase adversity, issue 15): built here too ----------------------------------------
+
+
+def adversity_verdicts(engine_results: dict[str, Any], engine: str = "postgres") -> dict[str, str]:
+    targets = report.evaluate_targets({"adversity": {engine: engine_results}})
+    return {t["target"]: t["verdict"] for t in targets}
+
+
+def only(verdicts: dict[str, str], contains: str) -> str:
+    found = [v for t, v in verdicts.items() if contains in t]
+    assert len(found) == 1, list(verdicts)
+    return found[0]
+
+
+def _tail(p99_ratio: float, extra: float, *, ejected: bool = True) -> dict[str, Any]:
+    healthy = {"p50_ms": 0.2, "p99_ms": 1.0, "p999_ms": 3.0, "max_ms": 5.0, "errors": 0}
+
+    def cell(p99: float, share: float | None) -> dict[str, Any]:
+        c: dict[str, Any] = {"p50_ms": 0.2, "p99_ms": p99, "p999_ms": 9.0, "max_ms": 10.0, "errors": 0,
+                             "warmup": {"n": 100, "p99_ms": 5.0, "seconds_to_steady": 1.5, "ejected": ejected}}
+        if share is not None:
+            c["extra_share"] = share
+            c["counters"] = {"reads": 1000, "hedges": int(share * 1000), "retries": 0, "hedges_refused": 0}
+        return c
+
+    return {"healthy": healthy, "fault": "x",
+            "setups": {"on": cell(p99_ratio, extra), "off": cell(4.0, 0.0), "naive": cell(9.0, None)}}
+
+
+@pytest.mark.parametrize(("kind", "phrase"), [("spikes", "latency spikes"), ("slow", "10x slower")])
+@pytest.mark.parametrize(("ratio", "extra", "expected"),
+                         [(1.5, 0.05, "PASS"), (1.51, 0.0, "FAIL"), (1.0, 0.051, "FAIL")])
+def test_slow_replica_p99_and_extra_queries(kind: str, phrase: str, ratio: float, extra: float,
+                                            expected: str) -> None:
+    verdicts = adversity_verdicts({kind: _tail(ratio, extra)})
+    assert only(verdicts, phrase) == expected
+    assert only(verdicts, phrase) == only(adversity_verdicts({kind: _tail(ratio, extra)}, "mysql"), phrase)
+
+
+def test_slow_replica_is_judged_on_the_features_on_setup_only() -> None:
+    tail = _tail(1.2, 0.01)
+    tail["setups"]["off"]["p99_ms"] = tail["setups"]["naive"]["p99_ms"] = 50.0  # shown beside it, not judged
+    assert only(adversity_verdicts({"slow": tail}), "10x slower") == "PASS"
+    del tail["setups"]["on"]
+    assert adversity_verdicts({"slow": tail}) == {}
+
+
+def _overload(amplification: float, wait_s: float, goodput_share: float) -> dict[str, Any]:
+    capacity = 400.0
+
+    def cell(amp: float, wait: float, share: float) -> dict[str, Any]:
+        return {"issued": 1000, "server_queries": amp * 1000, "amplification": amp, "wait_p99_s": wait,
+                "goodput": share * capacity, "goodput_share": share}
+
+    return {"overload": 3.0, "capacity": capacity, "flaky": 0.5, "cap_s": 0.1,
+            "setups": {"on": cell(amplification, wait_s, goodput_share), "off": cell(2.5, 0.5, 0.5),
+                       "naive": cell(3.0, 0.3, 0.2)}}
+
+
+@pytest.mark.parametrize(("overload", "expected"), [
+    (_overload(1.2, 0.1, 0.9), ("PASS", "PASS", "PASS")),
+    (_overload(1.21, 0.1, 0.9), ("FAIL", "PASS", "PASS")),
+    (_overload(1.0, 0.101, 0.9), ("PASS", "FAIL", "PASS")),
+    (_overload(1.0, 0.05, 0.89), ("PASS", "PASS", "FAIL")),
+])
+def test_overload_amplification_queue_wait_and_goodput(overload: dict[str, Any], expected: tuple[str, ...]) -> None:
+    verdicts = adversity_verdicts({"overload": overload})
+    assert (only(verdicts, "reaching the servers"), only(verdicts, "queue wait"), only(verdicts, "goodput")) == expected
+
+
+def _deadline(share: float, *, new_threads: tuple[str, ...] = (), after_close: int = 2, in_use: int = 0,
+              threads_after: int = 20) -> dict[str, Any]:
+    return {"calls": 10_000, "threads": 32, "timeout_s": 0.2,
+            "on": {"n": 10_000, "share_within_target": share, "p999_ms": 201.0, "max_ms": 230.0, "errors": 3000,
+                   "threads_before": 20, "threads_after": threads_after, "new_threads": list(new_threads),
+                   "threads_after_close": after_close, "threads_baseline": 2, "in_use_after": in_use},
+            "naive": {"n": 900, "seconds": 10.0, "share_within_target": 0.09, "blocked_at_end": 32}}
+
+
+@pytest.mark.parametrize(("deadline", "expected"), [
+    (_deadline(0.999), "PASS"), (_deadline(0.9989), "FAIL"),
+    (_deadline(1.0, new_threads=("dbrouter-hedge_0", "dbrouter-hedge_1"), threads_after=22), "PASS"),  # a fixed pool
+    (_deadline(1.0, new_threads=("dbrouter-cancel",)), "FAIL"), (_deadline(1.0, after_close=3), "FAIL"),
+    (_deadline(1.0, new_threads=("dbrouter-hedge_0",), threads_after=21), "PASS"),
+    (_deadline(1.0, threads_after=21), "FAIL"),
+    (_deadline(1.0, in_use=1), "FAIL"),
+])
+def test_deadline_share_and_leaks(deadline: dict[str, Any], expected: str) -> None:
+    assert only(adversity_verdicts({"deadline": deadline}), "blackholed mid-run") == expected
+
+
+@pytest.mark.parametrize(("seconds", "expected"), [(6.0, "PASS"), (6.05, "PASS"), (6.051, "FAIL")])
+def test_defaults_write_to_a_blackholed_primary(seconds: float, expected: str) -> None:
+    defaults = {"seconds": seconds, "outcome": "WriteOutcomeUnknown: ...", "bound_s": 6.0}
+    assert only(adversity_verdicts({"defaults": defaults}, "mysql"), "Router defaults") == expected
+
+
+def test_adversity_adds_no_target_to_a_run_without_it() -> None:
+    assert report.adversity_targets({}) == []
+    assert not [t for t in report.evaluate_targets(RESULTS) if "adversity" in t["target"]]

@@ -260,7 +260,7 @@ class RoutingConfig:
     failover wait and statements included, when it has no ``timeout=`` of its own and no
     `Router.deadline` is in force: past it, `DeadlineExceeded`. None: no such limit."""
     slow_replica_ratio: float | None = None
-    """Slow-replica ejection: a replica whose moving average read time is more than this
+    """Slow-replica ejection: a replica whose median read time (over its last 256 reads) is more than this
     many times the median of the other replicas' (and more than ``slow_replica_margin``
     above it) gets no reads for ``slow_replica_ejection`` seconds, doubled each time in a
     row it is found slow again (up to 8 times). At most half the replicas are out at once.

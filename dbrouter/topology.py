@@ -647,27 +647,32 @@ class Topology:
 
     def _judge_speed(self, effects: _Effects) -> None:
         """Once a round: eject a replica whose reads are much slower than the others' (see
-        `RoutingConfig.slow_replica_ratio`). Judged on the moving average of the reads each
-        replica served (`Node.latency`), against the median of the other serving replicas,
+        `RoutingConfig.slow_replica_ratio`). Judged on the median of the latest reads each
+        replica served (`Node.read_times`), against the median of the other serving replicas',
         once it has served a few reads (since it came back, after a time out), and only when
-        found slow in two rounds in a row: a single spike (a pause, a scheduling hiccup) moves
-        the moving average for a round or two, a slow replica stays slow."""
+        found slow in two rounds in a row: a slow replica stays slow."""
         routing = self._routing
         ratio = routing.slow_replica_ratio
         if ratio is None:
             return
         max_lag = routing.max_replica_lag
         replicas = self._state_replicas
-        serving = [n for n in replicas if n.why_not_serving(max_lag) is None and n.latency > 0.0
+        serving = [n for n in replicas if n.why_not_serving(max_lag) is None and n.read_times
                    and n.pool.stats()[ACQUIRED] - n.slow_since_reads >= _SLOW_SAMPLES]
+        # Each replica's typical read: the median of its latest reads (deque.copy holds the GIL:
+        # the readers' appends cannot tear it). A median, not the moving average: 1% of reads
+        # 200 ms late (a stall now and then, which hedged reads are for) moved the average by
+        # tens of ms and ejected a replica whose reads were fine.
+        typical = {n: statistics.median(n.read_times.copy()) for n in serving}
         room = len(replicas) // 2 - sum(1 for n in replicas if n.slow_until)
         now = time.monotonic()
-        for node in sorted(serving, key=lambda n: n.latency, reverse=True):
-            others = [n.latency for n in serving if n is not node and not n.slow_until]
+        for node in sorted(serving, key=lambda n: typical[n], reverse=True):
+            others = [typical[n] for n in serving if n is not node and not n.slow_until]
             if not others:
                 return
             median = statistics.median(others)
-            if node.latency <= ratio * median or node.latency - median <= routing.slow_replica_margin:
+            latency = typical[node]
+            if latency <= ratio * median or latency - median <= routing.slow_replica_margin:
                 node.slow_ejections = node.slow_rounds = 0  # measured since it came back, and fine
                 continue
             node.slow_rounds += 1
@@ -679,17 +684,18 @@ class Topology:
             period = routing.slow_replica_ejection * 2 ** min(node.slow_ejections - 1, 3)
             node.slow_until = now + period
             effects.emit("slow_ejected", node.name,
-                         f"replica reads take {node.latency * 1000:.1f}ms, {node.latency / median:.1f}x the others' "
-                         f"median {median * 1000:.1f}ms: no reads for {period:g}s", logging.WARNING,
-                         latency=node.latency, median=median, seconds=period)
+                         f"replica reads take {latency * 1000:.1f}ms (median), {latency / median:.1f}x the others' "
+                         f"{median * 1000:.1f}ms: no reads for {period:g}s", logging.WARNING,
+                         latency=latency, median=median, seconds=period)
 
     def _restore_slow(self, effects: _Effects) -> None:
-        """A slow replica's time out is over: back in rotation with a fresh moving average."""
+        """A slow replica's time out is over: back in rotation, its read times measured afresh."""
         now = time.monotonic()
         for node in self._state_replicas:
             if node.slow_until and now >= node.slow_until:
                 node.slow_until = 0.0
                 node.latency = 0.0
+                node.read_times.clear()
                 node.slow_since_reads = node.pool.stats()[ACQUIRED]
                 effects.emit("slow_restored", node.name, "replica back in rotation after its time out for slowness")
 

@@ -84,3 +84,32 @@ def test_the_options_are_checked() -> None:
                              ({"slow_replica_margin": -1}, "slow_replica_margin must be >= 0")]:
         with pytest.raises(dbrouter.ConfigurationError, match=message):
             Router(url, open=False, **options)
+
+
+@pytest.mark.timeout(120)
+def test_rare_stalls_do_not_eject_a_replica(pg_cluster: Any) -> None:
+    """1 in 20 of one replica's replies 200 ms late: its median read time is unchanged and it
+    stays in rotation (a moving average judged it 10x slower and ejected it); made 10x slower
+    throughout, it goes."""
+    fast, slow = pg_cluster.replicas
+    with FaultProxy(upstream=("127.0.0.1", slow.port), listen_port=free_low_port()) as proxy, \
+            FaultProxy(upstream=("127.0.0.1", fast.port), listen_port=free_low_port()) as twin:
+        slow_url = slow.url.replace(f":{slow.port}/", f":{proxy.port}/")
+        fast_url = fast.url.replace(f":{fast.port}/", f":{twin.port}/")
+        router = Router(pg_cluster.primary.url, [{"url": fast_url, "name": "fast"}, {"url": slow_url, "name": "slow"}],
+                        slow_replica_ratio=3, slow_replica_margin=0.001, health_interval=0.1)
+        ejected: list[dbrouter.Event] = []
+        router.on("slow_ejected", ejected.append)
+        try:
+            proxy.spikes(0.05, 0.2)
+            until = time.monotonic() + 4.0  # 40 probe rounds
+            while time.monotonic() < until:
+                router.read("SELECT 1")
+            assert ejected == [], [e.message for e in ejected]
+            proxy.latency(0.005)  # every reply 5 ms late: many times the other's sub-ms reads
+            assert wait_until(lambda: router.read("SELECT 1") is not None and bool(ejected), timeout=10), \
+                router.stats()["nodes"]
+            assert ejected[0].node == "slow"
+        finally:
+            proxy.pass_through()
+            assert close_within(router)

@@ -25,15 +25,27 @@ def verdict(change: Callable[[dict[str, Any]], None], target_starts: str) -> str
     return found[0]["verdict"]
 
 
-# The one target the stored run does not meet, and cannot as the issue wrote it: mysql-connector's
-# executemany already sends one multi-row INSERT per call (2.2x measured; 13.5x over a loop of
-# cursor.execute per row). Issue 18 says so.
-KNOWN_UNMET = ["MariaDB: write_many >= 20x mysql-connector executemany"]
+# The targets the stored run does not meet, each open in its issue (the closing notes say why):
+# - issue 18: mysql-connector's executemany already sends one multi-row INSERT per call (2.2x
+#   measured; 13.5x over a loop of cursor.execute per row): 20x cannot hold as written;
+# - issue 15: with hedged reads on, a spiky replica's p99 is 4-7x the healthy one (a won hedge
+#   costs its loser's connection), and under 3x overload with one replica failing half its
+#   calls, goodput is about half the capacity (callers wait out their cap on the failing
+#   replica's pool).
+KNOWN_UNMET = [
+    "MariaDB: write_many >= 20x mysql-connector executemany",
+    "PostgreSQL, adversity, one replica with latency spikes (1% of its replies 200 ms late): read p99 with the "
+    "features on <= 1.5x the healthy p99, <= 5% extra queries",
+    "PostgreSQL, adversity, overload: goodput >= 90% of the capacity (features on)",
+    "MariaDB, adversity, one replica with latency spikes (1% of its replies 200 ms late): read p99 with the "
+    "features on <= 1.5x the healthy p99, <= 5% extra queries",
+    "MariaDB, adversity, overload: goodput >= 90% of the capacity (features on)",
+]
 
 
 def test_stored_run_meets_every_target() -> None:
     targets = report.evaluate_targets(RESULTS)
-    assert len(targets) == 32
+    assert len(targets) == 46
     assert [t["target"] for t in targets if t["verdict"] != "PASS"] == KNOWN_UNMET
 
 
@@ -306,4 +318,5 @@ def test_defaults_write_to_a_blackholed_primary(seconds: float, expected: str) -
 
 def test_adversity_adds_no_target_to_a_run_without_it() -> None:
     assert report.adversity_targets({}) == []
-    assert not [t for t in report.evaluate_targets(RESULTS) if "adversity" in t["target"]]
+    without = {key: value for key, value in RESULTS.items() if key != "adversity"}
+    assert not [t for t in report.evaluate_targets(without) if "adversity" in t["target"]]

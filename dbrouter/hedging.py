@@ -98,19 +98,14 @@ class Hedger:
         race = _Race(self, node, sql, params, after)
         try:
             rows, _ = core.run_on(node, race.first, Work.READ)
-        except Retry as failed:  # the first node failed: the hedge's answer, or the usual retries
+        except BaseException as exc:
             race.disarm()
             won = race.hedge_rows()
             if won is not None:
-                return won
+                return won  # the hedge answered first (and cut this read, or it failed on its own)
             race.call_off()
-            return core.read_again(failed, statement(sql, params))
-        except BaseException:
-            race.disarm()
-            won = race.hedge_rows()
-            if won is not None:
-                return won  # the hedge answered first and cut this read
-            race.call_off()
+            if isinstance(exc, Retry):  # the first node failed: the usual retries
+                return core.read_again(exc, statement(sql, params))
             raise
         race.disarm()
         return rows or []

@@ -306,36 +306,29 @@ def take(node: Node, timeout: float | None = None, kind: type[Lease] = Lease) ->
             raise BreakerOpen(f"node {node.name}: circuit breaker {breaker.state} after {breaker.failures} failures",
                               node=node.name)
         trial = admitted is TRIAL
+    # With a call deadline (`dbrouter.deadline`), the checkout waits at most what is left of it.
     deadline = current_deadline()
+    started = left = wait = 0.0
     if deadline is not None:
-        return _take_by_deadline(node, timeout, kind, trial, deadline)
+        started = time.monotonic()
+        left = deadline.at - started
+        wait = node.pool.config.acquire_timeout if timeout is None else timeout
     try:
-        entry = node.pool.borrow(timeout)
+        if deadline is None:
+            entry = node.pool.borrow(timeout)
+        elif left <= 0:
+            raise deadline.exceeded(f"before a connection of {node.name} was taken", node.name)
+        else:
+            entry = node.pool.borrow(min(wait, left))
     except BaseException as exc:
         not_taken(node, exc)
         if trial and not isinstance(exc, ConnectError):
             breaker.abandon_trial()  # a trial that never reached the node must not hold it out
+        if deadline is not None:
+            deadline.note(f"pool wait on {node.name}", time.monotonic() - started)
+            if isinstance(exc, PoolTimeout) and left < wait:
+                raise deadline.exceeded(f"waiting for a connection of {node.name}", node.name) from exc
         raise
-    return kind(node, entry, trial)
-
-
-def _take_by_deadline(node: Node, timeout: float | None, kind: type[Lease], trial: bool, deadline: Any) -> Lease:
-    """`take`'s checkout for a call with a deadline: it waits at most what is left."""
-    started = time.monotonic()
-    left = deadline.at - started
-    wait = node.pool.config.acquire_timeout if timeout is None else timeout
-    try:
-        if left <= 0:
-            raise deadline.exceeded(f"before a connection of {node.name} was taken", node.name)
-        entry = node.pool.borrow(min(wait, left))
-    except BaseException as exc:
-        waited = time.monotonic() - started
-        deadline.note(f"pool wait on {node.name}", waited)
-        not_taken(node, exc)
-        if trial and not isinstance(exc, ConnectError):
-            node.breaker.abandon_trial()
-        if isinstance(exc, PoolTimeout) and left < wait:
-            raise deadline.exceeded(f"waiting for a connection of {node.name}", node.name) from exc
-        raise
-    deadline.note(f"pool wait on {node.name}", time.monotonic() - started)
+    if deadline is not None:
+        deadline.note(f"pool wait on {node.name}", time.monotonic() - started)
     return kind(node, entry, trial)

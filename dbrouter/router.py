@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import fields
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TypeVar, cast
 
@@ -22,12 +22,12 @@ from .adapters import Adapter, make_adapter
 from .balancing import make_balancer
 from .bulk import BatchReport, write_many
 from .config import SECTIONS, ReplicaSpec, RouterConfig, build_router_config, check_range, check_wait, load_router_config
-from .deadline import Deadline, within
+from .deadline import Deadline
 from .decisions import Phase, Work
 from .discovery import PRIMARY as MEMBER_PRIMARY
 from .discovery import Member, Provider, ask
 from .discovery.loop import DiscoveryLoop, member_address
-from .errors import ConfigurationError, DeadlineExceeded, PoolError
+from .errors import ConfigurationError, PoolError
 from .events import Event, Events
 from .fleet import shared_storage
 from .hedging import Hedger
@@ -385,13 +385,8 @@ class Router(Core):
         still running then is cut (and cancelled on the server), and the call raises
         `DeadlineExceeded`, saying where the time went. Nested blocks only shorten it.
         """
-        with within(seconds) as deadline:
-            assert deadline is not None
-            try:
-                yield deadline
-            except DeadlineExceeded as exc:
-                self.count_deadline(exc)
-                raise
+        with self.scoped(seconds) as deadline:
+            yield deadline
 
     def run_transaction(self, fn: Callable[[Transaction], T], *, outside_transaction: bool = False,
                         timeout: float | None = None) -> T:
@@ -402,15 +397,8 @@ class Router(Core):
         transaction of this router on the same thread, as `transaction` does. ``timeout``
         bounds it all, reruns included (`DeadlineExceeded`).
         """
-        scope = self.call_scope(timeout)
-        if scope is None:
+        with self.call_scope(timeout) or nullcontext():
             return run_transaction(self, fn, outside_transaction=outside_transaction)
-        with scope:
-            try:
-                return run_transaction(self, fn, outside_transaction=outside_transaction)
-            except DeadlineExceeded as exc:
-                self.count_deadline(exc)
-                raise
 
     @contextmanager
     def transaction(self, *, outside_transaction: bool = False, timeout: float | None = None) -> Iterator[Transaction]:
@@ -430,18 +418,8 @@ class Router(Core):
         running when it passes is cut, and the block raises `DeadlineExceeded` (the server
         rolls the transaction back), or `DeadlineExceededAfterWrite` if it was the COMMIT.
         """
-        scope = self.call_scope(timeout)
-        if scope is None:
-            with transaction(self, outside_transaction=outside_transaction) as tx:
-                yield tx
-            return
-        with scope:
-            try:
-                with transaction(self, outside_transaction=outside_transaction) as tx:
-                    yield tx
-            except DeadlineExceeded as exc:
-                self.count_deadline(exc)
-                raise
+        with self.call_scope(timeout) or nullcontext(), transaction(self, outside_transaction=outside_transaction) as tx:
+            yield tx
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -467,11 +445,7 @@ class Router(Core):
         unless ``outside_transaction=True``. ``timeout`` bounds the whole call: batches cut
         by it fail with `DeadlineExceeded` (unknown when cut in their COMMIT).
         """
-        scope = self.call_scope(timeout)
-        if scope is None:
-            return write_many(self, sql, rows, batch_size=batch_size, workers=workers,
-                              outside_transaction=outside_transaction, progress=progress)
-        with scope:
+        with self.call_scope(timeout) or nullcontext():
             return write_many(self, sql, rows, batch_size=batch_size, workers=workers,
                               outside_transaction=outside_transaction, progress=progress)
 

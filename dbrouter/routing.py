@@ -37,15 +37,16 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence, TypeVar
 
 from ._counter import Counter
 from .adapters.base import Rows
 from .balancing import Balancer
 from .config import RouterConfig
+from .deadline import Deadline, within
 from .deadline import current as current_deadline
-from .deadline import within
 from .decisions import Action, Failure, Phase, Work, decide, failure_of
 from .errors import (
     DeadlineExceeded,
@@ -229,20 +230,29 @@ class Core:
                 raise
             raise ran_out from last.cause
 
-    def call_scope(self, timeout: float | None) -> Any:
-        """The deadline scope of one public call: ``timeout`` if given, else ``call_timeout``
-        when no deadline is in force; None when the call runs as it is (the hot path)."""
+    def call_scope(self, timeout: float | None) -> AbstractContextManager[Deadline] | None:
+        """The deadline scope of one public call (`scoped`): ``timeout`` if given, else
+        ``call_timeout`` when no deadline is in force; None when the call runs as it is
+        (the hot path)."""
         if timeout is None:
             timeout = self.config.routing.call_timeout
             if timeout is None or current_deadline() is not None:
                 return None
-        return within(timeout)
+        return self.scoped(timeout)
 
-    def count_deadline(self, exc: DeadlineExceeded) -> None:
-        """Count a call that ran out of time (once, however many scopes it leaves)."""
-        if not getattr(exc, "_dbrouter_counted", False):
-            exc._dbrouter_counted = True  # type: ignore[attr-defined]
-            self.counts.deadline_exceeded.inc()
+    @contextmanager
+    def scoped(self, seconds: float) -> Iterator[Deadline]:
+        """The calls in the block end within ``seconds`` (`dbrouter.deadline.within`); a
+        `DeadlineExceeded` that leaves it is counted (once, however many scopes it leaves)."""
+        with within(seconds) as deadline:
+            assert deadline is not None
+            try:
+                yield deadline
+            except DeadlineExceeded as exc:
+                if not getattr(exc, "_dbrouter_counted", False):
+                    exc._dbrouter_counted = True  # type: ignore[attr-defined]
+                    self.counts.deadline_exceeded.inc()
+                raise
 
     # -- reads -----------------------------------------------------------------
 
@@ -268,11 +278,7 @@ class Core:
             scope = self.call_scope(timeout)
             if scope is not None:
                 with scope:
-                    try:
-                        return self.read(sql, params, unchecked=unchecked, idempotent=idempotent)
-                    except DeadlineExceeded as exc:
-                        self.count_deadline(exc)
-                        raise
+                    return self.read(sql, params, unchecked=unchecked, idempotent=idempotent)
         if unchecked:
             return self.read_as(sql, params, Work.READ if idempotent else Work.UNCHECKED)
         verdicts = self._read_verdicts
@@ -394,11 +400,7 @@ class Core:
             scope = self.call_scope(timeout)
             if scope is not None:
                 with scope:
-                    try:
-                        return self.write(sql, params, idempotent=idempotent, outside_transaction=outside_transaction)
-                    except DeadlineExceeded as exc:
-                        self.count_deadline(exc)
-                        raise
+                    return self.write(sql, params, idempotent=idempotent, outside_transaction=outside_transaction)
         self.refuse_in_transaction("router.write()", outside_transaction)
         self.counts.writes.inc()
         _, count = self.on_primary(statement(sql, params), Work.IDEMPOTENT if idempotent else Work.WRITE)

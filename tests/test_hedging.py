@@ -132,3 +132,62 @@ def test_auto_threshold_follows_the_replicas_own_read_times(cluster: Any) -> Non
         assert router.stats()["hedges_won"] >= 2
     finally:
         assert close_within(router)
+
+
+def test_reads_ending_at_their_threshold_race_the_watcher_and_lose_nothing(cluster: Any) -> None:
+    """A threshold about as long as a read: reads and the watcher settle flights at the same
+    moments from 8 threads. Every read returns its own answer, every connection comes back,
+    no node is blamed, and the watcher lets go of every flight."""
+    import threading
+
+    from .test_control_plane import StallDetector
+
+    router = hedging_router(cluster, hedge_after=0.0005, hedge_budget=1.0)
+    stall = StallDetector(limit=30.0)
+    failures: list[BaseException] = []
+
+    def reader(n: int) -> None:
+        try:
+            for i in range(150):
+                value = n * 1000 + i
+                assert router.read("SELECT %s", (value,)) == [(value,)]
+                stall.progress()
+        except BaseException as exc:  # noqa: BLE001 - reported on the test's thread
+            failures.append(exc)
+
+    threads = [threading.Thread(target=reader, args=(n,), daemon=True) for n in range(8)]
+    stall.start()
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        stall.stop()
+        assert stall.report is None, stall.report
+        assert not failures, failures[:3]
+        stats = router.stats()
+        assert stats["hedges"] > 0, stats  # the race did happen
+        assert stats["reads"] == 1200
+        hedger = router.hedger
+        assert hedger is not None
+        assert wait_until(lambda: len(hedger._flights) == 0, timeout=5), len(hedger._flights)
+        for node in router.replicas:
+            assert stats["nodes"][node.name]["breaker"] == "closed", stats["nodes"][node.name]
+            pool = node.pool
+            assert wait_until(lambda p=pool: p.stats()["in_use"] == 0, timeout=5), pool.stats()
+    finally:
+        stall.stop()
+        assert close_within(router)
+
+
+def test_reads_that_end_before_their_threshold_leave_no_flight_behind(cluster: Any) -> None:
+    router = hedging_router(cluster, hedge_after=0.2)
+    try:
+        for _ in range(300):
+            router.read("SELECT 1")
+        hedger = router.hedger
+        assert hedger is not None
+        assert wait_until(lambda: len(hedger._flights) == 0, timeout=2), len(hedger._flights)
+        assert router.stats()["hedges"] == 0
+    finally:
+        assert close_within(router)

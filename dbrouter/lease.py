@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Callable, TypeVar, cast
 from .deadline import CANCELLER, TIMER
 from .deadline import current as current_deadline
 from .decisions import Action, BreakerOpen, Decision, Failure, Hung, Phase, Work, decide, failure_of
-from .errors import ConnectError, DbRouterError, DeadlineExceeded, PoolTimeout
+from .errors import ConnectError, DbRouterError, DeadlineExceeded, PoolTimeout, TooManyWaiting
 from .resilience import REFUSED, TRIAL
 
 if TYPE_CHECKING:
@@ -326,7 +326,9 @@ def take(node: Node, timeout: float | None = None, kind: type[Lease] = Lease) ->
             breaker.abandon_trial()  # a trial that never reached the node must not hold it out
         if deadline is not None:
             deadline.note(f"pool wait on {node.name}", time.monotonic() - started)
-            if isinstance(exc, PoolTimeout) and left < wait:
+            if isinstance(exc, PoolTimeout) and not isinstance(exc, TooManyWaiting) and left < wait:
+                # It waited out what was left of the call. A full queue refused at once
+                # (`TooManyWaiting`) is no deadline: that read goes to another node.
                 raise deadline.exceeded(f"waiting for a connection of {node.name}", node.name) from exc
         raise
     if deadline is not None:

@@ -139,6 +139,35 @@ def test_pool_wait_counts_against_the_deadline(cluster: Any) -> None:
         assert close_within(router)
 
 
+def test_a_full_queue_under_a_deadline_sends_the_read_elsewhere_at_once(cluster: Any) -> None:
+    """A replica whose queue is full refuses at once (`TooManyWaiting`): with time left on the
+    call's deadline that is load shed, not the deadline passing, and the read goes to another
+    node (here the primary, by fallback_to_primary) instead of raising `DeadlineExceeded`."""
+    from .conftest import port_sql
+
+    replica = cluster.replicas[0]
+    router = Router(cluster.primary.url, [replica.url], health_interval=0.1, min_size=1, max_size=1,
+                    max_waiting=1, acquire_timeout=30)
+    queued: list[Any] = []
+    try:
+        assert router.wait_for_probes(2)
+        with router.connection("read"):  # the replica's only connection
+            waiter = threading.Thread(target=lambda: queued.append(router.read("SELECT 1")), daemon=True)
+            waiter.start()  # the replica's queue: full
+            pool = router.replicas[0].pool
+            assert wait_until(lambda: pool.stats()["waiting"] == 1, timeout=5), pool.stats()
+            started = time.monotonic()
+            rows = router.read(f"SELECT {port_sql(cluster)}", timeout=5)
+            assert rows == [(cluster.primary.port,)]
+            assert time.monotonic() - started < 2.0  # not the 5 s of the deadline, nor the 30 s of a wait
+        waiter.join(10)
+        assert queued == [[(1,)]]
+        stats = router.stats()
+        assert stats["deadline_exceeded"] == 0 and stats["fallbacks"] >= 1, stats
+    finally:
+        assert close_within(router)
+
+
 def test_router_deadline_bounds_every_call_in_the_block(cluster: Any) -> None:
     router = router_on(cluster)
     marker = "dl" + uuid.uuid4().hex[:10]

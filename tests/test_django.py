@@ -144,3 +144,35 @@ def test_the_postgresql_backend_takes_no_other_driver() -> None:
         _cluster(settings, "postgres")
     settings["OPTIONS"]["dbrouter"]["driver"] = "psycopg2"
     assert _cluster(settings, "postgres")[1] == "postgresql://db1/shop"
+
+
+def test_the_test_database_is_waited_for_on_the_replicas(cluster: LocalCluster, test_database_rights: None) -> None:
+    """The test runner makes the test database on the primary; the replicas get it by
+    replication. Until each replica takes connections to it, the creation waits: before,
+    the new router's first probes found the replicas refusing it ("database does not
+    exist"), their breakers opened, and the first tests read from the primary (CI saw the
+    replica alias on the primary)."""
+    import threading
+    from urllib.parse import urlsplit
+
+    from dbrouter.integrations.django import wait_for_replicas
+
+    name = f"test_{cluster.database}"
+    url = urlsplit(cluster.primary.url)
+    settings = {"NAME": name, "HOST": url.hostname, "PORT": url.port, "USER": url.username,
+                "PASSWORD": url.password or "",
+                "OPTIONS": {"replicas": [f"127.0.0.1:{r.port}" for r in cluster.replicas]}}
+    late = cluster.replicas[1]
+    cluster.pause_replication(late)
+    engine = "postgres" if cluster.engine == "postgres" else "mysql"  # the backends' own names
+    done = threading.Event()
+    waiter = threading.Thread(target=lambda: (wait_for_replicas(settings, engine, timeout=30), done.set()),
+                              daemon=True)
+    if cluster.engine == "postgres":
+        cluster.primary._admin(f'CREATE DATABASE "{name}"')
+    else:
+        cluster.primary._admin(f"CREATE DATABASE `{name}`")
+    waiter.start()
+    assert not done.wait(1.5), "returned while a replica had not replayed the CREATE DATABASE"
+    cluster.resume_replication(late)
+    assert done.wait(20), "still waiting after the replica replayed it"

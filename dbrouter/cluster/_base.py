@@ -198,7 +198,12 @@ def run_command(
 
 
 def _last_lines(text: str, lines: int = 25) -> str:
-    return "\n".join(text.splitlines()[-lines:])
+    """The end of a command's output, after its lines that say ERROR wherever they are (a
+    tool that fails may print the cause first and a page of advice after it)."""
+    all_lines = text.splitlines()
+    tail = all_lines[-lines:]
+    errors = [line for line in all_lines[:-lines] if "ERROR" in line.upper()][:10]
+    return "\n".join([*errors, "..."] if errors else []) + ("\n" if errors else "") + "\n".join(tail)
 
 
 def run_parallel(fn: Callable[[_T], None], items: Iterable[_T]) -> None:

@@ -115,6 +115,8 @@ __all__ = [
 
 log = logging.getLogger("dbrouter.integrations.django")
 
+_REPLICATED_WAIT = 30.0  # seconds the test runner waits for the replicas to have the test database
+
 # OPTIONS keys that are dbrouter's or Django's, never a driver URL option.
 _OWN_OPTIONS = frozenset({"replicas", "dbrouter", "replica_of", "isolation_level", "assume_role"})
 _SCHEMES = {"postgres": "postgresql", "mysql": "mysql"}
@@ -232,6 +234,35 @@ def router_for(settings_dict: dict[str, Any], engine: str) -> Router:
     return router
 
 
+def wait_for_replicas(settings_dict: dict[str, Any], engine: str, timeout: float = _REPLICATED_WAIT) -> None:
+    """Wait until every replica of the cluster takes connections to ``settings_dict``'s
+    database (made on the primary a moment ago, it reaches them by replication). Otherwise the
+    first probes of the test database's router find the replicas refusing it, their breakers
+    open, and the first tests read from the primary. Past ``timeout``, a warning: a replica
+    that is down stays the tests' business."""
+    from ...router import Router
+
+    _, primary, replicas, options = _cluster(settings_dict, engine)
+    if not replicas:
+        return
+    router = Router(primary, replicas, **{**options, "open": False})
+    try:
+        deadline = time.monotonic() + timeout
+        for node in router.replicas:
+            while True:
+                try:
+                    node.adapter.close(node.adapter.connect())
+                    break
+                except Exception as exc:  # noqa: BLE001 - tried again until the deadline
+                    if time.monotonic() >= deadline:
+                        log.warning("test database %s not reachable on replica %s after %.0f s: %s",
+                                    settings_dict.get("NAME"), node.name, timeout, short(exc))
+                        break
+                    time.sleep(0.05)
+    finally:
+        router.close()
+
+
 def get_router(alias: str = DEFAULT_DB_ALIAS) -> Router:
     """The `Router` behind Django alias ``alias`` (shared by the aliases of its cluster).
 
@@ -266,8 +297,16 @@ def close_routers(timeout: float = 5.0, *, database: str | None = None) -> None:
 
 
 class RoutedCreation:
-    """Mixed into each backend's ``DatabaseCreation``: before the test database is dropped,
-    the routers on it close their pools (PostgreSQL refuses to drop a database in use)."""
+    """Mixed into each backend's ``DatabaseCreation``: the test database is made on the
+    primary and waited for on the replicas, and before it is dropped the routers on it close
+    their pools (PostgreSQL refuses to drop a database in use)."""
+
+    connection: Any
+
+    def _create_test_db(self, verbosity: int, autoclobber: bool, keepdb: bool = False) -> Any:
+        name = super()._create_test_db(verbosity, autoclobber, keepdb)  # type: ignore[misc]
+        wait_for_replicas(dict(self.connection.settings_dict, NAME=name), self.connection.engine)
+        return name
 
     def _destroy_test_db(self, test_database_name: str, verbosity: int) -> None:
         close_routers(database=test_database_name)

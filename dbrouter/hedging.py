@@ -41,6 +41,7 @@ from .retrying import Retry, RetryBudget
 from .routing import statement
 
 if TYPE_CHECKING:
+    from .pool import _Entry
     from .routing import Core
     from .topology import Node
 
@@ -108,12 +109,20 @@ class Hedger:
             self._p95[node.name] = computed
         return computed[1]
 
-    def read(self, node: Node, sql: str, params: Any) -> list[tuple[Any, ...]]:
-        """``sql`` as a read on ``node``, hedged on another replica past the threshold."""
+    def fly(self, node: Node, entry: _Entry, sql: str, params: Any, after: float) -> _Flight:
+        """`Core.read`'s fast path: its statement on ``entry`` starts now, hedged past ``after``
+        (settle the flight when it ends)."""
+        flight = _Flight(self, node, sql, params, after)
+        flight.entry = entry
+        flight.due = time.monotonic() + after
+        self.enlist(flight)
+        return flight
+
+    def read_leased(self, node: Node, sql: str, params: Any, after: float) -> list[tuple[Any, ...]]:
+        """``sql`` as a read on ``node`` through a lease (a breaker that is not clean, the
+        hung-statement guard or a deadline: what `Core.read`'s fast path leaves out), hedged
+        on another replica past ``after``."""
         core = self._core
-        after = self.threshold(node)
-        if after is None:
-            return core.read_with(node, statement(sql, params))
         flight = _Flight(self, node, sql, params, after)
         try:
             rows, _ = core.run_on(node, flight.first, Work.READ)
@@ -206,7 +215,7 @@ class _Flight:
     """One hedgeable read: its statement, its lease once it started, when it is late, and
     its one claim (`settle` and the watcher each try to pop it; only one can)."""
 
-    __slots__ = ("hedger", "node", "sql", "params", "after", "due", "claim", "lease", "race")
+    __slots__ = ("hedger", "node", "sql", "params", "after", "due", "claim", "lease", "entry", "race")
 
     def __init__(self, hedger: Hedger, node: Node, sql: str, params: Any, after: float) -> None:
         self.hedger = hedger
@@ -216,11 +225,12 @@ class _Flight:
         self.after = after
         self.due = 0.0
         self.claim = [True]
-        self.lease: Lease | None = None
+        self.lease: Lease | None = None  # through `Hedger.read_leased`
+        self.entry: _Entry | None = None  # on `Core.read`'s fast path
         self.race: _Race | None = None
 
     def first(self, lease: Lease) -> Any:
-        """Run the read on ``lease`` (an operation for `Core.run_on`). Timed from the statement's
+        """`Hedger.read_leased`: run the read on ``lease`` (an operation for `Core.run_on`). Timed from the statement's
         start: a read that waits for a connection is not hedged (a hedge that wins costs its
         loser's connection, and a pool short of connections would feed on that)."""
         self.lease = lease
@@ -239,7 +249,7 @@ class _Flight:
         except IndexError:
             return self.race
         self.params = None  # the watcher may hold this flight until the threshold: keep it small
-        self.lease = None
+        self.lease = self.entry = None
         return None
 
 
@@ -256,7 +266,8 @@ class _Race:
         self._params = flight.params
         self._lock = threading.Lock()  # guards the fields below; only flags are set under it
         self._state = _RUNNING
-        self._first = flight.lease
+        # The fast path has no lease: the race makes one (the first read's, released by it).
+        self._first = flight.lease if flight.entry is None else Lease(flight.node, flight.entry, timed=True)
         self._hedge: Lease | None = None
         self._rows: list[tuple[Any, ...]] | None = None
 
@@ -270,6 +281,17 @@ class _Race:
                 self._state = _FIRST_WON
                 loser = self._claim_cut(self._hedge)
         _cut(loser)
+
+    @property
+    def first_lease(self) -> Lease | None:
+        return self._first
+
+    def first_answered(self) -> None:
+        """The fast path's first read answered: the race decided, its connection given back
+        (discarded when the hedge won and cut it)."""
+        self.first_done()
+        assert self._first is not None
+        self._first.release()
 
     def hedge_rows(self) -> list[tuple[Any, ...]] | None:
         with self._lock:

@@ -87,14 +87,14 @@ class Lease:
 
     __slots__ = ("node", "conn", "_entry", "_aborted", "_cut", "_cancel_sent", "_timed", "_trial")
 
-    def __init__(self, node: Node, entry: _Entry, trial: bool = False) -> None:
+    def __init__(self, node: Node, entry: _Entry, trial: bool = False, *, timed: bool = False) -> None:
         self.node = node
         self.conn = entry.conn
         self._entry: _Entry | None = entry
         self._aborted = False
         self._cut = False  # cut at the call's deadline: the connection is lost, the node not blamed
         self._cancel_sent = False  # and the server asked to cancel its statement
-        self._timed = False  # one statement ran through execute(): its time feeds Node.latency
+        self._timed = timed  # one statement ran (execute()): its time feeds Node.latency
         self._trial = trial  # admitted as the half-open breaker's trial
 
     def __repr__(self) -> str:

@@ -291,12 +291,15 @@ class Core:
         self.counts.reads.inc()
         node = self.choose_reader()
         hedger = self.hedger
-        if hedger is not None and node.role == REPLICA:
-            return hedger.read(node, sql, params)
+        after = None if hedger is None or node.role != REPLICA else hedger.threshold(node)
         if not node.breaker.clean or node.guard is not None or current_deadline() is not None:
+            if after is not None:
+                assert hedger is not None
+                return hedger.read_leased(node, sql, params, after)
             return self.read_with(node, statement(sql, params))
         # The hot path: run_on inlined, the entry borrowed without a lease object while the
         # breaker is clean (nothing to admit, no trial); a failure gets its lease and its rules.
+        # A hedged read (`dbrouter.hedging`) adds a flight, settled when the statement ends.
         try:
             entry = node.pool.borrow()
         except Exception as exc:
@@ -305,14 +308,27 @@ class Core:
             if not isinstance(first, Retry):
                 raise
             return self.read_again(first, statement(sql, params))
+        flight = None if after is None else hedger.fly(node, entry, sql, params, after)  # type: ignore[union-attr]
         try:
             rows, _ = node.adapter.execute(entry.conn, sql, params)
         except BaseException as exc:
-            decision = Lease(node, entry).release_after(exc, Phase.SENT, Work.READ)
+            race = None if flight is None else flight.settle()
+            lease = Lease(node, entry) if race is None or race.first_lease is None else race.first_lease
+            decision = lease.release_after(exc, Phase.SENT, Work.READ)
+            if race is not None:
+                won = race.hedge_rows()
+                if won is not None:
+                    return won  # the hedge answered first, and cut this read
+                race.call_off()
             if decision.action is not Action.RETRY:
                 raise
             first = Retry(node, exc, failure_of(exc, node.adapter), Phase.SENT, decision)
             return self.read_again(first, statement(sql, params))
+        if flight is not None:
+            race = flight.settle()
+            if race is not None:
+                race.first_answered()
+                return rows or []
         answered(node, entry, True)
         return rows or []
 

@@ -6,6 +6,9 @@ Opt-in (``hedge_after`` seconds, or ``"auto"``: the first node's recent p95 read
 reads, and only to another replica (never the primary). ``hedge_budget`` caps the extra
 reads (5% of reads over the last 10 s, plus one a second): past it a slow read just waits.
 
+`HedgePolicy` is what is not I/O (the threshold, the budget, the counts), shared with the
+asyncio router's hedged reads (`dbrouter.aio.hedging`), which use the same object.
+
 The race (`_Race`): the caller runs the read on the first node in its own thread; the
 `dbrouter.deadline.TIMER` starts the hedge on a worker thread at the threshold. Whoever
 finishes first marks the race won under the race's lock, and marks the other's lease cut
@@ -36,7 +39,7 @@ if TYPE_CHECKING:
     from .routing import Core
     from .topology import Node
 
-__all__ = ["Hedger"]
+__all__ = ["HedgePolicy", "Hedger"]
 
 log = logging.getLogger("dbrouter.hedging")
 
@@ -48,10 +51,12 @@ _AUTO_FLOOR = 0.010  # seconds: a hedge that wins costs its loser's connection (
 _AUTO_REFRESH = 0.5  # seconds between recomputations of a node's p95
 
 
-class Hedger:
-    """A router's hedged reads: the threshold, the budget, the workers and the counts."""
+class HedgePolicy:
+    """When a read is hedged, and how many may be: the threshold (seconds, or "auto"), the
+    budget and the counts (`Router.stats`' hedges, hedges_won, hedges_refused). No I/O:
+    the sync router's `Hedger` is one, and the asyncio router's hedges use the same object."""
 
-    def __init__(self, core: Core, hedge_after: float | str, budget: float, workers: int = 4) -> None:
+    def __init__(self, core: Core, hedge_after: float | str, budget: float) -> None:
         self._core = core
         self._after = hedge_after
         counts = core.counts
@@ -59,20 +64,26 @@ class Hedger:
         self.sent = Counter()
         self.won = Counter()
         self.refused = Counter()
-        self._workers = workers
-        self._executor: ThreadPoolExecutor | None = None
-        self._executor_lock = threading.Lock()  # guards _executor's creation; nothing is called under it
         self._p95: dict[str, tuple[float, float | None]] = {}  # node name -> (computed at, p95 or None)
-        _fork.register(self)
 
-    def _after_fork_in_child(self) -> None:
-        self._executor = None  # the parent's workers do not exist here
-        self._executor_lock = threading.Lock()
+    def admit(self) -> bool:
+        """Whether a hedge may start now (the budget allows it); a refusal is counted. The
+        caller counts the hedge in ``sent`` once it started."""
+        if self.budget.allow():
+            return True
+        self.refused.inc()
+        return False
 
-    def close(self) -> None:
-        executor, self._executor = self._executor, None
-        if executor is not None:
-            executor.shutdown(wait=False, cancel_futures=True)
+    def other_replica(self, node: Node) -> Node | None:
+        """Where a hedge of a read on ``node`` goes: another replica serving reads, by the
+        router's policy; None when there is none."""
+        core = self._core
+        snapshot = core.topology.snapshot
+        others = [n for n in snapshot.readable if n is not node and n in snapshot.replicas]
+        if not others:
+            return None
+        chosen: Node = core._balancer.choose(others)  # type: ignore[assignment]
+        return chosen
 
     def threshold(self, node: Node) -> float | None:
         """Seconds after which a read on ``node`` is hedged (None: not hedged now)."""
@@ -88,6 +99,26 @@ class Hedger:
             computed = (now, p95)
             self._p95[node.name] = computed
         return computed[1]
+
+
+class Hedger(HedgePolicy):
+    """A sync router's hedged reads: the policy, and the workers that run the hedges."""
+
+    def __init__(self, core: Core, hedge_after: float | str, budget: float, workers: int = 4) -> None:
+        super().__init__(core, hedge_after, budget)
+        self._workers = workers
+        self._executor: ThreadPoolExecutor | None = None
+        self._executor_lock = threading.Lock()  # guards _executor's creation; nothing is called under it
+        _fork.register(self)
+
+    def _after_fork_in_child(self) -> None:
+        self._executor = None  # the parent's workers do not exist here
+        self._executor_lock = threading.Lock()
+
+    def close(self) -> None:
+        executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=False, cancel_futures=True)
 
     def read(self, node: Node, sql: str, params: Any) -> list[tuple[Any, ...]]:
         """``sql`` as a read on ``node``, hedged on another replica past the threshold."""
@@ -191,19 +222,15 @@ class _Race:
             if self._state != _RUNNING:
                 return
         hedger = self._hedger
-        if not hedger.budget.allow():
-            hedger.refused.inc()
+        if not hedger.admit():
             return
         if hedger.submit(self):
             hedger.sent.inc()
 
     def run_hedge(self) -> None:
-        core = self._hedger._core
-        snapshot = core.topology.snapshot
-        others = [n for n in snapshot.readable if n is not self._node and n in snapshot.replicas]
-        if not others:
+        node = self._hedger.other_replica(self._node)
+        if node is None:
             return
-        node: Node = core._balancer.choose(others)  # type: ignore[assignment]
         try:
             lease = take(node)
         except Exception as exc:  # noqa: BLE001 - a hedge that cannot start changes nothing

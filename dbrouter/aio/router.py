@@ -15,7 +15,8 @@ side; it is not.
 A call's deadline is the sync router's too: the context variable and the counting scope
 of `dbrouter.deadline` and `Core.scoped`, the retry and failover bounds of
 `dbrouter.routing`, the checkout's of `dbrouter.lease`; only the cut of a statement at
-the deadline is the loop's (`dbrouter.aio.lease`).
+the deadline is the loop's (`dbrouter.aio.lease`). Hedged reads use the control router's
+`HedgePolicy` (threshold, budget, counts); the race is `dbrouter.aio.hedging`.
 
 The prober and the control plane run in threads with the same driver's sync
 flavour (the `AsyncAdapter.sync` twin), so a probe or a listener never runs on the
@@ -65,10 +66,11 @@ from ..routing import (
     write_failed,
 )
 from ..statements import UNSEEN
-from ..topology import Node
+from ..topology import REPLICA, Node
 from ..transactions import Results
 from ..url import NodeAddress
 from .bulk import write_many
+from .hedging import AsyncHedger
 from .lease import AsyncHeldLease, AsyncLease, take
 from .lease import statement as _statement
 from .pool import AsyncPool
@@ -111,7 +113,8 @@ class AsyncRouter:
     ``await router.open()`` / ``async with AsyncRouter(...) as router``, on the running
     loop, which it is bound to from then on. Errors, events, retries and write-outcome
     rules are `Router`'s, and so are per-call deadlines (``timeout=``, `deadline`,
-    ``call_timeout``: `dbrouter.deadline`).
+    ``call_timeout``: `dbrouter.deadline`) and hedged reads (``hedge_after``,
+    ``hedge_budget``: `dbrouter.aio.hedging`).
     """
 
     def __init__(self, primary: str | Mapping[str, Any] | None = None, replicas: Sequence[Any] | str = (), *,
@@ -125,13 +128,13 @@ class AsyncRouter:
                                      "would block the event loop")
         if config.discovery.discovery != "static":
             raise ConfigurationError("discovery is not supported by AsyncRouter yet: list the nodes")
-        if config.routing.hedge_after is not None:
-            raise ConfigurationError("hedge_after is not supported by AsyncRouter yet")
         self._control = control = _Control(config=config, open=False)
         self.config = config
         self.events = control.events
         self.topology = control.topology
         self.counts = control.counts
+        self._hedger = None if control.hedger is None else AsyncHedger(control.hedger)
+        """Hedged reads (``hedge_after``): the control router's policy, budget and counts."""
         self._opened = False
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -196,6 +199,8 @@ class AsyncRouter:
         control = self._control
         deadline = time.monotonic() + timeout
         pools = [cast(AsyncPool, node.pool) for node in control.topology.nodes]
+        if self._hedger is not None:
+            self._hedger.close()
         try:
             if self._opened:
                 await asyncio.gather(*(pool.aclose(timeout) for pool in pools))
@@ -328,6 +333,9 @@ class AsyncRouter:
                 refuse_read(problem, params)
         self.counts.reads.inc()
         node = self.choose_reader()
+        hedger = self._hedger
+        if hedger is not None and node.role == REPLICA:
+            return await hedger.read(self, node, sql, params)
         if (not node.breaker.clean or cast(AsyncPool, node.pool).adapter.guard_timeout is not None
                 or current_deadline() is not None):
             return await self.read_with(node, _statement(sql, params))

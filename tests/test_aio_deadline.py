@@ -13,12 +13,14 @@ cut report its findings rather than fail on them (see FAULT_PATHS there), the ot
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from typing import Any, Callable, Iterator
 
 import pytest
 
+import dbrouter
 from dbrouter import DeadlineExceeded, DeadlineExceededAfterWrite, Router, WriteOutcomeUnknown
 from dbrouter.cluster import LocalCluster
 from dbrouter.deadline import current
@@ -280,13 +282,12 @@ def test_nested_deadlines_only_shorten_and_the_sync_api_sets_them_too(clients: C
 
     async def nested() -> float:
         started = time.monotonic()
-        with pytest.raises(DeadlineExceeded):
-            with router.deadline(0.5) as outer:
-                await router.read(sleep_sql(cluster, 0.1, marker))  # within it
-                with router.deadline(30) as inner:
-                    assert inner is outer and current() is outer  # later than the one around it: no change
-                    await router.read(sleep_sql(cluster, 0.1, marker), timeout=10)  # nor does a longer timeout
-                    await router.read(sleep_sql(cluster, 30, marker), timeout=10)  # cut at the outer deadline
+        with pytest.raises(DeadlineExceeded), router.deadline(0.5) as outer:
+            await router.read(sleep_sql(cluster, 0.1, marker))  # within it
+            with router.deadline(30) as inner:
+                assert inner is outer and current() is outer  # later than the one around it: no change
+                await router.read(sleep_sql(cluster, 0.1, marker), timeout=10)  # nor does a longer timeout
+                await router.read(sleep_sql(cluster, 30, marker), timeout=10)  # cut at the outer deadline
         return time.monotonic() - started
 
     assert client.call(nested()) < 0.5 + 1.0
@@ -321,3 +322,53 @@ def test_call_timeout_is_every_calls_default(clients: Callable[..., Client], clu
 
     assert client.call(in_a_block())
     assert client.stats()["deadline_exceeded"] == 2
+
+
+@pytest.mark.proxy
+@pytest.mark.timeout(120)
+def test_tasks_calling_a_blackholed_node_return_at_their_deadlines(clients: Callable[..., Client],
+                                                                   cluster: LocalCluster) -> None:
+    """Tasks reading and writing through a node that stops answering: every call ends at
+    its deadline with a dbrouter error (cut in its statement, its pool wait, or refused once
+    the probes see the node down), none waits for a driver's timeout, and nothing leaks."""
+    with behind_proxy(cluster.primary) as (proxy, proxied):
+        client = clients(primary={"url": proxied, "name": "target"}, health_interval=0.1, connect_timeout=1,
+                         min_size=4, max_size=4, loop_check="report")
+        router = client.router
+        stall = StallDetector(limit=10).start()
+        try:
+            for _ in range(8):
+                client.read("SELECT 1")
+            proxy.blackhole()
+
+            async def calls(write: bool) -> tuple[float, list[BaseException]]:
+                slowest, errors = 0.0, []
+                for _ in range(10):
+                    started = time.monotonic()
+                    try:
+                        if write:
+                            await router.write("SELECT 1", timeout=0.2)
+                        else:
+                            await router.read("SELECT 1", timeout=0.2)
+                    except dbrouter.DbRouterError as exc:
+                        errors.append(exc)
+                    slowest = max(slowest, time.monotonic() - started)
+                    stall.progress()
+                return slowest, errors
+
+            async def all_tasks() -> list[tuple[float, list[BaseException]]]:
+                return list(await asyncio.gather(*(calls(i % 2 == 0) for i in range(8))))
+
+            results = client.call(all_tasks())
+            errors = [e for _, errs in results for e in errs]
+            slowest = max(took for took, _ in results)
+            assert stall.report is None, stall.report
+            assert len(errors) == 80, errors[:3]  # nothing answered
+            assert slowest < 0.2 + 1.0, slowest  # each ended at its deadline, not at a driver's timeout
+            assert any(isinstance(e, DeadlineExceeded) for e in errors), errors[:3]
+            proxy.pass_through()
+            assert wait_until(lambda: node_stats(client, "target")["pool"]["in_use"] == 0, timeout=5), \
+                node_stats(client, "target")
+        finally:
+            stall.stop()
+            proxy.pass_through()

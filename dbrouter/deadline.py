@@ -210,14 +210,20 @@ class Canceller:
         self.sent = 0
         self.skipped = 0
 
-    def cancel(self, adapter: Adapter, session_id: int | None, node_up: bool = True) -> bool:
+    def cancel(self, adapter: Adapter, session_id: int | None, node_up: bool = True, *,
+               from_loop: bool = False) -> bool:
         """Ask, from a thread of its own, that session ``session_id`` cancel its statement;
-        False when skipped."""
+        False when skipped. ``from_loop``: the caller is an event loop, which must not wait
+        for a thread to start; the timer's thread starts it."""
         sql = None if session_id is None else adapter.cancel_sql(session_id)
         if sql is None or not node_up or not self._slots.acquire(blocking=False):
             self.skipped += 1
             return False
-        threading.Thread(target=self._run, args=(adapter, sql), name="dbrouter-cancel", daemon=True).start()
+        thread = threading.Thread(target=self._run, args=(adapter, sql), name="dbrouter-cancel", daemon=True)
+        if from_loop:
+            self._timer.arm(0.0, thread.start)
+        else:
+            thread.start()
         return True
 
     def _run(self, adapter: Adapter, sql: str) -> None:

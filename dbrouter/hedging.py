@@ -15,6 +15,10 @@ router sleeps until the oldest flight's threshold and drops the flights that end
 (A timer armed and disarmed per read, the first design, doubled the median read time of 4
 threads on 2 cores and raised p99 7-fold in the bench's spikes scenario.)
 
+`HedgePolicy` is what is not I/O (the threshold, the budget, the counts, where a hedge goes),
+shared with the asyncio router's hedged reads (`dbrouter.aio.hedging`), which use the same
+object.
+
 Only a flight found late gets a `_Race`, whose lock decides between the two answers:
 whoever finishes first marks the race won, and marks the other's lease cut before shutting
 its socket down, so the loser's lease is discarded (not pooled with a dead socket) and its
@@ -45,7 +49,7 @@ if TYPE_CHECKING:
     from .routing import Core
     from .topology import Node
 
-__all__ = ["Hedger"]
+__all__ = ["HedgePolicy", "Hedger"]
 
 log = logging.getLogger("dbrouter.hedging")
 
@@ -57,10 +61,12 @@ _AUTO_FLOOR = 0.010  # seconds: a hedge that wins costs its loser's connection (
 _AUTO_REFRESH = 0.5  # seconds between recomputations of a node's p95
 
 
-class Hedger:
-    """A router's hedged reads: the threshold, the budget, the watcher, the workers and the counts."""
+class HedgePolicy:
+    """When a read is hedged, and how many may be: the threshold (seconds, or "auto"), the
+    budget and the counts (`Router.stats`' hedges, hedges_won, hedges_refused). No I/O:
+    the sync router's `Hedger` is one, and the asyncio router's hedges use the same object."""
 
-    def __init__(self, core: Core, hedge_after: float | str, budget: float, workers: int = 4) -> None:
+    def __init__(self, core: Core, hedge_after: float | str, budget: float) -> None:
         self._core = core
         self._after = hedge_after
         counts = core.counts
@@ -68,10 +74,51 @@ class Hedger:
         self.sent = Counter()
         self.won = Counter()
         self.refused = Counter()
+        self._p95: dict[str, tuple[float, float | None]] = {}  # node name -> (computed at, p95 or None)
+
+    def admit(self) -> bool:
+        """Whether a hedge may start now (the budget allows it); a refusal is counted. The
+        caller counts the hedge in ``sent`` once it started."""
+        if self.budget.allow():
+            return True
+        self.refused.inc()
+        return False
+
+    def other_replica(self, node: Node) -> Node | None:
+        """Where a hedge of a read on ``node`` goes: another replica serving reads, by the
+        router's policy; None when there is none."""
+        core = self._core
+        snapshot = core.topology.snapshot
+        others = [n for n in snapshot.readable if n is not node and n in snapshot.replicas]
+        if not others:
+            return None
+        chosen: Node = core._balancer.choose(others)  # type: ignore[assignment]
+        return chosen
+
+    def threshold(self, node: Node) -> float | None:
+        """Seconds after which a read on ``node`` is hedged (None: not hedged now)."""
+        after = self._after
+        if not isinstance(after, str):
+            return after
+        now = time.monotonic()
+        computed = self._p95.get(node.name)
+        if (computed is None or now - computed[0] >= _AUTO_REFRESH
+                or (computed[1] is None and len(node.read_times) >= _MIN_SAMPLES)):
+            samples = sorted(node.read_times)
+            p95 = None if len(samples) < _MIN_SAMPLES else max(_AUTO_FLOOR, samples[int(0.95 * (len(samples) - 1))])
+            computed = (now, p95)
+            self._p95[node.name] = computed
+        return computed[1]
+
+
+class Hedger(HedgePolicy):
+    """A sync router's hedged reads: the policy, the watcher, and the workers that run the hedges."""
+
+    def __init__(self, core: Core, hedge_after: float | str, budget: float, workers: int = 4) -> None:
+        super().__init__(core, hedge_after, budget)
         self._workers = workers
         self._executor: ThreadPoolExecutor | None = None
         self._start_lock = threading.Lock()  # guards the watcher's and the executor's creation; nothing is called under it
-        self._p95: dict[str, tuple[float, float | None]] = {}  # node name -> (computed at, p95 or None)
         self._flights: deque[_Flight] = deque()  # reads in flight, oldest first; popped by the watcher only
         self._watcher: threading.Thread | None = None
         self._idle = True  # the watcher waits for a first flight (set it going with _kick)
@@ -93,21 +140,6 @@ class Hedger:
         executor, self._executor = self._executor, None
         if executor is not None:
             executor.shutdown(wait=False, cancel_futures=True)
-
-    def threshold(self, node: Node) -> float | None:
-        """Seconds after which a read on ``node`` is hedged (None: not hedged now)."""
-        after = self._after
-        if not isinstance(after, str):
-            return after
-        now = time.monotonic()
-        computed = self._p95.get(node.name)
-        if (computed is None or now - computed[0] >= _AUTO_REFRESH
-                or (computed[1] is None and len(node.read_times) >= _MIN_SAMPLES)):
-            samples = sorted(node.read_times)
-            p95 = None if len(samples) < _MIN_SAMPLES else max(_AUTO_FLOOR, samples[int(0.95 * (len(samples) - 1))])
-            computed = (now, p95)
-            self._p95[node.name] = computed
-        return computed[1]
 
     def fly(self, node: Node, entry: _Entry, sql: str, params: Any, after: float) -> _Flight:
         """`Core.read`'s fast path: its statement on ``entry`` starts now, hedged past ``after``
@@ -186,8 +218,7 @@ class Hedger:
             flight.claim.pop()
         except IndexError:
             return  # it ended meanwhile
-        if not self.budget.allow():
-            self.refused.inc()
+        if not self.admit():
             race.call_off()
             return
         if self._submit(race):
@@ -310,12 +341,9 @@ class _Race:
     # -- the hedge's side ----------------------------------------------------------------
 
     def run_hedge(self) -> None:
-        core = self._hedger._core
-        snapshot = core.topology.snapshot
-        others = [n for n in snapshot.readable if n is not self._node and n in snapshot.replicas]
-        if not others:
+        node = self._hedger.other_replica(self._node)
+        if node is None:
             return
-        node: Node = core._balancer.choose(others)  # type: ignore[assignment]
         try:
             lease = take(node)
         except Exception as exc:  # noqa: BLE001 - a hedge that cannot start changes nothing

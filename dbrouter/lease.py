@@ -31,7 +31,7 @@ import enum
 import time
 from typing import TYPE_CHECKING, Any, Callable, TypeVar, cast
 
-from .deadline import CANCELLER, TIMER
+from .deadline import CANCELLER, TIMER, Deadline
 from .deadline import current as current_deadline
 from .decisions import Action, BreakerOpen, Decision, Failure, Hung, Phase, Work, decide, failure_of
 from .errors import ConnectError, DbRouterError, DeadlineExceeded, PoolTimeout, TooManyWaiting
@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from .pool import _Entry
     from .topology import Node
 
-__all__ = ["HeldLease", "Lease", "Outcome", "answered", "not_taken", "take"]
+__all__ = ["HeldLease", "Lease", "Outcome", "admit", "answered", "checkout_failed", "checkout_wait", "not_taken", "take"]
 
 T = TypeVar("T")
 
@@ -296,41 +296,63 @@ def take(node: Node, timeout: float | None = None, kind: type[Lease] = Lease) ->
     """A lease on ``node`` if its breaker admits the call.
 
     Raises `BreakerOpen` (nothing sent, nothing counted), `ConnectError` (counted
-    against the node), `PoolTimeout` or `PoolClosed`.
+    against the node), `PoolTimeout` or `PoolClosed`; with a call deadline
+    (`dbrouter.deadline`), the checkout waits at most what is left of it.
     """
-    breaker = node.breaker
-    trial = False
-    if not breaker.clean:
-        admitted = breaker.admit()
-        if admitted is REFUSED:
-            raise BreakerOpen(f"node {node.name}: circuit breaker {breaker.state} after {breaker.failures} failures",
-                              node=node.name)
-        trial = admitted is TRIAL
-    # With a call deadline (`dbrouter.deadline`), the checkout waits at most what is left of it.
+    trial = admit(node)
     deadline = current_deadline()
-    started = left = wait = 0.0
-    if deadline is not None:
-        started = time.monotonic()
-        left = deadline.at - started
-        wait = node.pool.config.acquire_timeout if timeout is None else timeout
+    started = 0.0 if deadline is None else time.monotonic()
     try:
-        if deadline is None:
-            entry = node.pool.borrow(timeout)
-        elif left <= 0:
-            raise deadline.exceeded(f"before a connection of {node.name} was taken", node.name)
-        else:
-            entry = node.pool.borrow(min(wait, left))
+        entry = node.pool.borrow(timeout if deadline is None else checkout_wait(node, timeout, deadline, started))
     except BaseException as exc:
-        not_taken(node, exc)
-        if trial and not isinstance(exc, ConnectError):
-            breaker.abandon_trial()  # a trial that never reached the node must not hold it out
-        if deadline is not None:
-            deadline.note(f"pool wait on {node.name}", time.monotonic() - started)
-            if isinstance(exc, PoolTimeout) and not isinstance(exc, TooManyWaiting) and left < wait:
-                # It waited out what was left of the call. A full queue refused at once
-                # (`TooManyWaiting`) is no deadline: that read goes to another node.
-                raise deadline.exceeded(f"waiting for a connection of {node.name}", node.name) from exc
+        checkout_failed(node, exc, trial, deadline, started, timeout)
         raise
     if deadline is not None:
         deadline.note(f"pool wait on {node.name}", time.monotonic() - started)
     return kind(node, entry, trial)
+
+
+# -- the parts of a checkout that are not I/O, shared with the asyncio lease (dbrouter.aio.lease) --
+
+
+def admit(node: Node) -> bool:
+    """Breaker admission: raises `BreakerOpen` when the node's breaker refuses the call;
+    True when it is the half-open breaker's trial."""
+    breaker = node.breaker
+    if breaker.clean:
+        return False
+    admitted = breaker.admit()
+    if admitted is REFUSED:
+        raise BreakerOpen(f"node {node.name}: circuit breaker {breaker.state} after {breaker.failures} failures",
+                          node=node.name)
+    return admitted is TRIAL
+
+
+def checkout_wait(node: Node, timeout: float | None, deadline: Deadline, started: float) -> float:
+    """How long a checkout started at ``started`` may wait under ``deadline``: the pool's
+    wait (or ``timeout``), cut to what is left; `DeadlineExceeded` when nothing is."""
+    left = deadline.at - started
+    if left <= 0:
+        raise deadline.exceeded(f"before a connection of {node.name} was taken", node.name)
+    return min(_pool_wait(node, timeout), left)
+
+
+def checkout_failed(node: Node, exc: BaseException, trial: bool, deadline: Deadline | None, started: float,
+                    timeout: float | None) -> None:
+    """After a failed checkout: a refused connect counts against the node, a trial that
+    never reached it is abandoned (it must not hold the node out), and a wait that the
+    call's deadline cut short raises `DeadlineExceeded` instead of `PoolTimeout`."""
+    not_taken(node, exc)
+    if trial and not isinstance(exc, ConnectError):
+        node.breaker.abandon_trial()
+    if deadline is not None:
+        deadline.note(f"pool wait on {node.name}", time.monotonic() - started)
+        if (isinstance(exc, PoolTimeout) and not isinstance(exc, TooManyWaiting)
+                and deadline.at - started < _pool_wait(node, timeout)):
+            # It waited out what was left of the call. A full queue refused at once
+            # (`TooManyWaiting`) is no deadline: that read goes to another node.
+            raise deadline.exceeded(f"waiting for a connection of {node.name}", node.name) from exc
+
+
+def _pool_wait(node: Node, timeout: float | None) -> float:
+    return node.pool.config.acquire_timeout if timeout is None else timeout

@@ -85,6 +85,11 @@ class AsyncAdapter(ABC):
         """Make sure ``conn`` is never used again after a call on it was cancelled halfway:
         close its socket without a round trip (and without raising)."""
 
+    def session_id(self, conn: Any) -> int | None:
+        """As `Adapter.session_id` (both flavours of a driver keep it in the same place): the
+        session a cut statement's cancel names (`dbrouter.deadline.Canceller`)."""
+        return self.sync.session_id(conn)
+
     def discard(self, conn: Any) -> None:
         """Close ``conn`` now, without a round trip and without raising (nobody is using it):
         the pool's way to drop a broken or invalidated connection without a task."""

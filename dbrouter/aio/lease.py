@@ -4,7 +4,10 @@ Taking a lease (breaker admission, then an awaited pool checkout) and releasing 
 (the decision table, the breaker, the pool) are the sync lease's own code: only the
 calls on the connection differ. The hung-statement guard is a timer on the loop
 instead of the watchdog thread: past the adapter's limit (statement timeout plus
-grace) the call's task is cancelled, the connection aborted, and `Hung` raised.
+grace) the connection is cut (its socket shut down) and `Hung` raised. A call's
+deadline (`dbrouter.deadline`) is the same kind of timer: at the deadline the
+connection is cut, the server asked to cancel the statement (`dbrouter.deadline.CANCELLER`,
+from a thread of its own), and `DeadlineExceeded` raised, the node not blamed.
 A task cancelled by its caller aborts the connection too (its state is unknown); the
 lease then releases it as interrupted, which does not blame the node.
 """
@@ -12,19 +15,20 @@ lease then releases it as interrupted, which does not blame the node.
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, TypeVar, cast
 
-from ..decisions import BreakerOpen, Hung
-from ..errors import ConnectError
-from ..lease import HeldLease, Lease, not_taken
-from ..resilience import REFUSED, TRIAL
+from ..deadline import CANCELLER, Deadline
+from ..deadline import current as current_deadline
+from ..decisions import Hung
+from ..lease import HeldLease, Lease, admit, checkout_failed, checkout_wait
 
 if TYPE_CHECKING:
     from ..adapters.aio import AsyncAdapter
     from ..adapters.base import Result
     from ..topology import Node
 
-__all__ = ["AsyncHeldLease", "AsyncLease", "guarded", "take"]
+__all__ = ["AsyncHeldLease", "AsyncLease", "guarded", "statement", "take"]
 
 T = TypeVar("T")
 
@@ -32,10 +36,12 @@ T = TypeVar("T")
 _NOTICE = 1.0
 
 
-async def guarded(adapter: AsyncAdapter, conn: Any, call: Awaitable[T], limit: float) -> T:
+async def guarded(adapter: AsyncAdapter, conn: Any, call: Awaitable[T], limit: float,
+                  cut: Callable[[], None] | None = None) -> T:
     """``await call`` (a call on ``conn``), raising `asyncio.TimeoutError` after ``limit`` seconds.
 
-    At the limit the connection's socket is cut (`AsyncAdapter.abort`), so the driver's own
+    At the limit the connection's socket is cut (``cut()`` if given, which must shut it
+    down, else `AsyncAdapter.abort`; on the loop, before the call's task resumes), so the driver's own
     wait ends with a connection error at once; the task is not cancelled first, because a
     driver handles a cancellation by talking to the server: psycopg 3 sends a cancel
     request and waits for the statement to end, 5 s and 5 s more, on a node that does not
@@ -47,12 +53,15 @@ async def guarded(adapter: AsyncAdapter, conn: Any, call: Awaitable[T], limit: f
     fired: list[bool] = []
     later: list[asyncio.TimerHandle] = []
 
-    def cut() -> None:
+    def fire() -> None:
         fired.append(True)
-        adapter.abort(conn)
+        if cut is None:
+            adapter.abort(conn)
+        else:
+            cut()
         later.append(loop.call_later(_NOTICE, task.cancel))
 
-    handle = loop.call_later(limit, cut)
+    handle = loop.call_later(limit, fire)
     try:
         return await call
     except BaseException as exc:
@@ -81,9 +90,13 @@ class AsyncLease(Lease):
 
     async def run(self, op: Callable[[AsyncAdapter, Any], Awaitable[T]], extra: float = 0.0) -> T:  # type: ignore[override]
         """``await op(adapter, conn)`` under the hung-statement guard (``extra`` seconds more
-        for work that waits on purpose, such as a replay wait)."""
+        for work that waits on purpose, such as a replay wait) and the call's deadline
+        (`dbrouter.deadline`: cut when it passes, `DeadlineExceeded`)."""
         node = self.node
         adapter: AsyncAdapter = node.pool.adapter  # type: ignore[assignment]  # an AsyncPool's
+        deadline = current_deadline()
+        if deadline is not None:
+            return await self._run_within(deadline, adapter, op, extra)
         limit = adapter.guard_timeout
         if limit is None:
             try:
@@ -93,15 +106,69 @@ class AsyncLease(Lease):
                 adapter.abort(self.conn)
                 raise
         try:
-            return await guarded(adapter, self.conn, op(adapter, self.conn), limit + extra)
+            return await guarded(adapter, self.conn, op(adapter, self.conn), limit + extra, self._cut_hung)
         except asyncio.TimeoutError as exc:
-            self._aborted = True
-            raise Hung(f"node {node.name} did not answer within {limit + extra:.3g}s "
-                       "(statement timeout plus grace): hung or unreachable", node=node.name) from exc
+            raise self._hung(limit + extra) from exc
         except asyncio.CancelledError:
             self._aborted = True
             adapter.abort(self.conn)
             raise
+
+    async def _run_within(self, deadline: Deadline, adapter: AsyncAdapter, op: Callable[[AsyncAdapter, Any], Awaitable[T]],
+                          extra: float) -> T:
+        """`run` for a call with a deadline: one timer on the loop, at the hung-statement
+        guard's limit or the deadline, whichever comes first; the deadline's cut also asks
+        the server to cancel (as `Lease._run_by_deadline`, whose messages these are)."""
+        node = self.node
+        started = time.monotonic()
+        left = deadline.at - started
+        if left <= 0:
+            raise self._judged(deadline.exceeded(f"before a statement on {node.name} was sent", node.name))
+        guard = adapter.guard_timeout
+        hung_first = guard is not None and guard + extra < left
+        limit = guard + extra if guard is not None and hung_first else left
+        try:
+            result = await guarded(adapter, self.conn, op(adapter, self.conn), limit,
+                                   self._cut_hung if hung_first else self.cut_now)
+        except asyncio.TimeoutError as exc:
+            deadline.note(f"statements on {node.name}", time.monotonic() - started)
+            if hung_first:
+                raise self._hung(limit) from exc
+            cancel = ("the server was asked to cancel it" if self._cancel_sent
+                      else "no cancel sent: the node is seen down, or cancels are busy")
+            raise self._judged(deadline.exceeded(f"in a statement on {node.name}, cut ({cancel})",
+                                                 node.name)) from exc
+        except asyncio.CancelledError:
+            deadline.note(f"statements on {node.name}", time.monotonic() - started)
+            self._aborted = True
+            adapter.abort(self.conn)
+            raise
+        except BaseException:
+            deadline.note(f"statements on {node.name}", time.monotonic() - started)
+            raise
+        deadline.note(f"statements on {node.name}", time.monotonic() - started)
+        return result  # cut just as it finished: the answer is good, the socket is not (marked by the cut)
+
+    def _cut_hung(self) -> None:
+        """The hung-statement guard's cut (on the loop): the connection is discarded."""
+        self._aborted = True
+        self.node.pool.adapter.abort(self.conn)
+
+    def _hung(self, limit: float) -> Hung:
+        self._aborted = True
+        node = self.node
+        return Hung(f"node {node.name} did not answer within {limit:.3g}s "
+                    "(statement timeout plus grace): hung or unreachable", node=node.name)
+
+    def cut_now(self) -> None:
+        """As `Lease.cut_now`, on the loop (the deadline passed, or a hedge won): marked
+        cut, the server asked to cancel the statement (the cancel's thread is not started
+        on the loop), then the socket shut down."""
+        self._aborted = self._cut = True
+        node, conn = self.node, self.conn
+        adapter: AsyncAdapter = node.pool.adapter  # type: ignore[assignment]
+        self._cancel_sent = CANCELLER.cancel(node.adapter, adapter.session_id(conn), node.healthy, from_loop=True)
+        adapter.abort(conn)
 
 
 class AsyncHeldLease(AsyncLease, HeldLease):
@@ -111,20 +178,25 @@ class AsyncHeldLease(AsyncLease, HeldLease):
 
 
 async def take(node: Node, timeout: float | None = None, kind: type[AsyncLease] = AsyncLease) -> AsyncLease:
-    """A lease on ``node`` if its breaker admits the call (as `dbrouter.lease.take`)."""
-    breaker = node.breaker
-    trial = False
-    if not breaker.clean:
-        admitted = breaker.admit()
-        if admitted is REFUSED:
-            raise BreakerOpen(f"node {node.name}: circuit breaker {breaker.state} after {breaker.failures} failures",
-                              node=node.name)
-        trial = admitted is TRIAL
+    """A lease on ``node`` if its breaker admits the call (as `dbrouter.lease.take`, whose
+    admission and deadline rules these are)."""
+    trial = admit(node)
+    deadline = current_deadline()
+    started = 0.0 if deadline is None else time.monotonic()
     try:
-        entry = await node.pool.borrow(timeout)  # type: ignore[misc]  # an AsyncPool's
+        wait = timeout if deadline is None else checkout_wait(node, timeout, deadline, started)
+        entry = await node.pool.borrow(wait)  # type: ignore[misc]  # an AsyncPool's
     except BaseException as exc:
-        not_taken(node, exc)
-        if trial and not isinstance(exc, ConnectError):
-            breaker.abandon_trial()
+        checkout_failed(node, exc, trial, deadline, started, timeout)
         raise
+    if deadline is not None:
+        deadline.note(f"pool wait on {node.name}", time.monotonic() - started)
     return kind(node, entry, trial)
+
+
+def statement(sql: str, params: Any) -> Callable[[AsyncLease], Awaitable[tuple[Any, int]]]:
+    """One statement as an operation on an async lease (as `dbrouter.routing.statement`)."""
+    async def execute(lease: AsyncLease) -> tuple[Any, int]:
+        return await lease.execute(sql, params)
+
+    return execute

@@ -31,6 +31,7 @@ from typing import Any, Callable
 from ..adapters.aio import AsyncAdapter
 from ..adapters.base import ReturnState
 from ..config import PoolConfig, check_wait
+from ..deadline import current as current_deadline
 from ..errors import ConnectError, NodeRemoved, NodeUnavailable, PoolClosed, PoolError, PoolTimeout, TooManyWaiting
 from ..pool import (
     ACQUIRED,
@@ -181,14 +182,31 @@ class AsyncPool:
                               not_acquired=True)
                 continue
             if handed - entry.last_used > self._bypass:
+                # Bounded by connect_timeout and by the call's deadline (dbrouter.deadline), as
+                # `dbrouter.pool.Pool` bounds it: cut then, the connection discarded.
+                limit = self.adapter.options.connect_timeout
+                call_deadline = current_deadline()
+                by_deadline = False
+                if call_deadline is not None:
+                    left = call_deadline.at - now
+                    if left <= 0:  # no time left to check it: it stays pooled
+                        self.give_back(entry)
+                        raise call_deadline.exceeded(f"before a connection of {self.name} was checked", self.name)
+                    by_deadline, limit = left < limit, min(left, limit)
                 try:
-                    await guarded(self.adapter, entry.conn, self.adapter.ping(entry.conn),
-                                  self.adapter.options.connect_timeout)
+                    await guarded(self.adapter, entry.conn, self.adapter.ping(entry.conn), limit)
                 except (Exception, asyncio.CancelledError) as exc:
                     self.adapter.abort(entry.conn)
-                    self._discard(entry, f"failed liveness check: {exc.__class__.__name__}", not_acquired=True)
+                    cut = by_deadline and isinstance(exc, asyncio.TimeoutError)
+                    self._discard(entry, "liveness check cut at the call's deadline" if cut
+                                  else f"failed liveness check: {exc.__class__.__name__}", not_acquired=True)
                     if isinstance(exc, asyncio.CancelledError):
                         raise
+                    if cut:
+                        assert call_deadline is not None
+                        call_deadline.note(f"liveness check on {self.name}", time.monotonic() - now)
+                        raise call_deadline.exceeded(f"in the liveness check of a connection of {self.name}",
+                                                     self.name) from exc
                     continue
             entry.borrowed_at = now
             if self._leak_threshold is not None:

@@ -12,6 +12,12 @@ small on purpose, and where the sync version changes, this one is read beside it
 twin (psycopg_pool's way) would pay off once this file is as large as the sync
 side; it is not.
 
+A call's deadline is the sync router's too: the context variable and the counting scope
+of `dbrouter.deadline` and `Core.scoped`, the retry and failover bounds of
+`dbrouter.routing`, the checkout's of `dbrouter.lease`; only the cut of a statement at
+the deadline is the loop's (`dbrouter.aio.lease`). Hedged reads use the control router's
+`HedgePolicy` (threshold, budget, counts); the race is `dbrouter.aio.hedging`.
+
 The prober and the control plane run in threads with the same driver's sync
 flavour (the `AsyncAdapter.sync` twin), so a probe or a listener never runs on the
 loop, and a node that hangs cannot slow the loop down. Listeners registered with
@@ -25,6 +31,7 @@ import contextvars
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, AsyncIterable, Awaitable, Callable, Iterable, Mapping, Sequence, TypeVar, cast
 
 from ..adapters import Adapter, make_async_adapter
@@ -32,6 +39,8 @@ from ..adapters.aio import AsyncAdapter
 from ..adapters.base import Rows
 from ..bulk import BatchReport
 from ..config import SECTIONS, RouterConfig, build_router_config, check_wait, load_router_config
+from ..deadline import TIMER, Deadline
+from ..deadline import current as current_deadline
 from ..decisions import Action, Failure, Phase, Work, failure_of
 from ..errors import (
     ConfigurationError,
@@ -46,13 +55,24 @@ from ..events import Event
 from ..lease import Outcome, answered, not_taken
 from ..retrying import Retry
 from ..router import Router, _fields
-from ..routing import _NODE_FAILURES, _in_transaction, _retry_or_raise, refuse_read, short, write_failed
+from ..routing import (
+    _NODE_FAILURES,
+    _in_transaction,
+    _ran_out,
+    _retry_or_raise,
+    _until,
+    refuse_read,
+    short,
+    write_failed,
+)
 from ..statements import UNSEEN
-from ..topology import Node
+from ..topology import REPLICA, Node
 from ..transactions import Results
 from ..url import NodeAddress
 from .bulk import write_many
+from .hedging import AsyncHedger
 from .lease import AsyncHeldLease, AsyncLease, take
+from .lease import statement as _statement
 from .pool import AsyncPool
 
 __all__ = ["AsyncRouter", "AsyncSession", "AsyncTransaction"]
@@ -92,7 +112,9 @@ class AsyncRouter:
     mysql.connector.aio). Build it anywhere; it starts on its first call, or with
     ``await router.open()`` / ``async with AsyncRouter(...) as router``, on the running
     loop, which it is bound to from then on. Errors, events, retries and write-outcome
-    rules are `Router`'s.
+    rules are `Router`'s, and so are per-call deadlines (``timeout=``, `deadline`,
+    ``call_timeout``: `dbrouter.deadline`) and hedged reads (``hedge_after``,
+    ``hedge_budget``: `dbrouter.aio.hedging`).
     """
 
     def __init__(self, primary: str | Mapping[str, Any] | None = None, replicas: Sequence[Any] | str = (), *,
@@ -106,16 +128,13 @@ class AsyncRouter:
                                      "would block the event loop")
         if config.discovery.discovery != "static":
             raise ConfigurationError("discovery is not supported by AsyncRouter yet: list the nodes")
-        if config.routing.hedge_after is not None:
-            raise ConfigurationError("hedge_after is not supported by AsyncRouter yet")
-        if config.routing.call_timeout is not None:
-            raise ConfigurationError("call_timeout is not supported by AsyncRouter yet: bound calls with "
-                                     "asyncio.timeout(), which cuts a statement's connection when it expires")
         self._control = control = _Control(config=config, open=False)
         self.config = config
         self.events = control.events
         self.topology = control.topology
         self.counts = control.counts
+        self._hedger = None if control.hedger is None else AsyncHedger(control.hedger)
+        """Hedged reads (``hedge_after``): the control router's policy, budget and counts."""
         self._opened = False
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -155,8 +174,14 @@ class AsyncRouter:
             for node in control.topology.nodes:  # on the loop: the pools' tasks are its
                 node.pool.open()
                 await asyncio.sleep(0)  # one pool per step: in debug mode making tasks is not cheap
-            await loop.run_in_executor(self._blocking, control._start_control)
+            await loop.run_in_executor(self._blocking, self._start_threads)
         return self
+
+    def _start_threads(self) -> None:
+        """In the control worker, off the loop: the control plane, and the deadline timer's
+        thread (which starts the server-side cancels of calls cut on the loop)."""
+        self._control._start_control()
+        TIMER.arm(0.0, _nothing)
 
     def _check_loop(self) -> None:
         if not self._opened:
@@ -174,6 +199,8 @@ class AsyncRouter:
         control = self._control
         deadline = time.monotonic() + timeout
         pools = [cast(AsyncPool, node.pool) for node in control.topology.nodes]
+        if self._hedger is not None:
+            self._hedger.close()
         try:
             if self._opened:
                 await asyncio.gather(*(pool.aclose(timeout) for pool in pools))
@@ -217,8 +244,13 @@ class AsyncRouter:
                 return control.choose_writer(0.0)  # raises at once unless the primary can take writes
             except (NoPrimaryAvailable, SplitBrain):
                 if time.monotonic() >= failover_deadline:
-                    raise
+                    # Past the wait: the sync call raises at once, its error or the call's deadline's.
+                    return control.choose_writer(failover_deadline)
+            waited = time.monotonic()
             await self._wait_for_change(snapshot.version, failover_deadline)
+            deadline = current_deadline()
+            if deadline is not None:
+                deadline.note("waiting for a primary", time.monotonic() - waited)
 
     async def _wait_for_change(self, version: int, deadline: float) -> None:
         """Until the snapshot changes or ``deadline`` (polled: the control plane is threads)."""
@@ -278,10 +310,16 @@ class AsyncRouter:
 
     # -- reads ---------------------------------------------------------------------------------
 
-    async def read(self, sql: str, params: Any = None, *, unchecked: bool = False, idempotent: bool = False) -> Rows:
-        """As `Router.read`, awaited."""
+    async def read(self, sql: str, params: Any = None, *, unchecked: bool = False, idempotent: bool = False,
+                   timeout: float | None = None) -> Rows:
+        """As `Router.read`, awaited; ``timeout`` bounds the whole call (`DeadlineExceeded`)."""
         self._check_loop()
         control = self._control
+        if timeout is not None or self.config.routing.call_timeout is not None:
+            scope = control.call_scope(timeout)
+            if scope is not None:
+                with scope:
+                    return await self.read(sql, params, unchecked=unchecked, idempotent=idempotent)
         if unchecked:
             self.counts.reads.inc()
             return await self.read_with(self.choose_reader(), _statement(sql, params),
@@ -295,7 +333,11 @@ class AsyncRouter:
                 refuse_read(problem, params)
         self.counts.reads.inc()
         node = self.choose_reader()
-        if not node.breaker.clean or cast(AsyncPool, node.pool).adapter.guard_timeout is not None:
+        hedger = self._hedger
+        if hedger is not None and node.role == REPLICA:
+            return await hedger.read(self, node, sql, params)
+        if (not node.breaker.clean or cast(AsyncPool, node.pool).adapter.guard_timeout is not None
+                or current_deadline() is not None):
             return await self.read_with(node, _statement(sql, params))
         # The hot path, as Core.read's: no lease object while the breaker is clean.
         pool = cast(AsyncPool, node.pool)
@@ -356,8 +398,12 @@ class AsyncRouter:
 
         try:
             rows, _ = await executor.run_async(attempt, attempts=max(1, self.config.retry.retry_attempts - 1),
+                                               deadline=_until(self.config.retry.retry_deadline),
                                                on_retry=self.counts.retries.inc)
         except Retry as last:
+            ran_out = _ran_out(last)
+            if ran_out is not None:
+                raise ran_out from last.cause
             summary = "; ".join(f"{name}: {short(err)}" for name, err in errors.items())
             spent = "; no more retries: the retry budget is spent" if last.budget_spent else ""
             raise NoReplicaAvailable(f"read failed on every node tried ({summary}){spent}") from last.cause
@@ -366,9 +412,17 @@ class AsyncRouter:
     # -- writes --------------------------------------------------------------------------------
 
     async def write(self, sql: str, params: Any = None, *, idempotent: bool = False,
-                    outside_transaction: bool = False) -> int:
-        """As `Router.write`, awaited (`UsageError` inside this task's open transaction)."""
+                    outside_transaction: bool = False, timeout: float | None = None) -> int:
+        """As `Router.write`, awaited (`UsageError` inside this task's open transaction);
+        ``timeout`` bounds the whole call, a failover wait included (`DeadlineExceeded`,
+        `DeadlineExceededAfterWrite` when the write was sent and cut)."""
         self._check_loop()
+        if timeout is not None or self.config.routing.call_timeout is not None:
+            scope = self._control.call_scope(timeout)
+            if scope is not None:
+                with scope:
+                    return await self.write(sql, params, idempotent=idempotent,
+                                            outside_transaction=outside_transaction)
         self._refuse_in_transaction("router.write()", outside_transaction)
         self.counts.writes.inc()
         _, count = await self.on_primary(_statement(sql, params), Work.IDEMPOTENT if idempotent else Work.WRITE)
@@ -383,8 +437,8 @@ class AsyncRouter:
         """As `Core.on_primary`, awaited."""
         routing, retry = self.config.routing, self.config.retry
         start = time.monotonic()
-        failover_deadline = start + routing.failover_wait
-        deadline = max(start + retry.retry_deadline, failover_deadline)
+        failover_deadline = _until(routing.failover_wait, start)
+        deadline = max(_until(retry.retry_deadline, start), failover_deadline)
         version = [0]
 
         async def attempt() -> T:
@@ -415,6 +469,9 @@ class AsyncRouter:
                 on_retry=self.counts.retries.inc)
         except Retry as failed:
             last = failed
+        ran_out = _ran_out(last)
+        if ran_out is not None:
+            raise ran_out from last.cause
         error = write_failed(last)
         if error is last.cause:
             raise error  # a deadlock or serialization failure that outlived the retries, as it was
@@ -422,38 +479,60 @@ class AsyncRouter:
 
     # -- transactions and sessions ------------------------------------------------------------------
 
-    def transaction(self, *, outside_transaction: bool = False) -> _TransactionBlock:
-        """``async with router.transaction() as tx``: as `Router.transaction`."""
-        return _TransactionBlock(self, Work.BLOCK, None, "router.transaction()", outside_transaction)
+    def deadline(self, seconds: float) -> AbstractContextManager[Deadline]:
+        """``with router.deadline(s):`` (a plain ``with``: it sets a context variable, no I/O),
+        as `Router.deadline`: every call in the block, in this task and the tasks it starts,
+        ends within ``seconds``; nested blocks, and a deadline set by the sync API, only
+        shorten it. Raises `DeadlineExceeded` (counted once)."""
+        return self._control.scoped(seconds)
+
+    def transaction(self, *, outside_transaction: bool = False, timeout: float | None = None) -> _TransactionBlock:
+        """``async with router.transaction() as tx``: as `Router.transaction`; ``timeout``
+        bounds the block from BEGIN to COMMIT (`DeadlineExceeded`, or
+        `DeadlineExceededAfterWrite` if it was the COMMIT)."""
+        return _TransactionBlock(self, Work.BLOCK, None, "router.transaction()", outside_transaction, timeout)
 
     async def run_transaction(self, fn: Callable[[AsyncTransaction], Awaitable[T]], *,
-                              outside_transaction: bool = False) -> T:
-        """``await fn(tx)`` in a transaction, run again as `Router.run_transaction` runs it."""
+                              outside_transaction: bool = False, timeout: float | None = None) -> T:
+        """``await fn(tx)`` in a transaction, run again as `Router.run_transaction` runs it;
+        ``timeout`` bounds it all, reruns included (`DeadlineExceeded`)."""
         self._check_loop()
+        with self._control.call_scope(timeout) or nullcontext():
+            return await self._retry(lambda: self._run_transaction_once(fn, outside_transaction))
 
-        async def attempt() -> T:
-            async with _TransactionBlock(self, Work.RERUN, None, "router.run_transaction()",
-                                         outside_transaction) as tx:
-                return await fn(tx)
+    async def _run_transaction_once(self, fn: Callable[[AsyncTransaction], Awaitable[T]],
+                                    outside_transaction: bool) -> T:
+        async with _TransactionBlock(self, Work.RERUN, None, "router.run_transaction()", outside_transaction) as tx:
+            return await fn(tx)
 
+    async def _retry(self, attempt: Callable[[], Awaitable[T]]) -> T:
+        """As `Core.retry`, awaited: ``attempt()``, then through the retry executor if it
+        raised `Retry`, stopping at the call's deadline; the last cause is raised."""
         try:
             return await attempt()
         except Retry as failed:
             first = failed
         try:
-            return await self._control._executor.run_async(attempt, after=first, on_retry=self.counts.retries.inc)
+            return await self._control._executor.run_async(
+                attempt, after=first, deadline=_until(self.config.retry.retry_deadline),
+                on_retry=self.counts.retries.inc)
         except Retry as last:
+            ran_out = _ran_out(last)
+            if ran_out is not None:
+                raise ran_out from last.cause
             raise last.cause from None
 
     async def write_many(self, sql: str, rows: Iterable[Any] | AsyncIterable[Any], *, batch_size: int = 1000,
                          workers: int = 4, outside_transaction: bool = False,
-                         progress: Callable[[BatchReport], object] | None = None) -> int:
+                         progress: Callable[[BatchReport], object] | None = None, timeout: float | None = None) -> int:
         """As `Router.write_many` (the same batches, reports and `BulkWriteError`), with the
         batches as tasks; ``rows`` may be an async iterable. Multi-row INSERTs: COPY is the
-        sync router's for now (`dbrouter.aio.bulk`)."""
+        sync router's for now (`dbrouter.aio.bulk`). ``timeout`` bounds the whole call:
+        batches cut by it fail with `DeadlineExceeded` (unknown when cut in their COMMIT)."""
         self._check_loop()
-        return await write_many(self, sql, rows, batch_size=batch_size, workers=workers,
-                                outside_transaction=outside_transaction, progress=progress)
+        with self._control.call_scope(timeout) or nullcontext():
+            return await write_many(self, sql, rows, batch_size=batch_size, workers=workers,
+                                    outside_transaction=outside_transaction, progress=progress)
 
     def session(self) -> AsyncSession:
         """A read-your-writes session (as `Router.session`), for one task."""
@@ -500,11 +579,8 @@ class AsyncRouter:
             lease.release()
 
 
-def _statement(sql: str, params: Any) -> Callable[[AsyncLease], Awaitable[tuple[Any, int]]]:
-    async def execute(lease: AsyncLease) -> tuple[Any, int]:
-        return await lease.execute(sql, params)
-
-    return execute
+def _nothing() -> None:
+    return None
 
 
 class AsyncTransaction(Results):
@@ -556,18 +632,35 @@ class _TransactionBlock:
     `dbrouter.transactions.transaction` judges them."""
 
     def __init__(self, router: AsyncRouter, work: Work, after_commit: Callable[[AsyncLease], Awaitable[None]] | None,
-                 call: str, outside_transaction: bool) -> None:
+                 call: str, outside_transaction: bool, timeout: float | None = None) -> None:
         self._router = router
         self._work = work
         self._after_commit = after_commit
         self._call = call
         self._outside = outside_transaction
+        self._timeout = timeout
+        self._scope: AbstractContextManager[Deadline] | None = None
         self._tx: AsyncTransaction | None = None
         self._token: contextvars.Token[int] | None = None
 
     async def __aenter__(self) -> AsyncTransaction:
         router = self._router
         router._check_loop()
+        # The block's deadline scope (Core.call_scope) spans BEGIN to COMMIT: entered here,
+        # left in __aexit__, in the same task.
+        self._scope = scope = router._control.call_scope(self._timeout)
+        if scope is None:
+            return await self._begin()
+        scope.__enter__()
+        try:
+            return await self._begin()
+        except BaseException as exc:
+            self._scope = None
+            scope.__exit__(type(exc), exc, exc.__traceback__)  # counts a deadline's error; never swallows one
+            raise
+
+    async def _begin(self) -> AsyncTransaction:
+        router = self._router
         router._refuse_in_transaction(self._call, self._outside)
         lease = await router.on_primary(_begin, self._work, phase=Phase.BEFORE_SEND, keep=True)
         self._tx = AsyncTransaction(lease)
@@ -575,6 +668,22 @@ class _TransactionBlock:
         return self._tx
 
     async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        scope, self._scope = self._scope, None
+        if scope is None:
+            await self._end(exc)
+            return
+        try:
+            await self._end(exc)
+        except BaseException as error:
+            scope.__exit__(type(error), error, error.__traceback__)  # counts a deadline's error; never swallows one
+            raise
+        # The block's own error, if any, goes on: it leaves the scope too (and is counted there).
+        if exc is None:
+            scope.__exit__(None, None, None)
+        else:
+            scope.__exit__(type(exc), exc, tb)
+
+    async def _end(self, exc: BaseException | None) -> None:
         router, tx = self._router, self._tx
         assert tx is not None and self._token is not None
         router._open_transactions.reset(self._token)

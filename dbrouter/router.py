@@ -322,13 +322,17 @@ class Router(Core):
     def _add_node(self, address: NodeAddress, name: str | None, weight: float, timeout: float) -> Node:
         # The name is checked by the control plane, which alone knows the nodes as of now.
         node = self._build_node(self.config, [], address, weight, name, REPLICA)
-        node.pool.open()
+        self._open_added(node)
         try:
             self.topology.add(node, timeout)
         except BaseException:
             node.pool.close(0)
             raise
         return node
+
+    def _open_added(self, node: Node) -> None:
+        """Open the pool of a node added while the router runs (`AsyncRouter`: on its loop)."""
+        node.pool.open()
 
     def remove_replica(self, name: str, *, timeout: float = 30.0, wait: bool = True) -> None:
         """Drain the replica called ``name`` out of the router.
@@ -343,6 +347,11 @@ class Router(Core):
         """
         check_wait("timeout", timeout)
         node = self.topology.remove(name, min(timeout, 10.0) if timeout else 10.0)
+        self._drain(node, timeout, wait)
+
+    def _drain(self, node: Node, timeout: float, wait: bool) -> None:
+        """Close a removed node's pool once its borrowed connections are back (`AsyncRouter`:
+        on its loop)."""
 
         def drain() -> None:
             node.pool.close(timeout, removed=True)
@@ -350,7 +359,7 @@ class Router(Core):
         if wait:
             drain()
             return
-        thread = threading.Thread(target=drain, name=f"dbrouter-drain-{name}", daemon=True)
+        thread = threading.Thread(target=drain, name=f"dbrouter-drain-{node.name}", daemon=True)
         with self._draining_lock:
             self._draining = [t for t in self._draining if t.is_alive()]
             self._draining.append(thread)

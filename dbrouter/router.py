@@ -132,6 +132,8 @@ class Router(Core):
             raise
 
     def _start_control(self) -> None:
+        for node in self.topology.nodes:
+            node.breaker.share()  # with breaker_redis_url: refreshed from Redis while open
         self.topology.start()
         if self.discovery is not None:
             self.discovery.start()
@@ -328,6 +330,7 @@ class Router(Core):
         except BaseException:
             node.pool.close(0)
             raise
+        node.breaker.share()
         return node
 
     def _open_added(self, node: Node) -> None:
@@ -347,6 +350,7 @@ class Router(Core):
         """
         check_wait("timeout", timeout)
         node = self.topology.remove(name, min(timeout, 10.0) if timeout else 10.0)
+        node.breaker.unshare()
         self._drain(node, timeout, wait)
 
     def _drain(self, node: Node, timeout: float, wait: bool) -> None:
@@ -587,6 +591,8 @@ class Router(Core):
         self.topology.stop(timeout)
         if self.hedger is not None:
             self.hedger.close()
+        for node in self.topology.nodes:
+            node.breaker.unshare()
         self._close_pools(timeout)
         self._watchdog.stop()
 
@@ -597,6 +603,8 @@ class Router(Core):
         self.topology.revive()
         if self.discovery is not None:
             self.discovery.revive()
+        for node in self.topology.nodes:
+            node.breaker.share()  # the sharing thread, started again in this process
         for node in self.topology.nodes:
             node.pool._revive(tell_owner=False)
 

@@ -145,9 +145,6 @@ class AsyncRouter:
             config = build_router_config(primary, replicas, options)
         elif primary is not None or replicas or options:
             raise ConfigurationError("give either config= or primary/replicas/options, not both")
-        if config.breaker.breaker_redis_url:
-            raise ConfigurationError("breaker_redis_url is not supported by AsyncRouter yet: its Redis calls "
-                                     "would block the event loop")
         if config.routing.hedge_after is not None:
             raise ConfigurationError("hedge_after is not supported by AsyncRouter yet")
         if config.routing.call_timeout is not None:
@@ -271,6 +268,7 @@ class AsyncRouter:
         control = self._control
         node = await asyncio.get_running_loop().run_in_executor(
             self._blocking, lambda: control.topology.remove(name, min(timeout, 10.0) if timeout else 10.0))
+        node.breaker.unshare()
         drain = control.drain_on_loop(node, timeout)
         if wait:
             await asyncio.shield(drain)  # cancelled, the caller stops waiting; the pool still closes

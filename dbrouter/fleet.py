@@ -192,10 +192,12 @@ class _Sharer:
             self._wake.wait(max(0.0, next_due - time.monotonic()))
 
     def _after_fork_in_child(self) -> None:
-        """In a forked child the thread is gone: start another when needed."""
+        """In a forked child the thread is gone: start another when needed. The writes still
+        queued are the parent's to send (an INCR sent twice would count a failure twice)."""
         self._lock = threading.Lock()
         self._thread = None
         self._wake = threading.Event()
+        self._jobs.clear()
 
 
 _sharer = _Sharer()

@@ -359,8 +359,9 @@ class BreakerPolicy:
     work on their own (one warning), and bad values in Redis are ignored and
     overwritten (see `dbrouter.fleet`)."""
     breaker_refresh: float = 0.5
-    """With shared state, seconds a process trusts its copy of a breaker's state
-    before reading it from Redis again (keeps Redis off the query path)."""
+    """With shared state, seconds between two reads of a breaker's state from Redis into
+    the process's copy, done in the background (so another process's change is seen within
+    that; 0: every 0.05 s). Callers only read the copy: Redis is off the query path."""
 
     def __post_init__(self) -> None:
         check_range("BreakerPolicy", "fail_max", self.fail_max, low=1, high=MAX_FAIL_MAX, integer=True)

@@ -21,19 +21,33 @@ a dependency, so nothing read from Redis is trusted and no Redis trouble reaches
   server's current time. It stays pybreaker's format (whole epoch seconds), which processes
   of an older dbrouter read too.
 
-No lock of dbrouter's is held around any of this: the storage's only lock guards the set of
-warnings already given, and nothing is called under it. pybreaker does hold its own lock
-while it calls the storage (its design): only writes and validated reads happen then.
+- No Redis I/O on a caller's thread: the storage is write-behind. pybreaker reads and writes
+  this process's copy only (attribute accesses, under its lock), and every write is handed to
+  one thread per process, ``dbrouter-breaker-share`` (`_Sharer`), which sends it to Redis in
+  order; that thread also refreshes each open router's breakers from Redis every
+  ``breaker_refresh`` seconds (`RedisBreakerStorage.snapshot`, adopted into the copy). So a
+  query thread of `Router` and the event loop of `AsyncRouter` alike only ever read the local
+  copy: a slow or dead Redis (up to its 1 s socket timeout) costs that thread its time, never a
+  caller's, and never holds pybreaker's lock (which would serialise every caller of the node's
+  breaker) for a round trip. One mechanism serves both routers, rather than an async-only copy.
+
+No lock of dbrouter's is held around any of this: the storage's only locks guard the set of
+warnings already given and the thread's queue, and nothing is called under them. pybreaker
+does hold its own lock while it calls the storage (its design): only attribute accesses and
+queue appends happen then.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
 import time
+import weakref
+from collections import deque
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Callable, NamedTuple
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Protocol
 from urllib.parse import urlsplit
 
 import pybreaker
@@ -62,9 +76,10 @@ _down_until: dict[str, float] = {}
 
 
 def _renew_lock() -> None:
-    """In a forked child: a thread of the parent may have held the lock at the fork."""
+    """In a forked child: a thread of the parent may have held a lock at the fork."""
     global _warned_lock
     _warned_lock = threading.Lock()
+    _sharer._after_fork_in_child()
 
 
 if hasattr(os, "register_at_fork"):
@@ -87,6 +102,105 @@ def _forget(kind: str, what: str) -> bool:
             return False
         _warned.discard((kind, what))
         return True
+
+
+_MAX_QUEUED = 10_000
+"""Writes waiting for Redis beyond this (Redis slow for long) are dropped: the copy keeps them."""
+_IDLE_WAIT = 0.5
+"""The sharing thread's longest sleep with nothing due."""
+
+
+class Refreshed(Protocol):
+    """What `_Sharer.follow` refreshes: a breaker reading its shared state (`NodeBreaker`)."""
+
+    def refresh_shared(self, now: float) -> float:
+        """Read the shared state (Redis I/O); return the seconds until the next read."""
+
+
+class _Sharer:
+    """The process's one thread for shared breaker state (see the module docstring): runs the
+    writes handed to it in order, and refreshes the breakers it follows when they are due. It
+    exits when it has nothing to do and nobody to follow, and starts again when needed."""
+
+    def __init__(self) -> None:
+        self._jobs: deque[Callable[[], None]] = deque()
+        self._followed: weakref.WeakKeyDictionary[Refreshed, float] = weakref.WeakKeyDictionary()
+        self._wake = threading.Event()
+        self._lock = threading.Lock()  # guards _thread and _followed; nothing is called under it
+        self._thread: threading.Thread | None = None
+        self._dropped = 0
+
+    def submit(self, job: Callable[[], None]) -> None:
+        """Hand a write over (any thread, the event loop's included: an append and a wake-up)."""
+        if len(self._jobs) >= _MAX_QUEUED:
+            self._dropped += 1
+            if _first("queue", "full"):
+                log.warning("shared breaker state: %d writes wait for Redis; later ones stay in this process's "
+                            "copy only until Redis catches up", _MAX_QUEUED)
+            return
+        self._jobs.append(job)
+        self._ensure_running()
+        self._wake.set()
+
+    def follow(self, breaker: Refreshed) -> None:
+        """Refresh ``breaker`` from now on (the router opened, or added its node)."""
+        with self._lock:
+            self._followed[breaker] = 0.0
+        self._ensure_running()
+        self._wake.set()
+
+    def unfollow(self, breaker: Refreshed) -> None:
+        with self._lock:
+            self._followed.pop(breaker, None)
+
+    def _ensure_running(self) -> None:
+        with self._lock:
+            if self._thread is not None:
+                return
+            thread = self._thread = threading.Thread(target=self._run, name="dbrouter-breaker-share", daemon=True)
+        thread.start()  # not under the lock: starting a thread waits for it to run
+
+    def _run(self) -> None:
+        while True:
+            self._wake.clear()
+            while self._jobs:
+                job = self._jobs.popleft()
+                try:
+                    job()
+                except Exception:  # noqa: BLE001 - the thread must outlive any bug
+                    log.exception("shared breaker state: a write failed")
+            now = time.monotonic()
+            with self._lock:
+                followed = list(self._followed.items())
+            next_due = now + _IDLE_WAIT
+            for breaker, due in followed:
+                if due <= now:
+                    try:
+                        interval = breaker.refresh_shared(now)
+                    except Exception:  # noqa: BLE001 - the thread must outlive any bug
+                        log.exception("shared breaker state: a refresh failed")
+                        interval = _IDLE_WAIT
+                    due = time.monotonic() + interval
+                    with self._lock:
+                        if breaker in self._followed:
+                            self._followed[breaker] = due
+                next_due = min(next_due, due)
+            with self._lock:
+                if not self._followed and not self._jobs:
+                    self._thread = None
+                    return
+            self._wake.wait(max(0.0, next_due - time.monotonic()))
+
+    def _after_fork_in_child(self) -> None:
+        """In a forked child the thread is gone: start another when needed. The writes still
+        queued are the parent's to send (an INCR sent twice would count a failure twice)."""
+        self._lock = threading.Lock()
+        self._thread = None
+        self._wake = threading.Event()
+        self._jobs.clear()
+
+
+_sharer = _Sharer()
 
 
 class _Local:
@@ -165,6 +279,9 @@ class RedisBreakerStorage(pybreaker.CircuitBreakerStorage):
         self._success = 0
         self._opened_at: datetime | None = None
         self._own_stamp: int | None = None
+        # Bumped by every change to the copy: a refresh whose read raced one keeps the copy
+        # (the change's write is still on its way to Redis).
+        self._changes = 0
 
     def __repr__(self) -> str:
         return f"<RedisBreakerStorage {self._prefix}* at {self._address}>"
@@ -172,6 +289,23 @@ class RedisBreakerStorage(pybreaker.CircuitBreakerStorage):
     def go_live(self) -> None:
         """Start using Redis (until now every read and write stayed in the local copy)."""
         self._live = True
+
+    def follow(self, breaker: Refreshed) -> None:
+        """Have the sharing thread refresh ``breaker`` from Redis (its router is open)."""
+        _sharer.follow(breaker)
+
+    def unfollow(self, breaker: Refreshed) -> None:
+        _sharer.unfollow(breaker)
+
+    def local(self) -> tuple[str, int]:
+        """(state, failure count) of this process's copy: no I/O."""
+        return self._state, self._fail
+
+    def _later(self, write: Callable[[], None]) -> None:
+        """A change to the copy is made: send it to Redis on the sharing thread."""
+        self._changes += 1
+        if self._live:
+            _sharer.submit(write)
 
     def _key(self, name: str) -> str:
         return self._prefix + name
@@ -234,51 +368,45 @@ class RedisBreakerStorage(pybreaker.CircuitBreakerStorage):
 
         self._io(lambda: self._client.transaction(swap, key))
 
-    def _get(self, name: str, parse: Callable[[Any], Any], kind: str, local: Any) -> Any:
-        """A validated value from Redis, or ``local`` (missing, bad, or Redis down)."""
-        raw = self._io(lambda: self._client.get(self._key(name)))
-        if raw is _LOCAL or raw is None:
-            return local
-        value = parse(raw) if not isinstance(raw, _Refused) else None
-        if value is None:
-            self._bad(name, raw, kind, local)
-            return local
-        return value
-
-    # -- pybreaker's storage interface ---------------------------------------------
+    # -- pybreaker's storage interface: the local copy; writes go to Redis later ----------
 
     @property
     def state(self) -> str:
-        self._state = self._get("state", _parse_state, "a breaker state", self._state)
         return self._state
 
     @state.setter
     def state(self, state: str) -> None:
         self._state = state
-        self._io(lambda: self._client.set(self._key("state"), state))
+        self._later(lambda: self._io(lambda: self._client.set(self._key("state"), state)))
 
     def increment_counter(self) -> None:
         self._fail += 1
-        self._increment("fail_counter", self._fail)
+        self._later(self._incrementer("fail_counter", self._fail))
 
     def reset_counter(self) -> None:
         self._fail = 0
-        self._io(lambda: self._client.set(self._key("fail_counter"), 0))
+        self._later(lambda: self._io(lambda: self._client.set(self._key("fail_counter"), 0)))
 
     def increment_success_counter(self) -> None:
         self._success += 1
-        self._increment("success_counter", self._success)
+        self._later(self._incrementer("success_counter", self._success))
 
     def reset_success_counter(self) -> None:
         self._success = 0
-        self._io(lambda: self._client.set(self._key("success_counter"), 0))
+        self._later(lambda: self._io(lambda: self._client.set(self._key("success_counter"), 0)))
 
-    def _increment(self, name: str, local: int) -> None:
+    def _incrementer(self, name: str, local: int) -> Callable[[], None]:
+        changes = self._changes + 1  # as of this change (made by _later)
+        return lambda: self._increment(name, local, changes)
+
+    def _increment(self, name: str, local: int, changes: int) -> None:
         count = self._io(lambda: self._client.incr(self._key(name)))
         if isinstance(count, _Refused):  # not an integer: this process's count replaces it
             self._bad(name, count, "a count", local)
             self._heal(name, local, _parse_count)
-        elif isinstance(count, int) and count >= 0:
+        elif isinstance(count, int) and count >= 0 and self._changes == changes:
+            # The fleet's count, unless this process changed its copy since (that change's
+            # write follows, and the next refresh brings the fleet's count in).
             if name == "fail_counter":
                 self._fail = count
             else:
@@ -286,30 +414,25 @@ class RedisBreakerStorage(pybreaker.CircuitBreakerStorage):
 
     @property
     def counter(self) -> int:
-        self._fail = self._get("fail_counter", _parse_count, "a count", self._fail)
         return self._fail
 
     @property
     def success_counter(self) -> int:
-        self._success = self._get("success_counter", _parse_count, "a count", self._success)
         return self._success
 
     @property
     def opened_at(self) -> datetime | None:
-        """When the breaker opened, for pybreaker's own check (dbrouter times it with `snapshot`)."""
-        raw = self._io(lambda: self._client.get(self._key("opened_at")))
-        stamp = _parse_count(raw)
-        if stamp is None:
-            return self._opened_at
-        try:
-            return datetime.fromtimestamp(stamp, timezone.utc)
-        except (ValueError, OverflowError, OSError):  # beyond the calendar: not an opening
-            return self._opened_at
+        """When the breaker opened, for pybreaker's own check (dbrouter times it with `snapshot`):
+        this process's opening, or the shared one adopted at the last refresh."""
+        return self._opened_at
 
     @opened_at.setter
     def opened_at(self, now: datetime) -> None:
         # pybreaker passes this host's clock; the server's is the one every process shares.
         self._opened_at = now
+        self._later(self._stamp_opening)
+
+    def _stamp_opening(self) -> None:
         server = self._io(self._client.time)
         if not isinstance(server, (list, tuple)):
             self._own_stamp = None
@@ -332,10 +455,14 @@ class RedisBreakerStorage(pybreaker.CircuitBreakerStorage):
             self._bad(field, raw, what, local)
             self._heal(field, local, parse)
         return local
+
     def snapshot(self) -> SharedView:
-        """State, failure count and opening time in one round trip, validated; bad values are
-        overwritten, and keys Redis lacks are filled in from this process's copy."""
+        """State, failure count and opening time in one round trip, validated, adopted into this
+        process's copy; bad values are overwritten, and keys Redis lacks are filled in from the
+        copy. Run by the sharing thread (Redis I/O). A change made to the copy meanwhile wins:
+        its write is on its way, and the next refresh reads it back."""
         names = ("state", "fail_counter", "opened_at")
+        changes = self._changes
 
         def read() -> list[Any]:
             pipe = self._client.pipeline(transaction=False)
@@ -350,8 +477,8 @@ class RedisBreakerStorage(pybreaker.CircuitBreakerStorage):
         raw = [_Refused(item) if isinstance(item, Exception) else item for item in raw]
         raw_state, raw_fail, raw_opened, server = raw
         server_time = float(server[0]) + float(server[1]) / 1e6 if isinstance(server, (list, tuple)) else None
-        self._state = self._adopt("state", raw_state, _parse_state, self._state, "a breaker state")
-        self._fail = self._adopt("fail_counter", raw_fail, _parse_count, self._fail, "a count")
+        state = self._adopt("state", raw_state, _parse_state, self._state, "a breaker state")
+        fail = self._adopt("fail_counter", raw_fail, _parse_count, self._fail, "a count")
         stamp = _parse_count(raw_opened)
         if stamp is not None and server_time is not None and stamp > server_time + _FUTURE_SLACK:
             stamp = None  # in the future: it would keep the node out forever
@@ -360,7 +487,13 @@ class RedisBreakerStorage(pybreaker.CircuitBreakerStorage):
             if server_time is not None:
                 now = int(server_time)
                 self._heal("opened_at", now, lambda r: v if (v := _parse_count(r)) is not None and v <= now else None)
-        return SharedView(self._state, self._fail, stamp, server_time, self._own_stamp)
+        if self._changes != changes:  # changed meanwhile: the copy, timed by this process
+            return SharedView(self._state, self._fail, None, None, self._own_stamp)
+        self._state, self._fail = state, fail
+        if stamp is not None:
+            with contextlib.suppress(ValueError, OverflowError, OSError):  # beyond the calendar: not an opening
+                self._opened_at = datetime.fromtimestamp(stamp, timezone.utc)
+        return SharedView(state, fail, stamp, server_time, self._own_stamp)
 
 
 def redis_address(url: str) -> str:

@@ -18,6 +18,10 @@ storage; `NodeBreaker` decides admission around it:
   back another way) ages out after ``reset_timeout``, in `allow` and
   `available` alike. A successful monitor probe counts as a successful trial.
 
+- With shared state in Redis (`dbrouter.fleet`), a breaker reads and writes its process's
+  copy only; Redis is read and written on the fleet's sharing thread, every
+  ``breaker_refresh`` seconds while its router is open (`share`), so that no caller waits
+  for Redis, on a thread of `Router` or on `AsyncRouter`'s event loop.
 - With shared state (`dbrouter.fleet`), the time an open breaker has been open is
   taken from the shared state at every refresh, not from when this process last saw it
   open: a process never offers a node for a trial early because another process opened
@@ -49,6 +53,9 @@ log = logging.getLogger("dbrouter.resilience")
 CLOSED = pybreaker.STATE_CLOSED
 OPEN = pybreaker.STATE_OPEN
 HALF_OPEN = pybreaker.STATE_HALF_OPEN
+
+_SHARED_REFRESH_FLOOR = 0.05
+"""With Redis, the shortest time between two refreshes (``breaker_refresh`` may be 0)."""
 
 # Numeric breaker states, as exported to metrics (0 closed, 1 open, 2 half-open).
 STATE_CODES = {CLOSED: 0, OPEN: 1, HALF_OPEN: 2}
@@ -148,12 +155,32 @@ class NodeBreaker:
 
     def _read(self) -> tuple[str, int]:
         """(state, failure count), from the shared storage at most every ``breaker_refresh`` s."""
+        if self._shared is not None:
+            # Redis: this process's copy, which the sharing thread refreshes (`dbrouter.fleet`):
+            # no caller, query thread or event loop, ever waits for Redis.
+            return self._shared.local()
         if not self._external:
             return self._cb.current_state, self._cb.fail_counter
         now = self._clock()
         if now - self._cached_at >= self._ttl:
             self._refresh(now)
         return self._cached
+
+    def share(self) -> None:
+        """With Redis: have the sharing thread refresh this breaker every ``breaker_refresh``
+        seconds from now on (its router opened, or added its node)."""
+        if self._shared is not None:
+            self._shared.follow(self)
+
+    def unshare(self) -> None:
+        """Stop refreshing (its router closed, or removed its node)."""
+        if self._shared is not None:
+            self._shared.unfollow(self)
+
+    def refresh_shared(self, now: float) -> float:
+        """On the sharing thread: read the shared state (Redis I/O); seconds until the next read."""
+        self._refresh(self._clock())
+        return max(self._ttl, _SHARED_REFRESH_FLOOR)
 
     def _refresh(self, now: float) -> None:
         if self._shared is not None:
@@ -235,7 +262,7 @@ class NodeBreaker:
         state = self._read()[0]  # shared state: the cached copy, refreshed every breaker_refresh
         if state == CLOSED:
             return ADMITTED
-        if self._external and self._ttl:
+        if self._shared is None and self._external and self._ttl:
             self._refresh(self._clock())  # not closed: decide on the current shared state
             state = self._cached[0]
             if state == CLOSED:

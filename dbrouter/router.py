@@ -132,6 +132,8 @@ class Router(Core):
             raise
 
     def _start_control(self) -> None:
+        for node in self.topology.nodes:
+            node.breaker.share()  # with breaker_redis_url: refreshed from Redis while open
         self.topology.start()
         if self.discovery is not None:
             self.discovery.start()
@@ -322,13 +324,18 @@ class Router(Core):
     def _add_node(self, address: NodeAddress, name: str | None, weight: float, timeout: float) -> Node:
         # The name is checked by the control plane, which alone knows the nodes as of now.
         node = self._build_node(self.config, [], address, weight, name, REPLICA)
-        node.pool.open()
+        self._open_added(node)
         try:
             self.topology.add(node, timeout)
         except BaseException:
             node.pool.close(0)
             raise
+        node.breaker.share()
         return node
+
+    def _open_added(self, node: Node) -> None:
+        """Open the pool of a node added while the router runs (`AsyncRouter`: on its loop)."""
+        node.pool.open()
 
     def remove_replica(self, name: str, *, timeout: float = 30.0, wait: bool = True) -> None:
         """Drain the replica called ``name`` out of the router.
@@ -343,6 +350,12 @@ class Router(Core):
         """
         check_wait("timeout", timeout)
         node = self.topology.remove(name, min(timeout, 10.0) if timeout else 10.0)
+        node.breaker.unshare()
+        self._drain(node, timeout, wait)
+
+    def _drain(self, node: Node, timeout: float, wait: bool) -> None:
+        """Close a removed node's pool once its borrowed connections are back (`AsyncRouter`:
+        on its loop)."""
 
         def drain() -> None:
             node.pool.close(timeout, removed=True)
@@ -350,7 +363,7 @@ class Router(Core):
         if wait:
             drain()
             return
-        thread = threading.Thread(target=drain, name=f"dbrouter-drain-{name}", daemon=True)
+        thread = threading.Thread(target=drain, name=f"dbrouter-drain-{node.name}", daemon=True)
         with self._draining_lock:
             self._draining = [t for t in self._draining if t.is_alive()]
             self._draining.append(thread)
@@ -578,6 +591,8 @@ class Router(Core):
         self.topology.stop(timeout)
         if self.hedger is not None:
             self.hedger.close()
+        for node in self.topology.nodes:
+            node.breaker.unshare()
         self._close_pools(timeout)
         self._watchdog.stop()
 
@@ -588,6 +603,8 @@ class Router(Core):
         self.topology.revive()
         if self.discovery is not None:
             self.discovery.revive()
+        for node in self.topology.nodes:
+            node.breaker.share()  # the sharing thread, started again in this process
         for node in self.topology.nodes:
             node.pool._revive(tell_owner=False)
 

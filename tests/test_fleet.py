@@ -175,7 +175,9 @@ def test_a_process_does_not_half_open_a_node_early_after_another_opened_it(pg_cl
                 proxy.reset_connections()
                 assert wait_until(lambda: client.get(key) == b"open", timeout=5), client.get(key)
                 opened = time.monotonic()
-            # A is gone; B, which never saw the node closed, learns it is open from Redis.
+            # A is gone; B learns the node is open again from Redis, within breaker_refresh (its
+            # copy is refreshed in the background: no caller of B's waits for Redis).
+            assert wait_until(lambda: node_b.breaker.state == "open", timeout=1), node_b.breaker
             while time.monotonic() < opened + reset - 0.5:
                 assert not node_b.breaker.available(), f"B offered the node {time.monotonic() - opened:.2f}s after A opened it"
                 assert read_ports(router_b, 2) == {healthy.port}

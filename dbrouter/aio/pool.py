@@ -127,6 +127,20 @@ class AsyncPool:
         self._grow()
         return self
 
+    def open_soon(self, loop: asyncio.AbstractEventLoop, loop_thread: int) -> None:
+        """Open on ``loop`` (run by the thread ``loop_thread``), from any thread. A pool made off
+        the loop (a node the discovery thread adds) is bound to the loop at once, so that
+        what other threads call on it (`close`, `invalidate`) is handed to the loop, and it
+        opens there soon after (or at its first `borrow`, whichever comes first)."""
+        if self._opened or self._closed:
+            return
+        self._loop, self._loop_thread = loop, loop_thread
+        if threading.get_ident() == loop_thread:
+            self.open()
+            return
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: the pool never opens
+            loop.call_soon_threadsafe(self.open)
+
     def _spawn(self, coro: Any, name: str) -> bool:
         """Run ``coro`` as a task of the pool's loop; False (``coro`` dropped) when the loop is gone."""
         loop = self._loop

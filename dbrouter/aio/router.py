@@ -27,8 +27,10 @@ loop, and a node that hangs cannot slow the loop down. Listeners registered with
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
@@ -101,7 +103,47 @@ class _Control(Router):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._async_adapters: dict[int, AsyncAdapter] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None  # the AsyncRouter's, once open
+        self._loop_thread: int | None = None
+        self._drains: set[asyncio.Task[None]] = set()  # removed nodes' pools closing: tasks of the loop
         super().__init__(*args, **kwargs)
+
+    def _open_added(self, node: Node) -> None:
+        """A node added while the router runs (by the discovery thread, or `AsyncRouter.add_replica`
+        through a worker thread): its pool, made off the loop, opens on the router's loop."""
+        loop, thread = self._loop, self._loop_thread
+        if loop is None or thread is None:
+            raise UsageError("the AsyncRouter is not open: await router.open() before changing its nodes")
+        cast(AsyncPool, node.pool).open_soon(loop, thread)
+
+    def _drain(self, node: Node, timeout: float, wait: bool) -> None:
+        """A removed node's pool closes on the loop (the pool's state is the loop's alone): from
+        another thread (the discovery thread's removals) `drain_on_loop` is handed to it."""
+        loop = self._loop
+        if loop is None:
+            cast(AsyncPool, node.pool).close(timeout, removed=True)  # never opened: nothing to wait for
+            return
+        if threading.get_ident() == self._loop_thread:
+            self.drain_on_loop(node, timeout)  # the loop cannot wait for itself: drained in the task
+            return
+        if wait:
+            asyncio.run_coroutine_threadsafe(self._drained(node, timeout), loop).result(timeout + 5.0)
+            return
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the router closed every pool
+            loop.call_soon_threadsafe(self.drain_on_loop, node, timeout)
+
+    async def _drained(self, node: Node, timeout: float) -> None:
+        await asyncio.shield(self.drain_on_loop(node, timeout))
+
+    def drain_on_loop(self, node: Node, timeout: float) -> asyncio.Task[None]:
+        """On the loop: close ``node``'s pool once its borrowed connections are back (up to
+        ``timeout``), in a task the router's `AsyncRouter.close` waits for."""
+        assert self._loop is not None
+        pool = cast(AsyncPool, node.pool)
+        task = self._loop.create_task(pool.aclose(timeout, removed=True), name=f"dbrouter-drain-{node.name}")
+        self._drains.add(task)
+        task.add_done_callback(self._drains.discard)
+        return task
 
 
 class AsyncRouter:
@@ -114,7 +156,9 @@ class AsyncRouter:
     loop, which it is bound to from then on. Errors, events, retries and write-outcome
     rules are `Router`'s, and so are per-call deadlines (``timeout=``, `deadline`,
     ``call_timeout``: `dbrouter.deadline`) and hedged reads (``hedge_after``,
-    ``hedge_budget``: `dbrouter.aio.hedging`).
+    ``hedge_budget``: `dbrouter.aio.hedging`). With ``discovery``, building it asks the
+    provider for its first members (blocking I/O): build it off the loop, at start-up. Nodes that come and go
+    (discovery, `add_replica`, `remove_replica`) get pools that open and close on that loop.
     """
 
     def __init__(self, primary: str | Mapping[str, Any] | None = None, replicas: Sequence[Any] | str = (), *,
@@ -123,11 +167,6 @@ class AsyncRouter:
             config = build_router_config(primary, replicas, options)
         elif primary is not None or replicas or options:
             raise ConfigurationError("give either config= or primary/replicas/options, not both")
-        if config.breaker.breaker_redis_url:
-            raise ConfigurationError("breaker_redis_url is not supported by AsyncRouter yet: its Redis calls "
-                                     "would block the event loop")
-        if config.discovery.discovery != "static":
-            raise ConfigurationError("discovery is not supported by AsyncRouter yet: list the nodes")
         self._control = control = _Control(config=config, open=False)
         self.config = config
         self.events = control.events
@@ -171,6 +210,7 @@ class AsyncRouter:
             self._loop = loop = asyncio.get_running_loop()
             control = self._control
             control._opened = True
+            control._loop, control._loop_thread = loop, threading.get_ident()  # for nodes added later
             for node in control.topology.nodes:  # on the loop: the pools' tasks are its
                 node.pool.open()
                 await asyncio.sleep(0)  # one pool per step: in debug mode making tasks is not cheap
@@ -204,6 +244,8 @@ class AsyncRouter:
         try:
             if self._opened:
                 await asyncio.gather(*(pool.aclose(timeout) for pool in pools))
+                if control._drains:  # removed nodes' pools still closing
+                    await asyncio.wait(list(control._drains), timeout=max(0.05, deadline - time.monotonic()))
                 await asyncio.get_running_loop().run_in_executor(
                     self._blocking, lambda: control.close(max(0.0, deadline - time.monotonic())))
             else:
@@ -230,6 +272,38 @@ class AsyncRouter:
     @property
     def nodes(self) -> list[Node]:
         return list(self.topology.nodes)
+
+    # -- membership ---------------------------------------------------------------------------
+
+    async def add_replica(self, url: str, *, name: str | None = None, weight: float = 1.0,
+                          timeout: float = 10.0) -> Node:
+        """As `Router.add_replica`, awaited: the control plane applies the change on its thread,
+        and the wait for it runs in a worker thread, not on the loop. The node's pool opens on
+        this loop; the node serves reads from its first successful probe."""
+        self._check_membership()
+        control = self._control
+        return await asyncio.get_running_loop().run_in_executor(
+            self._blocking, lambda: control.add_replica(url, name=name, weight=weight, timeout=timeout))
+
+    async def remove_replica(self, name: str, *, timeout: float = 30.0, wait: bool = True) -> None:
+        """As `Router.remove_replica`, awaited: no new read goes to the node once the control
+        plane has applied the change (waited for in a worker thread); reads in flight finish;
+        then its pool closes on this loop, up to ``timeout`` later. ``wait=False`` returns once
+        no read goes to it, the pool closing in a task that `close` waits for."""
+        self._check_membership()
+        check_wait("timeout", timeout)
+        control = self._control
+        node = await asyncio.get_running_loop().run_in_executor(
+            self._blocking, lambda: control.topology.remove(name, min(timeout, 10.0) if timeout else 10.0))
+        node.breaker.unshare()
+        drain = control.drain_on_loop(node, timeout)
+        if wait:
+            await asyncio.shield(drain)  # cancelled, the caller stops waiting; the pool still closes
+
+    def _check_membership(self) -> None:
+        self._check_loop()
+        if self._closed:
+            raise UsageError("the router is closed")
 
     def choose_reader(self, exclude: Sequence[Node] = ()) -> Node:
         """As `Router.choose_reader` (no I/O)."""

@@ -6,20 +6,29 @@ raise the same exception classes) and the same rules for what a returned connect
 needs. What differs is that every round trip is awaited, and that a call cut short (its
 task cancelled, or the router's hung-statement timer) leaves the connection unusable:
 `abort` shuts its socket, and the pool discards it.
+
+A connection is opened on a thread (`_open_pgconn`), not on the loop: libpq's login runs
+inside ``PQconnectPoll``, and a SCRAM password login computes 4,096 rounds of PBKDF2 there,
+4 to 10 ms of CPU that would stop the loop (psycopg's own ``AsyncConnection.connect`` polls
+it on the loop). The loop then wraps the ready ``PGconn`` in an `AsyncConnection`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from itertools import chain
 from typing import Any, Mapping, Sequence
 
 import psycopg
-from psycopg import pq
+from psycopg import generators, pq, waiting
+from psycopg.conninfo import make_conninfo
 from psycopg.rows import TupleRow, tuple_row
 
+from .. import _fork
 from ..config import ConnectOptions
 from ..errors import ConnectError
 from ..url import NodeAddress
@@ -45,6 +54,45 @@ class _Connection(psycopg.AsyncConnection[TupleRow]):
     statement_cursor: psycopg.AsyncCursor[TupleRow] | None
 
 
+class _Connectors:
+    """The process's threads that open psycopg connections for the loops (a few: a connect
+    mostly waits on the server)."""
+
+    def __init__(self) -> None:
+        self._executor: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()  # guards the executor's creation; nothing is called under it
+        _fork.register(self)
+
+    def _after_fork_in_child(self) -> None:
+        self._executor = None  # the parent's threads do not exist here
+        self._lock = threading.Lock()
+
+    def executor(self) -> ThreadPoolExecutor:
+        executor = self._executor
+        if executor is None:
+            with self._lock:
+                executor = self._executor
+                if executor is None:
+                    executor = self._executor = ThreadPoolExecutor(4, thread_name_prefix="dbrouter-pg-connect")
+        return executor
+
+
+_CONNECTORS = _Connectors()
+
+
+def _open_pgconn(conninfo: str, timeout: float) -> pq.abc.PGconn:
+    """A logged-in, non-blocking ``PGconn`` (psycopg's own connect generator, waited on here)."""
+    pgconn: pq.abc.PGconn = waiting.wait_conn(generators.connect(conninfo), interval=0.1, timeout=timeout)
+    return pgconn
+
+
+def _finish_abandoned(done: Future[Any] | asyncio.Future[Any]) -> None:
+    """A connect whose caller gave up (cancelled, or past its bound): close what it opened."""
+    if not done.cancelled() and done.exception() is None:
+        with contextlib.suppress(Exception):
+            done.result().finish()
+
+
 def _replace_cursor(conn: Any) -> Any:
     old = conn.statement_cursor
     conn.statement_cursor = psycopg.AsyncCursor(conn, row_factory=tuple_row)
@@ -63,15 +111,22 @@ class AsyncPsycopgAdapter(AsyncAdapter):
 
     async def connect(self) -> Any:
         sync = self.sync
+        bound = max(2.0, self.options.connect_timeout)  # libpq's connect_timeout: whole seconds, at least 2
+        loop = asyncio.get_running_loop()
+        opening = loop.run_in_executor(_CONNECTORS.executor(), _open_pgconn, make_conninfo("", **sync._params), bound)
         try:
-            # libpq bounds the connect by connect_timeout (whole seconds, at least 2); the
-            # wait_for bounds the whole of it, name lookup and login included.
-            conn = await asyncio.wait_for(
-                _Connection.connect(autocommit=True, prepare_threshold=sync._prepare_threshold, **sync._params),
-                max(2.0, self.options.connect_timeout) + 1.0)
-        except (psycopg.Error, OSError, asyncio.TimeoutError) as exc:
-            reason = first_line(scrub(str(exc), self.address.password)) or "no answer in time"
-            raise ConnectError(f"cannot connect to postgres node {self.node}: {reason}", node=self.node) from None
+            # The thread's wait is bounded by connect_timeout; this bounds the whole of it,
+            # name lookup and login included, and a cancelled caller leaves it to finish.
+            pgconn = await asyncio.wait_for(asyncio.shield(opening), bound + 1.0)
+        except BaseException as exc:
+            opening.add_done_callback(_finish_abandoned)
+            if isinstance(exc, (psycopg.Error, OSError, asyncio.TimeoutError)):
+                reason = first_line(scrub(str(exc), self.address.password)) or "no answer in time"
+                raise ConnectError(f"cannot connect to postgres node {self.node}: {reason}", node=self.node) from None
+            raise
+        conn = _Connection(pgconn)
+        await conn.set_autocommit(True)  # no round trip: psycopg's autocommit is the client's
+        conn.prepare_threshold = sync._prepare_threshold
         conn.statement_cursor = psycopg.AsyncCursor(conn, row_factory=tuple_row)
         return conn
 

@@ -26,7 +26,7 @@ from dbrouter.cluster import LocalCluster
 from dbrouter.deadline import current
 
 from .conftest import wait_until
-from .test_conformance import SLOW_CALLBACK, Client, Pair
+from .test_conformance import Client, Pair, close_checked
 from .test_control_plane import StallDetector, behind_proxy
 from .test_deadline import running, sleep_sql
 
@@ -47,10 +47,7 @@ def clients(cluster: LocalCluster) -> Iterator[Callable[..., Client]]:
         return client
 
     yield make
-    slow: list[str] = []
-    for client in made:
-        slow += client.close()
-    assert not slow, f"callbacks held the event loop over {SLOW_CALLBACK * 1000:.0f} ms:\n" + "\n".join(slow[:10])
+    close_checked(made)
 
 
 def node_stats(client: Client, name: str) -> dict[str, Any]:

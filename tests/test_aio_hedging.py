@@ -22,7 +22,7 @@ from dbrouter.cluster import LocalCluster
 
 from .conftest import port_sql, wait_until
 from .test_aio_deadline import ASYNC_PAIRS
-from .test_conformance import SLOW_CALLBACK, Client
+from .test_conformance import Client, close_checked
 from .test_control_plane import StallDetector, behind_proxy
 from .test_hedging import running_on, slow_on
 
@@ -44,10 +44,7 @@ def hedging(cluster: LocalCluster) -> Iterator[Callable[..., Client]]:
         return client
 
     yield make
-    slow: list[str] = []
-    for client in made:
-        slow += client.close()
-    assert not slow, f"callbacks held the event loop over {SLOW_CALLBACK * 1000:.0f} ms:\n" + "\n".join(slow[:10])
+    close_checked(made)
 
 
 def pools(client: Client) -> dict[str, dict[str, Any]]:

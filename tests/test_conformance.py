@@ -223,6 +223,15 @@ def pair_cluster(pair: Pair, request: pytest.FixtureRequest) -> LocalCluster:
     return found
 
 
+def close_checked(clients: list[Client]) -> None:
+    """Close every client; fail when an async one's loop check (in "fail" mode) reported a
+    slow callback."""
+    slow: list[str] = []
+    for client in clients:
+        slow += client.close()
+    assert not slow, f"callbacks held the event loop over {SLOW_CALLBACK * 1000:.0f} ms:\n" + "\n".join(slow[:10])
+
+
 @pytest.fixture
 def client_factory(pair: Pair, pair_cluster: LocalCluster) -> Iterator[Callable[..., Client]]:
     """Makes clients of the test's pair; closes them after the test and fails it when an
@@ -235,10 +244,7 @@ def client_factory(pair: Pair, pair_cluster: LocalCluster) -> Iterator[Callable[
         return client
 
     yield make
-    slow: list[str] = []
-    for client in made:
-        slow += client.close()
-    assert not slow, f"callbacks held the event loop over {SLOW_CALLBACK * 1000:.0f} ms:\n" + "\n".join(slow[:10])
+    close_checked(made)
 
 
 @pytest.fixture
@@ -295,6 +301,31 @@ def test_a_transaction_commits_together_or_not_at_all(client: Client, pair_clust
         client.in_transaction([(insert, (3, "c"))], fail=RuntimeError("changed my mind"))
     rows = pair_cluster.primary.query(f"SELECT id FROM {pair_table} ORDER BY id", database=pair_cluster.database)
     assert rows == [(1,), (2,)]
+
+
+def test_a_lagging_replica_gets_no_reads_until_it_catches_up(client_factory: Callable[..., Client],
+                                                              pair_cluster: LocalCluster, pair_table: str) -> None:
+    """Replay paused on one replica past ``max_replica_lag``: within two probe intervals every
+    read goes to the other (by server identity); replay resumed, it serves again."""
+    max_lag, interval = 0.6, 0.2
+    client = client_factory(max_replica_lag=max_lag, health_interval=interval)
+    assert client.wait_for_probes(1, timeout=10)
+    lagging, healthy = pair_cluster.replicas
+    port = port_sql(pair_cluster)
+    pair_cluster.pause_replication(lagging)
+    try:
+        written = time.monotonic()
+        client.write(f"INSERT INTO {pair_table} (id, port) VALUES (%s, 0)", (1,))
+        # The lag passes max_lag at most max_lag after the write; two intervals later it is out.
+        time.sleep(max(0.0, written + max_lag + 2 * interval + 0.05 - time.monotonic()))
+        ports = [client.read(f"SELECT {port}")[0][0] for _ in range(20)]
+        assert set(ports) == {healthy.port}, ports
+    finally:
+        pair_cluster.resume_replication(lagging)
+    pair_cluster.wait_replicated(timeout=10)
+    assert client.wait_for_probes(2, timeout=5)
+    ports = [client.read(f"SELECT {port}")[0][0] for _ in range(20)]
+    assert set(ports) == {healthy.port, lagging.port}, ports
 
 
 def test_read_refuses_a_write_before_sending_it(client: Client, pair_table: str) -> None:

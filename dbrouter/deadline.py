@@ -131,11 +131,17 @@ class _Armed:
 _PENDING, _DISARMED, _FIRED = 0, 1, 2
 
 
+IDLE_EXIT = 0.5
+"""Seconds the timer's thread waits with nothing armed before it ends."""
+
+
 class Timer:
     """Calls ``fire()`` at its time, to the millisecond, from one background thread.
 
     `arm` returns a token; `disarm` returns False when it fired already (the connection was
-    cut: discard it). ``fire`` runs without the timer's lock held and must not block.
+    cut: discard it). ``fire`` runs without the timer's lock held and must not block. The
+    thread ends after `IDLE_EXIT` seconds with nothing armed (no thread of dbrouter's
+    outlives its routers) and the next `arm` starts another.
     """
 
     def __init__(self, name: str = "dbrouter-deadline") -> None:
@@ -180,7 +186,10 @@ class Timer:
                 while heap and heap[0].state == _DISARMED:
                     heapq.heappop(heap)
                 if not heap:
-                    cond.wait()
+                    cond.wait(IDLE_EXIT)
+                    if not heap:  # decided under the lock: an arm from now on starts another thread
+                        self._thread = None
+                        return
                     continue
                 wait = heap[0].at - time.monotonic()
                 if wait > 0:

@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from itertools import chain
 from typing import Any, Mapping, Sequence
 
@@ -28,7 +28,6 @@ from psycopg import generators, pq, waiting
 from psycopg.conninfo import make_conninfo
 from psycopg.rows import TupleRow, tuple_row
 
-from .. import _fork
 from ..config import ConnectOptions
 from ..errors import ConnectError
 from ..url import NodeAddress
@@ -54,39 +53,23 @@ class _Connection(psycopg.AsyncConnection[TupleRow]):
     statement_cursor: psycopg.AsyncCursor[TupleRow] | None
 
 
-class _Connectors:
-    """The process's threads that open psycopg connections for the loops (a few: a connect
-    mostly waits on the server)."""
+def _open_pgconn(conninfo: str, timeout: float) -> Future[pq.abc.PGconn]:
+    """A logged-in, non-blocking ``PGconn``, opened by a thread of its own (psycopg's own
+    connect generator, waited on there). A thread per connect, ended with it: a connect
+    waits on the server for milliseconds, and no thread of dbrouter's outlives its routers."""
+    opened: Future[pq.abc.PGconn] = Future()
 
-    def __init__(self) -> None:
-        self._executor: ThreadPoolExecutor | None = None
-        self._lock = threading.Lock()  # guards the executor's creation; nothing is called under it
-        _fork.register(self)
+    def run() -> None:
+        try:
+            opened.set_result(waiting.wait_conn(generators.connect(conninfo), interval=0.1, timeout=timeout))
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting task
+            opened.set_exception(exc)
 
-    def _after_fork_in_child(self) -> None:
-        self._executor = None  # the parent's threads do not exist here
-        self._lock = threading.Lock()
-
-    def executor(self) -> ThreadPoolExecutor:
-        executor = self._executor
-        if executor is None:
-            with self._lock:
-                executor = self._executor
-                if executor is None:
-                    executor = self._executor = ThreadPoolExecutor(4, thread_name_prefix="dbrouter-pg-connect")
-        return executor
+    threading.Thread(target=run, name="dbrouter-pg-connect", daemon=True).start()
+    return opened
 
 
-_CONNECTORS = _Connectors()
-
-
-def _open_pgconn(conninfo: str, timeout: float) -> pq.abc.PGconn:
-    """A logged-in, non-blocking ``PGconn`` (psycopg's own connect generator, waited on here)."""
-    pgconn: pq.abc.PGconn = waiting.wait_conn(generators.connect(conninfo), interval=0.1, timeout=timeout)
-    return pgconn
-
-
-def _finish_abandoned(done: Future[Any] | asyncio.Future[Any]) -> None:
+def _finish_abandoned(done: Future[Any]) -> None:
     """A connect whose caller gave up (cancelled, or past its bound): close what it opened."""
     if not done.cancelled() and done.exception() is None:
         with contextlib.suppress(Exception):
@@ -112,14 +95,15 @@ class AsyncPsycopgAdapter(AsyncAdapter):
     async def connect(self) -> Any:
         sync = self.sync
         bound = max(2.0, self.options.connect_timeout)  # libpq's connect_timeout: whole seconds, at least 2
-        loop = asyncio.get_running_loop()
-        opening = loop.run_in_executor(_CONNECTORS.executor(), _open_pgconn, make_conninfo("", **sync._params), bound)
+        opening = _open_pgconn(make_conninfo("", **sync._params), bound)
+        awaited = asyncio.wrap_future(opening)
         try:
             # The thread's wait is bounded by connect_timeout; this bounds the whole of it,
             # name lookup and login included, and a cancelled caller leaves it to finish.
-            pgconn = await asyncio.wait_for(asyncio.shield(opening), bound + 1.0)
+            pgconn = await asyncio.wait_for(asyncio.shield(awaited), bound + 1.0)
         except BaseException as exc:
             opening.add_done_callback(_finish_abandoned)
+            awaited.add_done_callback(lambda done: done.cancelled() or done.exception())  # retrieved: no warning
             if isinstance(exc, (psycopg.Error, OSError, asyncio.TimeoutError)):
                 reason = first_line(scrub(str(exc), self.address.password)) or "no answer in time"
                 raise ConnectError(f"cannot connect to postgres node {self.node}: {reason}", node=self.node) from None

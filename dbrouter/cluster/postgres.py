@@ -476,7 +476,7 @@ include_if_exists = '{NODE_CONF}'
             if not wanted:
                 return
             for node in wanted.values():
-                if not node.running:
+                if self._stopped_for_good(node):
                     raise node._error(f"stopped while it should stream from {primary.name}")
             if deadline.expired:
                 node = next(iter(wanted.values()))
@@ -485,6 +485,11 @@ include_if_exists = '{NODE_CONF}'
                     f" (waiting for {sorted(wanted)})"
                 )
             time.sleep(0.02)
+
+    def _stopped_for_good(self, node: LocalNode) -> bool:
+        """Whether ``node``'s server is down with nothing to start it again (waiting for it
+        to stream would be waiting for ever)."""
+        return not node.running
 
     def _role(self, node: LocalNode) -> str:
         in_recovery = node._admin("SELECT pg_is_in_recovery()")[0][0]

@@ -28,18 +28,19 @@ def verdict(change: Callable[[dict[str, Any]], None], target_starts: str) -> str
 # The targets the stored run does not meet, each open in its issue (the closing notes say why):
 # - issue 18: mysql-connector's executemany already sends one multi-row INSERT per call (2.2x
 #   measured; 13.5x over a loop of cursor.execute per row): 20x cannot hold as written;
-# - issue 15: with hedged reads on, a spiky replica's p99 is 4-7x the healthy one (a won hedge
-#   costs its loser's connection), and under 3x overload with one replica failing half its
-#   calls, goodput is about half the capacity (callers wait out their cap on the failing
-#   replica's pool).
+# - issue 15: with hedged reads on, a spiky replica's p99 is 3-5x the healthy one (a won hedge
+#   cuts its loser's connection, and the reconnect's SCRAM login costs the saturated 2 cores
+#   about 25 slow reads); with one replica 10x slower and ejected, the features-on setup's
+#   p99 on MariaDB was 1.59x and 1.86x in two runs (ejection alone: 0.76x and 0.80x), the
+#   hedging watcher's wake-ups on a loaded client being the likely cost.
 KNOWN_UNMET = [
     "MariaDB: write_many >= 20x mysql-connector executemany",
     "PostgreSQL, adversity, one replica with latency spikes (1% of its replies 200 ms late): read p99 with the "
     "features on <= 1.5x the healthy p99, <= 5% extra queries",
-    "PostgreSQL, adversity, overload: goodput >= 90% of the capacity (features on)",
     "MariaDB, adversity, one replica with latency spikes (1% of its replies 200 ms late): read p99 with the "
     "features on <= 1.5x the healthy p99, <= 5% extra queries",
-    "MariaDB, adversity, overload: goodput >= 90% of the capacity (features on)",
+    "MariaDB, adversity, one replica 10x slower throughout: read p99 with the features on <= 1.5x the healthy p99, "
+    "<= 5% extra queries",
 ]
 
 

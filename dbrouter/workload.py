@@ -21,6 +21,7 @@ import itertools
 import logging
 import random
 import resource
+import sys
 import threading
 import time
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -263,8 +264,9 @@ class AsyncWorkload(BaseWorkload[AsyncRouter]):
     slow-callback threshold: its "Executing ... took" reports from the loop are kept off the
     console, where they would bury a drill's live view, and counted in `slow_callbacks` (the
     first few kept in `slow_callback_reports`), then told apart by what the callback's thread
-    did meanwhile (its CPU time, garbage collections left out, and its context switches):
-    `slow_computed`, `slow_waited`, `slow_preempted`.
+    did meanwhile (its CPU time, garbage collections left out, the blocking calls an audit hook
+    saw it make, and its context switches): `slow_computed`, `slow_blocking`, `slow_waited`,
+    `slow_preempted`.
     """
 
     debug: bool = False
@@ -272,8 +274,11 @@ class AsyncWorkload(BaseWorkload[AsyncRouter]):
     """Callbacks that took `SLOW_CALLBACK` or more on the loop (asyncio's reports), of which:"""
     slow_computed: int = 0
     """... used that much CPU (garbage collections left out): work done on the loop;"""
+    slow_blocking: int = 0
+    """... made a blocking call on the loop (a sleep, a name lookup, a blocking connect, a
+    process started), whatever else they did;"""
     slow_waited: int = 0
-    """... waited of their own accord meanwhile: a lock, the GIL (on a busy machine), a blocking call;"""
+    """... waited meanwhile, with no blocking call: a lock or the GIL (on a busy machine);"""
     slow_preempted: int = 0
     """... neither: the thread was preempted, or a garbage collection ran."""
     slow_callback_reports: list[str] = field(default_factory=list)
@@ -530,19 +535,24 @@ class _SlowCallbacks(logging.Filter):
         workload.slow_callbacks += 1  # only the loop's thread gets here
         measured = _CallbackCpu.last.pop(thread, None)
         if measured is not None:
-            cpu, waits = measured
+            cpu, waits, blocking = measured
             if cpu >= SLOW_CALLBACK:
                 workload.slow_computed += 1
+            elif blocking:
+                workload.slow_blocking += 1
             elif waits:
                 workload.slow_waited += 1
             else:
                 workload.slow_preempted += 1
-            message = f"{message} (CPU {cpu * 1000:.1f} ms, {waits} voluntary waits)"
+            detail = f" (CPU {cpu * 1000:.1f} ms, {waits} voluntary waits" + (
+                f", blocking calls: {', '.join(blocking[:3])})" if blocking else ")")
+        else:
+            detail = ""
         if len(workload.slow_callback_reports) < _KEPT_REPORTS:
             # Debug mode's handle reprs run long (where each task was made): keep the head, which
             # names the callback, and the tail, which says how long it took.
-            workload.slow_callback_reports.append(message if len(message) <= 300 else
-                                                  f"{message[:220]} ... {message[-90:]}")
+            workload.slow_callback_reports.append((message if len(message) <= 300 else
+                                                   f"{message[:220]} ... {message[-90:]}") + detail)
         return False
 
 class _CallbackCpu:
@@ -551,8 +561,11 @@ class _CallbackCpu:
     ``Handle._run`` is wrapped while a debug workload runs (process-wide: the other threads'
     callbacks run as they were)."""
 
-    last: dict[threading.Thread, tuple[float, int]] = {}  # loop thread -> its last callback's (CPU s, voluntary switches)
+    last: dict[threading.Thread, tuple[float, int, list[str]]] = {}
+    """loop thread -> its last callback's (CPU s, voluntary switches, blocking calls)"""
     _watched: set[threading.Thread] = set()
+    _blocking: dict[threading.Thread, list[str]] = {}  # loop thread -> blocking calls of its running callback
+    _audit_installed = False
     _original: Callable[[Any], None] | None = None
     _gc_cpu: dict[threading.Thread, float] = {}  # thread -> CPU seconds of the collections it ran
     _gc_started: dict[threading.Thread, float] = {}
@@ -563,7 +576,10 @@ class _CallbackCpu:
         if cls._original is not None:
             return
         original = cls._original = asyncio.events.Handle._run
-        watched, last, gc_cpu = cls._watched, cls.last, cls._gc_cpu
+        watched, last, gc_cpu, blocking = cls._watched, cls.last, cls._gc_cpu, cls._blocking
+        if not cls._audit_installed:  # an audit hook cannot be removed: one for the process
+            cls._audit_installed = True
+            sys.addaudithook(cls._audit)
 
         def run(handle: Any) -> None:
             me = threading.current_thread()
@@ -572,11 +588,13 @@ class _CallbackCpu:
                 return
             collected, started = gc_cpu.get(me, 0.0), time.thread_time()
             switches = _voluntary_switches()
+            calls = blocking[me] = []
             try:
                 original(handle)
             finally:
+                blocking.pop(me, None)
                 last[me] = (time.thread_time() - started - (gc_cpu.get(me, 0.0) - collected),
-                            _voluntary_switches() - switches)
+                            _voluntary_switches() - switches, calls)
 
         setattr(asyncio.events.Handle, "_run", run)  # noqa: B010 - a method replaced, not an attribute set
         gc.callbacks.append(cls._on_gc)
@@ -594,6 +612,19 @@ class _CallbackCpu:
                 gc.callbacks.remove(cls._on_gc)
 
     @classmethod
+    def _audit(cls, event: str, args: tuple[Any, ...]) -> None:
+        """Blocking calls made by a watched loop's running callback (the events of
+        `_BLOCKING_EVENTS`, and a connect on a socket that blocks)."""
+        calls = cls._blocking.get(threading.current_thread()) if cls._blocking else None
+        if calls is None:
+            return
+        if event == "socket.connect":
+            if args[0].gettimeout() != 0.0:  # a blocking socket: connect waits for the peer
+                calls.append(f"socket.connect{args[1:]!r}")
+        elif event in _BLOCKING_EVENTS and not (event == "time.sleep" and args and args[0] == 0):
+            calls.append(f"{event}{args!r}"[:120])
+
+    @classmethod
     def _on_gc(cls, phase: str, info: dict[str, Any]) -> None:
         me = threading.current_thread()
         if me not in cls._watched:
@@ -604,6 +635,10 @@ class _CallbackCpu:
             started = cls._gc_started.pop(me, None)
             if started is not None:
                 cls._gc_cpu[me] = cls._gc_cpu.get(me, 0.0) + time.thread_time() - started
+
+
+_BLOCKING_EVENTS = frozenset({"time.sleep", "socket.getaddrinfo", "socket.gethostbyname", "socket.gethostbyaddr",
+                              "subprocess.Popen", "os.system"})
 
 
 def _voluntary_switches() -> int:

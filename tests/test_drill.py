@@ -337,7 +337,8 @@ WRITE_ERRORS = {"NoPrimaryAvailable", "WriteOutcomeUnknown"}  # what a write rai
 
 class _FlakyRouter:
     """Stands in for an AsyncRouter: every third write raises, one read never returns, and
-    every read blocks the loop for 20 ms (as a callback that computes would)."""
+    every read blocks the loop for 20 ms (as a callback that computes would), the first with a
+    blocking connect too."""
 
     def __init__(self) -> None:
         self.writes = 0
@@ -363,6 +364,12 @@ class _FlakyRouter:
         import asyncio
 
         self.reads += 1
+        if self.reads == 1:  # a blocking connect on the loop (refused at once: loopback's port 9)
+            import contextlib
+            import socket
+
+            with socket.socket() as sock, contextlib.suppress(OSError):
+                sock.connect(("127.0.0.1", 9))
         time.sleep(0.02)  # on the loop: asyncio's debug mode reports it
         if self.reads == 5:
             await asyncio.Event().wait()  # hangs until cancelled
@@ -398,8 +405,11 @@ def test_async_workload_records_every_failure_and_stops_within_its_bounds() -> N
     assert workload.failures == []
     assert workload.acknowledged == [op.row_id for op in writes if op.ok]
     assert workload.slow_callbacks >= 1 and "took" in workload.slow_callback_reports[0]
-    # The fake router's time.sleep on the loop is a wait, not computation.
-    assert workload.slow_waited >= 1 and workload.slow_computed == 0, workload.slow_callback_reports
+    # The first read's connect on the loop is a blocking call (its audit event says so); the
+    # others' time.sleep is a wait (Python 3.11 does not audit it); none is computation.
+    assert workload.slow_blocking >= 1 and workload.slow_waited >= 1, workload.slow_callback_reports
+    assert workload.slow_computed == 0, workload.slow_callback_reports
+    assert any("blocking calls: socket.connect" in report for report in workload.slow_callback_reports)
 
 
 def _reads_during(report: dict[str, Any], spans: list[list[float]]) -> tuple[int, int]:

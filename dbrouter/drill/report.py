@@ -242,7 +242,8 @@ class DrillReport:
         if "slow_callbacks" in r:
             lines.append(f"  slow callbacks     {r['slow_callbacks']} took 5 ms or more on the workload's loop (asyncio "
                          f"debug mode): {r.get('slow_callbacks_computed', 0)} computed that long (CPU), "
-                         f"{r.get('slow_callbacks_waited', 0)} waited (a lock, the GIL, a blocking call), "
+                         f"{r.get('slow_callbacks_blocking', 0)} made a blocking call, "
+                         f"{r.get('slow_callbacks_waited', 0)} waited (a lock, the GIL), "
                          f"{r.get('slow_callbacks_preempted', 0)} were preempted or collected garbage")
         if self.patroni is not None:
             p = self.patroni

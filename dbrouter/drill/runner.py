@@ -325,12 +325,14 @@ class Drill:
             if workload.debug:
                 results["slow_callbacks"] = workload.slow_callbacks
                 results["slow_callbacks_computed"] = workload.slow_computed
+                results["slow_callbacks_blocking"] = workload.slow_blocking
                 results["slow_callbacks_waited"] = workload.slow_waited
                 results["slow_callbacks_preempted"] = workload.slow_preempted
-                if workload.slow_computed:
+                if workload.slow_computed or workload.slow_blocking:
                     target.notes.append(
                         f"asyncio debug mode: {workload.slow_computed} callbacks used {SLOW_CALLBACK * 1000:g} ms or "
-                        "more of CPU on the workload's loop; the first reports: "
+                        f"more of CPU on the workload's loop, {workload.slow_blocking} made a blocking call there; "
+                        "the first reports: "
                         + "; ".join(workload.slow_callback_reports[:3]))
         for limit in options.limits:
             limit.measured = {"max-write-downtime": results["write_unavailability"],

@@ -219,20 +219,16 @@ class Canceller:
         self.sent = 0
         self.skipped = 0
 
-    def cancel(self, adapter: Adapter, session_id: int | None, node_up: bool = True, *,
-               from_loop: bool = False) -> bool:
+    def cancel(self, adapter: Adapter, session_id: int | None, node_up: bool = True) -> bool:
         """Ask, from a thread of its own, that session ``session_id`` cancel its statement;
-        False when skipped. ``from_loop``: the caller is an event loop, which must not wait
-        for a thread to start; the timer's thread starts it."""
+        False when skipped. From an event loop too: starting the thread is a short wait there,
+        never the cancel's connect (handing the start to the timer's thread would start that
+        thread instead, since it ends when idle)."""
         sql = None if session_id is None else adapter.cancel_sql(session_id)
         if sql is None or not node_up or not self._slots.acquire(blocking=False):
             self.skipped += 1
             return False
-        thread = threading.Thread(target=self._run, args=(adapter, sql), name="dbrouter-cancel", daemon=True)
-        if from_loop:
-            self._timer.arm(0.0, thread.start)
-        else:
-            thread.start()
+        threading.Thread(target=self._run, args=(adapter, sql), name="dbrouter-cancel", daemon=True).start()
         return True
 
     def _run(self, adapter: Adapter, sql: str) -> None:

@@ -146,8 +146,7 @@ class Hedger(HedgePolicy):
         (settle the flight when it ends)."""
         flight = _Flight(self, node, sql, params, after)
         flight.entry = entry
-        flight.due = time.monotonic() + after
-        self.enlist(flight)
+        flight.start()
         return flight
 
     def read_leased(self, node: Node, sql: str, params: Any, after: float) -> list[tuple[Any, ...]]:
@@ -265,13 +264,17 @@ class _Flight:
         start: a read that waits for a connection is not hedged (a hedge that wins costs its
         loser's connection, and a pool short of connections would feed on that)."""
         self.lease = lease
-        self.due = time.monotonic() + self.after
-        self.hedger.enlist(self)
+        self.start()
         result = lease.execute(self.sql, self.params)
         race = self.settle()
         if race is not None:
             race.first_done()  # decided while the lease is still held
         return result
+
+    def start(self) -> None:
+        """The statement starts now: the watcher looks at it once ``after`` has passed."""
+        self.due = time.monotonic() + self.after
+        self.hedger.enlist(self)
 
     def settle(self) -> _Race | None:
         """The read ended: None when no hedge was started (nor will be), else its race."""
@@ -298,7 +301,9 @@ class _Race:
         self._lock = threading.Lock()  # guards the fields below; only flags are set under it
         self._state = _RUNNING
         # The fast path has no lease: the race makes one (the first read's, released by it).
-        self._first = flight.lease if flight.entry is None else Lease(flight.node, flight.entry, timed=True)
+        # Read once: the read may settle meanwhile and clear it (the claim then tells).
+        entry = flight.entry
+        self._first = flight.lease if entry is None else Lease(flight.node, entry, timed=True)
         self._hedge: Lease | None = None
         self._rows: list[tuple[Any, ...]] | None = None
 

@@ -162,12 +162,12 @@ class AsyncLease(Lease):
 
     def cut_now(self) -> None:
         """As `Lease.cut_now`, on the loop (the deadline passed, or a hedge won): marked
-        cut, the server asked to cancel the statement (the cancel's thread is not started
-        on the loop), then the socket shut down."""
+        cut, the server asked to cancel the statement (from a thread of its own), then the
+        socket shut down."""
         self._aborted = self._cut = True
         node, conn = self.node, self.conn
         adapter: AsyncAdapter = node.pool.adapter  # type: ignore[assignment]
-        self._cancel_sent = CANCELLER.cancel(node.adapter, adapter.session_id(conn), node.healthy, from_loop=True)
+        self._cancel_sent = CANCELLER.cancel(node.adapter, adapter.session_id(conn), node.healthy)
         adapter.abort(conn)
 
 

@@ -41,7 +41,7 @@ from ..adapters.aio import AsyncAdapter
 from ..adapters.base import Rows
 from ..bulk import BatchReport
 from ..config import SECTIONS, RouterConfig, build_router_config, check_wait, load_router_config
-from ..deadline import TIMER, Deadline
+from ..deadline import Deadline
 from ..deadline import current as current_deadline
 from ..decisions import Action, Failure, Phase, Work, failure_of
 from ..errors import (
@@ -218,10 +218,8 @@ class AsyncRouter:
         return self
 
     def _start_threads(self) -> None:
-        """In the control worker, off the loop: the control plane, and the deadline timer's
-        thread (which starts the server-side cancels of calls cut on the loop)."""
+        """In the control worker, off the loop: the control plane's threads."""
         self._control._start_control()
-        TIMER.arm(0.0, _nothing)
 
     def _check_loop(self) -> None:
         if not self._opened:
@@ -651,10 +649,6 @@ class AsyncRouter:
             lease.release(Outcome.DISCARDED)
         else:
             lease.release()
-
-
-def _nothing() -> None:
-    return None
 
 
 class AsyncTransaction(Results):

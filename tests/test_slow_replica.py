@@ -4,9 +4,10 @@ comes back once its time out is over and it is fast again."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import pytest
 
@@ -18,17 +19,24 @@ from .conftest import free_low_port, port_sql, wait_until
 from .test_control_plane import StallDetector, close_within
 
 
+@contextlib.contextmanager
+def proxied_pair(cluster: Any) -> Iterator[tuple[FaultProxy, list[dict[str, str]]]]:
+    """Both replicas behind a proxy each, so that only the injected latency tells them apart:
+    the slow one's proxy, and the replica entries ``fast`` and ``slow`` for a Router."""
+    fast, slow = cluster.replicas
+    with FaultProxy(upstream=("127.0.0.1", slow.port), listen_port=free_low_port()) as proxy, \
+            FaultProxy(upstream=("127.0.0.1", fast.port), listen_port=free_low_port()) as twin:
+        yield proxy, [{"url": fast.url.replace(f":{fast.port}/", f":{twin.port}/"), "name": "fast"},
+                      {"url": slow.url.replace(f":{slow.port}/", f":{proxy.port}/"), "name": "slow"}]
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("policy", ["round_robin", "random", "least_outstanding", "latency"])
 def test_a_slow_replica_is_ejected_and_comes_back_when_fast(pg_cluster: Any, policy: str) -> None:
-    fast, slow = pg_cluster.replicas
-    # Both behind a proxy, so that only the injected latency tells them apart.
-    with FaultProxy(upstream=("127.0.0.1", slow.port), listen_port=free_low_port()) as proxy, \
-            FaultProxy(upstream=("127.0.0.1", fast.port), listen_port=free_low_port()) as twin:
-        slow_url = slow.url.replace(f":{slow.port}/", f":{proxy.port}/")
-        fast_url = fast.url.replace(f":{fast.port}/", f":{twin.port}/")
-        router = Router(pg_cluster.primary.url, [{"url": fast_url, "name": "fast"}, {"url": slow_url, "name": "slow"}],
+    slow = pg_cluster.replicas[1]
+    with proxied_pair(pg_cluster) as (proxy, replicas):
+        router = Router(pg_cluster.primary.url, replicas,
                         policy=policy, slow_replica_ratio=3, slow_replica_ejection=1.0, health_interval=0.2)
         events: list[dbrouter.Event] = []
         router.on("*", lambda event: events.append(event) if event.name.startswith("slow_") else None)
@@ -91,12 +99,8 @@ def test_rare_stalls_do_not_eject_a_replica(pg_cluster: Any) -> None:
     """1 in 20 of one replica's replies 200 ms late: its median read time is unchanged and it
     stays in rotation (a moving average judged it 10x slower and ejected it); made 10x slower
     throughout, it goes."""
-    fast, slow = pg_cluster.replicas
-    with FaultProxy(upstream=("127.0.0.1", slow.port), listen_port=free_low_port()) as proxy, \
-            FaultProxy(upstream=("127.0.0.1", fast.port), listen_port=free_low_port()) as twin:
-        slow_url = slow.url.replace(f":{slow.port}/", f":{proxy.port}/")
-        fast_url = fast.url.replace(f":{fast.port}/", f":{twin.port}/")
-        router = Router(pg_cluster.primary.url, [{"url": fast_url, "name": "fast"}, {"url": slow_url, "name": "slow"}],
+    with proxied_pair(pg_cluster) as (proxy, replicas):
+        router = Router(pg_cluster.primary.url, replicas,
                         slow_replica_ratio=3, slow_replica_margin=0.001, health_interval=0.1)
         ejected: list[dbrouter.Event] = []
         router.on("slow_ejected", ejected.append)

@@ -181,9 +181,10 @@ class Hedger(HedgePolicy):
 
     def _start_watcher(self) -> None:
         with self._start_lock:
-            if self._watcher is None and not self._closed:
-                self._watcher = threading.Thread(target=self._watch, name="dbrouter-hedge-watch", daemon=True)
-                self._watcher.start()
+            if self._watcher is not None or self._closed:
+                return
+            watcher = self._watcher = threading.Thread(target=self._watch, name="dbrouter-hedge-watch", daemon=True)
+        watcher.start()  # not under the lock: starting a thread waits for it to run
 
     def _watch(self) -> None:
         flights, kick = self._flights, self._kick

@@ -518,9 +518,7 @@ def test_stats_status_table_and_prometheus_see_the_same_nodes(client: Client, pa
 
 def test_write_many_writes_every_row_once_in_batches(client_factory: Callable[..., Client],
                                                      pair_cluster: LocalCluster, pair_table: str) -> None:
-    client = client_factory(loop_check="report")
-    # Reports, not fails (open in issue 16): psycopg 3 dumps a 500-row batch's parameters on
-    # the loop, 5.0 to 5.1 ms of CPU per batch in CI, right at the limit.
+    client = client_factory()
     reports: list[Any] = []
     total = client.write_many(f"INSERT INTO {pair_table} (id, note) VALUES (%s, %s)",
                               ((i, f"row {i}") for i in range(5000)), batch_size=500, workers=3,

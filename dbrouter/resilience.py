@@ -126,6 +126,9 @@ class NodeBreaker:
         self._trial_started: float | None = None
         self._opened_at: float | None = None
         self.trips = 0
+        # The last node failure recorded here ("Type: first line"), so that an open breaker
+        # can say why: a probe failure reads apart from a lost connection.
+        self.last_failure: str | None = None
         self._cb = pybreaker.CircuitBreaker(
             fail_max=policy.fail_max,
             reset_timeout=policy.reset_timeout,
@@ -309,6 +312,8 @@ class NodeBreaker:
         """Record a node failure (never a caller's SQL error). ``exc`` must be an Exception."""
         if not isinstance(exc, Exception):
             return
+        text = str(exc).strip().splitlines()
+        self.last_failure = f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
         with self._trial_lock:
             self.clean = False
         self._end_trial()

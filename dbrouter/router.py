@@ -548,6 +548,7 @@ class Router(Core):
                 "breaker": node.breaker.state,
                 "breaker_failures": node.breaker.failures,
                 "breaker_trips": node.breaker.trips,
+                "breaker_last_failure": node.breaker.last_failure,
                 "probe_latency": node.probe_latency,
                 "lag": node.lag,
                 "lag_excluded": node.lag_excluded,

@@ -500,8 +500,12 @@ class Topology:
 
     def _breaker_changed(self, node: Node, old: str, new: str, effects: _Effects) -> None:
         level = logging.WARNING if new == OPEN else logging.INFO
-        effects.emit(_BREAKER_EVENTS[new], node.name, f"circuit breaker {old} -> {new}", level,
-                     old=old, new=new, failures=node.breaker.failures)
+        message = f"circuit breaker {old} -> {new}"
+        last = node.breaker.last_failure
+        if new == OPEN and last:
+            message += f" (last failure: {last})"
+        effects.emit(_BREAKER_EVENTS[new], node.name, message, level,
+                     old=old, new=new, failures=node.breaker.failures, last_failure=last)
 
     def _apply(self, result: ProbeResult, effects: _Effects) -> None:
         """Fold one probe result into the node's health and lag (roles wait for the round)."""

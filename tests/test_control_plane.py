@@ -439,6 +439,12 @@ def test_replica_failure_inside_a_transaction_is_not_charged_to_the_primary(clus
             assert ours["pool"]["discarded"] == discarded, ours["pool"]
             assert [e for e in events if e.name.startswith("breaker_") and e.node == primary] == []
             assert stats["nodes"]["target"]["breaker"] == "open"  # charged to the node that failed
+            # ... and it says why: the refused connect, in stats() and in the event.
+            why = stats["nodes"]["target"]["breaker_last_failure"]
+            assert why is not None and why.startswith("ConnectError: cannot connect to "), why
+            expected = [f"circuit breaker closed -> open (last failure: {why})"]
+            assert wait_until(lambda: [e.message for e in events if e.name == "breaker_open" and e.node == "target"]
+                              == expected, timeout=5), events
             router.write(f"INSERT INTO {table} (id, port) VALUES (2, 0)")  # the primary takes writes at once
             assert cluster.primary.query(f"SELECT id FROM {table}") == [(2,)]  # the failed block rolled back
         finally:

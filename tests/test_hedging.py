@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 import uuid
+import warnings
 from typing import Any
 
 import pytest
@@ -178,6 +179,9 @@ def test_reads_ending_at_their_threshold_race_the_watcher_and_lose_nothing(clust
         assert hedger is not None
         assert wait_until(lambda: len(hedger._flights) == 0, timeout=5), len(hedger._flights)
         for node in router.replicas:
+            if stats["nodes"][node.name]["breaker"] != "closed":
+                # An xfail's message is not in the run's output: the breaker's last failure is.
+                warnings.warn(f"hedging race: {node.name}'s breaker opened: {stats['nodes'][node.name]}", stacklevel=1)
             assert stats["nodes"][node.name]["breaker"] == "closed", stats["nodes"][node.name]
             pool = node.pool
             assert wait_until(lambda p=pool: p.stats()["in_use"] == 0, timeout=5), pool.stats()

@@ -56,6 +56,24 @@ def redis_url() -> Iterator[str]:
         yield f"redis://127.0.0.1:{port}/0"
 
 
+def unwarned_port() -> int:
+    """A free port that no earlier test of this process named in a Redis-down warning: the
+    warning is once per outage per process, and `free_port` gives every test the same ports
+    (CI once saw no warning here because another module's test had warned about this port)."""
+    from dbrouter import fleet
+
+    for port in range(29100, 29500):
+        if ("down", f"127.0.0.1:{port}") in fleet._warned:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port")
+
+
 def shared_key(url: str, name: str) -> str:
     """The Redis key holding ``name`` (state, fail_counter, opened_at) of the node at ``url``."""
     address = parse_address(url)
@@ -192,7 +210,7 @@ def test_redis_unreachable_at_construction_leaves_breakers_local(pg_cluster: Any
     warns once naming the server (never its password), trips a dead node on its own, and shares
     its state once Redis answers. Before: Router() raised redis's own ConnectionError."""
     caplog.set_level(logging.INFO)
-    port = free_port()
+    port = unwarned_port()
     url = f"redis://:s3cret@127.0.0.1:{port}/0"
     hurt, healthy = pg_cluster.replicas
     with FaultProxy(upstream=("127.0.0.1", hurt.port)) as proxy:

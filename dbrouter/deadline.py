@@ -219,44 +219,36 @@ class Canceller:
         self.sent = 0
         self.skipped = 0
 
-    def cancel(self, adapter: Adapter, session_id: int | None, node_up: bool = True,
-               done: threading.Event | None = None) -> bool:
+    def cancel(self, adapter: Adapter, session_id: int | None, node_up: bool = True) -> bool:
         """Ask, from a thread of its own, that session ``session_id`` cancel its statement;
-        False when skipped. ``done`` is set once the server has the request (or it failed, or
-        was skipped): a session whose connection is kept must not be given to another caller
-        before, or the cancel could land on that caller's statement. From an event loop too:
-        starting the thread is a short wait there, never the cancel's connect (handing the
-        start to the timer's thread would start that thread instead, since it ends when idle)."""
+        False when skipped. From an event loop too: starting the thread is a short wait there,
+        never the cancel's connect (handing the start to the timer's thread would start that
+        thread instead, since it ends when idle)."""
         sql = None if session_id is None else adapter.cancel_sql(session_id)
         if sql is None or not node_up or not self._slots.acquire(blocking=False):
             self.skipped += 1
-            if done is not None:
-                done.set()
             return False
-        threading.Thread(target=self._run, args=(adapter, sql, done), name="dbrouter-cancel", daemon=True).start()
+        threading.Thread(target=self._run, args=(adapter, sql), name="dbrouter-cancel", daemon=True).start()
         return True
 
-    def _run(self, adapter: Adapter, sql: str, done: threading.Event | None) -> None:
+    def _run(self, adapter: Adapter, sql: str) -> None:
         limit = adapter.options.connect_timeout
         try:
-            try:
-                conn = adapter.connect(read_timeout=limit)
-            except Exception as exc:  # noqa: BLE001 - the cut stands; the cancel was a courtesy
-                log.info("cancel on %s skipped: %s", adapter.node, exc)
-                return
-            token = self._timer.arm(time.monotonic() + limit, lambda: adapter.abort(conn))
-            try:
-                adapter.execute(conn, sql)
-                self.sent += 1
-            except Exception as exc:  # noqa: BLE001 - as above
-                log.info("cancel on %s failed: %s", adapter.node, exc)
-            finally:
-                self._timer.disarm(token)
-                adapter.close(conn)
-        finally:
+            conn = adapter.connect(read_timeout=limit)
+        except Exception as exc:  # noqa: BLE001 - the cut stands; the cancel was a courtesy
+            log.info("cancel on %s skipped: %s", adapter.node, exc)
             self._slots.release()
-            if done is not None:
-                done.set()
+            return
+        token = self._timer.arm(time.monotonic() + limit, lambda: adapter.abort(conn))
+        try:
+            adapter.execute(conn, sql)
+            self.sent += 1
+        except Exception as exc:  # noqa: BLE001 - as above
+            log.info("cancel on %s failed: %s", adapter.node, exc)
+        finally:
+            self._timer.disarm(token)
+            adapter.close(conn)
+            self._slots.release()
 
 
 TIMER = Timer()

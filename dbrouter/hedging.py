@@ -19,10 +19,6 @@ threads on 2 cores and raised p99 7-fold in the bench's spikes scenario.)
 shared with the asyncio router's hedged reads (`dbrouter.aio.hedging`), which use the same
 object.
 
-A replica that a hedge beat has its reads handed off for a while (`Hedger.read_handed_off`):
-each runs on a thread of the hedger while the caller waits, so that a loser need not be cut
-to free its caller; it is cancelled on its server and keeps its connection.
-
 Only a flight found late gets a `_Race`, whose lock decides between the two answers:
 whoever finishes first marks the race won, and marks the other's lease cut before shutting
 its socket down, so the loser's lease is discarded (not pooled with a dead socket) and its
@@ -38,12 +34,11 @@ import logging
 import threading
 import time
 from collections import deque
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from typing import TYPE_CHECKING, Any, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
 
 from . import _fork
 from ._counter import Counter
-from .deadline import CANCELLER
 from .decisions import Phase, Work
 from .lease import Lease, take
 from .retrying import Retry, RetryBudget
@@ -64,8 +59,6 @@ _MIN_SAMPLES = 32  # fewer: no auto threshold yet, no hedge
 _AUTO_FLOOR = 0.010  # seconds: a hedge that wins costs its loser's connection (a reconnect, ~5 ms);
 # below this, scheduling jitter on a busy client would set hedges off that cannot pay for themselves
 _AUTO_REFRESH = 0.5  # seconds between recomputations of a node's p95
-_HANDOFF_FOR = 30.0  # seconds a replica's reads run on the hedger's threads after a hedge beat it
-_READ_THREADS = 128  # at most, for handed-off reads (started as needed, reused while idle)
 
 
 class HedgePolicy:
@@ -125,8 +118,6 @@ class Hedger(HedgePolicy):
         super().__init__(core, hedge_after, budget)
         self._workers = workers
         self._executor: ThreadPoolExecutor | None = None
-        self._readers: ThreadPoolExecutor | None = None  # handed-off reads and their hedges
-        self._handoff_until: dict[str, float] = {}  # node name -> until when its reads are handed off
         self._start_lock = threading.Lock()  # guards the watcher's and the executor's creation; nothing is called under it
         self._flights: deque[_Flight] = deque()  # reads in flight, oldest first; popped by the watcher only
         self._watcher: threading.Thread | None = None
@@ -136,7 +127,7 @@ class Hedger(HedgePolicy):
         _fork.register(self)
 
     def _after_fork_in_child(self) -> None:
-        self._executor = self._readers = None  # the parent's threads do not exist here
+        self._executor = None  # the parent's threads do not exist here
         self._watcher = None
         self._start_lock = threading.Lock()
         self._flights = deque()  # the parent's reads
@@ -146,10 +137,9 @@ class Hedger(HedgePolicy):
     def close(self) -> None:
         self._closed = True
         self._kick.set()
-        for executor in (self._executor, self._readers):
-            if executor is not None:
-                executor.shutdown(wait=False, cancel_futures=True)
-        self._executor = self._readers = None
+        executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=False, cancel_futures=True)
 
     def fly(self, node: Node, entry: _Entry, sql: str, params: Any, after: float) -> _Flight:
         """`Core.read`'s fast path: its statement on ``entry`` starts now, hedged past ``after``
@@ -178,71 +168,6 @@ class Hedger(HedgePolicy):
                 return core.read_again(exc, statement(sql, params))
             raise
         return rows or []
-
-    # -- handed-off reads ----------------------------------------------------------------
-
-    def handed_off(self, node: Node) -> bool:
-        """Whether reads on ``node`` run on the hedger's threads now: a hedge beat one of its
-        reads within the last 30 s."""
-        until = self._handoff_until.get(node.name)
-        return until is not None and time.monotonic() < until
-
-    def beaten(self, node: Node) -> None:
-        """A hedge answered before a read on ``node``: hand its reads off for a while."""
-        self._handoff_until[node.name] = time.monotonic() + _HANDOFF_FOR
-
-    def read_handed_off(self, node: Node, sql: str, params: Any, after: float) -> list[tuple[Any, ...]]:
-        """``sql`` as a read on ``node``, run on a thread of the hedger while the caller waits
-        for it, hedged on another replica past ``after``; the first answer wins.
-
-        The loser is not cut: the server is asked to cancel its statement, and its
-        connection goes back to the pool once it returned. On `Core.read`'s own thread a loser
-        has to be cut to free the caller, and its connection is lost: a reconnect (a login, a
-        new server session) for every hedge won, which on a replica that spikes often costs
-        the other reads more than the spikes do. A handoff costs about 20 us; only a replica
-        that a hedge beat pays it.
-        """
-        core = self._core
-        op = statement(sql, params)
-        read = _HandedOff(op)
-        first = self._hand_off(node, read)
-        if first is None:  # closing
-            return core.read_with(node, op)
-        if not wait((first,), timeout=after).done:
-            other = self.other_replica(node)
-            hedge = self._hand_off(other, op) if other is not None and self.admit() else None
-            if hedge is not None:
-                self.sent.inc()
-                pending = {first, hedge}
-                while pending:
-                    done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                    for future in (first, hedge):  # the first read's answer when both are in
-                        if future in done and not future.cancelled() and future.exception() is None:
-                            if future is hedge:
-                                self.won.inc()
-                                self.beaten(node)
-                                read.beaten()
-                            return _rows(future)
-        if first.cancelled():  # the router closed before it started: as the caller's own call
-            return core.read_with(node, op)
-        try:
-            return _rows(first)
-        except Retry as failed:  # the first node failed (and the hedge, if any): the usual retries
-            return core.read_again(failed, op)
-
-    def _hand_off(self, node: Node, op: Callable[[Lease], Any]) -> Future[Any] | None:
-        readers = self._readers
-        if readers is None:
-            with self._start_lock:
-                readers = self._readers
-                if readers is None:
-                    if self._closed:
-                        return None
-                    readers = self._readers = ThreadPoolExecutor(_READ_THREADS, thread_name_prefix="dbrouter-read")
-        try:
-            return readers.submit(contextvars.copy_context().run, self._core.run_on, node, op, Work.READ)
-        except RuntimeError:  # shut down: the router is closing
-            return None
 
     # -- the watcher -------------------------------------------------------------------
 
@@ -363,44 +288,6 @@ class _Flight:
         return None
 
 
-class _HandedOff:
-    """A handed-off read's statement (an operation for `Core.run_on`), which a hedge may beat
-    while it runs: the server is then asked to cancel it, and the connection stays out of
-    the pool until the request got there, so that it cannot cancel another caller's
-    statement; past ``connect_timeout`` the connection is discarded instead."""
-
-    __slots__ = ("_op", "_lock", "_lease", "_ended", "_cancelled")
-
-    def __init__(self, op: Callable[[Lease], Any]) -> None:
-        self._op = op
-        self._lock = threading.Lock()  # guards the fields below; nothing is called under it
-        self._lease: Lease | None = None
-        self._ended = False
-        self._cancelled: threading.Event | None = None
-
-    def __call__(self, lease: Lease) -> Any:
-        with self._lock:
-            self._lease = lease
-        try:
-            return self._op(lease)
-        finally:
-            with self._lock:
-                self._ended = True
-                cancelled = self._cancelled
-            if cancelled is not None and not cancelled.wait(lease.node.adapter.options.connect_timeout):
-                lease.mark_cut()  # the request may still land: not pooled again, node not blamed
-
-    def beaten(self) -> None:
-        """A hedge answered first: have the server cancel the statement if it still runs."""
-        with self._lock:
-            lease = self._lease
-            if self._ended or lease is None:
-                return
-            cancelled = self._cancelled = threading.Event()
-        node = lease.node
-        CANCELLER.cancel(node.adapter, node.adapter.session_id(lease.conn), node.healthy, cancelled)
-
-
 _RUNNING, _FIRST_WON, _HEDGE_WON, _CALLED_OFF = 0, 1, 2, 3
 
 
@@ -489,7 +376,6 @@ class _Race:
         lease.release()
         if won:
             self._hedger.won.inc()
-            self._hedger.beaten(self._node)
         _cut(loser)
 
     @staticmethod
@@ -505,8 +391,3 @@ class _Race:
 def _cut(lease: Lease | None) -> None:
     if lease is not None:
         lease.cut_now()
-
-
-def _rows(future: Future[Any]) -> list[tuple[Any, ...]]:
-    rows, _ = future.result()
-    return rows or []

@@ -553,7 +553,6 @@ class Router(Core):
                 "lag": node.lag,
                 "lag_excluded": node.lag_excluded,
                 "slow_ejected": bool(node.slow_until),
-                "reads_handed_off": self.hedger is not None and self.hedger.handed_off(node),
                 "latency": node.latency,
                 "weight": node.weight,
                 "last_error": node.last_error,

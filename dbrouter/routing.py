@@ -292,8 +292,6 @@ class Core:
         node = self.choose_reader()
         hedger = self.hedger
         after = None if hedger is None or node.role != REPLICA else hedger.threshold(node)
-        if after is not None and hedger.handed_off(node):  # type: ignore[union-attr]
-            return hedger.read_handed_off(node, sql, params, after)  # type: ignore[union-attr]
         if not node.breaker.clean or node.guard is not None or current_deadline() is not None:
             if after is not None:
                 assert hedger is not None

@@ -38,6 +38,11 @@ def running_on(cluster: Any, node: Any, marker: str) -> bool:
     return int(node.query(sql, (f"%{marker}%",))[0][0]) > 0
 
 
+def running_flights(hedger: Any) -> list[Any]:
+    """The reads the hedger still watches (a flight whose claim nobody popped)."""
+    return [slot.flight for slot in hedger._slots if slot.flight is not None and slot.flight.claim]
+
+
 def hedging_router(cluster: Any, **options: Any) -> Router:
     options = {"health_interval": 0.1, "hedge_after": 0.05, "policy": "round_robin", **options}
     router = Router(cluster.primary.url, [r.url for r in cluster.replicas], **options)
@@ -178,14 +183,15 @@ def test_reads_ending_at_their_threshold_race_the_watcher_and_lose_nothing(clust
         assert stats["reads"] == 1200
         hedger = router.hedger
         assert hedger is not None
-        assert wait_until(lambda: len(hedger._flights) == 0, timeout=5), len(hedger._flights)
+        assert wait_until(lambda: not running_flights(hedger), timeout=5), running_flights(hedger)
         for node in router.replicas:
-            if stats["nodes"][node.name]["breaker"] != "closed":
-                # An xfail's message is not in the run's output: the breaker's last failure is.
-                warnings.warn(f"hedging race: {node.name}'s breaker opened: {stats['nodes'][node.name]}", stacklevel=1)
             assert stats["nodes"][node.name]["breaker"] == "closed", stats["nodes"][node.name]
             pool = node.pool
             assert wait_until(lambda p=pool: p.stats()["in_use"] == 0, timeout=5), pool.stats()
+    except AssertionError as exc:
+        # An xfail's message is not in the run's output (MariaDB's case): a warning's is.
+        warnings.warn(f"hedging race on {cluster.engine}: {str(exc)[:2000]}", stacklevel=1)
+        raise
     finally:
         stall.stop()
         assert close_within(router)
@@ -198,7 +204,7 @@ def test_reads_that_end_before_their_threshold_leave_no_flight_behind(cluster: A
             router.read("SELECT 1")
         hedger = router.hedger
         assert hedger is not None
-        assert wait_until(lambda: len(hedger._flights) == 0, timeout=2), len(hedger._flights)
+        assert wait_until(lambda: not running_flights(hedger), timeout=2), running_flights(hedger)
         assert router.stats()["hedges"] == 0
     finally:
         assert close_within(router)

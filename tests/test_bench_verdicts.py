@@ -39,8 +39,6 @@ KNOWN_UNMET = [
     "features on <= 1.5x the healthy p99, <= 5% extra queries",
     "MariaDB, adversity, one replica with latency spikes (1% of its replies 200 ms late): read p99 with the "
     "features on <= 1.5x the healthy p99, <= 5% extra queries",
-    "MariaDB, adversity, one replica 10x slower throughout: read p99 with the features on <= 1.5x the healthy p99, "
-    "<= 5% extra queries",
 ]
 
 

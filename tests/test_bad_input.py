@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
+from typing import Callable
 
 import pytest
 
@@ -18,9 +19,12 @@ from .conftest import both_drivers, wait_until
 SECRET = "s3cr3t-Pa55"
 
 
-def free_port() -> int:
-    """A loopback port below the ephemeral range that nothing listens on."""
-    for port in range(29000, 29500):
+def free_port(start: int = 29000, skip: Callable[[int], bool] = lambda port: False) -> int:
+    """A loopback port below the ephemeral range that nothing listens on (from ``start``,
+    and not one ``skip`` refuses)."""
+    for port in range(start, 29500):
+        if skip(port):
+            continue
         with socket.socket() as sock:
             try:
                 sock.bind(("127.0.0.1", port))

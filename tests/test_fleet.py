@@ -62,16 +62,7 @@ def unwarned_port() -> int:
     (CI once saw no warning here because another module's test had warned about this port)."""
     from dbrouter import fleet
 
-    for port in range(29100, 29500):
-        if ("down", f"127.0.0.1:{port}") in fleet._warned:
-            continue
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError("no free port")
+    return free_port(29100, skip=lambda port: ("down", f"127.0.0.1:{port}") in fleet._warned)
 
 
 def shared_key(url: str, name: str) -> str:

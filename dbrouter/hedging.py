@@ -224,7 +224,7 @@ class Hedger(HedgePolicy):
         for slot in self._slots:
             flight = slot.flight
             if flight is None or not flight.claim:  # none yet, or ended (or already hedged)
-                dead = dead or slot.thread() is None
+                dead = dead or not slot.alive()
                 continue
             due = flight.due
             if due <= now:
@@ -236,7 +236,7 @@ class Hedger(HedgePolicy):
                 earliest = due
         if dead:
             with self._start_lock:
-                self._slots = [slot for slot in self._slots if slot.thread() is not None]
+                self._slots = [slot for slot in self._slots if slot.alive()]
         return earliest
 
     def _late(self, flight: _Flight) -> None:
@@ -278,6 +278,10 @@ class _Slot:
     def __init__(self) -> None:
         self.flight: _Flight | None = None
         self.thread = weakref.ref(threading.current_thread())
+
+    def alive(self) -> bool:
+        thread = self.thread()
+        return thread is not None and thread.is_alive()
 
 
 class _Flight:

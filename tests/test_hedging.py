@@ -206,5 +206,15 @@ def test_reads_that_end_before_their_threshold_leave_no_flight_behind(cluster: A
         assert hedger is not None
         assert wait_until(lambda: not running_flights(hedger), timeout=2), running_flights(hedger)
         assert router.stats()["hedges"] == 0
+        # One slot per thread that read; those of threads that ended are dropped.
+        import threading
+
+        readers = [threading.Thread(target=router.read, args=("SELECT 1",)) for _ in range(5)]
+        for t in readers:
+            t.start()
+        for t in readers:
+            t.join(10)
+        assert wait_until(lambda: router.read("SELECT 1") == [(1,)] and len(hedger._slots) == 1, timeout=5), \
+            len(hedger._slots)
     finally:
         assert close_within(router)

@@ -23,7 +23,7 @@ import threading
 import weakref
 from typing import Any
 
-__all__ = ["candidates", "claim", "claimed_fd", "received", "shutdown"]
+__all__ = ["candidates", "claim", "claimed_fd", "received", "shutdown", "shutdown_claimed"]
 
 _FD_DIR = "/proc/self/fd"
 _TCP_INFO_SIZE = 256
@@ -106,14 +106,24 @@ def claimed_fd(conn: Any) -> int | None:
     return fd if _link(fd) == link else None
 
 
-def shutdown(fd: int | None) -> None:
+def shutdown(fd: int | None, link: str | None = None) -> None:
     """Shut the socket behind ``fd`` down both ways: a thread blocked reading it wakes at
-    once with a lost connection. Safe from any thread; the descriptor stays open."""
+    once with a lost connection. Safe from any thread; the descriptor stays open. With
+    ``link`` (``socket:[inode]``), only if ``fd`` is still that socket, checked on a
+    duplicate of it, so that a descriptor closed and reused meanwhile is left alone."""
     if fd is None:
         return
     try:
-        sock = socket.socket(fileno=os.dup(fd))
+        dup = os.dup(fd)
     except OSError:
+        return
+    try:
+        if link is not None and f"socket:[{os.fstat(dup).st_ino}]" != link:
+            os.close(dup)
+            return
+        sock = socket.socket(fileno=dup)
+    except OSError:
+        os.close(dup)
         return
     try:
         sock.shutdown(socket.SHUT_RDWR)
@@ -121,3 +131,10 @@ def shutdown(fd: int | None) -> None:
         pass
     finally:
         sock.close()
+
+
+def shutdown_claimed(conn: Any) -> None:
+    """`shutdown` the socket `claim` recorded for ``conn``, if it is still that socket."""
+    found = getattr(conn, "_dbrouter_socket", None)
+    if found is not None:
+        shutdown(*found)

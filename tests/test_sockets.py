@@ -52,3 +52,27 @@ def test_a_claimed_socket_is_cut_and_a_reused_descriptor_is_left_alone() -> None
             sock.close()
         if copied:
             os.close(fd)
+
+
+def test_a_remembered_descriptor_reused_by_another_socket_is_left_alone() -> None:
+    """`Adapter.abort`'s path for drivers that tell their descriptor: it may be closed and its
+    number given to another connection between reading it and cutting it."""
+    first, first_peer = _pair()
+    conn = _Conn()
+    fd = first.fileno()
+    _sockets.remember(conn, fd)
+    first.close()
+    second, second_peer = _pair()
+    copied = second.fileno() != fd
+    if copied:
+        os.dup2(second.fileno(), fd)
+    try:
+        _sockets.shutdown(fd, conn._dbrouter_link)  # type: ignore[attr-defined]
+        second_peer.sendall(b"x")
+        with socket.socket(fileno=os.dup(fd)) as same:
+            assert same.recv(1) == b"x"
+    finally:
+        for sock in (second, second_peer, first_peer):
+            sock.close()
+        if copied:
+            os.close(fd)

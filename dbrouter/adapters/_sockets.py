@@ -23,7 +23,7 @@ import threading
 import weakref
 from typing import Any
 
-__all__ = ["candidates", "claim", "claimed_fd", "received", "shutdown", "shutdown_claimed"]
+__all__ = ["candidates", "claim", "claimed_fd", "received", "remember", "shutdown", "shutdown_claimed"]
 
 _FD_DIR = "/proc/self/fd"
 _TCP_INFO_SIZE = 256
@@ -131,6 +131,12 @@ def shutdown(fd: int | None, link: str | None = None) -> None:
         pass
     finally:
         sock.close()
+
+
+def remember(conn: Any, fd: int | None) -> None:
+    """Record which socket ``conn``'s descriptor ``fd`` is, for `shutdown` from another thread."""
+    if fd is not None:
+        conn._dbrouter_link = _link(fd)
 
 
 def shutdown_claimed(conn: Any) -> None:

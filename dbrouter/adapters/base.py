@@ -91,8 +91,13 @@ class Adapter(ABC):
     def abort(self, conn: Any) -> None:
         """Break a connection from another thread so that a blocked call returns now: its
         socket is shut down (when `socket_fd` knows it), and the connection then reports
-        itself lost."""
-        _sockets.shutdown(self.socket_fd(conn))
+        itself lost. Only the socket `remember_socket` saw at connect, if it did: the
+        connection may be closing meanwhile, and its descriptor number reused by another."""
+        _sockets.shutdown(self.socket_fd(conn), getattr(conn, "_dbrouter_link", None))
+
+    def remember_socket(self, conn: Any) -> None:
+        """Record which socket a new connection has (for `abort`)."""
+        _sockets.remember(conn, self.socket_fd(conn))
 
     def session_id(self, conn: Any) -> int | None:
         """The server's id of ``conn``'s session (PostgreSQL's backend pid, MySQL's

@@ -396,7 +396,9 @@ class MySQLAdapter(Adapter):
                 f"cannot connect to mysql node {self.node}: {reason}", node=self.node
             ) from None
         try:
-            if not self._pure:
+            if self._pure:
+                self.remember_socket(conn)
+            else:
                 self._find_socket(conn)
             conn._dbrouter_cursor = conn.cursor()
             # The encoding the cursor gives a statement (utf8mb4's is Python's utf8), asked once.

@@ -44,7 +44,7 @@ class _Connection(ext.connection):
     time, so one cursor each is enough.
     """
 
-    __slots__ = ("statement_cursor",)
+    __slots__ = ("statement_cursor", "_dbrouter_link")
 
     # Set by connect; close() sets it to None on a connection dbrouter never uses again.
     statement_cursor: ext.cursor
@@ -121,6 +121,7 @@ class PostgresAdapter(PostgresBase):
             ) from None
         conn.autocommit = True
         conn.statement_cursor = conn.cursor(cursor_factory=ext.cursor)
+        self.remember_socket(conn)
         return conn
 
     def socket_fd(self, conn: Any) -> int | None:

@@ -149,6 +149,7 @@ class PsycopgAdapter(PostgresBase):
                 f"cannot connect to postgres node {self.node}: {reason}", node=self.node
             ) from None
         conn.statement_cursor = psycopg.Cursor(conn, row_factory=tuple_row)
+        self.remember_socket(conn)
         return conn
 
     def socket_fd(self, conn: Any) -> int | None:

@@ -152,9 +152,11 @@ def test_reads_ending_at_their_threshold_race_the_watcher_and_lose_nothing(clust
         # Known bug, open in issue 15: CI once saw a MariaDB replica's breaker opened (5 failures)
         # by this race, and no run since reproduced it (60 rounds of this race, both connector
         # modes). Not a loser's KILL QUERY reaching the next statement: MariaDB drops a KILL
-        # QUERY that finds its session idle. The test now warns with the breaker's last failure.
-        request.applymarker(pytest.mark.xfail(reason="issue 15: a MariaDB breaker opened once in CI under this race, "
-                                                     "cause not found yet", strict=False))
+        # QUERY that finds its session idle. A likely cause is fixed: a cut could reach another
+        # connection that took over the loser's descriptor number (`Adapter.abort` now checks
+        # the socket's inode). Kept as xfail until CI runs show it gone; it warns with its reason.
+        request.applymarker(pytest.mark.xfail(reason="issue 15: a MariaDB breaker opened once in CI under this race",
+                                              strict=False))
     router = hedging_router(cluster, hedge_after=0.0005, hedge_budget=1.0)
     stall = StallDetector(limit=30.0)
     failures: list[BaseException] = []

@@ -36,7 +36,6 @@ import contextvars
 import logging
 import threading
 import time
-import weakref
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
@@ -277,11 +276,10 @@ class _Slot:
 
     def __init__(self) -> None:
         self.flight: _Flight | None = None
-        self.thread = weakref.ref(threading.current_thread())
+        self.thread = threading.current_thread()  # kept until the watcher drops the slot
 
     def alive(self) -> bool:
-        thread = self.thread()
-        return thread is not None and thread.is_alive()
+        return self.thread.is_alive()
 
 
 class _Flight:

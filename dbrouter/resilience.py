@@ -43,6 +43,7 @@ from typing import Any, Callable
 import pybreaker
 
 from . import _fork
+from .adapters._text import first_line
 from .config import BreakerPolicy
 from .fleet import RedisBreakerStorage, SharedView
 
@@ -312,8 +313,7 @@ class NodeBreaker:
         """Record a node failure (never a caller's SQL error). ``exc`` must be an Exception."""
         if not isinstance(exc, Exception):
             return
-        text = str(exc).strip().splitlines()
-        self.last_failure = f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+        self.last_failure = f"{type(exc).__name__}: {first_line(str(exc))}"[:300]
         with self._trial_lock:
             self.clean = False
         self._end_trial()

@@ -23,7 +23,7 @@ import threading
 import weakref
 from typing import Any
 
-__all__ = ["candidates", "claim", "claimed_fd", "received", "remember", "shutdown", "shutdown_claimed"]
+__all__ = ["candidates", "claim", "claimed_fd", "received", "remember", "shutdown"]
 
 _FD_DIR = "/proc/self/fd"
 _TCP_INFO_SIZE = 256
@@ -94,16 +94,16 @@ def claim(conn: Any, fd: int, link: str) -> None:
         for key in [key for key, owner in _claims.items() if owner() is None]:
             del _claims[key]
         _claims[link] = weakref.ref(conn)
-    conn._dbrouter_socket = (fd, link)
+    conn._dbrouter_socket = fd
+    conn._dbrouter_link = link  # as `remember` records it: `shutdown` checks it before cutting
 
 
 def claimed_fd(conn: Any) -> int | None:
     """The descriptor `claim` recorded for ``conn``, if it is still that socket."""
-    found = getattr(conn, "_dbrouter_socket", None)
-    if found is None:
+    fd = getattr(conn, "_dbrouter_socket", None)
+    if fd is None:
         return None
-    fd, link = found
-    return fd if _link(fd) == link else None
+    return fd if _link(fd) == conn._dbrouter_link else None
 
 
 def shutdown(fd: int | None, link: str | None = None) -> None:
@@ -137,10 +137,3 @@ def remember(conn: Any, fd: int | None) -> None:
     """Record which socket ``conn``'s descriptor ``fd`` is, for `shutdown` from another thread."""
     if fd is not None:
         conn._dbrouter_link = _link(fd)
-
-
-def shutdown_claimed(conn: Any) -> None:
-    """`shutdown` the socket `claim` recorded for ``conn``, if it is still that socket."""
-    found = getattr(conn, "_dbrouter_socket", None)
-    if found is not None:
-        shutdown(*found)

@@ -91,8 +91,9 @@ class Adapter(ABC):
     def abort(self, conn: Any) -> None:
         """Break a connection from another thread so that a blocked call returns now: its
         socket is shut down (when `socket_fd` knows it), and the connection then reports
-        itself lost. Only the socket `remember_socket` saw at connect, if it did: the
-        connection may be closing meanwhile, and its descriptor number reused by another."""
+        itself lost. Only the socket recorded at connect (`remember_socket`, or the C
+        extension's `_sockets.claim`), if one was: the connection may be closing meanwhile,
+        and its descriptor number reused by another."""
         _sockets.shutdown(self.socket_fd(conn), getattr(conn, "_dbrouter_link", None))
 
     def remember_socket(self, conn: Any) -> None:

@@ -424,14 +424,6 @@ class MySQLAdapter(Adapter):
             ) from None
         return conn
 
-    def abort(self, conn: Any) -> None:
-        if getattr(getattr(conn, "_socket", None), "sock", None) is None:
-            # The C extension's socket, found when it connected: checked to be that socket
-            # still on a duplicate of its descriptor (the connection may be closing meanwhile).
-            _sockets.shutdown_claimed(conn)
-            return
-        super().abort(conn)
-
     def socket_fd(self, conn: Any) -> int | None:
         # The pure-Python connection's socket; the C extension's, found when it connected.
         sock = getattr(getattr(conn, "_socket", None), "sock", None)

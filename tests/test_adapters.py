@@ -154,6 +154,10 @@ def test_mysql_1290_messages_servers_send(message: str, kind: ErrorKind) -> None
     assert adapter.classify(errors.DatabaseError(msg=message, errno=1290, sqlstate="HY000")) is kind
 
 
+class _Unsendable:
+    """A parameter type no driver knows how to send."""
+
+
 @both_drivers
 def test_caller_errors_are_never_node_failures(cluster, table: str, driver: str) -> None:
     primary = Opened(cluster.primary, driver=driver)
@@ -161,8 +165,11 @@ def test_caller_errors_are_never_node_failures(cluster, table: str, driver: str)
         primary.run(f"INSERT INTO {table} VALUES (4, 40)")
         # The last: a client-side error without an error number (on MySQL with or without the
         # C extension: without it, such errors were classified as a lost connection).
+        # And a parameter the driver cannot send (the MySQL C extension says so without an error
+        # number too: it was taken for a lost connection, and a write for one of unknown outcome).
         for bad, params in ((f"INSERT INTO {table} VALUES (4, 41)", None), ("SELEC 1", None),
-                            ("SELECT * FROM no_such_table_x", None), ("SELECT %s, %s", (1,))):
+                            ("SELECT * FROM no_such_table_x", None), ("SELECT %s, %s", (1,)),
+                            ("SELECT %s", (_Unsendable(),)), (f"INSERT INTO {table} VALUES (5, %s)", ({"k": 1},))):
             with pytest.raises(Exception) as info:
                 primary.run(bad, params)
             assert primary.adapter.classify(info.value) is ErrorKind.CALLER, bad

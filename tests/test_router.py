@@ -494,6 +494,32 @@ def test_from_config_dict_toml_and_env(cluster: Any, driver: str, tmp_path: Any)
         dbrouter.config.load_router_config(None, env={**env, "DBROUTER_MAX_SIZE": "three"})
 
 
+def test_a_parameter_the_driver_cannot_send_is_the_callers_error(cluster: Any) -> None:
+    """A parameter of a type the driver cannot send fails the call with the driver's error, as
+    it is: nothing was sent. The MySQL C extension reports it without an error number, like a
+    lost connection, for which it was taken: a read was retried on every replica and charged to
+    each one's breaker, a write reported as of unknown outcome, the connections discarded."""
+    events: list[str] = []
+    replicas = [n.url for n in cluster.replicas]
+    with Router(cluster.primary.url, replicas, fail_max=2, **FAST) as router:
+        router.on("*", lambda event: events.append(event.name))
+        router.read("SELECT 1")
+        for _ in range(3):  # more than fail_max, on every node
+            with pytest.raises(Exception) as info:
+                router.read("SELECT %s", ({"not": "sendable"},))
+            assert not isinstance(info.value, dbrouter.DbRouterError), info.value
+            with pytest.raises(Exception) as info:
+                router.write("SELECT %s", ({"not": "sendable"},))
+            assert not isinstance(info.value, dbrouter.DbRouterError), info.value
+        assert router.read("SELECT 1")[0][0] == 1 and router.write("SELECT 1") >= 0
+        stats = router.stats()
+        assert stats["retries"] == 0 and stats["failovers"] == 0
+        for name, node in stats["nodes"].items():
+            assert node["breaker"] == "closed" and node["breaker_failures"] == 0 and node["healthy"], name
+            assert node["pool"]["discarded"] == 0, name
+    assert not {"breaker_open", "node_down", "failover"} & set(events), events
+
+
 @pytest.mark.mysql
 def test_mysql_secure_file_priv_refusal_is_the_callers_error_not_a_demotion(maria_cluster: Any,
                                                                            maria_file_url: str) -> None:

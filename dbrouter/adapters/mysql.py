@@ -748,9 +748,20 @@ class MySQLAdapter(Adapter):
             return ErrorKind.UNREACHABLE
         if (errno is None or errno < 0) and isinstance(exc, (myerrors.InterfaceError, myerrors.OperationalError,
                                                              _CExtensionError)):
+            if _unconvertible_parameter(exc):
+                return ErrorKind.CALLER  # nothing was sent: the connection is as it was
             # "MySQL Connection not available": the client already knows it is gone.
             return ErrorKind.UNREACHABLE
         return ErrorKind.CALLER
+
+
+def _unconvertible_parameter(exc: BaseException) -> bool:
+    """Whether the C extension refused a parameter's Python type before sending anything
+    ("Python type dict cannot be converted", "Failed converting Python 'x'"): an error with
+    no number, like a lost connection's, but the caller's. (The pure-Python connector raises
+    a ProgrammingError for it.)"""
+    text = (getattr(exc, "msg", None) or str(exc)).lower()
+    return "cannot be converted" in text or "failed converting python" in text
 
 
 def _names_read_only_option(exc: BaseException) -> bool:

@@ -78,6 +78,19 @@ SETUPS = {
     "off": "dbrouter, defaults with the features off (retry_budget=None; no hedging, ejection or queue cap)",
     "naive": "naive: a driver pool per node, round-robin over the replicas, tenacity 3 attempts",
 }
+SPIKE_ROUNDS = 4  # scenario 1: the healthy baseline and the setups under the fault, alternated this many times
+
+
+def _pure(url: str) -> str:
+    return url + ("&" if "?" in url else "?") + "use_pure=true"
+
+
+# Scenario 1 again, on the driver whose reads a hedge can end without cutting their connection
+# (`Adapter.overtakes`): (label, router options, URL transform). The default drivers block in C.
+DRAINING: dict[str, tuple[str, dict[str, Any], Callable[[str], str]]] = {
+    "postgres": ("psycopg 3", {"driver": "psycopg"}, str),
+    "mysql": ("mysql-connector (pure Python)", {}, _pure),
+}
 # Scenarios 1 and 2 also run the scenario's own feature alone (the defaults plus that one option),
 # so that what each feature does shows apart from the others'.
 ALONE: dict[str, tuple[str, str, dict[str, Any]]] = {
@@ -268,7 +281,8 @@ class Naive:
 _pool_names = itertools.count()
 
 
-def _router(cluster: Any, replicas: list[tuple[str, str]], setup: str, size: int, **extra: Any) -> Any:
+def _router(cluster: Any, replicas: list[tuple[str, str]], setup: str, size: int,
+            url_of: Callable[[str], str] = str, **extra: Any) -> Any:
     options: dict[str, Any] = {"max_size": size, "min_size": size}
     if setup == "on":
         options.update(hedge_after="auto", slow_replica_ratio=3, slow_replica_margin=SLOW_MARGIN, retry_budget=0.2,
@@ -276,7 +290,8 @@ def _router(cluster: Any, replicas: list[tuple[str, str]], setup: str, size: int
     else:  # "off" and the one-feature setups (their feature comes in ``extra``)
         options.update(retry_budget=None)
     options.update(extra)
-    router = dbrouter.Router(cluster.primary.url, [{"url": url, "name": name} for name, url in replicas], **options)
+    router = dbrouter.Router(url_of(cluster.primary.url), [{"url": url_of(url), "name": name} for name, url in replicas],
+                             **options)
     router.wait_for_probes(timeout=15)
     return router
 
@@ -305,12 +320,12 @@ class Setup:
 
 
 def open_setup(key: str, engine: str, cluster: Any, proxy: ProxyProcess, size: int, *, timeout: float | None = None,
-               gate_timeout: float | None = None, **extra: Any) -> Setup:
+               gate_timeout: float | None = None, url_of: Callable[[str], str] = str, **extra: Any) -> Setup:
     direct, proxied = cluster.replicas[0], cluster.replicas[1]
     if key == "naive":
         naive = Naive(engine, [direct.url, proxy.url(proxied)], size, gate_timeout=gate_timeout)
         return Setup(key, lambda sql, params=None: naive.read(sql, params), naive.close, naive=naive)
-    router = _router(cluster, [("direct", direct.url), ("proxied", proxy.url(proxied))], key, size, **extra)
+    router = _router(cluster, [("direct", direct.url), ("proxied", proxy.url(proxied))], key, size, url_of, **extra)
     if timeout is None:
         return Setup(key, router.read, router.close, router=router)
     return Setup(key, lambda sql, params=None: router.read(sql, params, timeout=timeout), router.close, router=router)
@@ -468,76 +483,153 @@ def own_count_cost(engine: str, cluster: Any) -> dict[str, float]:
 
 
 def scenario_tail(engine: str, cluster: Any, proxy: ProxyProcess, kind: str, reads: int, threads: int, size: int,
-                  time_limit: float, rng: random.Random) -> dict[str, Any]:
+                  time_limit: float, rng: random.Random, *, draining: bool = False) -> dict[str, Any]:
     """Scenarios 1 (``spikes``) and 2 (``slow``): a healthy baseline through dbrouter, then each
-    setup under the fault in a fresh random order, after a warm-up under it."""
+    setup under the fault in a fresh random order, after a warm-up under it. ``draining``: the
+    dbrouter setups on the engine's `DRAINING` driver (no naive setup: it is the default run's)."""
     out: dict[str, Any] = {"sql": POINT, "reads": reads, "threads": threads, "pool_size": size, "setups": {}}
     setups: dict[str, Setup] = {}
     alone, _, alone_options = ALONE[kind]
+    driver, options, url_of = DRAINING[engine] if draining else (None, {}, str)
+    if driver:
+        out["driver"] = driver
     try:
-        for key in ("off", "on", "naive"):
-            setups[key] = open_setup(key, engine, cluster, proxy, size)
-        setups[alone] = open_setup(alone, engine, cluster, proxy, size, **alone_options)
-        proxy.set("pass_through")
-        base = setups["off"]
-        closed_loop(base.read, threads, min(reads // 5, 2000), time_limit)  # warm-up
-        c0 = base.counters()
-        lat, errors, seconds, _ = closed_loop(base.read, threads, reads, time_limit)
-        out["healthy"] = {**summarize(lat, errors, seconds), "counters": _delta(base.counters(), c0)}
-        healthy_p50 = out["healthy"]["p50_ms"] / 1e3
+        for key in ("off", "on") if draining else ("off", "on", "naive"):
+            setups[key] = open_setup(key, engine, cluster, proxy, size, url_of=url_of, **options)
+        setups[alone] = open_setup(alone, engine, cluster, proxy, size, url_of=url_of, **options, **alone_options)
         if kind == "spikes":
-            fault: tuple[str, tuple[float, ...]] = ("spikes", SPIKES)
             out["fault"] = f"spikes({SPIKES[0]}, {SPIKES[1]})"
+            _tail_in_rounds(out, setups, proxy, ("spikes", SPIKES), reads, threads, time_limit, rng)
         else:
-            # latency() delays both directions: a read gains 2x, so 10x the healthy read time
-            # takes (10 - 1) / 2 of it each way.
-            x = (SLOW_FACTOR - 1) / 2 * healthy_p50
-            fault = ("latency", (x,))
-            out["fault"] = f"latency({x * 1e3:.2f} ms)"
-            out["added_ms_each_way"] = x * 1e3
-        out["healthy_p50_ms"] = healthy_p50 * 1e3
-        proxy.set(fault[0], *fault[1])
-        order = list(setups)
-        rng.shuffle(order)
-        for key in order:
-            s = setups[key]
-            warm_start = time.perf_counter()
-            if key in ("on", alone) and kind == "slow":
-                # Until the slow replica is ejected (two probe rounds once it has served 20 reads):
-                # the detection's cost is reported beside the steady state.
-                def ejected(router: Any = s.router) -> bool:
-                    return bool(router.stats()["nodes"]["proxied"]["slow_ejected"])
-
-                wlat, werr, wsec, _ = closed_loop(s.read, threads, 10**9, 15.0, until=ejected)
-                warm = summarize(wlat, werr, wsec)
-                warm["ejected"] = ejected()
-            else:
-                wlat, werr, wsec, _ = closed_loop(s.read, threads, min(reads // 5, 2000), time_limit)
-                warm = summarize(wlat, werr, wsec)
-            warm["seconds_to_steady"] = time.perf_counter() - warm_start
-            c0 = s.counters()
-            lat, errors, seconds, _ = closed_loop(s.read, threads, reads, time_limit)
-            res = {**summarize(lat, errors, seconds), "warmup": warm}
-            if s.router is not None:
-                d = _delta(s.counters(), c0)
-                res["counters"] = d
-                res["extra_share"] = (d["hedges"] + d["retries"]) / d["reads"] if d["reads"] else float("nan")
-                res["hedge_share"] = d["hedges"] / d["reads"] if d["reads"] else float("nan")
-                nodes = s.router.stats()["nodes"]
-                res["node_latency_ms"] = {n: nodes[n]["latency"] * 1e3 for n in ("direct", "proxied")}
-                res["slow_ejected"] = nodes["proxied"]["slow_ejected"]
-            out["setups"][key] = res
-            log.info("9. adversity, %s, %s, %-5s: p50 %.2f ms, p99 %.2f ms, p99.9 %.1f ms, max %.0f ms, errors %d%s",
-                     engine, kind, key, res["p50_ms"], res["p99_ms"], res["p999_ms"], res["max_ms"], res["errors"],
-                     f", hedges {res['counters']['hedges']}/{res['counters']['reads']}" if "counters" in res else "")
-        out["order"] = order
-        log.info("9. adversity, %s, %s, healthy: p50 %.2f ms, p99 %.2f ms", engine, kind, out["healthy"]["p50_ms"],
-                 out["healthy"]["p99_ms"])
+            _tail_once(out, setups, proxy, reads, threads, time_limit, rng)
     finally:
         proxy.set("pass_through")
         for s in setups.values():
             s.close()
     return out
+
+
+def _tail_in_rounds(out: dict[str, Any], setups: dict[str, Setup], proxy: ProxyProcess,
+                    fault: tuple[str, tuple[float, ...]], reads: int, threads: int, time_limit: float,
+                    rng: random.Random) -> None:
+    """Scenario 1: the healthy baseline and every setup under the fault, alternated in
+    `SPIKE_ROUNDS` rounds of a share of the reads each (every setup warmed up under the fault
+    in the first), the rounds' reads pooled: the machine's drift over the scenario reaches the
+    baseline and the setups alike, not whichever ran last."""
+    base = setups["off"]
+    batch = reads // SPIKE_ROUNDS
+    healthy: list[float] = []
+    healthy_errors: Counter[str] = Counter()
+    healthy_seconds = 0.0
+    lat: dict[str, list[float]] = {key: [] for key in setups}
+    errors: dict[str, Counter[str]] = {key: Counter() for key in setups}
+    seconds = dict.fromkeys(setups, 0.0)
+    counted: dict[str, dict[str, int]] = {}
+    warm: dict[str, dict[str, Any]] = {}
+    proxy.set("pass_through")
+    closed_loop(base.read, threads, min(reads // 5, 2000), time_limit)  # warm-up
+    orders = []
+    for round_ in range(SPIKE_ROUNDS):
+        proxy.set("pass_through")
+        c0 = base.counters()
+        part, errs, secs, _ = closed_loop(base.read, threads, batch, time_limit)
+        healthy += part
+        healthy_errors += errs
+        healthy_seconds += secs
+        if round_ == 0:
+            out["healthy_counters"] = _delta(base.counters(), c0)
+        proxy.set(fault[0], *fault[1])
+        order = list(setups)
+        rng.shuffle(order)
+        orders.append(order)
+        for key in order:
+            s = setups[key]
+            if round_ == 0:
+                started = time.perf_counter()
+                wlat, werr, wsec, _ = closed_loop(s.read, threads, min(reads // 5, 2000), time_limit)
+                warm[key] = {**summarize(wlat, werr, wsec), "seconds_to_steady": time.perf_counter() - started}
+            c0 = s.counters()
+            part, errs, secs, _ = closed_loop(s.read, threads, batch, time_limit)
+            lat[key] += part
+            errors[key] += errs
+            seconds[key] += secs
+            if s.router is not None:
+                d = _delta(s.counters(), c0)
+                counted[key] = {k: counted.get(key, {}).get(k, 0) + v for k, v in d.items()}
+        log.info("9. adversity, spikes, round %d of %d done", round_ + 1, SPIKE_ROUNDS)
+    out["rounds"] = SPIKE_ROUNDS
+    out["order"] = orders[0]
+    out["healthy"] = {**summarize(healthy, healthy_errors, healthy_seconds), "counters": out.pop("healthy_counters")}
+    for key, s in setups.items():
+        res = {**summarize(lat[key], errors[key], seconds[key]), "warmup": warm[key]}
+        if s.router is not None:
+            _router_columns(res, counted[key], s.router)
+        out["setups"][key] = res
+        _log_tail(out, key, res)
+
+
+def _tail_once(out: dict[str, Any], setups: dict[str, Setup], proxy: ProxyProcess, reads: int, threads: int,
+               time_limit: float, rng: random.Random) -> None:
+    """Scenario 2: the healthy baseline, then every setup under the fault (10x slower
+    throughout) after a warm-up under it; the setups that eject are warmed up until the
+    replica is out (its ejection is the steady state measured)."""
+    base = setups["off"]
+    proxy.set("pass_through")
+    closed_loop(base.read, threads, min(reads // 5, 2000), time_limit)  # warm-up
+    c0 = base.counters()
+    lat, errors, seconds, _ = closed_loop(base.read, threads, reads, time_limit)
+    out["healthy"] = {**summarize(lat, errors, seconds), "counters": _delta(base.counters(), c0)}
+    healthy_p50 = out["healthy"]["p50_ms"] / 1e3
+    # latency() delays both directions: a read gains 2x, so 10x the healthy read time
+    # takes (10 - 1) / 2 of it each way.
+    x = (SLOW_FACTOR - 1) / 2 * healthy_p50
+    out["fault"] = f"latency({x * 1e3:.2f} ms)"
+    out["added_ms_each_way"] = x * 1e3
+    out["healthy_p50_ms"] = healthy_p50 * 1e3
+    proxy.set("latency", x)
+    order = list(setups)
+    rng.shuffle(order)
+    for key in order:
+        s = setups[key]
+        warm_start = time.perf_counter()
+        if s.router is not None and s.router.config.routing.slow_replica_ratio is not None:
+            # Until the slow replica is ejected (two probe rounds once it has served 20 reads):
+            # the detection's cost is reported beside the steady state.
+            def ejected(router: Any = s.router) -> bool:
+                return bool(router.stats()["nodes"]["proxied"]["slow_ejected"])
+
+            wlat, werr, wsec, _ = closed_loop(s.read, threads, 10**9, 15.0, until=ejected)
+            warm = summarize(wlat, werr, wsec)
+            warm["ejected"] = ejected()
+        else:
+            wlat, werr, wsec, _ = closed_loop(s.read, threads, min(reads // 5, 2000), time_limit)
+            warm = summarize(wlat, werr, wsec)
+        warm["seconds_to_steady"] = time.perf_counter() - warm_start
+        c0 = s.counters()
+        lat, errors, seconds, _ = closed_loop(s.read, threads, reads, time_limit)
+        res = {**summarize(lat, errors, seconds), "warmup": warm}
+        if s.router is not None:
+            _router_columns(res, _delta(s.counters(), c0), s.router)
+        out["setups"][key] = res
+        _log_tail(out, key, res)
+    out["order"] = order
+
+
+def _router_columns(res: dict[str, Any], d: dict[str, int], router: Any) -> None:
+    """A dbrouter setup's counters over its measured reads, and its nodes' read times now."""
+    res["counters"] = d
+    res["extra_share"] = (d["hedges"] + d["retries"]) / d["reads"] if d["reads"] else float("nan")
+    res["hedge_share"] = d["hedges"] / d["reads"] if d["reads"] else float("nan")
+    nodes = router.stats()["nodes"]
+    res["node_latency_ms"] = {n: nodes[n]["latency"] * 1e3 for n in ("direct", "proxied")}
+    res["slow_ejected"] = nodes["proxied"]["slow_ejected"]
+
+
+def _log_tail(out: dict[str, Any], key: str, res: dict[str, Any]) -> None:
+    log.info("9. adversity, %s%s, %-10s: p50 %.2f ms, p99 %.2f ms (healthy %.2f), p99.9 %.1f ms, max %.0f ms, errors %d%s",
+             out["fault"], f" ({out['driver']})" if "driver" in out else "", key, res["p50_ms"], res["p99_ms"],
+             out["healthy"]["p99_ms"], res["p999_ms"], res["max_ms"], res["errors"],
+             f", hedges {res['counters']['hedges']}/{res['counters']['reads']}" if "counters" in res else "")
 
 
 def scenario_overload(engine: str, cluster: Any, proxy: ProxyProcess, size: int, window: float,
@@ -773,7 +865,7 @@ def run_adversity(clusters: dict[str, Any], s: Any, seed: int, gate: Any) -> dic
     out: dict[str, Any] = {"setups": SETUPS, "constants": {
         "spikes": list(SPIKES), "slow_factor": SLOW_FACTOR, "flaky": FLAKY, "overload": OVERLOAD, "cap_s": CAP_S,
         "deadline_s": DEADLINE_S, "deadline_target_s": DEADLINE_TARGET_S, "slow_margin_s": SLOW_MARGIN,
-        "settle_s": SETTLE_S, "deadline_pause_s": DEADLINE_PAUSE_S,
+        "settle_s": SETTLE_S, "deadline_pause_s": DEADLINE_PAUSE_S, "spike_rounds": SPIKE_ROUNDS,
         "defaults_bound_s": DEFAULTS_BOUND_S}}
     for engine in ("postgres", "mysql"):
         cluster = clusters[engine]
@@ -785,6 +877,9 @@ def run_adversity(clusters: dict[str, Any], s: Any, seed: int, gate: Any) -> dic
                 gate.wait(f"adversity, {engine}, {kind}")
                 res[kind] = scenario_tail(engine, cluster, proxy, kind, s.adv_reads, s.adv_threads, s.adv_pool,
                                           s.adv_time_limit_s, rng)
+            gate.wait(f"adversity, {engine}, spikes, {DRAINING[engine][0]}")
+            res["spikes_draining"] = scenario_tail(engine, cluster, proxy, "spikes", s.adv_reads, s.adv_threads,
+                                                   s.adv_pool, s.adv_time_limit_s, rng, draining=True)
             gate.wait(f"adversity, {engine}, overload")
             res["overload"] = scenario_overload(engine, cluster, proxy, s.adv_overload_pool, s.adv_overload_window_s,
                                                 s.adv_capacity_window_s, rng)

@@ -46,8 +46,10 @@ DEFAULTS_SLACK_S = 0.05  # defaults: the bound leaves out the cut itself and the
 ADVERSITY_RULES = [
     "*adversity, slow replica*: the read p99 (every read of the measured run, failures included at the time they "
     "failed) of dbrouter with the features on ≤ 1.5 × the p99 of the healthy baseline (the same reads through "
-    "dbrouter with its defaults while the proxy passes through), and (hedges + retries) / reads ≤ 5% over the same "
-    "run (from `stats()`).",
+    "dbrouter with its defaults, on the same driver, while the proxy passes through), and (hedges + retries) / "
+    "reads ≤ 5% over the same run (from `stats()`). With spikes, the baseline and the setups alternate in rounds "
+    "whose reads are pooled; the scenario runs on each engine's default driver and again on the driver whose hedge "
+    "losers are drained rather than cut (psycopg 3, the pure-Python connector), each with its own verdict.",
     "*adversity, overload, amplification*: queries counted on the servers (PostgreSQL: xact_commit + "
     "xact_rollback of the database on every node; MariaDB: Com_select on every node; the bench's own counting "
     "subtracted) / requests issued ≤ 1.2.",
@@ -364,8 +366,9 @@ def tail_target(engine: str, kind: str, res: dict[str, Any]) -> dict[str, Any] |
     ratio = on["p99_ms"] / base
     extra = on["extra_share"]
     counted = on.get("counters", {})
-    what = ("one replica with latency spikes (1% of its replies 200 ms late)" if kind == "spikes"
+    what = ("one replica with latency spikes (1% of its replies 200 ms late)" if kind.startswith("spikes")
             else "one replica 10x slower throughout")
+    engine_label = _engine_label(engine) + (f" on {res['driver']}" if res.get("driver") else "")
     cells = res["setups"]
     others = _beside(cells, ("hedge_only", "eject_only", "off", "naive"),
                      lambda c: f"{c['p99_ms'] / base:.2f}x ({c['p99_ms']:.2f} ms)")
@@ -377,7 +380,7 @@ def tail_target(engine: str, kind: str, res: dict[str, Any]) -> dict[str, Any] |
                    f"{warm.get('p99_ms', float('nan')):.1f} ms until then)" if warm.get("ejected")
                    else "; NOT ejected within 15 s of the fault")
     return {
-        "target": f"{_engine_label(engine)}, adversity, {what}: read p99 with the features on <= "
+        "target": f"{engine_label}, adversity, {what}: read p99 with the features on <= "
                   f"{TAIL_P99_RATIO}x the healthy p99, <= {EXTRA_QUERIES:.0%} extra queries",
         "verdict": _verdict(ratio <= TAIL_P99_RATIO and extra <= EXTRA_QUERIES),
         "numbers": f"p99 {on['p99_ms']:.2f} ms = {ratio:.2f}x the healthy {base:.2f} ms; extra queries {extra:.1%} "
@@ -465,7 +468,7 @@ def adversity_targets(adv: dict[str, Any]) -> list[dict[str, Any]]:
         res = adv.get(engine)
         if not res:
             continue
-        for kind in ("spikes", "slow"):
+        for kind in ("spikes", "spikes_draining", "slow"):
             t = tail_target(engine, kind, res.get(kind, {}))
             if t:
                 out.append(t)
@@ -1094,24 +1097,43 @@ def _adversity_sections(r: dict[str, Any], add: Any) -> None:
         if not res:
             continue
         title = _engine_label(engine)
-        for kind, head in (("spikes", "one replica with latency spikes"), ("slow", "one replica 10x slower")):
+        for kind, number, head in (("spikes", "9a", "one replica with latency spikes"),
+                                   ("spikes_draining", "9a'", "one replica with latency spikes"),
+                                   ("slow", "9b", "one replica 10x slower")):
             t = res.get(kind)
             if not t:
                 continue
-            add(f"### 9{'a' if kind == 'spikes' else 'b'}. {title}: {head} (`{t['fault']}`)")
+            on_driver = f" on {t['driver']}" if t.get("driver") else ""
+            add(f"### {number}. {title}{on_driver}: {head} (`{t['fault']}`)")
             add("")
             healthy = t["healthy"]
-            text = (f"Point reads (`{t.get('sql', '')}`) from {t['threads']} threads back to back, {t['reads']:,} per setup, "
-                    f"pools of {t['pool_size']} per node. Healthy baseline first (dbrouter defaults, proxy passing "
-                    f"through): p50 {healthy['p50_ms']:.2f} ms, p99 {healthy['p99_ms']:.2f} ms. Then every setup under "
-                    f"the fault, in a random order ({', '.join(t.get('order', []))}), each after a warm-up under it "
-                    "(a fifth of the reads")
-            if kind == "slow":
-                text += (f"; for the setups that eject, until the replica was ejected, at most 15 s). The proxy adds "
-                         f"{t.get('added_ms_each_way', float('nan')):.2f} ms each way: 10x the healthy p50 per read")
-            add(text + "). Errors count as reads, at the time they failed. Extra = (hedges + retries) / reads. "
+            text = f"Point reads (`{t.get('sql', '')}`) from {t['threads']} threads back to back, {t['reads']:,} per setup, "
+            if t.get("driver"):
+                text = (f"The same as 9a with every dbrouter setup on {t['driver']}, whose reads a hedge that won "
+                        "ends without cutting their connection: the loser's connection is drained and pooled again "
+                        "(README, \"Hedged reads\"); the naive setup is 9a's. " + text)
+            text += f"pools of {t['pool_size']} per node. "
+            if t.get("rounds"):
+                text += (f"In {t['rounds']} rounds, each of a {t['rounds']}th of the reads: the healthy baseline "
+                         "(dbrouter defaults, proxy passing through), then every setup under the fault in a random "
+                         f"order (first round: {', '.join(t.get('order', []))}; each warmed up under the fault in "
+                         "the first round, a fifth of the reads); the rounds' reads pooled, so that the machine's "
+                         "drift over the scenario reaches the baseline and the setups alike. Healthy baseline: "
+                         f"p50 {healthy['p50_ms']:.2f} ms, p99 {healthy['p99_ms']:.2f} ms")
+            else:
+                text += (f"Healthy baseline first (dbrouter defaults, proxy passing through): p50 "
+                         f"{healthy['p50_ms']:.2f} ms, p99 {healthy['p99_ms']:.2f} ms. Then every setup under the "
+                         f"fault, in a random order ({', '.join(t.get('order', []))}), each after a warm-up under it "
+                         "(a fifth of the reads")
+                if kind == "slow":
+                    text += ("; for the setups that eject, until the replica was ejected, at most 15 s). The proxy "
+                             f"adds {t.get('added_ms_each_way', float('nan')):.2f} ms each way: 10x the healthy p50 "
+                             "per read")
+                text += ")"
+            add(text + ". Errors count as reads, at the time they failed. Extra = (hedges + retries) / reads. "
                 "Connections opened = by all the setup's pools during the measured run (a hedge's losing read is "
-                "cut: its connection is discarded, not pooled again).")
+                + ("drained: its connection pooled again, unless it did not end within 1 s)." if t.get("driver") else
+                   "cut: its connection is discarded, not pooled again)."))
             add("")
             add("| Setup | p50 (ms) | p99 (ms) | p99 / healthy p99 | p99.9 (ms) | max (ms) | errors | extra queries | "
                 "hedges won / sent / refused | connections opened | read time direct / proxied (ms) | warm-up |")

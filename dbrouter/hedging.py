@@ -28,6 +28,15 @@ its socket down, so the loser's lease is discarded (not pooled with a dead socke
 node not blamed; the server is asked to cancel the loser's statement. A lease is marked won
 or cut only before its statement's result leaves the operation that ran it, so a connection
 is never cut after it went back to its pool.
+
+With a driver whose wait dbrouter runs (`Adapter.overtakes`: psycopg 3), the first read is
+not cut when the hedge wins: its lease is marked overtaken and its thread's `Waker` fired
+(`dbrouter.adapters._waker`), so its wait raises `Overtaken` and the read returns the
+hedge's rows; the lease hands the connection, its statement still in flight, to a drain
+thread (cancel request, the rest of the answer read, pooled again: `dbrouter.lease`). Cutting
+cost a login per hedge won (the replacement connection), which on a busy client slowed the
+reads beside it more than the hedge saved. The hedge's own lease, when the first read wins,
+is still cut: it runs on a worker, and that is rare.
 """
 
 from __future__ import annotations
@@ -41,6 +50,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import _fork
 from ._counter import Counter
+from .adapters._waker import Waker, thread_waker
 from .decisions import Phase, Work
 from .lease import Lease, take
 from .retrying import Retry, RetryBudget
@@ -152,7 +162,7 @@ class Hedger(HedgePolicy):
         (settle the flight when it ends)."""
         flight = _Flight(self, node, sql, params, after)
         flight.entry = entry
-        flight.start()
+        flight.start(entry.conn)
         return flight
 
     def read_leased(self, node: Node, sql: str, params: Any, after: float) -> list[tuple[Any, ...]]:
@@ -286,7 +296,7 @@ class _Flight:
     """One hedgeable read: its statement, its lease once it started, when it is late, and
     its one claim (`settle` and the watcher each try to pop it; only one can)."""
 
-    __slots__ = ("hedger", "node", "sql", "params", "after", "due", "claim", "lease", "entry", "race")
+    __slots__ = ("hedger", "node", "sql", "params", "after", "due", "claim", "lease", "entry", "race", "waker", "conn")
 
     def __init__(self, hedger: Hedger, node: Node, sql: str, params: Any, after: float) -> None:
         self.hedger = hedger
@@ -299,26 +309,41 @@ class _Flight:
         self.lease: Lease | None = None  # through `Hedger.read_leased`
         self.entry: _Entry | None = None  # on `Core.read`'s fast path
         self.race: _Race | None = None
+        self.waker: Waker | None = None  # armed while the statement runs, when the driver `overtakes`
+        self.conn: Any = None  # the connection the waker is set on
 
     def first(self, lease: Lease) -> Any:
         """`Hedger.read_leased`: run the read on ``lease`` (an operation for `Core.run_on`). Timed from the statement's
         start: a read that waits for a connection is not hedged (a hedge that wins costs its
         loser's connection, and a pool short of connections would feed on that)."""
         self.lease = lease
-        self.start()
+        self.start(lease.conn)
         result = lease.execute(self.sql, self.params)
         race = self.settle()
         if race is not None:
             race.first_done()  # decided while the lease is still held
         return result
 
-    def start(self) -> None:
-        """The statement starts now: the watcher looks at it once ``after`` has passed."""
+    def start(self, conn: Any) -> None:
+        """The statement starts now on ``conn``: the watcher looks at it once ``after`` has
+        passed. A driver whose wait a hedge can end (`Adapter.overtakes`) gets the thread's
+        `Waker`, armed for this read."""
         self.due = time.monotonic() + self.after
+        adapter = self.node.adapter
+        if adapter.overtakes:
+            waker = self.waker = thread_waker()
+            waker.arm(self)
+            adapter.watch(conn, waker)
+            self.conn = conn
         self.hedger.enlist(self)
 
     def settle(self) -> _Race | None:
         """The read ended: None when no hedge was started (nor will be), else its race."""
+        conn = self.conn
+        if conn is not None:  # disarmed: the connection's next statement waits as the driver does
+            self.conn = None
+            self.node.adapter.watch(conn, None)
+            self.waker.armed = None  # type: ignore[union-attr]
         try:
             self.claim.pop()
         except IndexError:
@@ -345,6 +370,8 @@ class _Race:
         # Read once: the read may settle meanwhile and clear it (the claim then tells).
         entry = flight.entry
         self._first = flight.lease if entry is None else Lease(flight.node, entry, timed=True)
+        self._waker = flight.waker  # set: the first read's wait can be ended without a cut
+        self._flight = flight  # the token the waker is armed with
         self._hedge: Lease | None = None
         self._rows: list[tuple[Any, ...]] | None = None
 
@@ -407,15 +434,23 @@ class _Race:
             if not isinstance(exc, Exception):
                 raise
             return
-        won, loser = False, None
+        won, loser, overtake = False, None, False
         with self._lock:
             if self._state == _RUNNING:
                 self._state, won = _HEDGE_WON, True
                 self._rows = rows or []
-                loser = self._claim_cut(self._first)
+                first = self._first
+                if self._waker is not None and first is not None and not first.released:
+                    first.mark_overtaken()
+                    overtake = True
+                else:
+                    loser = self._claim_cut(first)
         lease.release()
         if won:
             self._hedger.won.inc()
+        if overtake:
+            assert self._waker is not None
+            self._waker.fire(self._flight)  # its wait ends; its connection is drained, not lost
         _cut(loser)
 
     @staticmethod

@@ -28,9 +28,12 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import logging
+import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable, TypeVar, cast
 
+from .adapters._waker import Overtaken
 from .deadline import CANCELLER, TIMER, Deadline
 from .deadline import current as current_deadline
 from .decisions import Action, BreakerOpen, Decision, Failure, Hung, Phase, Work, decide, failure_of
@@ -47,6 +50,9 @@ __all__ = ["HeldLease", "Lease", "Outcome", "admit", "answered", "checkout_faile
 T = TypeVar("T")
 
 _LATENCY_ALPHA = 0.2  # weight of the newest sample in the moving average
+_DRAIN_LIMIT = 1.0  # seconds an overtaken statement has to end (cancelled) before its connection is discarded
+
+log = logging.getLogger("dbrouter.lease")
 
 
 class Outcome(enum.Enum):
@@ -85,7 +91,7 @@ def outcome_of(failure: Failure, phase: Phase, decision: Decision) -> Outcome:
 class Lease:
     """A connection borrowed from ``node``; release it exactly once."""
 
-    __slots__ = ("node", "conn", "_entry", "_aborted", "_cut", "_cancel_sent", "_timed", "_trial")
+    __slots__ = ("node", "conn", "_entry", "_aborted", "_cut", "_cancel_sent", "_timed", "_trial", "_overtaken")
 
     def __init__(self, node: Node, entry: _Entry, trial: bool = False, *, timed: bool = False) -> None:
         self.node = node
@@ -96,6 +102,7 @@ class Lease:
         self._cancel_sent = False  # and the server asked to cancel its statement
         self._timed = timed  # one statement ran (execute()): its time feeds Node.latency
         self._trial = trial  # admitted as the half-open breaker's trial
+        self._overtaken = False  # a hedge answered first and ended this lease's wait (`mark_overtaken`)
 
     def __repr__(self) -> str:
         return f"<Lease {self.node.name}{'' if self._entry is not None else ' released'}>"
@@ -171,6 +178,11 @@ class Lease:
         connection is discarded when released, and its node not blamed."""
         self._aborted = self._cut = True
 
+    def mark_overtaken(self) -> None:
+        """A hedge answered first, and this lease's wait is told to end (`Adapter.overtakes`):
+        if it ends with `Overtaken`, its connection is drained and pooled again, not lost."""
+        self._overtaken = True
+
     def cut_now(self) -> None:
         """Cut the socket, so that a statement running on it returns now (the deadline
         passed, or a hedge won), then have the server cancel what the session runs."""
@@ -226,6 +238,9 @@ class Lease:
         An error that is `foreign` to this lease is returned as the caller's: the pool
         tests the connection when it comes back (reset), and the node is not blamed.
         """
+        if self._overtaken and isinstance(exc, Overtaken):
+            self._hand_to_drain()
+            return _FOREIGN
         if self.foreign(exc):
             self.release(Outcome.DISCARDED if not isinstance(exc, Exception) else _CALLER_ERROR, exc)
             return _FOREIGN
@@ -242,6 +257,18 @@ class Lease:
             setattr(exc, _JUDGED, self)
         self.release(outcome_of(failure, phase, decision), exc)
         return decision
+
+    def _hand_to_drain(self) -> None:
+        """Released after `Overtaken`: the statement is still in flight on the connection,
+        which a thread of its own drains and pools again (nobody waits for it; the node is
+        not blamed, and no time is counted)."""
+        entry, self._entry = self._entry, None
+        if entry is None:
+            raise DbRouterError(f"lease on {self.node.name} released twice")
+        if self._trial:
+            self.node.breaker.abandon_trial()
+        self.node.pool.draining.add(entry.key)
+        threading.Thread(target=_drain, args=(self.node, entry), name="dbrouter-drain", daemon=True).start()
 
     @property
     def released(self) -> bool:
@@ -284,6 +311,20 @@ def answered(node: Node, entry: _Entry, timed: bool, aborted: bool = False) -> N
     breaker = node.breaker
     if not breaker.clean:
         breaker.success()
+
+
+def _drain(node: Node, entry: _Entry) -> None:
+    adapter = node.adapter
+    try:
+        idle = adapter.drain(entry.conn, _DRAIN_LIMIT)
+    except Exception:  # noqa: BLE001 - a connection that cannot be drained is discarded
+        log.debug("draining an overtaken connection of %s failed", node.name, exc_info=True)
+        idle = False
+    if not idle:  # still running (or no answer): the server is asked to stop it, as after a cut
+        CANCELLER.cancel(adapter, adapter.session_id(entry.conn), node.healthy)
+    pool = node.pool
+    pool.draining.discard(entry.key)
+    pool.give_back(entry, broken=not idle)
 
 
 def not_taken(node: Node, exc: BaseException) -> None:

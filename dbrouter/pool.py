@@ -203,6 +203,7 @@ class Pool:
         self._idle: deque[_Entry] = deque()
         self._in_use: dict[int, _Entry] = {}
         self._dropped: deque[_Entry] = deque()  # borrowed entries whose borrower vanished (`reclaim`)
+        self.draining: set[int] = set()  # keys of borrowed entries out draining a hedge's loser (`dbrouter.lease`)
         self._inherited: dict[int, _Entry] = {}  # in a forked child: borrowed before the fork (`entry_of`)
         self._waiters: deque[_Waiter] = deque()
         self._open = 0  # connections that exist: idle + in use
@@ -250,6 +251,7 @@ class Pool:
         self._lock = threading.Lock()  # a thread of the parent may have held it at the fork
         self._drained = threading.Condition(self._lock)
         self._in_use = {}
+        self.draining = set()
         self._waiters = deque()  # the parent's threads: none of them exists here
         self._open = self._connecting = 0
         self._growing = False  # a connector thread of the parent's will never finish here
@@ -320,6 +322,10 @@ class Pool:
         if entry is None or entry.conn is not conn:
             raise PoolError(f"connection returned to pool {self.name} does not belong to it or was returned twice")
         return entry
+
+    def has_idle(self) -> bool:
+        """Whether a checkout now would find a connection without waiting (a hint: racy)."""
+        return bool(self._idle)
 
     def connection(self, timeout: float | None = None) -> _Borrowed:
         """Borrow a connection for a ``with`` block.

@@ -126,6 +126,13 @@ class Core:
             readable = tuple(n for n in readable if n not in exclude)
         if readable:
             node: Node = self._balancer.choose(readable)  # type: ignore[assignment]
+            pool = node.pool
+            if pool.draining and not pool.has_idle():
+                # Its connections are out draining hedges' losers (`Lease.mark_overtaken`): a
+                # read would queue behind them while another replica has one free.
+                for other in readable:
+                    if other is not node and other.pool.has_idle():
+                        return other
             return node
         if not snapshot.replicas:
             return snapshot.primary

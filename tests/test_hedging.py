@@ -8,6 +8,7 @@ statement is cut and cancelled on its server, and neither node is blamed.
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 import warnings
@@ -16,9 +17,10 @@ from typing import Any
 import pytest
 
 from dbrouter import Router
+from dbrouter.adapters._waker import Overtaken
 
-from .conftest import port_sql, wait_until
-from .test_control_plane import close_within
+from .conftest import both_drivers, free_low_port, port_sql, wait_until
+from .test_control_plane import StallDetector, close_within
 
 
 def slow_on(cluster: Any, port: int, seconds: float, marker: str) -> str:
@@ -32,7 +34,9 @@ def slow_on(cluster: Any, port: int, seconds: float, marker: str) -> str:
 
 def running_on(cluster: Any, node: Any, marker: str) -> bool:
     if cluster.engine == "postgres":
-        sql = "SELECT count(*) FROM pg_stat_activity WHERE query LIKE %s AND pid <> pg_backend_pid()"
+        # An idle session shows its last statement too: only a running one counts.
+        sql = ("SELECT count(*) FROM pg_stat_activity WHERE query LIKE %s AND state = 'active' "
+               "AND pid <> pg_backend_pid()")
     else:
         sql = "SELECT count(*) FROM information_schema.PROCESSLIST WHERE INFO LIKE %s AND ID <> CONNECTION_ID()"
     return int(node.query(sql, (f"%{marker}%",))[0][0]) > 0
@@ -50,24 +54,39 @@ def hedging_router(cluster: Any, **options: Any) -> Router:
     return router
 
 
-def test_a_read_on_a_slow_replica_is_answered_by_the_other(cluster: Any) -> None:
+@both_drivers
+def test_a_read_on_a_slow_replica_is_answered_by_the_other(cluster: Any, driver: str) -> None:
     slow, fast = cluster.replicas
     marker = "hg" + uuid.uuid4().hex[:10]
-    router = hedging_router(cluster, hedge_budget=1.0)  # every read may be hedged: the race is under test
+    # Every read may be hedged: the race is under test.
+    router = hedging_router(cluster, hedge_budget=1.0, **({"driver": driver} if driver else {}))
+    slow_pool = next(n for n in router.replicas if n.name.endswith(f":{slow.port}")).pool
+    opened = slow_pool.stats()["opened"]
     try:
         for _ in range(6):  # round robin: half of them go to the slow one first
             started = time.monotonic()
             rows = router.read(slow_on(cluster, slow.port, 30, marker))
             assert rows[0][0] == fast.port, rows  # the slow replica never answers first
             assert time.monotonic() - started < 3.0  # not its 30 s
+            # psycopg 3: a loser's connection drains (its statement cancelled), and reads
+            # avoid a replica whose connections all are out draining: let it come back.
+            assert wait_until(lambda: not slow_pool.draining, timeout=2), "the drain did not end"
         stats = router.stats()
         assert stats["hedges"] >= 3 and stats["hedges_won"] >= 3, stats
-        # The losers were cut and cancelled: nothing sleeps on the slow server for 30 s.
-        assert wait_until(lambda: not running_on(cluster, slow, marker), timeout=5), "a cut read still runs"
+        # The losers were cancelled: nothing sleeps on the slow server for 30 s.
+        assert wait_until(lambda: not running_on(cluster, slow, marker), timeout=5), "a losing read still runs"
         for node in router.replicas:
             assert stats["nodes"][node.name]["breaker"] == "closed", stats["nodes"][node.name]
             assert wait_until(lambda n=node: n.pool.stats()["in_use"] == 0, timeout=2), node.pool.stats()
         assert stats["deadline_exceeded"] == 0
+        pool = slow_pool.stats()
+        if driver == "psycopg":  # its wait was ended, not its socket: cancelled, drained and pooled again
+            assert pool["discarded"] == 0 and pool["opened"] == opened, pool
+            assert router.read(f"SELECT {port_sql(cluster)}")  # the drained connections work
+        else:  # cut, and a new connection opened in its place (pure-Python MySQL: its wait was
+            # ended, but MySQL cancels only with a login: a loser that runs on past the drain
+            # limit is cut then)
+            assert pool["discarded"] >= 1, pool
     finally:
         assert close_within(router)
 
@@ -95,7 +114,9 @@ def test_fast_reads_are_not_hedged_and_writes_never(cluster: Any, table: str) ->
 def test_the_budget_caps_the_extra_reads(cluster: Any) -> None:
     slow, fast = cluster.replicas
     marker = "hg" + uuid.uuid4().hex[:10]
-    router = hedging_router(cluster, hedge_after=0.01, hedge_budget=0.05)
+    # Connections to spare: a replica whose connections all are out draining losers (a driver
+    # that overtakes) gets no reads meanwhile, and the budget would not be reached.
+    router = hedging_router(cluster, hedge_after=0.01, hedge_budget=0.05, min_size=6, max_size=6)
     try:
         started = time.monotonic()
         reads = 0
@@ -125,7 +146,7 @@ def test_hedge_after_is_seconds_or_auto(bad: Any) -> None:
 def test_auto_threshold_follows_the_replicas_own_read_times(cluster: Any) -> None:
     slow, fast = cluster.replicas
     marker = "hg" + uuid.uuid4().hex[:10]
-    router = hedging_router(cluster, hedge_after="auto", hedge_budget=1.0)
+    router = hedging_router(cluster, hedge_after="auto", hedge_budget=1.0, min_size=6, max_size=6)  # as above
     try:
         router.read(slow_on(cluster, slow.port, 2, marker))  # no p95 known yet: not hedged, it waits
         assert router.stats()["hedges"] == 0
@@ -220,3 +241,171 @@ def test_reads_that_end_before_their_threshold_leave_no_flight_behind(cluster: A
             len(hedger._slots)
     finally:
         assert close_within(router)
+
+
+# -- psycopg 3: a loser's wait is ended, its connection drained (dbrouter.adapters._waker) -----------
+
+
+OVERTAKING = [pytest.param("postgres+psycopg", marks=pytest.mark.postgres, id="postgres-psycopg"),
+              pytest.param("mysql", marks=pytest.mark.mysql, id="mariadb-pure")]
+
+
+def overtaking_urls(cluster: Any, behind_port: int) -> tuple[str, list[dict[str, str]]]:
+    """The primary's URL and the replicas (``direct``, and ``behind`` through the proxy on
+    ``behind_port``) on the driver whose reads a hedge can overtake: psycopg 3 on PostgreSQL,
+    the pure-Python connector on MariaDB."""
+    direct, behind = cluster.replicas
+
+    def url(node: Any, port: int | None = None) -> str:
+        text = node.url if port is None else node.url.replace(f":{node.port}/", f":{port}/")
+        if cluster.engine == "postgres":
+            return text.replace("postgresql://", "postgresql+psycopg://", 1)
+        return text + ("&" if "?" in text else "?") + "use_pure=true"
+
+    return url(cluster.primary), [{"url": url(direct), "name": "direct"}, {"url": url(behind, behind_port), "name": "behind"}]
+
+
+@pytest.mark.parametrize("cluster", OVERTAKING, indirect=True)
+@pytest.mark.timeout(60)
+def test_an_overtaken_read_drains_while_reads_go_elsewhere(cluster: Any) -> None:
+    """A hedge beat a read whose answer is held in the network (psycopg 3, pure-Python MySQL).
+    The read returns the hedge's rows at once; its connection stays out, draining, until the
+    answer arrives, then is pooled again (no new connection). Meanwhile reads do not queue
+    behind it: with one connection per replica, they go to the other replica."""
+    from dbrouter.faultproxy import FaultProxy
+
+    direct, behind = cluster.replicas
+    pg_cluster = cluster
+    detector = StallDetector(5.0).start()
+    with FaultProxy(upstream=("127.0.0.1", behind.port), listen_port=free_low_port()) as proxy:
+        primary, replicas = overtaking_urls(cluster, proxy.port)
+        router = Router(primary, replicas, health_interval=0.2, min_size=1,
+                        max_size=1, hedge_after=0.05, hedge_budget=1.0, policy="round_robin")
+        try:
+            assert router.wait_for_probes(5)
+            behind_pool = next(n for n in router.replicas if n.name == "behind").pool
+            for _ in range(4):
+                router.read("SELECT 1")
+            assert all(node.adapter.overtakes for node in router.replicas)
+            proxy.latency(0.4)  # each way: its answers come 0.8 s after the question
+            overtaken = False
+            for _ in range(4):  # round robin: one of the first two reads goes there
+                started = time.monotonic()
+                assert router.read(f"SELECT {port_sql(pg_cluster)}")[0][0] == direct.port
+                detector.progress()
+                assert time.monotonic() - started < 0.5
+                if behind_pool.draining:
+                    overtaken = True
+                    break
+            assert overtaken, router.stats()
+            # Its one connection is out draining: the next reads do not wait for it.
+            for _ in range(6):
+                started = time.monotonic()
+                assert router.read(f"SELECT {port_sql(pg_cluster)}")[0][0] == direct.port
+                assert time.monotonic() - started < 0.3, "a read queued behind a draining connection"
+                detector.progress()
+            proxy.pass_through()
+            assert wait_until(lambda: not behind_pool.draining, timeout=3), "the drain did not end"
+            detector.progress()
+            pool = behind_pool.stats()
+            assert pool["discarded"] == 0 and pool["opened"] == 1 and pool["in_use"] == 0, pool
+            assert {router.read(f"SELECT {port_sql(pg_cluster)}")[0][0] for _ in range(4)} == {direct.port, behind.port}
+            node = router.stats()["nodes"]["behind"]
+            assert node["breaker"] == "closed" and node["healthy"], node
+        finally:
+            assert close_within(router)
+            detector.stop()
+    assert detector.report is None, detector.report
+
+
+@pytest.mark.parametrize("cluster", OVERTAKING, indirect=True)
+@pytest.mark.timeout(60)
+def test_an_overtaken_read_that_does_not_end_is_discarded(cluster: Any, monkeypatch: Any) -> None:
+    """A loser whose answer does not come within the drain limit (nor its cancel: the node
+    stopped answering) is discarded, not pooled, and the node not blamed."""
+    import dbrouter.lease
+    from dbrouter.faultproxy import FaultProxy
+
+    monkeypatch.setattr(dbrouter.lease, "_DRAIN_LIMIT", 0.3)
+    direct, behind = cluster.replicas
+    pg_cluster = cluster
+    detector = StallDetector(5.0).start()
+    with FaultProxy(upstream=("127.0.0.1", behind.port), listen_port=free_low_port()) as proxy:
+        primary, replicas = overtaking_urls(cluster, proxy.port)
+        router = Router(primary, replicas, health_interval=2, min_size=1,
+                        max_size=2, hedge_after=0.05, hedge_budget=1.0, policy="round_robin")
+        try:
+            assert router.wait_for_probes(1)
+            behind_pool = next(n for n in router.replicas if n.name == "behind").pool
+            proxy.latency(1.0)
+            for _ in range(2):
+                assert router.read(f"SELECT {port_sql(pg_cluster)}")[0][0] == direct.port
+                detector.progress()
+            assert router.stats()["hedges_won"] >= 1
+            assert wait_until(lambda: behind_pool.stats()["discarded"] >= 1, timeout=3), behind_pool.stats()
+            detector.progress()
+            assert wait_until(lambda: not behind_pool.draining and behind_pool.stats()["in_use"] == 0, timeout=3)
+            node = router.stats()["nodes"]["behind"]
+            assert node["breaker"] == "closed" and node["breaker_failures"] == 0, node
+        finally:
+            proxy.pass_through()
+            assert close_within(router)
+            detector.stop()
+    assert detector.report is None, detector.report
+
+
+def test_a_wake_up_meant_for_an_earlier_read_is_ignored() -> None:
+    from dbrouter.adapters._waker import thread_waker
+
+    waker = thread_waker()
+    assert thread_waker() is waker  # one per thread
+    first, second = object(), object()
+    waker.arm(first)
+    waker.fire(first)
+    waker.arm(second)  # the first read ended; the firing meant for it is forgotten
+    assert not waker.meant_for_armed()
+    waker.fire(first)  # a race decided late, for the read that ended
+    assert not waker.meant_for_armed()
+    waker.fire(second)
+    assert waker.meant_for_armed()
+
+
+@pytest.mark.postgres
+def test_a_stale_wake_up_does_not_end_a_psycopg_read(pg_cluster: Any) -> None:
+    from dbrouter.adapters import make_adapter
+    from dbrouter.adapters._waker import thread_waker
+    from dbrouter.url import parse_address
+
+    adapter = make_adapter(parse_address(pg_cluster.replicas[0].url.replace("postgresql://", "postgresql+psycopg://")))
+    assert adapter.overtakes
+    conn = adapter.connect()
+    try:
+        waker = thread_waker()
+        current = object()
+        waker.arm(current)
+        conn.dbrouter_waker = waker
+        threading.Timer(0.1, waker.fire, args=(object(),)).start()  # for another read
+        assert adapter.execute(conn, "SELECT 7 FROM pg_sleep(0.3)")[0] == [(7,)]
+        threading.Timer(0.1, waker.fire, args=(current,)).start()
+        with pytest.raises(Overtaken):
+            adapter.execute(conn, "SELECT 8 FROM pg_sleep(0.5)")
+        assert conn.dbrouter_pending is not None and conn.dbrouter_waker is None
+        started = time.monotonic()
+        assert adapter.drain(conn, 2.0)  # cancelled: it does not sleep its 0.5 s out
+        assert time.monotonic() - started < 0.4
+        assert adapter.execute(conn, "SELECT 9")[0] == [(9,)]
+    finally:
+        adapter.close(conn)
+
+
+def test_a_forked_child_has_its_own_waker() -> None:
+    import os
+
+    from dbrouter.adapters._waker import thread_waker
+
+    parent = thread_waker()
+    pid = os.fork()
+    if pid == 0:  # the child: exit status says whether it got a pipe of its own
+        os._exit(0 if thread_waker() is not parent and thread_waker().fd != parent.fd else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0

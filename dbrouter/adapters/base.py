@@ -73,6 +73,10 @@ class Adapter(ABC):
     needs_watchdog: bool = False
     """True when the driver has no client-side read timeout, so a statement on a hung
     node must be aborted from outside (see `abort` and `resilience.Watchdog`)."""
+    overtakes: bool = False
+    """True when a statement's wait can be given up without cutting the connection (the
+    driver's wait is dbrouter's to run: psycopg 3): a hedged read that lost raises
+    `Overtaken` out of it, and its connection is drained (`drain`) rather than lost."""
 
     def __init__(self, address: NodeAddress, options: ConnectOptions | None = None) -> None:
         self.address = address
@@ -95,6 +99,18 @@ class Adapter(ABC):
         extension's `_sockets.claim`), if one was: the connection may be closing meanwhile,
         and its descriptor number reused by another."""
         _sockets.shutdown(self.socket_fd(conn), getattr(conn, "_dbrouter_link", None))
+
+    def watch(self, conn: Any, waker: Any) -> None:
+        """Have ``conn``'s statements wait on ``waker`` too (a `Waker`: a hedged read starts),
+        or no longer (None: it ended). Only for adapters that `overtakes`."""
+        raise NotImplementedError(f"{type(self).__name__} does not overtake")
+
+    def drain(self, conn: Any, limit: float) -> bool:
+        """Finish the statement an `Overtaken` wait left in flight on ``conn``: ask the server
+        to cancel it, then read what it sends, for at most ``limit`` seconds (from another
+        thread than the one that ran it). True when the connection is idle again (it may be
+        pooled), False when it must be discarded. Only for adapters that `overtakes`."""
+        return False
 
     def remember_socket(self, conn: Any) -> None:
         """Record which socket a new connection has (for `abort`)."""

@@ -7,6 +7,8 @@ import contextlib
 import logging
 import math
 import random
+import select
+import ssl
 import threading
 import time
 from bisect import bisect_right
@@ -61,6 +63,7 @@ from ..errors import ConfigurationError, ConnectError  # noqa: E402
 from ..url import NodeAddress  # noqa: E402
 from . import _sockets  # noqa: E402
 from ._text import first_line, scrub, split_insert_values  # noqa: E402
+from ._waker import Overtaken, Waker  # noqa: E402
 from .base import Adapter, ErrorKind, ReturnState  # noqa: E402
 
 __all__ = ["DRIVER_C", "DRIVER_PURE", "HAVE_C_EXTENSION", "MySQLAdapter"]
@@ -180,6 +183,64 @@ def fit_conn_attrs(attrs: dict[str, Any]) -> None:
         if size() <= _ATTRS_LIMIT:
             return
         attrs[name] = str(attrs[name] or "")[:32]
+
+
+def _watched_class(base: type) -> type:
+    """A subclass of the pure-Python connection's socket class ``base`` (swapped in at
+    connect, `_watch_socket`): with a `Waker` set (`MySQLAdapter.watch`, a hedged read), each
+    packet read first waits for the socket to be readable or the waker to fire for the read
+    now armed; then `Overtaken`, before a byte of the answer is read (the connector reads
+    exact packet lengths and keeps nothing back, so the answer is still whole on the socket
+    for `MySQLAdapter.drain`). A direct subclass: a mixin would change the object layout."""
+    plain_send, plain_recv = base.send, base.recv  # type: ignore[attr-defined]
+
+    def send(self: Any, *args: Any, **kwargs: Any) -> Any:
+        self.dbrouter_asked = True  # the next packet read is the first of an answer
+        return plain_send(self, *args, **kwargs)
+
+    def recv(self: Any, read_timeout: int | None = None) -> bytearray:
+        waker = self.dbrouter_waker
+        if waker is not None and self.dbrouter_asked:  # the rest of an answer comes with its first packet
+            self.dbrouter_asked = False
+            sock = self.sock
+            if not (isinstance(sock, ssl.SSLSocket) and sock.pending()) and _overtaken_first(sock.fileno(), waker):
+                self.dbrouter_waker = None
+                self.dbrouter_pending = True  # the statement's answer is left on the socket
+                raise Overtaken("a hedge answered first; the statement's answer is left to be drained")
+        return plain_recv(self, read_timeout)  # type: ignore[no-any-return]
+
+    return type(f"Watched{base.__name__}", (base,), {"send": send, "recv": recv, "dbrouter_waker": None,
+                                                      "dbrouter_pending": False, "dbrouter_asked": False})
+
+
+def _overtaken_first(fileno: int, waker: Waker) -> bool:
+    """Wait until ``fileno`` is readable (False) or ``waker`` fires for the read armed (True)."""
+    poller = waker.poller
+    poller.register(fileno, select.POLLIN)
+    try:
+        while True:
+            woken = False
+            for fd, _ in poller.poll():
+                if fd == fileno:
+                    return False
+                woken = True
+            if woken and waker.meant_for_armed():
+                return True
+    finally:
+        poller.unregister(fileno)
+
+
+_watched_classes: dict[type, type] = {}
+
+
+def _watch_socket(conn: Any) -> None:
+    """Swap the class of ``conn``'s socket object for its watched subclass (`_watched_class`)."""
+    sock = conn._socket
+    base = type(sock)
+    watched = _watched_classes.get(base)
+    if watched is None:
+        watched = _watched_classes[base] = _watched_class(base)
+    sock.__class__ = watched
 
 
 class _PureConnection(MySQLConnection):
@@ -326,6 +387,9 @@ class MySQLAdapter(Adapter):
         if self._pure and chosen is None:
             _log_fallback_once(self.node)
         self.driver = DRIVER_PURE if self._pure else DRIVER_C
+        # A hedged read that lost: the pure-Python connection reads its socket in Python, so its
+        # wait can be ended (`_WatchedSocket`); the C extension's waits in C, and is cut.
+        self.overtakes = self._pure
         # The class connect() instantiates: the choice mysql.connector.connect() would make,
         # made here once, so that `driver` is true of every connection.
         self._connection_class: Callable[..., Any] = _PureConnection
@@ -398,6 +462,7 @@ class MySQLAdapter(Adapter):
         try:
             if self._pure:
                 self.remember_socket(conn)
+                _watch_socket(conn)
             else:
                 self._find_socket(conn)
             conn._dbrouter_cursor = conn.cursor()
@@ -453,6 +518,40 @@ class MySQLAdapter(Adapter):
             found = grew or found
         if len(found) == 1:
             _sockets.claim(conn, found[0][0], found[0][1])
+
+    def watch(self, conn: Any, waker: Any) -> None:
+        conn._socket.dbrouter_waker = waker
+
+    def drain(self, conn: Any, limit: float) -> bool:
+        # MySQL has no cancel without a login (KILL QUERY, on a connection of its own): the
+        # answer is waited for, up to the limit; past it the connection is discarded, and the
+        # server asked to cancel then (`dbrouter.lease`).
+        link = conn._socket
+        link.dbrouter_waker = None
+        if not link.dbrouter_pending:
+            return self.return_state(conn) is ReturnState.CLEAN
+        link.dbrouter_pending = False
+        sock = link.sock
+        kept, kept_read = sock.gettimeout(), conn._read_timeout
+        try:
+            # Every read of the answer bounded: the socket's timeout, and the connection's
+            # read timeout, which each packet read sets on the socket (when it sets any).
+            sock.settimeout(limit)
+            conn._read_timeout = limit
+            result = conn._handle_result(link.recv(limit))
+            if "columns" in result:
+                conn.get_rows()
+        except myerrors.Error as exc:
+            if self.classify(exc) is ErrorKind.UNREACHABLE:  # no answer in time, or the connection broke
+                return False
+            # else the statement's own error, from the server: it answered
+        except OSError:
+            return False
+        finally:
+            conn._read_timeout = kept_read
+            with contextlib.suppress(OSError):
+                sock.settimeout(kept)
+        return self.return_state(conn) is ReturnState.CLEAN
 
     def session_id(self, conn: Any) -> int | None:
         try:

@@ -13,12 +13,13 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import select
 import struct
 from itertools import chain
 from typing import Any, Mapping, Sequence
 
 import psycopg
-from psycopg import pq
+from psycopg import pq, waiting
 from psycopg.adapt import PyFormat
 from psycopg.conninfo import make_conninfo
 from psycopg.rows import TupleRow, tuple_row
@@ -30,6 +31,7 @@ from ..url import NodeAddress
 from ._copy import CopyRules, NotNative
 from ._pg import KEPT_QUERY_BYTES, KEPT_ROWS, PostgresBase, libpq_params
 from ._text import first_line, scrub, split_insert_values
+from ._waker import Overtaken, Waker
 from .base import ReturnState
 
 __all__ = ["PsycopgAdapter"]
@@ -41,6 +43,10 @@ _TUPLES_OK = pq.ExecStatus.TUPLES_OK
 _CLEAN = ReturnState.CLEAN
 _KEPT_ROWS = KEPT_ROWS
 _KEPT_QUERY_BYTES = KEPT_QUERY_BYTES
+_WAIT_INTERVAL = 0.1  # psycopg's own default (seconds between looks at a wait's signals)
+_WAIT_R, _WAIT_W = int(waiting.Wait.R), int(waiting.Wait.W)
+_READY_R, _READY_W = int(waiting.Ready.R), int(waiting.Ready.W)
+_POLLIN, _POLLOUT = select.POLLIN, select.POLLOUT
 
 # A statement takes at most 65535 parameters (the protocol's Bind message counts them in 16
 # bits): a multi-row INSERT with more goes in several statements.
@@ -87,10 +93,53 @@ def _json_text(conn: Any, kind: type) -> Any:
 
 class _Connection(psycopg.Connection[TupleRow]):
     """A psycopg connection that keeps one cursor for dbrouter's own statements (see
-    psycopg2's: making a cursor costs about as much as the rest of a pooled checkout)."""
+    psycopg2's: making a cursor costs about as much as the rest of a pooled checkout), and
+    whose wait a hedge that answered first can end (`dbrouter.hedging`): with a `Waker` set
+    in ``dbrouter_waker``, the wait polls its pipe beside the socket, and when the hedge won,
+    raises `Overtaken` and leaves the statement's generator in ``dbrouter_pending`` for
+    `PsycopgAdapter.drain`. Without one, psycopg's own wait runs."""
 
     # Set by connect; close() sets it to None on a connection dbrouter never uses again.
     statement_cursor: psycopg.Cursor[TupleRow] | None
+    dbrouter_waker: Waker | None = None
+    dbrouter_pending: Any = None
+
+    def wait(self, gen: Any, interval: float = _WAIT_INTERVAL, timeout: float | None = None) -> Any:
+        waker = self.dbrouter_waker
+        if waker is None or timeout is not None:
+            return super().wait(gen, interval, timeout)
+        return _wait_unless_overtaken(self, gen, waker)
+
+
+def _wait_unless_overtaken(conn: _Connection, gen: Any, waker: Waker) -> Any:
+    """Run ``gen`` (a psycopg generator on ``conn``'s socket) to its end, unless ``waker``
+    fires for the read now armed: then `Overtaken`, the generator kept for the drain."""
+    fileno = conn.pgconn.socket
+    poller = waker.poller
+    try:
+        wanted = next(gen)
+        while True:
+            poller.register(fileno, (_POLLIN if wanted & _WAIT_R else 0) | (_POLLOUT if wanted & _WAIT_W else 0))
+            ready = 0
+            for fd, events in poller.poll():
+                if fd != fileno:
+                    if waker.meant_for_armed():
+                        conn.dbrouter_waker = None
+                        conn.dbrouter_pending = gen
+                        raise Overtaken(f"a hedge answered first; the statement on session "
+                                        f"{conn.pgconn.backend_pid} is left to be drained")
+                    continue
+                if events & _POLLOUT:
+                    ready |= _READY_W
+                if events & ~_POLLOUT:  # readable, or an error or hang-up that a read reports
+                    ready |= _READY_R
+            if ready:
+                wanted = gen.send(ready)
+    except StopIteration as ex:
+        return ex.value
+    finally:
+        with contextlib.suppress(KeyError, ValueError):  # never registered, or closed
+            poller.unregister(fileno)
 
 
 def _replace_cursor(conn: Any) -> Any:
@@ -114,6 +163,7 @@ class PsycopgAdapter(PostgresBase):
     """psycopg 3 connections in autocommit mode, so a plain read is one round trip."""
 
     driver = "psycopg"
+    overtakes = True
 
     def __init__(self, address: NodeAddress, options: ConnectOptions | None = None) -> None:
         super().__init__(address, options)
@@ -151,6 +201,20 @@ class PsycopgAdapter(PostgresBase):
         conn.statement_cursor = psycopg.Cursor(conn, row_factory=tuple_row)
         self.remember_socket(conn)
         return conn
+
+    def watch(self, conn: Any, waker: Any) -> None:
+        conn.dbrouter_waker = waker
+
+    def drain(self, conn: Any, limit: float) -> bool:
+        gen, conn.dbrouter_pending = conn.dbrouter_pending, None
+        conn.dbrouter_waker = None
+        if gen is None:
+            return bool(conn.pgconn.transaction_status == _IDLE)
+        with contextlib.suppress(Exception):  # the drain below is bounded anyway
+            conn.cancel_safe(timeout=limit)  # libpq 17's cancel request: no login, a timeout
+        with contextlib.suppress(Exception):  # cancelled (as asked), failed, or still running: the state tells
+            waiting.wait(gen, conn.pgconn.socket, interval=_WAIT_INTERVAL, timeout=limit)
+        return bool(conn.pgconn.transaction_status == _IDLE)
 
     def socket_fd(self, conn: Any) -> int | None:
         try:

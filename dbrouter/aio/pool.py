@@ -89,6 +89,7 @@ class AsyncPool:
         self._on_event = on_event
         self._loop: asyncio.AbstractEventLoop | None = None
         self._idle: deque[_Entry] = deque()
+        self.draining: set[int] = set()  # always empty: an asyncio hedge's loser is cut (see `Pool.draining`)
         self._in_use: dict[int, _Entry] = {}
         self._waiters: deque[asyncio.Future[_Entry]] = deque()
         self._since: dict[int, float] = {}  # id(waiter future) -> when it began to wait
@@ -110,6 +111,10 @@ class AsyncPool:
         self._last_exhausted_event = 0.0
         self._housekeeper: asyncio.Task[None] | None = None
         self._loop_thread: int | None = None
+
+    def has_idle(self) -> bool:
+        """Whether a checkout now would find a connection without waiting (a hint)."""
+        return bool(self._idle)
 
     def __repr__(self) -> str:
         return f"<AsyncPool {self.name} open={self._open} idle={len(self._idle)} max={self.config.max_size}>"

@@ -25,6 +25,7 @@ COMMIT had been sent), saying where the time went.
 from __future__ import annotations
 
 import contextlib
+import functools
 import heapq
 import itertools
 import logging
@@ -205,19 +206,37 @@ class Timer:
 
 
 class Canceller:
-    """Asks servers to cancel statements cut at their deadline, on connections of its own.
+    """Asks servers to cancel statements (cut at their deadline, or hedges' losers), on
+    connections of its own.
 
-    At most ``workers`` threads at a time, each bounded by the node's ``connect_timeout``
-    (its connection is cut by the `Timer` past it); past that, or for a node that the
-    probes see down, the cancel is skipped: the statement's socket is already cut, and the
-    server stops at its next write to it.
+    One connection per node is kept between cancels, so a cancel is one statement, not a
+    login (SCRAM, a server process, then the statement): at tens of hedges a second the
+    logins slowed every read beside them. It is closed once unused for `KEPT_IDLE` seconds
+    (looked at by the next cancel), when its router closes (`forget`), and dropped (not
+    closed) in a forked child. At most ``workers`` cancels run at a time, each bounded by the
+    node's ``connect_timeout`` (its connection is cut by the `Timer` past it); past that, or
+    for a node that the probes see down, the cancel is skipped: the statement's socket is
+    already cut (or its answer being drained), and the server stops at its next write to it.
     """
+
+    KEPT_IDLE = 30.0
 
     def __init__(self, timer: Timer, workers: int = 2) -> None:
         self._timer = timer
         self._slots = threading.BoundedSemaphore(workers)
+        self._kept_lock = threading.Lock()  # guards _kept only: no I/O under it
+        self._kept: dict[int, tuple[Adapter, Any, float]] = {}  # id(adapter) -> (adapter, connection, last used)
         self.sent = 0
         self.skipped = 0
+        _fork.register(self)
+
+    def _after_fork_in_child(self) -> None:
+        """In a forked child: the kept connections are the parent's (abandoned, never closed)."""
+        kept, self._kept = self._kept, {}
+        self._kept_lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(self._slots._initial_value)  # type: ignore[attr-defined]
+        for adapter, conn, _ in kept.values():
+            _fork.abandon(conn, adapter.socket_fd(conn))
 
     def cancel(self, adapter: Adapter, session_id: int | None, node_up: bool = True) -> bool:
         """Ask, from a thread of its own, that session ``session_id`` cancel its statement;
@@ -231,24 +250,90 @@ class Canceller:
         threading.Thread(target=self._run, args=(adapter, sql), name="dbrouter-cancel", daemon=True).start()
         return True
 
-    def _run(self, adapter: Adapter, sql: str) -> None:
-        limit = adapter.options.connect_timeout
+    def cancel_now(self, adapter: Adapter, session_id: int | None, node_up: bool = True) -> bool:
+        """`cancel`, on the calling thread: True once the server took the request (a hedge's
+        loser is drained after it, so that the cancel cannot reach a later statement)."""
+        sql = None if session_id is None else adapter.cancel_sql(session_id)
+        if sql is None or not node_up or not self._slots.acquire(blocking=False):
+            self.skipped += 1
+            return False
         try:
-            conn = adapter.connect(read_timeout=limit)
-        except Exception as exc:  # noqa: BLE001 - the cut stands; the cancel was a courtesy
-            log.info("cancel on %s skipped: %s", adapter.node, exc)
-            self._slots.release()
-            return
-        token = self._timer.arm(time.monotonic() + limit, lambda: adapter.abort(conn))
-        try:
-            adapter.execute(conn, sql)
-            self.sent += 1
-        except Exception as exc:  # noqa: BLE001 - as above
-            log.info("cancel on %s failed: %s", adapter.node, exc)
+            return self._send(adapter, sql)
         finally:
-            self._timer.disarm(token)
-            adapter.close(conn)
             self._slots.release()
+
+    def forget(self, adapter: Adapter) -> None:
+        """Close the connection kept for ``adapter``'s node (its router is closing)."""
+        with self._kept_lock:
+            kept = self._kept.get(id(adapter))
+            if kept is None or kept[0] is not adapter:
+                return
+            del self._kept[id(adapter)]
+        adapter.close(kept[1])
+
+    def _run(self, adapter: Adapter, sql: str) -> None:
+        try:
+            self._send(adapter, sql)
+        finally:
+            self._slots.release()
+
+    def _send(self, adapter: Adapter, sql: str) -> bool:
+        conn = self._take(adapter)
+        fresh = conn is None
+        limit = adapter.options.connect_timeout
+        while True:
+            if conn is None:
+                try:
+                    conn = adapter.connect(read_timeout=limit)
+                except Exception as exc:  # noqa: BLE001 - the cut stands; the cancel was a courtesy
+                    log.info("cancel on %s skipped: %s", adapter.node, exc)
+                    return False
+            token = self._timer.arm(time.monotonic() + limit, functools.partial(adapter.abort, conn))
+            try:
+                adapter.execute(conn, sql)
+            except Exception as exc:  # noqa: BLE001 - as above
+                self._timer.disarm(token)
+                adapter.close(conn)
+                if fresh:
+                    log.info("cancel on %s failed: %s", adapter.node, exc)
+                    return False
+                conn, fresh = None, True  # the kept one had gone (server restart, idle timeout): a new one
+                continue
+            self.sent += 1
+            if self._timer.disarm(token):
+                self._keep(adapter, conn)
+            else:  # cut just as it answered
+                adapter.close(conn)
+            return True
+
+    def _take(self, adapter: Adapter) -> Any:
+        """The connection kept for ``adapter``'s node (taken: one cancel uses it at a time), or None."""
+        with self._kept_lock:
+            kept = self._kept.get(id(adapter))
+            if kept is None or kept[0] is not adapter:
+                return None
+            del self._kept[id(adapter)]
+        if time.monotonic() - kept[2] > self.KEPT_IDLE:
+            adapter.close(kept[1])
+            return None
+        return kept[1]
+
+    def _keep(self, adapter: Adapter, conn: Any) -> None:
+        """Keep ``conn`` for the next cancel on its node (one per node), and close the other
+        nodes' connections unused for `KEPT_IDLE` seconds."""
+        now = time.monotonic()
+        closing: list[tuple[Adapter, Any]] = []
+        with self._kept_lock:
+            for key, (other, old, used) in list(self._kept.items()):
+                if now - used > self.KEPT_IDLE:
+                    del self._kept[key]
+                    closing.append((other, old))
+            if id(adapter) in self._kept:  # another cancel kept one meanwhile
+                closing.append((adapter, conn))
+            else:
+                self._kept[id(adapter)] = (adapter, conn, now)
+        for other, old in closing:
+            other.close(old)
 
 
 TIMER = Timer()

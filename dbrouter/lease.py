@@ -314,13 +314,17 @@ def answered(node: Node, entry: _Entry, timed: bool, aborted: bool = False) -> N
 
 
 def _drain(node: Node, entry: _Entry) -> None:
+    """An overtaken read's connection: the rest of its answer read, and pooled again. A
+    statement still running after `_DRAIN_LIMIT` is cancelled on the server, as after a cut,
+    and its connection discarded: a cancel sent before the answer had come could reach a later
+    statement once the connection was pooled again, and most losers end on their own."""
     adapter = node.adapter
     try:
         idle = adapter.drain(entry.conn, _DRAIN_LIMIT)
     except Exception:  # noqa: BLE001 - a connection that cannot be drained is discarded
         log.debug("draining an overtaken connection of %s failed", node.name, exc_info=True)
         idle = False
-    if not idle:  # still running (or no answer): the server is asked to stop it, as after a cut
+    if not idle:
         CANCELLER.cancel(adapter, adapter.session_id(entry.conn), node.healthy)
     pool = node.pool
     pool.draining.discard(entry.key)

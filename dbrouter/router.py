@@ -22,7 +22,7 @@ from .adapters import Adapter, make_adapter
 from .balancing import make_balancer
 from .bulk import BatchReport, write_many
 from .config import SECTIONS, ReplicaSpec, RouterConfig, build_router_config, check_range, check_wait, load_router_config
-from .deadline import Deadline
+from .deadline import CANCELLER, Deadline
 from .decisions import Phase, Work
 from .discovery import PRIMARY as MEMBER_PRIMARY
 from .discovery import Member, Provider, ask
@@ -359,6 +359,7 @@ class Router(Core):
 
         def drain() -> None:
             node.pool.close(timeout, removed=True)
+            CANCELLER.forget(node.adapter)
 
         if wait:
             drain()
@@ -595,6 +596,8 @@ class Router(Core):
         for node in self.topology.nodes:
             node.breaker.unshare()
         self._close_pools(timeout)
+        for node in self.topology.nodes:
+            CANCELLER.forget(node.adapter)
         self._watchdog.stop()
 
     def _revive(self) -> None:

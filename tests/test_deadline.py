@@ -96,6 +96,30 @@ def test_slow_statement_is_cut_at_the_deadline_and_cancelled_on_the_server(clust
         assert close_within(router)
 
 
+def test_cancels_reuse_one_kept_connection_closed_with_the_router(cluster: Any) -> None:
+    """A cancel runs on a connection kept per node for the next one: a cancel is one statement,
+    not a login. Closing the router closes it."""
+    from dbrouter.deadline import CANCELLER
+
+    router = router_on(cluster)
+    marker = "dk" + uuid.uuid4().hex[:10]
+    adapter = router.primary.adapter
+    try:
+        sessions = set()
+        for _ in range(3):
+            with pytest.raises(DeadlineExceeded, match="the server was asked to cancel it"):
+                router.read(sleep_sql(cluster, 30, marker), timeout=0.2)
+            assert wait_until(lambda: not running(cluster, marker), timeout=5), "the statement still runs"
+            assert wait_until(lambda: id(adapter) in CANCELLER._kept, timeout=5), "no connection kept"
+            sessions.add(adapter.session_id(CANCELLER._kept[id(adapter)][1]))
+        assert len(sessions) == 1, sessions  # the same server session cancelled all three
+        kept = CANCELLER._kept[id(adapter)][1]
+    finally:
+        assert close_within(router)
+    assert id(adapter) not in CANCELLER._kept
+    assert adapter.return_state(kept).value == "broken"  # closed with the router
+
+
 def test_write_cut_at_the_deadline_is_unknown_and_rolled_back(cluster: Any, table: str) -> None:
     router = router_on(cluster)
     marker = uuid.uuid4().int % 10**9

@@ -296,3 +296,66 @@ def test_the_fork_registry_keeps_no_router_alive() -> None:
     gc.collect()
     assert ref() is None
     assert len(_fork._registry) < registered
+
+
+def _cancel_child(router: Router, sql: str, sender: Any) -> None:
+    """The forked child: no kept cancel connection of the parent's, a cut of its own, then close."""
+    from dbrouter import DeadlineExceeded
+    from dbrouter.deadline import CANCELLER
+
+    adapter = router.primary.adapter
+    try:
+        inherited = id(adapter) in CANCELLER._kept
+        try:
+            router.read(sql, timeout=0.2)
+        except DeadlineExceeded:
+            pass
+        deadline = time.monotonic() + 5
+        while id(adapter) not in CANCELLER._kept and time.monotonic() < deadline:
+            time.sleep(0.05)
+        kept = CANCELLER._kept.get(id(adapter))
+        result: dict[str, Any] = {"inherited": inherited,
+                                  "session": None if kept is None else adapter.session_id(kept[1])}
+        router.close()
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent, which fails the test
+        result = {"error": repr(exc)}
+    sender.send(result)
+    sender.close()
+
+
+@both_drivers
+def test_a_forked_child_leaves_the_kept_cancel_connection_to_the_parent(cluster: Any, driver: str) -> None:
+    """The connection dbrouter keeps for cancels (`Canceller`) is the parent's: the child does
+    not use or close it, and opens its own for its own cancels."""
+    from dbrouter import DeadlineExceeded
+    from dbrouter.deadline import CANCELLER
+
+    sleep = "SELECT pg_sleep(30)" if cluster.engine == "postgres" else "SELECT SLEEP(30)"
+    router = Router(cluster.primary.url, [], health_interval=0.2, **({"driver": driver} if driver else {}))
+    adapter = router.primary.adapter
+    try:
+        with pytest.raises(DeadlineExceeded):
+            router.read(sleep, timeout=0.2)
+        deadline = time.monotonic() + 5
+        while id(adapter) not in CANCELLER._kept and time.monotonic() < deadline:
+            time.sleep(0.05)
+        session = adapter.session_id(CANCELLER._kept[id(adapter)][1])
+        ctx = multiprocessing.get_context("fork")
+        receiver, sender = ctx.Pipe(duplex=False)
+        child = ctx.Process(target=_cancel_child, args=(router, sleep, sender))
+        child.start()
+        try:
+            assert receiver.poll(30), "the child did not report"
+            result = receiver.recv()
+        finally:
+            reap(child)
+        assert "error" not in result, result
+        assert result["inherited"] is False and result["session"] not in (None, session), (result, session)
+        with pytest.raises(DeadlineExceeded, match="the server was asked to cancel it"):
+            router.read(sleep, timeout=0.2)
+        deadline = time.monotonic() + 5  # the cancel runs on a thread of its own
+        while id(adapter) not in CANCELLER._kept and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert adapter.session_id(CANCELLER._kept[id(adapter)][1]) == session  # still the parent's, still open
+    finally:
+        router.close()

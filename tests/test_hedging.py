@@ -68,9 +68,9 @@ def test_a_read_on_a_slow_replica_is_answered_by_the_other(cluster: Any, driver:
             rows = router.read(slow_on(cluster, slow.port, 30, marker))
             assert rows[0][0] == fast.port, rows  # the slow replica never answers first
             assert time.monotonic() - started < 3.0  # not its 30 s
-            # psycopg 3: a loser's connection drains (its statement cancelled), and reads
-            # avoid a replica whose connections all are out draining: let it come back.
-            assert wait_until(lambda: not slow_pool.draining, timeout=2), "the drain did not end"
+            # A driver that overtakes: a loser's connection drains (up to the drain limit), and
+            # reads avoid a replica whose connections all are out draining: let it come back.
+            assert wait_until(lambda: not slow_pool.draining, timeout=3), "the drain did not end"
         stats = router.stats()
         assert stats["hedges"] >= 3 and stats["hedges_won"] >= 3, stats
         # The losers were cancelled: nothing sleeps on the slow server for 30 s.
@@ -79,14 +79,11 @@ def test_a_read_on_a_slow_replica_is_answered_by_the_other(cluster: Any, driver:
             assert stats["nodes"][node.name]["breaker"] == "closed", stats["nodes"][node.name]
             assert wait_until(lambda n=node: n.pool.stats()["in_use"] == 0, timeout=2), node.pool.stats()
         assert stats["deadline_exceeded"] == 0
+        # Cut and replaced; or, on a driver that overtakes (psycopg 3, pure-Python MySQL), ended
+        # without a cut and drained, then cut at the drain limit since it runs on for 30 s.
         pool = slow_pool.stats()
-        if driver == "psycopg":  # its wait was ended, not its socket: cancelled, drained and pooled again
-            assert pool["discarded"] == 0 and pool["opened"] == opened, pool
-            assert router.read(f"SELECT {port_sql(cluster)}")  # the drained connections work
-        else:  # cut, and a new connection opened in its place (pure-Python MySQL: its wait was
-            # ended, but MySQL cancels only with a login: a loser that runs on past the drain
-            # limit is cut then)
-            assert pool["discarded"] >= 1, pool
+        assert pool["discarded"] >= 1 and pool["opened"] > opened, pool
+        assert router.read(f"SELECT {port_sql(cluster)}")
     finally:
         assert close_within(router)
 
@@ -390,10 +387,16 @@ def test_a_stale_wake_up_does_not_end_a_psycopg_read(pg_cluster: Any) -> None:
         with pytest.raises(Overtaken):
             adapter.execute(conn, "SELECT 8 FROM pg_sleep(0.5)")
         assert conn.dbrouter_pending is not None and conn.dbrouter_waker is None
-        started = time.monotonic()
-        assert adapter.drain(conn, 2.0)  # cancelled: it does not sleep its 0.5 s out
-        assert time.monotonic() - started < 0.4
+        assert adapter.drain(conn, 2.0)  # its answer came: idle again
         assert adapter.execute(conn, "SELECT 9")[0] == [(9,)]
+        waker.arm(current)
+        adapter.watch(conn, waker)
+        threading.Timer(0.1, waker.fire, args=(current,)).start()
+        with pytest.raises(Overtaken):
+            adapter.execute(conn, "SELECT 10 FROM pg_sleep(5)")
+        started = time.monotonic()
+        assert not adapter.drain(conn, 0.3)  # still running: to be discarded
+        assert time.monotonic() - started < 1.0
     finally:
         adapter.close(conn)
 

@@ -106,10 +106,10 @@ class Adapter(ABC):
         raise NotImplementedError(f"{type(self).__name__} does not overtake")
 
     def drain(self, conn: Any, limit: float) -> bool:
-        """Finish the statement an `Overtaken` wait left in flight on ``conn``: ask the server
-        to cancel it, then read what it sends, for at most ``limit`` seconds (from another
-        thread than the one that ran it). True when the connection is idle again (it may be
-        pooled), False when it must be discarded. Only for adapters that `overtakes`."""
+        """Finish the statement an `Overtaken` wait left in flight on ``conn``: read what the
+        server sends, for at most ``limit`` seconds (from another thread than the one that ran
+        it). True when the connection is idle again (it may be pooled), False when it must be
+        discarded. Only for adapters that `overtakes`."""
         return False
 
     def remember_socket(self, conn: Any) -> None:

@@ -523,9 +523,6 @@ class MySQLAdapter(Adapter):
         conn._socket.dbrouter_waker = waker
 
     def drain(self, conn: Any, limit: float) -> bool:
-        # MySQL has no cancel without a login (KILL QUERY, on a connection of its own): the
-        # answer is waited for, up to the limit; past it the connection is discarded, and the
-        # server asked to cancel then (`dbrouter.lease`).
         link = conn._socket
         link.dbrouter_waker = None
         if not link.dbrouter_pending:

@@ -210,8 +210,6 @@ class PsycopgAdapter(PostgresBase):
         conn.dbrouter_waker = None
         if gen is None:
             return bool(conn.pgconn.transaction_status == _IDLE)
-        with contextlib.suppress(Exception):  # the drain below is bounded anyway
-            conn.cancel_safe(timeout=limit)  # libpq 17's cancel request: no login, a timeout
         with contextlib.suppress(Exception):  # cancelled (as asked), failed, or still running: the state tells
             waiting.wait(gen, conn.pgconn.socket, interval=_WAIT_INTERVAL, timeout=limit)
         return bool(conn.pgconn.transaction_status == _IDLE)

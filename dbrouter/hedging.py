@@ -1,5 +1,6 @@
 """Budgeted hedged reads: a read still running after ``hedge_after`` is also sent to another
-replica; the first answer wins and the other is cut and cancelled.
+replica; the first answer wins and the other is cut and cancelled, or with psycopg 3 and
+pure-Python MySQL, drained.
 
 Opt-in (``hedge_after`` seconds, or ``"auto"``: the first node's recent p95 read time), for
 `Router.read` only: never for writes, transactions, sessions, streams or ``unchecked``
@@ -29,11 +30,11 @@ node not blamed; the server is asked to cancel the loser's statement. A lease is
 or cut only before its statement's result leaves the operation that ran it, so a connection
 is never cut after it went back to its pool.
 
-With a driver whose wait dbrouter runs (`Adapter.overtakes`: psycopg 3), the first read is
-not cut when the hedge wins: its lease is marked overtaken and its thread's `Waker` fired
-(`dbrouter.adapters._waker`), so its wait raises `Overtaken` and the read returns the
-hedge's rows; the lease hands the connection, its statement still in flight, to a drain
-thread (cancel request, the rest of the answer read, pooled again: `dbrouter.lease`). Cutting
+With a driver whose wait dbrouter runs (`Adapter.overtakes`: psycopg 3, pure-Python MySQL),
+the first read is not cut when the hedge wins: its lease is marked overtaken and its
+thread's `Waker` fired (`dbrouter.adapters._waker`), so its wait raises `Overtaken` and the
+read returns the hedge's rows; the lease hands the connection, its statement still in
+flight, to a drain thread (the rest of the answer read, pooled again: `dbrouter.lease`). Cutting
 cost a login per hedge won (the replacement connection), which on a busy client slowed the
 reads beside it more than the hedge saved. The hedge's own lease, when the first read wins,
 is still cut: it runs on a worker, and that is rare.

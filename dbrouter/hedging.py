@@ -342,9 +342,10 @@ class _Flight:
         """The read ended: None when no hedge was started (nor will be), else its race."""
         conn = self.conn
         if conn is not None:  # disarmed: the connection's next statement waits as the driver does
+            waker = self.waker
             self.conn = None
-            self.node.adapter.watch(conn, None)
-            self.waker.armed = None  # type: ignore[union-attr]
+            self.node.adapter.unwatch(conn, waker)
+            waker.armed = None  # type: ignore[union-attr]
         try:
             self.claim.pop()
         except IndexError:

@@ -11,6 +11,7 @@ write raised WriteOutcomeUnknown.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import multiprocessing
@@ -298,6 +299,18 @@ def test_the_fork_registry_keeps_no_router_alive() -> None:
     assert len(_fork._registry) < registered
 
 
+def _kept_cancel_session(adapter: Any) -> int | None:
+    """The server session of the connection the canceller keeps for ``adapter``'s node, once a
+    cancel put it back (it is taken out while one runs), within 5 s; None without one."""
+    from dbrouter.deadline import CANCELLER
+
+    deadline = time.monotonic() + 5
+    while id(adapter) not in CANCELLER._kept and time.monotonic() < deadline:
+        time.sleep(0.05)
+    kept = CANCELLER._kept.get(id(adapter))
+    return None if kept is None else adapter.session_id(kept[1])
+
+
 def _cancel_child(router: Router, sql: str, sender: Any) -> None:
     """The forked child: no kept cancel connection of the parent's, a cut of its own, then close."""
     from dbrouter import DeadlineExceeded
@@ -306,16 +319,9 @@ def _cancel_child(router: Router, sql: str, sender: Any) -> None:
     adapter = router.primary.adapter
     try:
         inherited = id(adapter) in CANCELLER._kept
-        try:
+        with contextlib.suppress(DeadlineExceeded):
             router.read(sql, timeout=0.2)
-        except DeadlineExceeded:
-            pass
-        deadline = time.monotonic() + 5
-        while id(adapter) not in CANCELLER._kept and time.monotonic() < deadline:
-            time.sleep(0.05)
-        kept = CANCELLER._kept.get(id(adapter))
-        result: dict[str, Any] = {"inherited": inherited,
-                                  "session": None if kept is None else adapter.session_id(kept[1])}
+        result: dict[str, Any] = {"inherited": inherited, "session": _kept_cancel_session(adapter)}
         router.close()
     except BaseException as exc:  # noqa: BLE001 - reported to the parent, which fails the test
         result = {"error": repr(exc)}
@@ -328,7 +334,6 @@ def test_a_forked_child_leaves_the_kept_cancel_connection_to_the_parent(cluster:
     """The connection dbrouter keeps for cancels (`Canceller`) is the parent's: the child does
     not use or close it, and opens its own for its own cancels."""
     from dbrouter import DeadlineExceeded
-    from dbrouter.deadline import CANCELLER
 
     sleep = "SELECT pg_sleep(30)" if cluster.engine == "postgres" else "SELECT SLEEP(30)"
     router = Router(cluster.primary.url, [], health_interval=0.2, **({"driver": driver} if driver else {}))
@@ -336,10 +341,8 @@ def test_a_forked_child_leaves_the_kept_cancel_connection_to_the_parent(cluster:
     try:
         with pytest.raises(DeadlineExceeded):
             router.read(sleep, timeout=0.2)
-        deadline = time.monotonic() + 5
-        while id(adapter) not in CANCELLER._kept and time.monotonic() < deadline:
-            time.sleep(0.05)
-        session = adapter.session_id(CANCELLER._kept[id(adapter)][1])
+        session = _kept_cancel_session(adapter)
+        assert session is not None
         ctx = multiprocessing.get_context("fork")
         receiver, sender = ctx.Pipe(duplex=False)
         child = ctx.Process(target=_cancel_child, args=(router, sleep, sender))
@@ -353,9 +356,6 @@ def test_a_forked_child_leaves_the_kept_cancel_connection_to_the_parent(cluster:
         assert result["inherited"] is False and result["session"] not in (None, session), (result, session)
         with pytest.raises(DeadlineExceeded, match="the server was asked to cancel it"):
             router.read(sleep, timeout=0.2)
-        deadline = time.monotonic() + 5  # the cancel runs on a thread of its own
-        while id(adapter) not in CANCELLER._kept and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert adapter.session_id(CANCELLER._kept[id(adapter)][1]) == session  # still the parent's, still open
+        assert _kept_cancel_session(adapter) == session  # still the parent's, still open
     finally:
         router.close()

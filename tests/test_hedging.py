@@ -8,11 +8,12 @@ statement is cut and cancelled on its server, and neither node is blamed.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import uuid
 import warnings
-from typing import Any
+from typing import Any, Iterator
 
 import pytest
 
@@ -248,11 +249,13 @@ OVERTAKING = [pytest.param("postgres+psycopg", marks=pytest.mark.postgres, id="p
               pytest.param("mysql", marks=pytest.mark.mysql, id="mariadb-pure")]
 
 
-def overtaking_urls(cluster: Any, behind_port: int) -> tuple[str, list[dict[str, str]]]:
-    """The primary's URL and the replicas (``direct``, and ``behind`` through the proxy on
-    ``behind_port``) on the driver whose reads a hedge can overtake: psycopg 3 on PostgreSQL,
-    the pure-Python connector on MariaDB."""
-    direct, behind = cluster.replicas
+@contextlib.contextmanager
+def overtaking_router(cluster: Any, **options: Any) -> Iterator[tuple[Router, Any, Any, StallDetector]]:
+    """A router on the driver whose reads a hedge can overtake (psycopg 3 on PostgreSQL, the
+    pure-Python connector on MariaDB), its replicas ``direct`` and ``behind`` (through a fault
+    proxy), hedging every read past 50 ms: (router, the proxy, behind's pool, a stall detector
+    that fails the test when no read finished for 5 s)."""
+    from dbrouter.faultproxy import FaultProxy
 
     def url(node: Any, port: int | None = None) -> str:
         text = node.url if port is None else node.url.replace(f":{node.port}/", f":{port}/")
@@ -260,7 +263,21 @@ def overtaking_urls(cluster: Any, behind_port: int) -> tuple[str, list[dict[str,
             return text.replace("postgresql://", "postgresql+psycopg://", 1)
         return text + ("&" if "?" in text else "?") + "use_pure=true"
 
-    return url(cluster.primary), [{"url": url(direct), "name": "direct"}, {"url": url(behind, behind_port), "name": "behind"}]
+    direct, behind = cluster.replicas
+    detector = StallDetector(5.0).start()
+    with FaultProxy(upstream=("127.0.0.1", behind.port), listen_port=free_low_port()) as proxy:
+        replicas = [{"url": url(direct), "name": "direct"}, {"url": url(behind, proxy.port), "name": "behind"}]
+        router = Router(url(cluster.primary), replicas, min_size=1, hedge_after=0.05, hedge_budget=1.0,
+                        policy="round_robin", **options)
+        try:
+            assert router.wait_for_probes(1)
+            assert all(node.adapter.overtakes for node in router.replicas)
+            yield router, proxy, next(n for n in router.replicas if n.name == "behind").pool, detector
+        finally:
+            proxy.pass_through()
+            assert close_within(router)
+            detector.stop()
+    assert detector.report is None, detector.report
 
 
 @pytest.mark.parametrize("cluster", OVERTAKING, indirect=True)
@@ -270,86 +287,58 @@ def test_an_overtaken_read_drains_while_reads_go_elsewhere(cluster: Any) -> None
     The read returns the hedge's rows at once; its connection stays out, draining, until the
     answer arrives, then is pooled again (no new connection). Meanwhile reads do not queue
     behind it: with one connection per replica, they go to the other replica."""
-    from dbrouter.faultproxy import FaultProxy
-
     direct, behind = cluster.replicas
-    pg_cluster = cluster
-    detector = StallDetector(5.0).start()
-    with FaultProxy(upstream=("127.0.0.1", behind.port), listen_port=free_low_port()) as proxy:
-        primary, replicas = overtaking_urls(cluster, proxy.port)
-        router = Router(primary, replicas, health_interval=0.2, min_size=1,
-                        max_size=1, hedge_after=0.05, hedge_budget=1.0, policy="round_robin")
-        try:
-            assert router.wait_for_probes(5)
-            behind_pool = next(n for n in router.replicas if n.name == "behind").pool
-            for _ in range(4):
-                router.read("SELECT 1")
-            assert all(node.adapter.overtakes for node in router.replicas)
-            proxy.latency(0.4)  # each way: its answers come 0.8 s after the question
-            overtaken = False
-            for _ in range(4):  # round robin: one of the first two reads goes there
-                started = time.monotonic()
-                assert router.read(f"SELECT {port_sql(pg_cluster)}")[0][0] == direct.port
-                detector.progress()
-                assert time.monotonic() - started < 0.5
-                if behind_pool.draining:
-                    overtaken = True
-                    break
-            assert overtaken, router.stats()
-            # Its one connection is out draining: the next reads do not wait for it.
-            for _ in range(6):
-                started = time.monotonic()
-                assert router.read(f"SELECT {port_sql(pg_cluster)}")[0][0] == direct.port
-                assert time.monotonic() - started < 0.3, "a read queued behind a draining connection"
-                detector.progress()
-            proxy.pass_through()
-            assert wait_until(lambda: not behind_pool.draining, timeout=3), "the drain did not end"
+    port = f"SELECT {port_sql(cluster)}"
+    with overtaking_router(cluster, health_interval=0.2, max_size=1) as (router, proxy, behind_pool, detector):
+        for _ in range(4):
+            router.read("SELECT 1")
+        proxy.latency(0.4)  # each way: its answers come 0.8 s after the question
+        overtaken = False
+        for _ in range(4):  # round robin: one of the first two reads goes there
+            started = time.monotonic()
+            assert router.read(port)[0][0] == direct.port
             detector.progress()
-            pool = behind_pool.stats()
-            assert pool["discarded"] == 0 and pool["opened"] == 1 and pool["in_use"] == 0, pool
-            assert {router.read(f"SELECT {port_sql(pg_cluster)}")[0][0] for _ in range(4)} == {direct.port, behind.port}
-            node = router.stats()["nodes"]["behind"]
-            assert node["breaker"] == "closed" and node["healthy"], node
-        finally:
-            assert close_within(router)
-            detector.stop()
-    assert detector.report is None, detector.report
+            assert time.monotonic() - started < 0.5
+            if behind_pool.draining:
+                overtaken = True
+                break
+        assert overtaken, router.stats()
+        # Its one connection is out draining: the next reads do not wait for it.
+        for _ in range(6):
+            started = time.monotonic()
+            assert router.read(port)[0][0] == direct.port
+            assert time.monotonic() - started < 0.3, "a read queued behind a draining connection"
+            detector.progress()
+        proxy.pass_through()
+        assert wait_until(lambda: not behind_pool.draining, timeout=3), "the drain did not end"
+        detector.progress()
+        pool = behind_pool.stats()
+        assert pool["discarded"] == 0 and pool["opened"] == 1 and pool["in_use"] == 0, pool
+        assert {router.read(port)[0][0] for _ in range(4)} == {direct.port, behind.port}
+        node = router.stats()["nodes"]["behind"]
+        assert node["breaker"] == "closed" and node["healthy"], node
 
 
 @pytest.mark.parametrize("cluster", OVERTAKING, indirect=True)
 @pytest.mark.timeout(60)
 def test_an_overtaken_read_that_does_not_end_is_discarded(cluster: Any, monkeypatch: Any) -> None:
-    """A loser whose answer does not come within the drain limit (nor its cancel: the node
-    stopped answering) is discarded, not pooled, and the node not blamed."""
+    """A loser whose answer does not come within the drain limit is discarded, not pooled,
+    and the node not blamed."""
     import dbrouter.lease
-    from dbrouter.faultproxy import FaultProxy
 
     monkeypatch.setattr(dbrouter.lease, "_DRAIN_LIMIT", 0.3)
-    direct, behind = cluster.replicas
-    pg_cluster = cluster
-    detector = StallDetector(5.0).start()
-    with FaultProxy(upstream=("127.0.0.1", behind.port), listen_port=free_low_port()) as proxy:
-        primary, replicas = overtaking_urls(cluster, proxy.port)
-        router = Router(primary, replicas, health_interval=2, min_size=1,
-                        max_size=2, hedge_after=0.05, hedge_budget=1.0, policy="round_robin")
-        try:
-            assert router.wait_for_probes(1)
-            behind_pool = next(n for n in router.replicas if n.name == "behind").pool
-            proxy.latency(1.0)
-            for _ in range(2):
-                assert router.read(f"SELECT {port_sql(pg_cluster)}")[0][0] == direct.port
-                detector.progress()
-            assert router.stats()["hedges_won"] >= 1
-            assert wait_until(lambda: behind_pool.stats()["discarded"] >= 1, timeout=3), behind_pool.stats()
+    direct = cluster.replicas[0]
+    with overtaking_router(cluster, health_interval=2, max_size=2) as (router, proxy, behind_pool, detector):
+        proxy.latency(1.0)
+        for _ in range(2):
+            assert router.read(f"SELECT {port_sql(cluster)}")[0][0] == direct.port
             detector.progress()
-            assert wait_until(lambda: not behind_pool.draining and behind_pool.stats()["in_use"] == 0, timeout=3)
-            node = router.stats()["nodes"]["behind"]
-            assert node["breaker"] == "closed" and node["breaker_failures"] == 0, node
-        finally:
-            proxy.pass_through()
-            assert close_within(router)
-            detector.stop()
-    assert detector.report is None, detector.report
+        assert router.stats()["hedges_won"] >= 1
+        assert wait_until(lambda: behind_pool.stats()["discarded"] >= 1, timeout=3), behind_pool.stats()
+        detector.progress()
+        assert wait_until(lambda: not behind_pool.draining and behind_pool.stats()["in_use"] == 0, timeout=3)
+        node = router.stats()["nodes"]["behind"]
+        assert node["breaker"] == "closed" and node["breaker_failures"] == 0, node
 
 
 def test_a_wake_up_meant_for_an_earlier_read_is_ignored() -> None:

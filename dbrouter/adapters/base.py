@@ -101,8 +101,14 @@ class Adapter(ABC):
         _sockets.shutdown(self.socket_fd(conn), getattr(conn, "_dbrouter_link", None))
 
     def watch(self, conn: Any, waker: Any) -> None:
-        """Have ``conn``'s statements wait on ``waker`` too (a `Waker`: a hedged read starts),
-        or no longer (None: it ended). Only for adapters that `overtakes`."""
+        """Have ``conn``'s statements wait on ``waker`` too (a `Waker`: a hedged read starts).
+        Only for adapters that `overtakes`."""
+        raise NotImplementedError(f"{type(self).__name__} does not overtake")
+
+    def unwatch(self, conn: Any, waker: Any) -> None:
+        """The hedged read that set ``waker`` ended: ``conn``'s statements no longer wait on it
+        (left alone if another read set its own since: the connection may have been drained
+        and borrowed again)."""
         raise NotImplementedError(f"{type(self).__name__} does not overtake")
 
     def drain(self, conn: Any, limit: float) -> bool:

@@ -522,6 +522,11 @@ class MySQLAdapter(Adapter):
     def watch(self, conn: Any, waker: Any) -> None:
         conn._socket.dbrouter_waker = waker
 
+    def unwatch(self, conn: Any, waker: Any) -> None:
+        link = conn._socket
+        if link is not None and link.dbrouter_waker is waker:
+            link.dbrouter_waker = None
+
     def drain(self, conn: Any, limit: float) -> bool:
         link = conn._socket
         link.dbrouter_waker = None

@@ -205,6 +205,10 @@ class PsycopgAdapter(PostgresBase):
     def watch(self, conn: Any, waker: Any) -> None:
         conn.dbrouter_waker = waker
 
+    def unwatch(self, conn: Any, waker: Any) -> None:
+        if conn.dbrouter_waker is waker:
+            conn.dbrouter_waker = None
+
     def drain(self, conn: Any, limit: float) -> bool:
         gen, conn.dbrouter_pending = conn.dbrouter_pending, None
         conn.dbrouter_waker = None

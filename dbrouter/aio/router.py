@@ -41,7 +41,7 @@ from ..adapters.aio import AsyncAdapter
 from ..adapters.base import Rows
 from ..bulk import BatchReport
 from ..config import SECTIONS, RouterConfig, build_router_config, check_wait, load_router_config
-from ..deadline import Deadline
+from ..deadline import CANCELLER, Deadline
 from ..deadline import current as current_deadline
 from ..decisions import Action, Failure, Phase, Work, failure_of
 from ..errors import (
@@ -140,7 +140,14 @@ class _Control(Router):
         ``timeout``), in a task the router's `AsyncRouter.close` waits for."""
         assert self._loop is not None
         pool = cast(AsyncPool, node.pool)
-        task = self._loop.create_task(pool.aclose(timeout, removed=True), name=f"dbrouter-drain-{node.name}")
+        loop = self._loop
+
+        async def drain() -> None:
+            await pool.aclose(timeout, removed=True)
+            # Its kept cancel connection (a sync one: closed off the loop).
+            await loop.run_in_executor(None, CANCELLER.forget, node.adapter)
+
+        task = loop.create_task(drain(), name=f"dbrouter-drain-{node.name}")
         self._drains.add(task)
         task.add_done_callback(self._drains.discard)
         return task

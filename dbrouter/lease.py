@@ -50,7 +50,7 @@ __all__ = ["HeldLease", "Lease", "Outcome", "admit", "answered", "checkout_faile
 T = TypeVar("T")
 
 _LATENCY_ALPHA = 0.2  # weight of the newest sample in the moving average
-_DRAIN_LIMIT = 1.0  # seconds an overtaken statement has to end (cancelled) before its connection is discarded
+_DRAIN_LIMIT = 1.0  # seconds an overtaken statement has to end on its own; past it, cancelled and its connection discarded
 
 log = logging.getLogger("dbrouter.lease")
 

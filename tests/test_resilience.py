@@ -350,7 +350,8 @@ def test_primary_discovery_auto_finds_the_writable_node_and_static_does_not(clus
         auto.on("failover", lambda e: events.append(e.node))
         assert wait_until(lambda: auto.primary.address.port == real_primary.port, timeout=5)
         assert auto.write(f"CREATE TABLE {table} (v int)") in (0, -1)
-        assert events == [f"127.0.0.1:{real_primary.port}"]
+        # Events are told after the snapshot is published, from the control thread: wait for it.
+        assert wait_until(lambda: events == [f"127.0.0.1:{real_primary.port}"], timeout=2), events
     real_primary.query(f"DROP TABLE {table}")
     with Router(replica.url, [real_primary.url], health_interval=0.2, primary_discovery="static") as static:
         assert static.wait_for_probes(3, timeout=10)

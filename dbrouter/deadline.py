@@ -250,26 +250,11 @@ class Canceller:
         threading.Thread(target=self._run, args=(adapter, sql), name="dbrouter-cancel", daemon=True).start()
         return True
 
-    def cancel_now(self, adapter: Adapter, session_id: int | None, node_up: bool = True) -> bool:
-        """`cancel`, on the calling thread: True once the server took the request (a hedge's
-        loser is drained after it, so that the cancel cannot reach a later statement)."""
-        sql = None if session_id is None else adapter.cancel_sql(session_id)
-        if sql is None or not node_up or not self._slots.acquire(blocking=False):
-            self.skipped += 1
-            return False
-        try:
-            return self._send(adapter, sql)
-        finally:
-            self._slots.release()
-
     def forget(self, adapter: Adapter) -> None:
         """Close the connection kept for ``adapter``'s node (its router is closing)."""
-        with self._kept_lock:
-            kept = self._kept.get(id(adapter))
-            if kept is None or kept[0] is not adapter:
-                return
-            del self._kept[id(adapter)]
-        adapter.close(kept[1])
+        kept = self._pop(adapter)
+        if kept is not None:
+            adapter.close(kept[1])
 
     def _run(self, adapter: Adapter, sql: str) -> None:
         try:
@@ -308,15 +293,22 @@ class Canceller:
 
     def _take(self, adapter: Adapter) -> Any:
         """The connection kept for ``adapter``'s node (taken: one cancel uses it at a time), or None."""
-        with self._kept_lock:
-            kept = self._kept.get(id(adapter))
-            if kept is None or kept[0] is not adapter:
-                return None
-            del self._kept[id(adapter)]
+        kept = self._pop(adapter)
+        if kept is None:
+            return None
         if time.monotonic() - kept[2] > self.KEPT_IDLE:
             adapter.close(kept[1])
             return None
         return kept[1]
+
+    def _pop(self, adapter: Adapter) -> tuple[Adapter, Any, float] | None:
+        """Take ``adapter``'s entry out of the kept connections (None: it has none)."""
+        with self._kept_lock:
+            kept = self._kept.get(id(adapter))
+            if kept is None or kept[0] is not adapter:  # another adapter that had the same id
+                return None
+            del self._kept[id(adapter)]
+        return kept
 
     def _keep(self, adapter: Adapter, conn: Any) -> None:
         """Keep ``conn`` for the next cancel on its node (one per node), and close the other

@@ -1,5 +1,6 @@
 """A thread's wake-up line: how a hedged read that lost is told to stop waiting without its
-connection being cut (`dbrouter.hedging`, for drivers whose wait dbrouter can run: psycopg 3).
+connection being cut (`dbrouter.hedging`, for drivers whose wait dbrouter can run: psycopg 3
+and the pure-Python MySQL connector).
 
 Each thread that runs hedged reads has one `Waker`: a pipe whose read end the read's wait
 polls beside the connection's socket. A read arms it (`arm`, with a token of its own); the

@@ -75,7 +75,7 @@ class Adapter(ABC):
     node must be aborted from outside (see `abort` and `resilience.Watchdog`)."""
     overtakes: bool = False
     """True when a statement's wait can be given up without cutting the connection (the
-    driver's wait is dbrouter's to run: psycopg 3): a hedged read that lost raises
+    driver's wait is dbrouter's to run: psycopg 3, pure-Python MySQL): a hedged read that lost raises
     `Overtaken` out of it, and its connection is drained (`drain`) rather than lost."""
 
     def __init__(self, address: NodeAddress, options: ConnectOptions | None = None) -> None:

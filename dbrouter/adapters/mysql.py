@@ -388,7 +388,7 @@ class MySQLAdapter(Adapter):
             _log_fallback_once(self.node)
         self.driver = DRIVER_PURE if self._pure else DRIVER_C
         # A hedged read that lost: the pure-Python connection reads its socket in Python, so its
-        # wait can be ended (`_WatchedSocket`); the C extension's waits in C, and is cut.
+        # wait can be ended (`_watched_class`); the C extension's waits in C, and is cut.
         self.overtakes = self._pure
         # The class connect() instantiates: the choice mysql.connector.connect() would make,
         # made here once, so that `driver` is true of every connection.

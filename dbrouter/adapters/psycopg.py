@@ -214,7 +214,7 @@ class PsycopgAdapter(PostgresBase):
         conn.dbrouter_waker = None
         if gen is None:
             return bool(conn.pgconn.transaction_status == _IDLE)
-        with contextlib.suppress(Exception):  # cancelled (as asked), failed, or still running: the state tells
+        with contextlib.suppress(Exception):  # answered, failed, or still running at the limit: the state tells
             waiting.wait(gen, conn.pgconn.socket, interval=_WAIT_INTERVAL, timeout=limit)
         return bool(conn.pgconn.transaction_status == _IDLE)
 
